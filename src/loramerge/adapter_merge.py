@@ -1,0 +1,210 @@
+"""Planner for merging LoRA adapters module by module in low-rank space (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from loramerge.adapter import LoraAdapter, LoraModule
+from loramerge.compat import check_base_models, check_layouts, check_shapes, check_weights
+from loramerge.errors import BadInput
+from loramerge.io.model_card import merged_adapter_card
+from loramerge.io.peft_config import merged_lora_config
+from loramerge.kernels import get_kernel, run_kernel
+from loramerge.kernels.methods import linear
+from loramerge.lowrank import LowRank, concat, core_basis, from_core, project_to_core, truncate_dense, truncate_rank
+from loramerge.options import MergeOptions, parse_options
+from loramerge.seeding import tensor_generators
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    name: str
+    shape: tuple[int, int]
+    embedding: bool
+    inputs: tuple[int, ...]  # positions of the adapters that hold the module; the others contribute zero
+    input_ranks: tuple[int, ...]
+    output_rank: int
+
+
+@dataclass
+class MergePlan:
+    adapters: list[LoraAdapter]
+    weights: list[float]
+    options: MergeOptions
+    modules: list[ModulePlan]
+    dense: dict[str, tuple[int, ...]]
+    out_dtype: torch.dtype
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def output_parameters(self) -> int:
+        lora = sum(m.output_rank * sum(m.shape) for m in self.modules)
+        return lora + sum(self.adapters[idx[0]].dense[name].numel() for name, idx in self.dense.items())
+
+    @property
+    def output_bytes(self) -> int:
+        return self.output_parameters * torch.finfo(self.out_dtype).bits // 8
+
+
+def output_rank(options: MergeOptions, shape: tuple[int, int], ranks: Sequence[int]) -> int:
+    """The rank a module's merge produces; the executor checks it gets exactly this."""
+    bound, total = min(shape), sum(ranks)
+    requested = options.rank or max(ranks)
+    if not options.elementwise and options.method != "svd":  # cat and exact linear: concatenation
+        return total if options.rank is None or options.rank >= total else min(options.rank, bound)
+    if options.space == "factors" and options.method != "svd":
+        return ranks[0] if options.rank is None or options.rank >= ranks[0] else min(options.rank, bound)
+    if options.space == "full" and options.method != "svd":
+        return min(requested, bound)
+    return min(requested, total, bound)
+
+
+def _plan_modules(adapters: Sequence[LoraAdapter], options: MergeOptions) -> list[ModulePlan]:
+    names = sorted({name for adapter in adapters for name in adapter.modules})
+    plans = []
+    for name in names:
+        inputs = tuple(i for i, adapter in enumerate(adapters) if name in adapter.modules)
+        first = adapters[inputs[0]].modules[name]
+        ranks = tuple(adapters[i].modules[name].rank for i in inputs)
+        if options.elementwise and options.space == "factors" and len(set(ranks)) > 1:
+            raise BadInput(
+                f"module {name}: --space factors needs equal ranks, got {list(ranks)}; use --space core or full"
+            )
+        rank = output_rank(options, first.shape, ranks)
+        plans.append(ModulePlan(name, first.shape, first.embedding, inputs, ranks, rank))
+    return plans
+
+
+def _plan_warnings(options: MergeOptions) -> list[str]:
+    given = options.model_fields_set
+    notes = []
+    if "density" in given and not options.uses_density:
+        notes.append(f"--density is ignored by method {options.method}")
+    if "space" in given and not options.elementwise and options.space != "factors":
+        notes.append(f"--space is ignored by method {options.method} (its result is exact in any space)")
+    return notes
+
+
+def plan_merge(
+    adapters: Sequence[LoraAdapter], weights: Sequence[float] | None = None, options: MergeOptions | None = None
+) -> MergePlan:
+    """Check the inputs and decide every module's output rank; no tensor math yet."""
+    if not adapters:
+        raise BadInput("give at least one adapter to merge")
+    options = options or MergeOptions()
+    weights = check_weights(adapters, [1.0] * len(adapters) if weights is None else weights)
+    check_shapes(adapters)
+    check_layouts(adapters)
+    warnings = check_base_models(adapters, options.strict) + _plan_warnings(options)
+    dense = {
+        name: tuple(i for i, adapter in enumerate(adapters) if name in adapter.dense)
+        for name in sorted({name for adapter in adapters for name in adapter.dense})
+    }
+    out_dtype = options.torch_dtype() or _common_dtype(adapters)
+    return MergePlan(list(adapters), weights, options, _plan_modules(adapters, options), dense, out_dtype, warnings)
+
+
+def _common_dtype(adapters: Sequence[LoraAdapter]) -> torch.dtype:
+    dtypes = {adapter.dtype for adapter in adapters}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _factor_space(plan: MergePlan, module: ModulePlan, pieces: list[LoraModule], weights: list[float]) -> LowRank:
+    """PEFT's ``add_weighted_adapter``: the kernel on the A's and on the B's with ``sqrt(|w s|)``."""
+    options = plan.options
+    spec = get_kernel(options.method)
+    coefficients = [w * piece.scale for w, piece in zip(weights, pieces, strict=True)]
+    roots = torch.tensor([math.sqrt(abs(c)) for c in coefficients])
+    signed = torch.tensor([math.copysign(math.sqrt(abs(c)), c) for c in coefficients])
+    device = options.device
+
+    def merged(side: str, root_weights: torch.Tensor) -> torch.Tensor:
+        tensors = torch.stack([getattr(piece, side).to(device, torch.float32) for piece in pieces])
+        gens = tensor_generators(options.seed, f"{module.name}.lora_{side}", module.inputs, device)
+        return run_kernel(spec, tensors, root_weights.to(device), options.kernel_params, gens)
+
+    return LowRank(B=merged("B", roots), A=merged("A", signed))
+
+
+def merge_module(plan: MergePlan, module: ModulePlan) -> LowRank:
+    """One module's merged ``B @ A`` (float32, scale folded in), as the options ask."""
+    options = plan.options
+    pieces = [plan.adapters[i].modules[module.name] for i in module.inputs]
+    weights = [plan.weights[i] for i in module.inputs]
+    terms = [piece.factors(device=options.device) for piece in pieces]
+    rank = options.rank or max(module.input_ranks)
+    if options.method == "svd":
+        result = truncate_rank(concat(terms, weights), rank)
+    elif not options.elementwise:
+        result = concat(terms, weights)
+        if options.rank is not None and options.rank < result.rank:
+            result = truncate_rank(result, options.rank)
+    elif options.space == "factors":
+        result = _factor_space(plan, module, pieces, weights)
+        if options.rank is not None and options.rank < result.rank:
+            result = truncate_rank(result, options.rank)
+    else:
+        spec = get_kernel(options.method)
+        weight_tensor = torch.tensor(weights, device=options.device)
+        gens = tensor_generators(options.seed, f"{module.name}/{options.space}", module.inputs, options.device)
+        if options.space == "core":
+            U, V = core_basis(terms)
+            cores = torch.stack([project_to_core(term, U, V) for term in terms])
+            result = from_core(U, run_kernel(spec, cores, weight_tensor, options.kernel_params, gens), V, rank)
+        else:
+            deltas = torch.stack([term.dense() for term in terms])
+            result = truncate_dense(run_kernel(spec, deltas, weight_tensor, options.kernel_params, gens), rank)
+    if result.rank != module.output_rank:
+        raise AssertionError(f"module {module.name}: planned rank {module.output_rank}, got {result.rank}")
+    return result
+
+
+def merge_dense(plan: MergePlan, name: str) -> torch.Tensor:
+    """``modules_to_save`` copies: kept when identical, else their weighted mean (they are weights, not deltas)."""
+    indices = plan.dense[name]
+    tensors = [plan.adapters[i].dense[name] for i in indices]
+    if all(torch.equal(tensors[0], other) for other in tensors[1:]):
+        return tensors[0]
+    weights = torch.tensor([plan.weights[i] for i in indices])
+    if weights.sum().abs() > 1e-12:
+        weights = weights / weights.sum()
+    return linear(torch.stack([t.to(torch.float32) for t in tensors]), weights).to(tensors[0].dtype)
+
+
+def execute_plan(plan: MergePlan, progress: Progress | None = None) -> LoraAdapter:
+    """Run a plan: every module in low-rank space, every carried dense tensor, the config and card."""
+    modules: dict[str, LoraModule] = {}
+    for done, module in enumerate(plan.modules, start=1):
+        merged = merge_module(plan, module).to(plan.out_dtype)
+        modules[module.name] = LoraModule(A=merged.A.cpu(), B=merged.B.cpu(), scale=1.0, embedding=module.embedding)
+        if progress is not None:
+            progress(done, len(plan.modules), module.name)
+    dense = {name: merge_dense(plan, name).to(plan.out_dtype) for name in plan.dense}
+    configs = [adapter.config for adapter in plan.adapters]
+    base_model = next((a.base_model for a in plan.adapters if a.base_model), None)
+    to_save = {m for config in configs for m in (config.get("modules_to_save") or [])}
+    config = merged_lora_config(
+        configs[0], configs, {m.name: m.output_rank for m in plan.modules}, base_model, sorted(to_save)
+    )
+    merged = LoraAdapter(modules=modules, config=config, dense=dense, source="merged")
+    merged.card = merged_adapter_card(plan, base_model)
+    return merged
+
+
+def merge_adapters(
+    adapters: Sequence[LoraAdapter],
+    weights: Sequence[float] | None = None,
+    method: str = "svd",
+    *,
+    progress: Progress | None = None,
+    **params: object,
+) -> LoraAdapter:
+    """Merge adapters of one base model; ``params`` are the ``MergeOptions`` fields (density, rank, space…)."""
+    options = parse_options(method=method, **params)
+    return execute_plan(plan_merge(adapters, weights, options), progress)

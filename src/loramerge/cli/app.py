@@ -1,0 +1,69 @@
+"""``loramerge`` command line: parse, call the library, print a summary. Exit 0 ok, 2 bad input, 1 bug."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from collections.abc import Callable
+from typing import TypeVar
+
+import typer
+from rich.console import Console
+
+from loramerge.errors import BadInput
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Merge LoRA adapters of one base model in low-rank space.",
+)
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+_state = {"debug": False}
+F = TypeVar("F", bound=Callable[..., object])
+
+
+@app.callback()
+def _global(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
+    _state["debug"] = debug
+
+
+def reports_errors(command: F) -> F:
+    """Turn library errors into one line and an exit code; ``--debug`` shows the traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except BadInput as error:
+            _show_traceback()
+            console.print(f"[bold red]error:[/] {error}", markup=True, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[bold red]interrupted[/]; no output was written", markup=True)
+            raise typer.Exit(130) from None
+        except Exception as error:
+            _show_traceback()
+            console.print(
+                f"[bold red]unexpected error:[/] {type(error).__name__}: {error} (rerun with --debug for details)",
+                markup=True,
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _show_traceback() -> None:
+    if _state["debug"]:
+        traceback.print_exc(file=sys.stderr)
+
+
+def main() -> None:
+    from loramerge.cli import inspect_cmd, merge_cmd  # noqa: F401  (registers the commands)
+
+    app()

@@ -1,0 +1,83 @@
+"""``loramerge inspect``: what adapters hold, what they share, where they conflict."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import typer
+from rich.table import Table
+
+from loramerge.cli.app import app, out, reports_errors
+from loramerge.inspect_report import AdapterSummary, SetSummary, summarize_adapter, summarize_set
+from loramerge.io.adapters import load_adapter
+
+TOP_MODULES = 5
+
+
+def adapter_table(summaries: list[AdapterSummary]) -> Table:
+    table = Table(title="adapters")
+    for column in ("adapter", "base model", "modules", "ranks", "alpha", "scale", "dtype", "params", "mean ‖Δ‖"):
+        table.add_column(column)
+    for s in summaries:
+        ranks = ", ".join(f"{rank}×{count}" for rank, count in s.ranks.items())
+        flags = " rsLoRA" if s.use_rslora else ""
+        table.add_row(
+            s.source, s.base_model or "-", str(s.modules), ranks, ", ".join(f"{a:g}" for a in s.alphas),
+            ", ".join(f"{x:.4g}" for x in s.scales) + flags, s.dtype, f"{s.parameters:,}", f"{s.norm_mean:.4g}",
+        )  # fmt: skip
+    return table
+
+
+def module_table(summary: AdapterSummary) -> Table:
+    table = Table(title=f"largest deltas of {summary.source}")
+    table.add_column("module")
+    table.add_column("‖scale·B A‖_F")
+    top = sorted(summary.module_norms.items(), key=lambda item: -item[1])[:TOP_MODULES]
+    for name, norm in top:
+        table.add_row(name, f"{norm:.4g}")
+    return table
+
+
+def print_set(summaries: list[AdapterSummary], shared: SetSummary) -> None:
+    out.print(f"shared modules: {len(shared.shared_modules)}")
+    for source, names in shared.only_in.items():
+        if names:
+            shown = ", ".join(names[:3]) + (" …" if len(names) > 3 else "")
+            out.print(f"only in {source}: {len(names)} modules ({shown})")
+    for conflict in shared.conflicts:
+        out.print(f"[yellow]conflict:[/] {conflict}", markup=True, soft_wrap=True)
+    if shared.pairs:
+        table = Table(title="pairwise agreement of deltas (cosine over shared modules)")
+        for column in ("pair", "shared", "mean cosine", "opposed modules"):
+            table.add_column(column)
+        for pair in shared.pairs:
+            names = f"{summaries[pair.first].source} ~ {summaries[pair.second].source}"
+            table.add_row(names, str(pair.shared_modules), f"{pair.cosine_mean:+.3f}", str(pair.opposed_modules))
+        out.print(table)
+
+
+@app.command()
+@reports_errors
+def inspect(
+    adapters: list[str] = typer.Argument(..., help="PEFT adapter folders or Hub repo ids."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    modules: bool = typer.Option(False, "--modules", help=f"Show the {TOP_MODULES} largest deltas per adapter."),
+) -> None:
+    """Show modules, ranks, alpha and scale, dtype, base model and delta norms; for several, how they relate."""
+    loaded = [load_adapter(ref) for ref in adapters]
+    summaries = [summarize_adapter(adapter) for adapter in loaded]
+    shared = summarize_set(loaded) if len(loaded) > 1 else None
+    if as_json:
+        payload = {
+            "adapters": [dataclasses.asdict(s) for s in summaries],
+            "set": dataclasses.asdict(shared) if shared else None,
+        }
+        out.print_json(json.dumps(payload))
+        return
+    out.print(adapter_table(summaries))
+    if modules:
+        for summary in summaries:
+            out.print(module_table(summary))
+    if shared:
+        print_set(summaries, shared)

@@ -1,0 +1,112 @@
+"""``loramerge merge``: merge adapters and write a PEFT adapter folder."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from loramerge.adapter_merge import MergePlan, execute_plan, plan_merge
+from loramerge.cli.app import app, console, out, reports_errors
+from loramerge.errors import BadInput
+from loramerge.io.adapters import load_adapter
+from loramerge.io.atomic import check_output_target
+from loramerge.options import parse_options
+
+PROGRESS_MIN_MODULES = 64
+
+
+def parse_weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise BadInput(f"--weights must be comma-separated numbers, got {text!r}") from None
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1000
+    return f"{count:.1f} GB"
+
+
+def plan_table(plan: MergePlan) -> Table:
+    table = Table(title="merge plan", show_lines=False)
+    for column in ("module", "delta shape", "input ranks", "output rank"):
+        table.add_column(column)
+    for module in plan.modules:
+        ranks = ["-"] * len(plan.adapters)
+        for index, rank in zip(module.inputs, module.input_ranks, strict=True):
+            ranks[index] = str(rank)
+        table.add_row(module.name, f"{module.shape[0]}x{module.shape[1]}", ",".join(ranks), str(module.output_rank))
+    return table
+
+
+def describe(plan: MergePlan) -> str:
+    options = plan.options
+    ranks = sorted({m.output_rank for m in plan.modules})
+    parts = [f"method={options.method}"]
+    if options.elementwise:
+        parts.append(f"space={options.space}")
+    if options.uses_density:
+        parts.append(f"density={options.effective_density:g}")
+    if options.method in ("ties", "dare_ties"):
+        parts.append(f"majority_sign={options.majority_sign}")
+    parts += [f"weights={','.join(f'{w:g}' for w in plan.weights)}", f"seed={options.seed}"]
+    return (
+        f"{len(plan.adapters)} adapters, {len(plan.modules)} modules, {' '.join(parts)}, output ranks {ranks}, "
+        f"{str(plan.out_dtype).removeprefix('torch.')}, {human_bytes(plan.output_bytes)}"
+    )
+
+
+@app.command()
+@reports_errors
+def merge(
+    adapters: list[str] = typer.Argument(..., help="PEFT adapter folders or Hub repo ids."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder to write the merged adapter to."),
+    weights: str = typer.Option(None, help="Comma-separated weights, one per adapter (default: 1 each)."),
+    method: str = typer.Option("svd", help="linear | cat | svd | ties | dare_linear | dare_ties | magnitude_prune"),
+    density: float = typer.Option(None, help="Fraction kept by ties/dare/magnitude_prune, in (0, 1] (default 0.5)."),
+    rank: int = typer.Option(None, help="Output rank (default: exact for cat/linear, largest input rank otherwise)."),
+    space: str = typer.Option(None, help="Where element-wise methods work: core (default) | full | factors."),
+    majority_sign: str = typer.Option(None, help="Sign election of ties/dare_ties: total (default) | frequency."),
+    preset: str = typer.Option(None, help="Conventions where peers differ: peft (default) | mergekit."),
+    seed: int = typer.Option(None, help="Seed of the random methods (default 0)."),
+    dtype: str = typer.Option(None, help="Output dtype: float32 | float16 | bfloat16 (default: the inputs')."),
+    device: str = typer.Option(None, help="Where to compute: cpu (default) | cuda."),
+    strict: bool = typer.Option(False, help="Refuse adapters that name different base models."),
+    force: bool = typer.Option(False, help="Replace an existing output folder."),
+    dry_run: bool = typer.Option(False, help="Print the plan and write nothing."),
+) -> None:
+    """Merge LoRA adapters in low-rank space and write a PEFT adapter folder."""
+    options = parse_options(
+        method=method, density=density, rank=rank, space=space, majority_sign=majority_sign,
+        preset=preset, seed=seed, dtype=dtype, device=device, strict=strict,
+    )  # fmt: skip
+    local_inputs = [Path(ref) for ref in adapters if Path(ref).exists()]
+    target = check_output_target(output, force or dry_run, local_inputs)
+    with console.status("reading adapters"):
+        loaded = [load_adapter(ref) for ref in adapters]
+    plan = plan_merge(loaded, parse_weights(weights), options)
+    for warning in plan.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", markup=True, soft_wrap=True)
+    if dry_run:
+        out.print(plan_table(plan))
+        out.print(f"dry run: {describe(plan)}; would write {target}")
+        return
+    started = time.perf_counter()
+    with Progress(
+        TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=console, transient=True,
+        disable=len(plan.modules) < PROGRESS_MIN_MODULES,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("", total=len(plan.modules))
+        merged = execute_plan(plan, lambda done, total, name: bar.update(task, completed=done, description=name))
+    merged.save(target, force=force, dtype=plan.out_dtype)
+    out.print(f"merged {describe(plan)} in {time.perf_counter() - started:.2f} s -> {target}")

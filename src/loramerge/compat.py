@@ -1,0 +1,55 @@
+"""Compatibility checks between adapters, run before any merge work."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from loramerge.adapter import LoraAdapter
+from loramerge.errors import BadInput
+
+
+def check_weights(adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> list[float]:
+    if len(weights) != len(adapters):
+        raise BadInput(f"got {len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
+    values = [float(weight) for weight in weights]
+    if any(value != value or value in (float("inf"), float("-inf")) for value in values):
+        raise BadInput(f"weights must be finite numbers, got {values}")
+    return values
+
+
+def check_shapes(adapters: Sequence[LoraAdapter]) -> None:
+    """Every module (and dense tensor) shared by several adapters has one shape and kind."""
+    seen: dict[str, tuple[tuple[int, int], bool, str]] = {}
+    for adapter in adapters:
+        for name, module in adapter.modules.items():
+            first = seen.setdefault(name, (module.shape, module.embedding, adapter.name))
+            if (module.shape, module.embedding) != first[:2]:
+                raise BadInput(
+                    f"module {name}: {adapter.name} has delta shape {module.shape} but {first[2]} has {first[0]}"
+                    + (" (embedding vs linear LoRA)" if module.embedding != first[1] else "")
+                )
+    dense_seen: dict[str, tuple[tuple[int, ...], str]] = {}
+    for adapter in adapters:
+        for name, tensor in adapter.dense.items():
+            shape, owner = dense_seen.setdefault(name, (tuple(tensor.shape), adapter.name))
+            if tuple(tensor.shape) != shape:
+                raise BadInput(f"tensor {name}: {adapter.name} has shape {tuple(tensor.shape)} but {owner} has {shape}")
+
+
+def check_layouts(adapters: Sequence[LoraAdapter]) -> None:
+    """``fan_in_fan_out`` decides how the delta lies in the base weight; inputs must agree."""
+    layouts = {adapter.fan_in_fan_out for adapter in adapters}
+    if len(layouts) > 1:
+        names = ", ".join(f"{a.name}={a.fan_in_fan_out}" for a in adapters)
+        raise BadInput(f"adapters disagree on fan_in_fan_out ({names}); they target different layer types")
+
+
+def check_base_models(adapters: Sequence[LoraAdapter], strict: bool) -> list[str]:
+    """Different ``base_model_name_or_path`` values: an error when strict, else a warning returned."""
+    bases = {adapter.base_model for adapter in adapters if adapter.base_model}
+    if len(bases) <= 1:
+        return []
+    detail = "; ".join(f"{adapter.name}: {adapter.base_model}" for adapter in adapters)
+    if strict:
+        raise BadInput(f"adapters name different base models ({detail})")
+    return [f"adapters name different base models ({detail}); merging anyway (--strict refuses)"]

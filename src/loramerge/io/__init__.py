@@ -1,0 +1,1 @@
+"""Reading and writing adapters and output folders."""

@@ -1,0 +1,161 @@
+"""PEFT adapter folders: ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``.bin``)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from loramerge.adapter import LoraAdapter, LoraModule
+from loramerge.errors import BadInput
+from loramerge.io.atomic import atomic_output_dir
+from loramerge.io.peft_config import lora_scale, module_rank_and_alpha, validate_lora_config
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+_EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)$")
+_HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+
+
+def resolve_adapter_dir(ref: str | Path) -> Path:
+    """A local folder as is; otherwise a Hub repo id fetched with ``huggingface_hub.snapshot_download``."""
+    path = Path(ref)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise BadInput(f"adapter {ref}: is a file, expected a PEFT adapter folder")
+    if not _HUB_ID.match(str(ref)):
+        raise BadInput(f"adapter {ref}: no such folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(ref), allow_patterns=[CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, "README.md"]))
+    except Exception as error:  # the hub client raises many types; all mean "could not fetch"
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise BadInput(f"adapter {ref}: no such folder, and not fetched from the Hub ({reason})") from error
+
+
+def read_config(folder: Path, source: str) -> dict[str, Any]:
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise BadInput(f"adapter {source}: missing {CONFIG_NAME}")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadInput(f"adapter {source}: {CONFIG_NAME} is not valid JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise BadInput(f"adapter {source}: {CONFIG_NAME} must hold a JSON object")
+    validate_lora_config(config, source)
+    return config
+
+
+def read_state_dict(folder: Path, source: str) -> dict[str, torch.Tensor]:
+    if (folder / SAFETENSORS_NAME).is_file():
+        try:
+            return load_file(folder / SAFETENSORS_NAME)
+        except (SafetensorError, OSError) as error:
+            raise BadInput(f"adapter {source}: cannot read {SAFETENSORS_NAME} ({error})") from error
+    if (folder / BIN_NAME).is_file():
+        try:
+            state = torch.load(folder / BIN_NAME, map_location="cpu", weights_only=True)
+        except Exception as error:  # unpickling refuses anything that is not plain tensors
+            raise BadInput(f"adapter {source}: cannot read {BIN_NAME} as a plain state dict ({error})") from error
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise BadInput(f"adapter {source}: {BIN_NAME} is not a state dict of tensors")
+        return state
+    raise BadInput(f"adapter {source}: missing {SAFETENSORS_NAME} (or {BIN_NAME})")
+
+
+def _is_dense_key(name: str, config: dict[str, Any]) -> bool:
+    """``modules_to_save`` copies and the embedding base layers PEFT saves beside embedding LoRA."""
+    module = name.rsplit(".", 1)[0]
+    saved = config.get("modules_to_save") or []
+    return ".base_layer." in name or any(module == m or module.endswith("." + m) for m in saved)
+
+
+def _split_state(state: dict[str, torch.Tensor], config: dict[str, Any], source: str):
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    dense: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        name = key.removeprefix(PREFIX)
+        match = _LORA_KEY.match(name) or _EMBEDDING_KEY.match(name)
+        if match:
+            part = match["part"].replace("lora_embedding_", "embedding_").replace("lora_", "")
+            factors.setdefault(match["module"], {})[part] = tensor
+        elif _is_dense_key(name, config):
+            dense[name] = tensor
+        else:
+            raise BadInput(f"adapter {source}: unexpected tensor {key!r} (not LoRA A/B nor modules_to_save)")
+    return factors, dense
+
+
+def _build_module(name: str, parts: dict[str, torch.Tensor], config: dict[str, Any], source: str) -> LoraModule:
+    embedding = "embedding_A" in parts or "embedding_B" in parts
+    A = parts.get("embedding_A" if embedding else "A")
+    B = parts.get("embedding_B" if embedding else "B")
+    if A is None or B is None or len(parts) != 2:
+        raise BadInput(f"adapter {source}: module {name} needs exactly one lora_A and one lora_B tensor")
+    if A.dim() != 2 or B.dim() != 2:
+        raise BadInput(f"adapter {source}: module {name} has {A.dim()}-D factors; only Linear/Embedding LoRA")
+    if A.shape[0] != B.shape[1]:
+        raise BadInput(f"adapter {source}: module {name} has lora_A rank {A.shape[0]} but lora_B rank {B.shape[1]}")
+    rank, alpha = module_rank_and_alpha(config, name)
+    if rank != A.shape[0]:
+        raise BadInput(f"adapter {source}: module {name} has rank {A.shape[0]} but the config gives r={rank}")
+    if not (A.is_floating_point() and B.is_floating_point()):
+        raise BadInput(f"adapter {source}: module {name} has non-float factors ({A.dtype})")
+    scale = lora_scale(rank, alpha, bool(config.get("use_rslora")))
+    return LoraModule(A=A, B=B, scale=scale, embedding=embedding)
+
+
+def load_adapter(ref: str | Path) -> LoraAdapter:
+    """Read a PEFT LoRA adapter from a local folder or a Hub repo id, normalised per module."""
+    source = str(ref)
+    folder = resolve_adapter_dir(ref)
+    config = read_config(folder, source)
+    factors, dense = _split_state(read_state_dict(folder, source), config, source)
+    if not factors:
+        raise BadInput(f"adapter {source}: holds no LoRA tensors")
+    modules = {name: _build_module(name, parts, config, source) for name, parts in sorted(factors.items())}
+    return LoraAdapter(modules=modules, config=config, dense=dense, source=source)
+
+
+def adapter_state_dict(adapter: LoraAdapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Tensors under the keys PEFT saves; each module's scale must already be what its config implies."""
+    state: dict[str, torch.Tensor] = {}
+    for name, module in adapter.modules.items():
+        a_key, b_key = (
+            ("lora_embedding_A", "lora_embedding_B")
+            if module.embedding
+            else (
+                "lora_A.weight",
+                "lora_B.weight",
+            )
+        )
+        state[f"{PREFIX}{name}.{a_key}"] = module.A.to(dtype or module.A.dtype).contiguous()
+        state[f"{PREFIX}{name}.{b_key}"] = module.B.to(dtype or module.B.dtype).contiguous()
+    for name, tensor in adapter.dense.items():
+        state[f"{PREFIX}{name}"] = tensor.to(dtype or tensor.dtype).contiguous()
+    return state
+
+
+def save_adapter(
+    adapter: LoraAdapter, path: str | Path, *, force: bool = False, dtype: torch.dtype | None = None
+) -> Path:
+    """Write ``adapter_config.json``, ``adapter_model.safetensors`` and the model card, atomically."""
+    target = Path(path)
+    state = adapter_state_dict(adapter, dtype)
+    with atomic_output_dir(target, force=force) as staging:
+        (staging / CONFIG_NAME).write_text(json.dumps(adapter.config, indent=2, sort_keys=True) + "\n")
+        save_file(state, staging / SAFETENSORS_NAME, metadata={"format": "pt"})
+        if adapter.card is not None:
+            (staging / "README.md").write_text(adapter.card)
+    return target

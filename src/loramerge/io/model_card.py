@@ -1,0 +1,54 @@
+"""Model cards (``huggingface_hub.ModelCard``) that record what was merged and how."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
+if TYPE_CHECKING:
+    from loramerge.adapter_merge import MergePlan
+
+TAGS = ["lora", "peft", "merge", "loramerge"]
+
+
+def merge_record(plan: MergePlan) -> dict[str, object]:
+    """The inputs and parameters of a merge, as the YAML a recipe would hold."""
+    options = plan.options.model_dump(exclude_defaults=False, exclude={"device", "strict"})
+    return {
+        "adapters": [
+            {"adapter": adapter.name, "weight": weight}
+            for adapter, weight in zip(plan.adapters, plan.weights, strict=True)
+        ],
+        **{key: value for key, value in options.items() if value is not None},
+    }
+
+
+def merged_adapter_card(plan: MergePlan, base_model: str | None) -> str:
+    data = ModelCardData(base_model=base_model, library_name="peft", tags=TAGS)
+    inputs = "\n".join(
+        f"| `{adapter.name}` | {weight:g} |" for adapter, weight in zip(plan.adapters, plan.weights, strict=True)
+    )
+    ranks = sorted({m.output_rank for m in plan.modules})
+    content = f"""---
+{data.to_yaml()}
+---
+
+# Merged LoRA adapter
+
+Merged with [loramerge](https://github.com/loramerge/loramerge) using **{plan.options.method}**
+over {len(plan.modules)} modules (output ranks {ranks}). Load it with
+`PeftModel.from_pretrained(base, this_folder)` on `{base_model or "the base model of the inputs"}`.
+
+| input adapter | weight |
+|---|---|
+{inputs}
+
+## Merge parameters
+
+```yaml
+{yaml.safe_dump(merge_record(plan), sort_keys=False).rstrip()}
+```
+"""
+    return str(ModelCard(content))

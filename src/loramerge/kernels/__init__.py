@@ -1,0 +1,5 @@
+"""Pure tensor merge kernels and their registry."""
+
+from loramerge.kernels.registry import KERNELS, PRESETS, KernelSpec, get_kernel, run_kernel
+
+__all__ = ["KERNELS", "PRESETS", "KernelSpec", "get_kernel", "run_kernel"]

@@ -1,0 +1,15 @@
+"""Factored linear algebra for LoRA: exact sums, QR + small-core SVD, shared core bases."""
+
+from loramerge.lowrank.factored import LowRank, concat, frobenius_inner
+from loramerge.lowrank.svd import core_basis, from_core, project_to_core, truncate_dense, truncate_rank
+
+__all__ = [
+    "LowRank",
+    "concat",
+    "core_basis",
+    "frobenius_inner",
+    "from_core",
+    "project_to_core",
+    "truncate_dense",
+    "truncate_rank",
+]

@@ -1,0 +1,50 @@
+"""Rank truncation and shared bases from the factors: QR of the stacked factors, SVD of a small core.
+
+For ``Δ = B A`` with ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A``, ``Δ = Q_B (R_B R_Aᵀ) Q_Aᵀ``; the SVD of the
+R x R core gives the SVD of ``Δ`` (Eckart–Young–Mirsky: its leading terms are the best rank-k
+approximation). Cost O((out + in) R² + R³) instead of a dense O(out · in · min(out, in)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from loramerge.lowrank.factored import LowRank
+
+
+def core_basis(terms: Sequence[LowRank]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal ``U`` (out x R') spanning every ``B_i`` and ``V`` (in x R'') spanning every ``A_iᵀ``.
+
+    Each ``B_i A_i`` is then exactly ``U (Uᵀ B_i A_i V) Vᵀ`` (Core Space merging, NeurIPS 2025).
+    """
+    U, _ = torch.linalg.qr(torch.cat([term.B for term in terms], dim=1))
+    V, _ = torch.linalg.qr(torch.cat([term.A.T for term in terms], dim=1))
+    return U, V
+
+
+def project_to_core(term: LowRank, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """The R' x R'' core ``Uᵀ B A V`` of one term."""
+    return (U.T @ term.B) @ (term.A @ V)
+
+
+def from_core(U: torch.Tensor, core: torch.Tensor, V: torch.Tensor, rank: int) -> LowRank:
+    """The best rank-``rank`` factorisation of ``U core Vᵀ`` (singular values kept in ``B``, as PEFT does)."""
+    left, values, right_t = torch.linalg.svd(core, full_matrices=False)
+    keep = min(rank, values.shape[0])
+    return LowRank(B=U @ (left[:, :keep] * values[:keep]), A=right_t[:keep] @ V.T)
+
+
+def truncate_rank(term: LowRank, rank: int) -> LowRank:
+    """The best rank-``rank`` approximation of ``B A``, computed from the factors."""
+    U, R_B = torch.linalg.qr(term.B)
+    V, R_A = torch.linalg.qr(term.A.T)
+    return from_core(U, R_B @ R_A.T, V, rank)
+
+
+def truncate_dense(delta: torch.Tensor, rank: int) -> LowRank:
+    """The best rank-``rank`` factorisation of a dense matrix (``torch.linalg.svd``): the ``full`` space."""
+    left, values, right_t = torch.linalg.svd(delta, full_matrices=False)
+    keep = min(rank, values.shape[0])
+    return LowRank(B=left[:, :keep] * values[:keep], A=right_t[:keep])

@@ -1,0 +1,23 @@
+"""Per-tensor randomness: a result never depends on execution order, threads or how work is split."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+
+
+def tensor_seed(seed: int, tensor_name: str, input_index: int) -> int:
+    """A 63-bit seed derived from ``(seed, tensor name, input index)`` alone."""
+    digest = hashlib.blake2b(f"{seed}\x00{tensor_name}\x00{input_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def tensor_generators(
+    seed: int, tensor_name: str, input_indices: Sequence[int], device: torch.device | str = "cpu"
+) -> list[torch.Generator]:
+    """One generator per input of a tensor's merge, keyed by the input's position in the user's list."""
+    return [
+        torch.Generator(device=device).manual_seed(tensor_seed(seed, tensor_name, index)) for index in input_indices
+    ]
