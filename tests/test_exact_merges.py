@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_adapter, peft_delta, peft_with_adapters, rel_err
 
+from conftest import build_adapter, peft_delta, peft_with_adapters, rel_err
 from loramerge import load_adapter, merge_adapters
 
 WEIGHTS = [0.5, -0.3, 1.2]

@@ -1,11 +1,27 @@
-"""loramerge: merge LoRA adapters of one base model in low-rank space."""
+"""loramerge: merge LoRA adapters of one base model in low-rank space.
 
-from loramerge.adapter import LoraAdapter, LoraModule
-from loramerge.adapter_merge import MergePlan, execute_plan, merge_adapters, plan_merge
-from loramerge.errors import BadInput
-from loramerge.io.adapters import load_adapter, save_adapter
-from loramerge.options import MergeOptions
+The public API loads on first use, so the command line starts without importing torch.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "BadInput": "loramerge.errors",
+    "LoraAdapter": "loramerge.adapter",
+    "LoraModule": "loramerge.adapter",
+    "MergeOptions": "loramerge.options",
+    "MergePlan": "loramerge.adapter_merge",
+    "execute_plan": "loramerge.adapter_merge",
+    "merge_adapters": "loramerge.adapter_merge",
+    "plan_merge": "loramerge.adapter_merge",
+    "load_adapter": "loramerge.io.adapters",
+    "save_adapter": "loramerge.io.adapters",
+}
 __all__ = [
     "BadInput",
     "LoraAdapter",
@@ -18,4 +34,16 @@ __all__ = [
     "plan_merge",
     "save_adapter",
 ]
-__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from loramerge.adapter import LoraAdapter, LoraModule
+    from loramerge.adapter_merge import MergePlan, execute_plan, merge_adapters, plan_merge
+    from loramerge.errors import BadInput
+    from loramerge.io.adapters import load_adapter, save_adapter
+    from loramerge.options import MergeOptions
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'loramerge' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
 from loramerge.cli.app import app, out, reports_errors
-from loramerge.inspect_report import AdapterSummary, SetSummary, summarize_adapter, summarize_set
-from loramerge.io.adapters import load_adapter
+
+if TYPE_CHECKING:
+    from loramerge.inspect_report import AdapterSummary, SetSummary
 
 TOP_MODULES = 5
 
@@ -65,6 +67,9 @@ def inspect(
     modules: bool = typer.Option(False, "--modules", help=f"Show the {TOP_MODULES} largest deltas per adapter."),
 ) -> None:
     """Show modules, ranks, alpha and scale, dtype, base model and delta norms; for several, how they relate."""
+    from loramerge.inspect_report import summarize_adapter, summarize_set
+    from loramerge.io.adapters import load_adapter
+
     loaded = [load_adapter(ref) for ref in adapters]
     summaries = [summarize_adapter(adapter) for adapter in loaded]
     shared = summarize_set(loaded) if len(loaded) > 1 else None

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from loramerge.adapter_merge import MergePlan, execute_plan, plan_merge
 from loramerge.cli.app import app, console, out, reports_errors
 from loramerge.errors import BadInput
-from loramerge.io.adapters import load_adapter
-from loramerge.io.atomic import check_output_target
-from loramerge.options import parse_options
+
+if TYPE_CHECKING:  # the library (and torch) load when a command runs, so --help stays instant
+    from loramerge.adapter_merge import MergePlan
 
 PROGRESS_MIN_MODULES = 64
 
@@ -85,6 +85,11 @@ def merge(
     dry_run: bool = typer.Option(False, help="Print the plan and write nothing."),
 ) -> None:
     """Merge LoRA adapters in low-rank space and write a PEFT adapter folder."""
+    from loramerge.adapter_merge import execute_plan, plan_merge
+    from loramerge.io.adapters import load_adapter
+    from loramerge.io.atomic import check_output_target
+    from loramerge.options import parse_options
+
     options = parse_options(
         method=method, density=density, rank=rank, space=space, majority_sign=majority_sign,
         preset=preset, seed=seed, dtype=dtype, device=device, strict=strict,

@@ -8,8 +8,6 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from peft.utils.other import get_pattern_key
-
 from loramerge.errors import BadInput
 
 # Fields whose adapters cannot be written as plain ``B @ A`` deltas; merging them would be silently wrong.
@@ -50,8 +48,12 @@ def module_rank_and_alpha(config: Mapping[str, Any], module_name: str) -> tuple[
     """The rank and alpha PEFT gives ``module_name``: ``rank_pattern``/``alpha_pattern`` keys first."""
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
-    rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module_name), config["r"])
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module_name), config["lora_alpha"])
+    rank, alpha = config["r"], config["lora_alpha"]
+    if rank_pattern or alpha_pattern:
+        from peft.utils.other import get_pattern_key  # importing peft costs seconds; only patterns need it
+
+        rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module_name), rank)
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module_name), alpha)
     return int(rank), float(alpha)
 
 

@@ -1,0 +1,108 @@
+"""Kernels against PEFT's ``merge_utils`` (the reference implementation of the papers) and the math."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft.utils import merge_utils
+
+from loramerge.kernels import KERNELS, PRESETS, get_kernel, run_kernel
+from loramerge.kernels.consensus import disjoint_merge, elect_sign_mask
+from loramerge.kernels.sparsify import magnitude_trim, random_drop
+from loramerge.seeding import tensor_generators, tensor_seed
+
+PEFT = PRESETS["peft"]
+
+
+@pytest.fixture
+def tasks() -> torch.Tensor:
+    return torch.randn(3, 24, 16, generator=torch.Generator().manual_seed(0))
+
+
+WEIGHTS = torch.tensor([0.7, -0.2, 1.3])
+
+
+def test_linear_is_task_arithmetic(tasks):
+    expected = merge_utils.task_arithmetic(list(tasks), WEIGHTS)
+    assert torch.allclose(run_kernel(get_kernel("linear"), tasks, WEIGHTS, {}), expected)
+    assert KERNELS["task_arithmetic"].fn is KERNELS["linear"].fn
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("majority_sign", ["total", "frequency"])
+def test_ties_matches_peft(tasks, density, majority_sign):
+    expected = merge_utils.ties(list(tasks), WEIGHTS, density, majority_sign)
+    params = {**PEFT, "density": density, "majority_sign": majority_sign}
+    assert torch.allclose(run_kernel(get_kernel("ties"), tasks, WEIGHTS, params), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("density", [0.2, 0.7])
+def test_magnitude_prune_matches_peft(tasks, density):
+    expected = merge_utils.magnitude_prune(list(tasks), WEIGHTS, density)
+    assert torch.allclose(run_kernel(get_kernel("magnitude_prune"), tasks, WEIGHTS, {"density": density}), expected)
+
+
+def test_magnitude_trim_keeps_exactly_the_largest(tasks):
+    trimmed = magnitude_trim(tasks[0], 0.25)
+    kept = trimmed != 0
+    assert kept.sum().item() == int(0.25 * tasks[0].numel())
+    assert tasks[0][kept].abs().min() >= tasks[0][~kept].abs().max()
+
+
+def test_random_drop_is_unbiased_and_seeded(tasks):
+    gens = [torch.Generator().manual_seed(s) for s in range(4000)]
+    mean = torch.stack([random_drop(tasks[0], 0.3, g) for g in gens]).mean(0)
+    assert ((mean - tasks[0]).abs().max() / tasks[0].abs().max()) < 0.15
+    again = random_drop(tasks[0], 0.3, torch.Generator().manual_seed(7))
+    assert torch.equal(again, random_drop(tasks[0], 0.3, torch.Generator().manual_seed(7)))
+    l1 = random_drop(tasks[0], 0.3, torch.Generator().manual_seed(7), rescale="l1")
+    assert l1.abs().sum().item() == pytest.approx(tasks[0].abs().sum().item(), rel=1e-5)
+
+
+def test_sign_election_and_divisors():
+    stack = torch.tensor([[2.0, -1.0, 0.0], [-1.0, -1.0, 3.0], [-0.5, 4.0, 0.0]])
+    weights = torch.tensor([1.0, 2.0, 0.5])
+    total = elect_sign_mask(stack, "total")  # sums: 0.5, 2, 3 -> +, +, +
+    assert total.tolist() == [[True, False, False], [False, False, True], [False, True, False]]
+    frequency = elect_sign_mask(stack, "frequency")  # sign sums: -1, -1, +1
+    assert frequency[:, 0].tolist() == [False, True, True]
+    weighted = stack * weights[:, None]
+    assert disjoint_merge(weighted, total, weights, "count")[0].item() == pytest.approx(2.0)
+    assert disjoint_merge(weighted, frequency, weights, "weight")[0].item() == pytest.approx((-2 - 0.25) / 2.5)
+    assert disjoint_merge(weighted, frequency, weights, "none")[0].item() == pytest.approx(-2.25)
+
+
+def test_mergekit_preset_elects_on_weighted_tasks():
+    stack = torch.tensor([[1.0], [-0.6]])
+    weights = torch.tensor([0.1, 1.0])
+    spec = get_kernel("ties")
+    peft = run_kernel(spec, stack, weights, {**PRESETS["peft"], "density": 1.0})
+    mergekit = run_kernel(spec, stack, weights, {**PRESETS["mergekit"], "density": 1.0})
+    assert peft.item() == pytest.approx(0.1)  # unweighted sum +0.4 elects +
+    assert mergekit.item() == pytest.approx(-0.6)  # weighted sum -0.5 elects -; divided by weight 1.0
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+def test_random_kernels_use_one_generator_per_input(tasks, name):
+    spec = get_kernel(name)
+    params = {**PEFT, "density": 0.5, "majority_sign": "total"}
+    first = run_kernel(spec, tasks, WEIGHTS, params, tensor_generators(3, "t", [0, 1, 2]))
+    second = run_kernel(spec, tasks, WEIGHTS, params, tensor_generators(3, "t", [0, 1, 2]))
+    other = run_kernel(spec, tasks, WEIGHTS, params, tensor_generators(4, "t", [0, 1, 2]))
+    assert torch.equal(first, second) and not torch.equal(first, other)
+    full = run_kernel(spec, tasks, WEIGHTS, {**params, "density": 1.0}, tensor_generators(3, "t", [0, 1, 2]))
+    reference = "task_arithmetic" if name == "dare_linear" else "ties"
+    expected = run_kernel(get_kernel(reference), tasks, WEIGHTS, {**params, "density": 1.0})
+    assert torch.allclose(full, expected)
+
+
+def test_tensor_seeds_depend_only_on_seed_name_and_index():
+    assert tensor_seed(1, "a.q_proj", 0) == tensor_seed(1, "a.q_proj", 0)
+    assert len({tensor_seed(1, "a", 0), tensor_seed(1, "a", 1), tensor_seed(1, "b", 0), tensor_seed(2, "a", 0)}) == 4
+
+
+def test_unknown_kernel_is_a_clear_error():
+    from loramerge import BadInput
+
+    with pytest.raises(BadInput, match="unknown merge method 'nope'"):
+        get_kernel("nope")
