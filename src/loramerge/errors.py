@@ -3,3 +3,10 @@
 
 class BadInput(ValueError):
     """The inputs or parameters cannot be merged as asked."""
+
+
+def brief(error: BaseException, limit: int = 200) -> str:
+    """The first line of a library's error message, short enough for a one-line report."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -10,6 +10,7 @@ from typing import TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from loramerge.errors import BadInput
 
@@ -19,8 +20,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Merge LoRA adapters of one base model in low-rank space.",
 )
-console = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+console = Console(stderr=True, highlight=False, markup=False)
+out = Console(highlight=False, markup=False)
 _state = {"debug": False}
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -41,7 +42,7 @@ def reports_errors(command: F) -> F:
             raise
         except BadInput as error:
             _show_traceback()
-            console.print(f"[bold red]error:[/] {error}", markup=True, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(one_line(error))}", markup=True, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]; no output was written", markup=True)
@@ -49,13 +50,18 @@ def reports_errors(command: F) -> F:
         except Exception as error:
             _show_traceback()
             console.print(
-                f"[bold red]unexpected error:[/] {type(error).__name__}: {error} (rerun with --debug for details)",
+                f"[bold red]unexpected error:[/] {type(error).__name__}: {escape(one_line(error))} "
+                "(rerun with --debug for details)",
                 markup=True,
                 soft_wrap=True,
             )
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def _show_traceback() -> None:

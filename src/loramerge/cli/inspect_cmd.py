@@ -7,6 +7,7 @@ import json
 from typing import TYPE_CHECKING
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from loramerge.cli.app import app, out, reports_errors
@@ -48,7 +49,7 @@ def print_set(summaries: list[AdapterSummary], shared: SetSummary) -> None:
             shown = ", ".join(names[:3]) + (" …" if len(names) > 3 else "")
             out.print(f"only in {source}: {len(names)} modules ({shown})")
     for conflict in shared.conflicts:
-        out.print(f"[yellow]conflict:[/] {conflict}", markup=True, soft_wrap=True)
+        out.print(f"[yellow]conflict:[/] {escape(conflict)}", markup=True, soft_wrap=True)
     if shared.pairs:
         table = Table(title="pairwise agreement of deltas (cosine over shared modules)")
         for column in ("pair", "shared", "mean cosine", "opposed modules"):

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 
 from loramerge.cli.app import app, console, out, reports_errors
@@ -100,7 +101,7 @@ def merge(
         loaded = [load_adapter(ref) for ref in adapters]
     plan = plan_merge(loaded, parse_weights(weights), options)
     for warning in plan.warnings:
-        console.print(f"[yellow]warning:[/] {warning}", markup=True, soft_wrap=True)
+        console.print(f"[yellow]warning:[/] {escape(warning)}", markup=True, soft_wrap=True)
     if dry_run:
         out.print(plan_table(plan))
         out.print(f"dry run: {describe(plan)}; would write {target}")

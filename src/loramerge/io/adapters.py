@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from loramerge.adapter import LoraAdapter, LoraModule
-from loramerge.errors import BadInput
+from loramerge.errors import BadInput, brief
 from loramerge.io.atomic import atomic_output_dir
 from loramerge.io.peft_config import lora_scale, module_rank_and_alpha, validate_lora_config
 
@@ -39,8 +39,7 @@ def resolve_adapter_dir(ref: str | Path) -> Path:
     try:
         return Path(snapshot_download(str(ref), allow_patterns=[CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, "README.md"]))
     except Exception as error:  # the hub client raises many types; all mean "could not fetch"
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise BadInput(f"adapter {ref}: no such folder, and not fetched from the Hub ({reason})") from error
+        raise BadInput(f"adapter {ref}: no such folder, and not fetched from the Hub ({brief(error)})") from error
 
 
 def read_config(folder: Path, source: str) -> dict[str, Any]:
@@ -50,7 +49,7 @@ def read_config(folder: Path, source: str) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BadInput(f"adapter {source}: {CONFIG_NAME} is not valid JSON ({error})") from error
+        raise BadInput(f"adapter {source}: {CONFIG_NAME} is not valid JSON ({brief(error)})") from error
     if not isinstance(config, dict):
         raise BadInput(f"adapter {source}: {CONFIG_NAME} must hold a JSON object")
     validate_lora_config(config, source)
@@ -62,12 +61,13 @@ def read_state_dict(folder: Path, source: str) -> dict[str, torch.Tensor]:
         try:
             return load_file(folder / SAFETENSORS_NAME)
         except (SafetensorError, OSError) as error:
-            raise BadInput(f"adapter {source}: cannot read {SAFETENSORS_NAME} ({error})") from error
+            raise BadInput(f"adapter {source}: cannot read {SAFETENSORS_NAME} ({brief(error)})") from error
     if (folder / BIN_NAME).is_file():
         try:
             state = torch.load(folder / BIN_NAME, map_location="cpu", weights_only=True)
-        except Exception as error:  # unpickling refuses anything that is not plain tensors
-            raise BadInput(f"adapter {source}: cannot read {BIN_NAME} as a plain state dict ({error})") from error
+        except Exception as error:  # weights_only unpickling refuses anything but plain tensors and containers
+            reason = "it holds Python objects" if "Unsupported global" in str(error) else brief(error)
+            raise BadInput(f"adapter {source}: cannot read {BIN_NAME} as a plain state dict ({reason})") from error
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise BadInput(f"adapter {source}: {BIN_NAME} is not a state dict of tensors")
         return state
