@@ -55,14 +55,12 @@ class MergePlan:
 def output_rank(options: MergeOptions, shape: tuple[int, int], ranks: Sequence[int]) -> int:
     """The rank a module's merge produces; the executor checks it gets exactly this."""
     bound, total = min(shape), sum(ranks)
+    strategy = options.strategy
+    if strategy in ("concat", "factors"):  # exact rank unless --rank asks for less
+        produced = total if strategy == "concat" else ranks[0]
+        return produced if options.rank is None or options.rank >= produced else min(options.rank, bound)
     requested = options.rank or max(ranks)
-    if not options.elementwise and options.method != "svd":  # cat and exact linear: concatenation
-        return total if options.rank is None or options.rank >= total else min(options.rank, bound)
-    if options.space == "factors" and options.method != "svd":
-        return ranks[0] if options.rank is None or options.rank >= ranks[0] else min(options.rank, bound)
-    if options.space == "full" and options.method != "svd":
-        return min(requested, bound)
-    return min(requested, total, bound)
+    return min(requested, bound) if strategy == "full" else min(requested, total, bound)
 
 
 def _plan_modules(adapters: Sequence[LoraAdapter], options: MergeOptions) -> list[ModulePlan]:
@@ -72,7 +70,7 @@ def _plan_modules(adapters: Sequence[LoraAdapter], options: MergeOptions) -> lis
         inputs = tuple(i for i, adapter in enumerate(adapters) if name in adapter.modules)
         first = adapters[inputs[0]].modules[name]
         ranks = tuple(adapters[i].modules[name].rank for i in inputs)
-        if options.elementwise and options.space == "factors" and len(set(ranks)) > 1:
+        if options.strategy == "factors" and len(set(ranks)) > 1:
             raise BadInput(
                 f"module {name}: --space factors needs equal ranks, got {list(ranks)}; use --space core or full"
             )
@@ -86,7 +84,7 @@ def _plan_warnings(options: MergeOptions) -> list[str]:
     notes = []
     if "density" in given and not options.uses_density:
         notes.append(f"--density is ignored by method {options.method}")
-    if "space" in given and not options.elementwise and options.space != "factors":
+    if "space" in given and options.strategy in ("concat", "svd"):
         notes.append(f"--space is ignored by method {options.method} (its result is exact in any space)")
     return notes
 
@@ -139,21 +137,18 @@ def merge_module(plan: MergePlan, module: ModulePlan) -> LowRank:
     weights = [plan.weights[i] for i in module.inputs]
     terms = [piece.factors(device=options.device) for piece in pieces]
     rank = options.rank or max(module.input_ranks)
-    if options.method == "svd":
+    strategy = options.strategy
+    if strategy == "svd":
         result = truncate_rank(concat(terms, weights), rank)
-    elif not options.elementwise:
-        result = concat(terms, weights)
-        if options.rank is not None and options.rank < result.rank:
-            result = truncate_rank(result, options.rank)
-    elif options.space == "factors":
-        result = _factor_space(plan, module, pieces, weights)
+    elif strategy in ("concat", "factors"):
+        result = concat(terms, weights) if strategy == "concat" else _factor_space(plan, module, pieces, weights)
         if options.rank is not None and options.rank < result.rank:
             result = truncate_rank(result, options.rank)
     else:
         spec = get_kernel(options.method)
         weight_tensor = torch.tensor(weights, device=options.device)
-        gens = tensor_generators(options.seed, f"{module.name}/{options.space}", module.inputs, options.device)
-        if options.space == "core":
+        gens = tensor_generators(options.seed, f"{module.name}/{strategy}", module.inputs, options.device)
+        if strategy == "core":
             U, V = core_basis(terms)
             cores = torch.stack([project_to_core(term, U, V) for term in terms])
             result = from_core(U, run_kernel(spec, cores, weight_tensor, options.kernel_params, gens), V, rank)

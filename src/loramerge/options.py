@@ -14,6 +14,7 @@ LOWRANK_METHODS = ("cat", "svd")
 METHODS = (*LOWRANK_METHODS, *KERNELS)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Space = Literal["core", "full", "factors"]
+Strategy = Literal["concat", "svd", "core", "full", "factors"]
 DEFAULT_DENSITY = 0.5
 
 
@@ -58,6 +59,14 @@ class MergeOptions(BaseModel):
     def elementwise(self) -> bool:
         """Whether the space matters: the kernel is not linear in its inputs (or factors were asked for)."""
         return self.method in KERNELS and (not KERNELS[self.method].linear or self.space == "factors")
+
+    @property
+    def strategy(self) -> Strategy:
+        """How each module is computed: concatenation (exact), truncated SVD of the exact sum, or a kernel
+        run in one of the three spaces."""
+        if self.method == "svd":
+            return "svd"
+        return self.space if self.elementwise else "concat"
 
     def torch_dtype(self) -> torch.dtype | None:
         return DTYPES[self.dtype] if self.dtype else None

@@ -53,7 +53,7 @@ def describe(plan: MergePlan) -> str:
     options = plan.options
     ranks = sorted({m.output_rank for m in plan.modules})
     parts = [f"method={options.method}"]
-    if options.elementwise:
+    if options.strategy not in ("concat", "svd"):
         parts.append(f"space={options.space}")
     if options.uses_density:
         parts.append(f"density={options.effective_density:g}")
