@@ -8,10 +8,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loramerge.errors import BadInput
-from loramerge.kernels import KERNELS, PRESETS
+from loramerge.kernels import KERNELS, preset_params
 
 LOWRANK_METHODS = ("cat", "svd")
-METHODS = (*LOWRANK_METHODS, *KERNELS)
+ADAPTER_KERNELS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+METHODS = (*LOWRANK_METHODS, *ADAPTER_KERNELS)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Space = Literal["core", "full", "factors"]
 Strategy = Literal["concat", "svd", "core", "full", "factors"]
@@ -43,7 +44,7 @@ class MergeOptions(BaseModel):
 
     @property
     def kernel_params(self) -> dict[str, object]:
-        params: dict[str, object] = dict(PRESETS[self.preset])
+        params = preset_params(self.preset, KERNELS[self.method]) if self.method in KERNELS else {}
         params.update(density=self.effective_density, majority_sign=self.majority_sign)
         return params
 

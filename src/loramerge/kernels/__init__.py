@@ -1,5 +1,5 @@
 """Pure tensor merge kernels and their registry."""
 
-from loramerge.kernels.registry import KERNELS, PRESETS, KernelSpec, get_kernel, run_kernel
+from loramerge.kernels.registry import KERNELS, PRESETS, KernelSpec, get_kernel, preset_params, run_kernel
 
-__all__ = ["KERNELS", "PRESETS", "KernelSpec", "get_kernel", "run_kernel"]
+__all__ = ["KERNELS", "PRESETS", "KernelSpec", "get_kernel", "preset_params", "run_kernel"]

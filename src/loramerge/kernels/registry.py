@@ -19,7 +19,11 @@ class KernelSpec:
     name: str
     fn: Kernel
     linear: bool  # the result is linear in the tasks: merging in a shared basis is exact
-    random: bool  # draws from the per-input generators
+    random: bool = False  # draws from the per-input generators
+    on_deltas: bool = True  # tasks are task vectors (model - base); else the models' own tensors
+    consensus: bool = False  # elects signs: ``normalize`` divides by the agreeing weights
+    min_inputs: int = 1
+    max_inputs: int | None = None
 
     @property
     def params(self) -> frozenset[str]:
@@ -30,20 +34,35 @@ class KernelSpec:
 KERNELS: dict[str, KernelSpec] = {
     spec.name: spec
     for spec in (
-        KernelSpec("linear", methods.linear, linear=True, random=False),
-        KernelSpec("task_arithmetic", methods.linear, linear=True, random=False),
-        KernelSpec("magnitude_prune", methods.magnitude_prune, linear=False, random=False),
-        KernelSpec("ties", methods.ties, linear=False, random=False),
+        KernelSpec("linear", methods.linear, linear=True),
+        KernelSpec("task_arithmetic", methods.linear, linear=True),
+        KernelSpec("magnitude_prune", methods.magnitude_prune, linear=False),
+        KernelSpec("ties", methods.ties, linear=False, consensus=True),
         KernelSpec("dare_linear", methods.dare_linear, linear=False, random=True),
-        KernelSpec("dare_ties", methods.dare_ties, linear=False, random=True),
+        KernelSpec("dare_ties", methods.dare_ties, linear=False, random=True, consensus=True),
+        KernelSpec("breadcrumbs", methods.breadcrumbs, linear=False),
+        KernelSpec("breadcrumbs_ties", methods.breadcrumbs_ties, linear=False, consensus=True),
+        KernelSpec("della", methods.della, linear=False, random=True, consensus=True),
+        KernelSpec("della_linear", methods.della_linear, linear=False, random=True),
+        KernelSpec("model_stock", methods.model_stock, linear=False, min_inputs=2),
+        KernelSpec("slerp", methods.slerp, linear=False, on_deltas=False, min_inputs=2, max_inputs=2),
+        KernelSpec("passthrough", methods.passthrough, linear=True, on_deltas=False, max_inputs=1),
     )
 }
 
 # Where peers disagree (DESIGN.md §3) the kernels take the choice as a parameter; a preset names a set.
 PRESETS: dict[str, dict[str, str]] = {
-    "peft": {"elect_on": "unweighted", "divisor": "count", "rescale": "density"},
-    "mergekit": {"elect_on": "weighted", "divisor": "weight", "rescale": "l1"},
+    "peft": {"elect_on": "unweighted", "divisor": "count", "random_rescale": "density"},
+    "mergekit": {"elect_on": "weighted", "divisor": "weight", "random_rescale": "l1"},
 }
+
+
+def preset_params(preset: str, spec: KernelSpec) -> dict[str, object]:
+    """A preset's conventions as the parameters ``spec`` takes: the rescale rule is for random drops only."""
+    conventions = PRESETS[preset]
+    params: dict[str, object] = {"elect_on": conventions["elect_on"], "divisor": conventions["divisor"]}
+    params["rescale"] = conventions["random_rescale"] if spec.random else "none"
+    return {key: value for key, value in params.items() if key in spec.params}
 
 
 def get_kernel(name: str) -> KernelSpec:

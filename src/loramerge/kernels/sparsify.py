@@ -1,4 +1,5 @@
-"""Sparsification of one task tensor: magnitude trim (TIES) and random drop (DARE)."""
+"""Sparsification of one task tensor: magnitude trim (TIES), random drop (DARE), outlier cut
+(Breadcrumbs) and magnitude-ranked drop (DELLA). Each returns the kept entries, rescaled as asked."""
 
 from __future__ import annotations
 
@@ -9,7 +10,18 @@ import torch
 Rescale = Literal["density", "l1", "none"]
 
 
-def magnitude_trim(tensor: torch.Tensor, density: float) -> torch.Tensor:
+def rescale_kept(tensor: torch.Tensor, kept: torch.Tensor, rescale: Rescale, keep_probability) -> torch.Tensor:
+    """``density``: divide by the keep probability (DARE, DELLA papers); ``l1``: match the input's L1 norm
+    (mergekit); ``none``: as kept."""
+    if rescale == "density":
+        return kept / keep_probability
+    if rescale == "l1":
+        before, after = tensor.abs().sum(), kept.abs().sum()
+        return kept if before < 1e-7 or after < 1e-7 else kept * (before / after)
+    return kept
+
+
+def magnitude_trim(tensor: torch.Tensor, density: float, rescale: Rescale = "none") -> torch.Tensor:
     """Keep the top ``int(density * numel)`` entries by absolute value, zero the rest.
 
     The "trim" step of TIES-Merging (Yadav et al., NeurIPS 2023, arXiv:2306.01708).
@@ -21,7 +33,26 @@ def magnitude_trim(tensor: torch.Tensor, density: float) -> torch.Tensor:
     mask = torch.zeros_like(flat)
     if keep > 0:
         mask[torch.topk(flat.abs(), k=keep, largest=True).indices] = 1
-    return (flat * mask).reshape(tensor.shape)
+    kept = (flat * mask).reshape(tensor.shape)
+    return rescale_kept(tensor, kept, rescale, density)
+
+
+def outlier_trim(tensor: torch.Tensor, density: float, gamma: float, rescale: Rescale = "none") -> torch.Tensor:
+    """Drop the largest ``gamma`` fraction (outliers) and the smallest entries, keeping ``density``.
+
+    Model Breadcrumbs (Davari & Belilovsky, ECCV 2024, arXiv:2312.06795). When the two cuts overlap the
+    outlier cut shrinks so that ``int(density * numel)`` entries survive.
+    """
+    if density >= 1.0:
+        return tensor
+    count = tensor.numel()
+    keep = int(density * count)
+    smallest = max(0, count - keep - int(gamma * count))
+    order = torch.argsort(tensor.abs().reshape(-1).float(), stable=True)
+    mask = torch.zeros(count, dtype=tensor.dtype, device=tensor.device)
+    mask[order[smallest : smallest + keep]] = 1
+    kept = tensor * mask.reshape(tensor.shape)
+    return rescale_kept(tensor, kept, rescale, density)
 
 
 def random_drop(
@@ -29,16 +60,31 @@ def random_drop(
 ) -> torch.Tensor:
     """Keep each entry with probability ``density`` and rescale the survivors.
 
-    DARE, "Drop And REscale" (Yu et al., ICML 2024, arXiv:2311.03099). ``rescale="density"`` divides by
-    the keep probability (the paper, PEFT); ``"l1"`` matches the L1 norm of the input (mergekit).
+    DARE, "Drop And REscale" (Yu et al., ICML 2024, arXiv:2311.03099).
     """
     if density >= 1.0:
         return tensor
     draws = torch.rand(tensor.shape, generator=generator, device=tensor.device, dtype=torch.float32)
     kept = tensor * (draws < density).to(tensor.dtype)
-    if rescale == "density":
-        return kept / density
-    if rescale == "l1":
-        kept_norm = kept.abs().sum()
-        return kept * (tensor.abs().sum() / kept_norm) if kept_norm > 0 else kept
-    return kept
+    return rescale_kept(tensor, kept, rescale, density)
+
+
+def ranked_drop(
+    tensor: torch.Tensor, density: float, epsilon: float, generator: torch.Generator | None, rescale: Rescale
+) -> torch.Tensor:
+    """Keep each entry with a probability that grows with its magnitude rank within its row,
+    from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest).
+
+    DELLA's MagPrune (Deep et al., 2024, arXiv:2406.11617).
+    """
+    if density >= 1.0:
+        return tensor
+    if not density - epsilon > 0 and density + epsilon < 1:
+        raise ValueError(f"della needs 0 < density - epsilon and density + epsilon < 1 (got {density}, {epsilon})")
+    rows = tensor.reshape(1, -1) if tensor.dim() < 2 else tensor.reshape(tensor.shape[0], -1)
+    ranks = rows.abs().float().argsort(dim=1, stable=True).argsort(dim=1).float()
+    spread = ranks.max(dim=1, keepdim=True).values.clamp(min=1)
+    probability = (density - epsilon) + (ranks / spread) * 2 * epsilon
+    draws = torch.rand(rows.shape, generator=generator, device=tensor.device, dtype=torch.float32)
+    kept = (rows * (draws < probability).to(rows.dtype)).reshape(tensor.shape)
+    return rescale_kept(tensor, kept, rescale, probability.reshape(tensor.shape))
