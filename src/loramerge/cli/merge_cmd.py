@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +19,7 @@ from loramerge.errors import BadInput
 if TYPE_CHECKING:  # the library (and torch) load when a command runs, so --help stays instant
     from loramerge.adapter_merge import MergePlan
 
-PROGRESS_MIN_MODULES = 64
+PROGRESS_MIN_ITEMS = 64
 
 
 def parse_weights(text: str | None) -> list[float] | None:
@@ -66,6 +68,21 @@ def describe(plan: MergePlan) -> str:
     )
 
 
+@contextmanager
+def progress_bar(total: int, label: str = "merging modules") -> Iterator[Callable[[int, int, str], None]]:
+    """A rich progress bar (on stderr, for long jobs only) and the callback that advances it."""
+    columns = (
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    )
+    with Progress(*columns, console=console, transient=True, disable=total < PROGRESS_MIN_ITEMS) as bar:
+        task = bar.add_task("", total=total)
+        yield lambda done, _total, name: bar.update(task, completed=done, description=name)
+
+
 @app.command()
 @reports_errors
 def merge(
@@ -107,12 +124,7 @@ def merge(
         out.print(f"dry run: {describe(plan)}; would write {target}")
         return
     started = time.perf_counter()
-    with Progress(
-        TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.description}"), console=console, transient=True,
-        disable=len(plan.modules) < PROGRESS_MIN_MODULES,
-    ) as bar:  # fmt: skip
-        task = bar.add_task("", total=len(plan.modules))
-        merged = execute_plan(plan, lambda done, total, name: bar.update(task, completed=done, description=name))
+    with progress_bar(len(plan.modules)) as update:
+        merged = execute_plan(plan, update)
     merged.save(target, force=force, dtype=plan.out_dtype)
     out.print(f"merged {describe(plan)} in {time.perf_counter() - started:.2f} s -> {target}")

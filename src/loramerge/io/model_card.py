@@ -9,6 +9,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 if TYPE_CHECKING:
     from loramerge.adapter_merge import MergePlan
+    from loramerge.checkpoint_plan import CheckpointPlan
 
 TAGS = ["lora", "peft", "merge", "loramerge"]
 
@@ -49,6 +50,33 @@ over {len(plan.modules)} modules (output ranks {ranks}). Load it with
 
 ```yaml
 {yaml.safe_dump(merge_record(plan), sort_keys=False).rstrip()}
+```
+"""
+    return str(ModelCard(content))
+
+
+def dense_model_card(plan: CheckpointPlan, recipe_yaml: str) -> str:
+    inputs = [ref for ref in plan.sources if ref != plan.base]
+    data = ModelCardData(base_model=plan.base or inputs, library_name="transformers", tags=["merge", "loramerge"])
+    listed = "\n".join(f"- `{ref}`" for ref in inputs)
+    base = f"`{plan.base}` as the base, " if plan.base else ""
+    content = f"""---
+{data.to_yaml()}
+---
+
+# Merged model
+
+Merged with [loramerge](https://github.com/loramerge/loramerge) using **{plan.spec.name}**, {base}from:
+
+{listed}
+
+{plan.output_layers} layers, {len(plan.tensors)} tensors. Load it with
+`AutoModelForCausalLM.from_pretrained(this_folder)`.
+
+## Recipe
+
+```yaml
+{recipe_yaml.rstrip()}
 ```
 """
     return str(ModelCard(content))

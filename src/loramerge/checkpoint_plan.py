@@ -1,0 +1,237 @@
+"""Planner for merging dense checkpoints: one entry per output tensor, with its inputs and parameters.
+
+Follows mergekit's rules so its users get its numbers: ``models:`` become one slice over every layer
+(the base is added as a source when missing), layer tensors take ``t = idx / (n - 1)`` within their
+slice (``t = 1`` for a one-layer slice), non-layer tensors ``t = 0`` and the sources of the first
+(embeddings) or last (final norm, head) slice; model-level parameters beat slice-level, then global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loramerge.errors import BadInput
+from loramerge.kernels import KERNELS, KernelSpec
+from loramerge.layers import count_layers, is_post_layer, layer_index, with_layer
+from loramerge.model_source import ModelSource, open_source
+from loramerge.parameters import resolve
+from loramerge.recipe import Parameters, Recipe
+
+_TASK_VECTOR = {"weight", "density", "normalize", "rescale", "lambda", "int8_mask"}
+RECIPE_PARAMETERS: dict[str, set[str]] = {
+    "linear": {"weight", "normalize"},
+    "task_arithmetic": _TASK_VECTOR,
+    "magnitude_prune": _TASK_VECTOR,
+    "ties": _TASK_VECTOR,
+    "dare_linear": _TASK_VECTOR,
+    "dare_ties": _TASK_VECTOR,
+    "breadcrumbs": _TASK_VECTOR | {"gamma"},
+    "breadcrumbs_ties": _TASK_VECTOR | {"gamma"},
+    "della": _TASK_VECTOR | {"epsilon"},
+    "della_linear": _TASK_VECTOR | {"epsilon"},
+    "slerp": {"t"},
+    "model_stock": {"filter_wise"},
+    "passthrough": {"scale"},
+}
+PER_INPUT = {"weight", "density", "gamma", "epsilon", "scale"}
+DEFAULTS: dict[str, object] = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15, "lambda": 1.0,
+                               "int8_mask": False, "filter_wise": False, "scale": None}  # fmt: skip
+NORMALIZED_BY_DEFAULT = {"linear", "ties", "della"}
+RESCALED_BY_DEFAULT = {"dare_linear", "dare_ties", "della", "della_linear"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input of a slice: a model, its layer range and its own parameters."""
+
+    ref: str
+    layers: tuple[int, int]
+    parameters: Parameters | None
+    where: str  # YAML path, for errors
+
+
+@dataclass
+class TensorPlan:
+    output: str
+    inputs: list[tuple[str, str]]  # (model ref, tensor name) of the merged inputs, base excluded
+    base: tuple[str, str] | None
+    per_input: list[dict[str, object]]
+    shared: dict[str, object]
+    t: float
+
+
+@dataclass
+class CheckpointPlan:
+    recipe: Recipe
+    spec: KernelSpec
+    sources: dict[str, ModelSource]
+    tensors: list[TensorPlan]
+    base: str | None
+    reference: str  # the model whose config, tokenizer and tensor names the output follows
+    output_layers: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def _open_sources(recipe: Recipe) -> dict[str, ModelSource]:
+    refs: dict[str, str] = {}
+    if recipe.base_model:
+        refs.setdefault(recipe.base_model, "base_model")
+    for i, entry in enumerate(recipe.models or []):
+        refs.setdefault(entry.model, f"models[{i}].model")
+    for i, piece in enumerate(recipe.slices or []):
+        if piece.base_model:
+            refs.setdefault(piece.base_model, f"slices[{i}].base_model")
+        for j, source in enumerate(piece.sources):
+            refs.setdefault(source.model, f"slices[{i}].sources[{j}].model")
+    opened = {}
+    for ref, where in refs.items():
+        try:
+            opened[ref] = open_source(ref)
+        except BadInput as error:
+            raise BadInput(f"{where}: {error}") from None
+    return opened
+
+
+def _layers_of(source: ModelSource) -> int:
+    return source.checkpoint.num_layers or count_layers(source.names)
+
+
+def _slices(
+    recipe: Recipe, sources: dict[str, ModelSource], spec: KernelSpec
+) -> list[tuple[list[Source], str | None, Parameters | None]]:
+    if recipe.models:
+        listed = [Source(e.model, (0, _layers_of(sources[e.model])), e.parameters, f"models[{i}]")
+                  for i, e in enumerate(recipe.models)]  # fmt: skip
+        if recipe.base_model and recipe.base_model not in {s.ref for s in listed}:
+            listed.append(Source(recipe.base_model, (0, _layers_of(sources[recipe.base_model])), None, "base_model"))
+        return [(listed, recipe.base_model, None)]
+    result = []
+    for i, piece in enumerate(recipe.slices or []):
+        listed = []
+        for j, source in enumerate(piece.sources):
+            where = f"slices[{i}].sources[{j}]"
+            start, end = source.layer_range
+            available = _layers_of(sources[source.model])
+            if not 0 <= start < end <= available:
+                raise BadInput(
+                    f"{where}.layer_range: {[start, end]} is out of bounds; {source.model} has {available} layers"
+                )
+            listed.append(Source(source.model, (start, end), source.parameters, where))
+        lengths = {s.layers[1] - s.layers[0] for s in listed}
+        if len(lengths) > 1:
+            raise BadInput(f"slices[{i}].sources: every source needs the same number of layers, got {sorted(lengths)}")
+        result.append((listed, piece.base_model or recipe.base_model, piece.parameters))
+    return result
+
+
+def _check_method(recipe: Recipe, spec: KernelSpec, slices) -> None:
+    unknown_where = [("parameters", recipe.parameters)]
+    for i, entry in enumerate(recipe.models or []):
+        unknown_where.append((f"models[{i}].parameters", entry.parameters))
+    for i, piece in enumerate(recipe.slices or []):
+        unknown_where.append((f"slices[{i}].parameters", piece.parameters))
+        unknown_where += [(f"slices[{i}].sources[{j}].parameters", s.parameters) for j, s in enumerate(piece.sources)]
+    allowed = RECIPE_PARAMETERS[spec.name]
+    for where, params in unknown_where:
+        for key in params or {}:
+            if key not in allowed:
+                known = ", ".join(sorted(allowed))
+                raise BadInput(f"{where}.{key}: unknown parameter for {spec.name} (known: {known})")
+    for i, (listed, base, _) in enumerate(slices):
+        where = "models" if recipe.models else f"slices[{i}]"
+        refs = [s.ref for s in listed]
+        needs_base = spec.on_deltas or spec.name == "slerp"
+        if needs_base and not base:
+            raise BadInput(f"base_model: merge_method {spec.name} needs a base_model")
+        if needs_base and base not in refs and recipe.slices:
+            raise BadInput(f"{where}.sources: the base_model {base} must be one of the sources")
+        inputs = len(refs) - (1 if spec.on_deltas and base in refs else 0)
+        if inputs < spec.min_inputs or (spec.max_inputs is not None and inputs > spec.max_inputs):
+            most = spec.max_inputs if spec.max_inputs is not None else "any"
+            raise BadInput(f"{where}: {spec.name} takes {spec.min_inputs} to {most} inputs, got {inputs}")
+
+
+def _kernel_params(spec: KernelSpec, shared: dict[str, object]) -> dict[str, object]:
+    """mergekit's parameters as kernel parameters (the ``mergekit`` preset of DESIGN.md §3)."""
+    params: dict[str, object] = {}
+    normalize = bool(shared.get("normalize", spec.name in NORMALIZED_BY_DEFAULT))
+    if spec.consensus:
+        params.update(divisor="weight" if normalize else "none", elect_on="weighted", majority_sign="total")
+    elif "normalize" in spec.params:
+        params["normalize"] = normalize
+    if "rescale" in spec.params:
+        params["rescale"] = "l1" if shared.get("rescale", spec.name in RESCALED_BY_DEFAULT) else "none"
+    if "t" in shared:
+        params["t"] = float(shared["t"])
+    return params
+
+
+def _plan_tensor(output, name_for, listed, base, scopes, t, spec) -> TensorPlan:
+    shared_names = RECIPE_PARAMETERS[spec.name] - PER_INPUT
+    shared = {}
+    for key in shared_names:
+        value = resolve(key, scopes(None), output, t, DEFAULTS.get(key))
+        if value is not None:
+            shared[key] = value
+    if spec.name == "slerp" and "t" not in shared:
+        raise BadInput(f"tensor {output}: slerp needs parameter t")
+    inputs, per_input = [], []
+    base_input = None
+    for source in listed:
+        name = name_for(source)
+        if spec.on_deltas and source.ref == base:
+            base_input = (source.ref, name)
+            continue
+        inputs.append((source.ref, name))
+        per_input.append({key: resolve(key, scopes(source), name, t, DEFAULTS.get(key))
+                          for key in RECIPE_PARAMETERS[spec.name] & PER_INPUT})  # fmt: skip
+    if spec.on_deltas and base_input is None:
+        base_input = (base, name_for(Source(base, listed[0].layers, None, "base_model")))
+    if spec.name == "slerp":  # the base first: t = 0 is the base, t = 1 the other model
+        inputs.sort(key=lambda item: item[0] != base)
+    return TensorPlan(output, inputs, base_input, per_input, {**shared, **_kernel_params(spec, shared)}, t)
+
+
+def plan_checkpoint_merge(recipe: Recipe) -> CheckpointPlan:
+    """Check a dense recipe and list every output tensor with its inputs and resolved parameters."""
+    if recipe.merge_method not in RECIPE_PARAMETERS:
+        raise BadInput(f"merge_method: unknown method {recipe.merge_method!r}; known: {', '.join(RECIPE_PARAMETERS)}")
+    spec = KERNELS[recipe.merge_method]
+    sources = _open_sources(recipe)
+    slices = _slices(recipe, sources, spec)
+    _check_method(recipe, spec, slices)
+    reference = slices[0][1] or slices[0][0][0].ref
+    names = sources[reference].names
+    non_layer = [n for n in names if layer_index(n) is None]
+    tensors: list[TensorPlan] = []
+
+    def scopes_for(piece_params, listed):
+        def scopes(source: Source | None):
+            own = [source.parameters] if source is not None else []
+            return [*own, piece_params, recipe.parameters]
+
+        return scopes
+
+    first_listed, first_base, first_params = slices[0]
+    for name in (n for n in non_layer if not is_post_layer(n)):
+        tensors.append(_plan_tensor(name, lambda s, n=name: n, first_listed, first_base,
+                                    scopes_for(first_params, first_listed), 0.0, spec))  # fmt: skip
+    out_layer = 0
+    for listed, base, piece_params in slices:
+        first = listed[0]
+        template = [n for n in sources[first.ref].names if layer_index(n) == first.layers[0]]
+        count = first.layers[1] - first.layers[0]
+        for offset in range(count):
+            t = offset / (count - 1) if count > 1 else 1.0
+            for name in template:
+                output = with_layer(name, out_layer)
+                tensors.append(_plan_tensor(
+                    output, lambda s, n=name, o=offset: with_layer(n, s.layers[0] + o), listed, base,
+                    scopes_for(piece_params, listed), t, spec,
+                ))  # fmt: skip
+            out_layer += 1
+    last_listed, last_base, last_params = slices[-1]
+    for name in (n for n in non_layer if is_post_layer(n)):
+        tensors.append(_plan_tensor(name, lambda s, n=name: n, last_listed, last_base,
+                                    scopes_for(last_params, last_listed), 0.0, spec))  # fmt: skip
+    return CheckpointPlan(recipe, spec, sources, tensors, recipe.base_model, reference, out_layer)

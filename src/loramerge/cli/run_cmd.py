@@ -1,0 +1,130 @@
+"""``loramerge run``: run a YAML recipe (dense models, ``model+adapter`` references, or adapters)."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from loramerge.cli.app import app, console, out, reports_errors
+from loramerge.cli.merge_cmd import describe, human_bytes, plan_table, progress_bar
+
+if TYPE_CHECKING:
+    from loramerge.checkpoint_plan import CheckpointPlan
+
+
+_CONVENTIONS = ("elect_on", "majority_sign")
+
+
+def _summary(params: list[dict]) -> str:
+    keys = sorted({key for p in params for key in p})
+    parts = []
+    for key in keys:
+        values = [p.get(key) for p in params]
+        shown = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in values]
+        parts.append(f"{key}={shown[0]}" if len(set(shown)) == 1 else f"{key}={shown[0]}…{shown[-1]}")
+    return " ".join(parts)
+
+
+def dense_plan_table(plan: CheckpointPlan) -> Table:
+    from loramerge.layers import layer_group
+
+    groups: dict[str, list] = defaultdict(list)
+    for tensor in plan.tensors:
+        groups[layer_group(tensor.output)].append(tensor)
+    table = Table(title=f"plan: {plan.spec.name}, {plan.output_layers} layers, {len(plan.tensors)} tensors")
+    for column in ("tensor group", "count", "inputs", "shared parameters", "per-input parameters"):
+        table.add_column(column)
+    for group, tensors in groups.items():
+        shared = _summary(
+            [{k: v for k, v in t.shared.items() if k not in ("elect_on", "majority_sign")} for t in tensors]
+        )
+        per_input = "; ".join(
+            _summary([t.per_input[i] for t in tensors]) for i in range(len(tensors[0].per_input))
+        )  # fmt: skip
+        inputs = ", ".join(ref for ref, _ in tensors[0].inputs)
+        table.add_row(group, str(len(tensors)), inputs, shared, per_input)
+    return table
+
+
+def _output_bytes(plan: CheckpointPlan) -> int:
+    from loramerge.options import DTYPES
+
+    chosen = plan.recipe.out_dtype or plan.recipe.dtype
+    total = 0
+    for tensor in plan.tensors:
+        ref, name = tensor.base or tensor.inputs[0]
+        shape_dtype = plan.sources[ref].checkpoint.get(name)
+        size = (DTYPES[chosen].itemsize if chosen else shape_dtype.element_size()) * shape_dtype.numel()
+        total += size
+    return total
+
+
+@app.command()
+@reports_errors
+def run(
+    recipe: Path = typer.Argument(..., help="YAML recipe (mergekit's format, or an adapters: list)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder to write the merged model or adapter to."),
+    out_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB or 500MB."),
+    seed: int = typer.Option(0, help="Seed of the random methods (DARE, DELLA)."),
+    device: str = typer.Option("cpu", help="Where to compute: cpu | cuda."),
+    dry_run: bool = typer.Option(False, help="Print the plan and write nothing."),
+    force: bool = typer.Option(False, help="Replace an existing output folder."),
+) -> None:
+    """Run a merge recipe: dense checkpoints tensor by tensor, or LoRA adapters in low-rank space."""
+    from loramerge.recipe import load_recipe
+
+    parsed = load_recipe(recipe)
+    started = time.perf_counter()
+    if parsed.is_adapter_recipe:
+        _run_adapters(parsed, output, seed, device, dry_run, force)
+    else:
+        _run_dense(parsed, output, out_shard_size, seed, device, dry_run, force)
+    if not dry_run:
+        out.print(f"done in {time.perf_counter() - started:.2f} s -> {output.absolute()}")
+
+
+def _run_adapters(parsed, output: Path, seed: int, device: str, dry_run: bool, force: bool) -> None:
+    from loramerge.adapter_merge import execute_plan, plan_merge
+    from loramerge.io.atomic import check_output_target
+    from loramerge.recipe_adapters import adapter_merge_inputs
+
+    adapters, weights, options = adapter_merge_inputs(parsed, seed=seed, device=device)
+    local = [Path(a.source) for a in adapters if Path(a.source).exists()]
+    check_output_target(output, force or dry_run, local)
+    plan = plan_merge(adapters, weights, options)
+    for warning in plan.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", markup=True, soft_wrap=True)
+    if dry_run:
+        out.print(plan_table(plan))
+        out.print(f"dry run: {describe(plan)}")
+        return
+    with progress_bar(len(plan.modules)) as update:
+        merged = execute_plan(plan, update)
+    merged.save(output, force=force, dtype=plan.out_dtype)
+    out.print(f"merged {describe(plan)}")
+
+
+def _run_dense(parsed, output: Path, shard_size: str, seed: int, device: str, dry_run: bool, force: bool) -> None:
+    from loramerge.checkpoint_merge import write_checkpoint
+    from loramerge.checkpoint_plan import plan_checkpoint_merge
+    from loramerge.io.shard_writer import parse_size
+
+    parse_size(shard_size)
+    with console.status("reading model indexes"):
+        plan = plan_checkpoint_merge(parsed)
+    if dry_run:
+        out.print(dense_plan_table(plan))
+        inputs = ", ".join(plan.sources)
+        out.print(f"dry run: {plan.spec.name} of {inputs}; output {human_bytes(_output_bytes(plan))}")
+        return
+    with progress_bar(len(plan.tensors), label="merging tensors") as update:
+        write_checkpoint(plan, output, force=force, shard_size=shard_size, seed=seed, device=device, progress=update)
+    for warning in plan.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", markup=True, soft_wrap=True)
+    out.print(f"merged {len(plan.tensors)} tensors, {plan.output_layers} layers with {plan.spec.name}")

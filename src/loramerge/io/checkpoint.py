@@ -1,0 +1,139 @@
+"""Lazy, tensor-by-tensor reading of transformers checkpoints (sharded safetensors, or ``.bin`` with
+``weights_only=True``). Nothing is read until a tensor is asked for."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from loramerge.errors import BadInput, brief
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+_HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.bin"]
+
+
+@dataclass
+class Checkpoint:
+    """One model folder: its ``config.json`` and where each tensor lives."""
+
+    folder: Path
+    source: str
+    files: dict[str, Path]  # tensor name -> file holding it
+    config: dict[str, Any] = field(default_factory=dict)
+    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def _handle(self, path: Path):
+        if path not in self._handles:
+            try:
+                if path.suffix == ".safetensors":
+                    self._handles[path] = safe_open(path, framework="pt", device="cpu")
+                else:
+                    self._handles[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except FileNotFoundError:
+                raise BadInput(f"model {self.source}: missing weight file {path.name}") from None
+            except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as error:
+                raise BadInput(f"model {self.source}: cannot read {path.name} ({brief(error)})") from error
+            except Exception as error:  # weights_only unpickling refuses anything but plain tensors
+                raise BadInput(
+                    f"model {self.source}: {path.name} is not a plain state dict ({brief(error)})"
+                ) from error
+        return self._handles[path]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.files:
+            raise BadInput(f"model {self.source}: has no tensor {name}")
+        handle = self._handle(self.files[name])
+        try:
+            return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
+        except (SafetensorError, KeyError, OSError, RuntimeError) as error:
+            raise BadInput(f"model {self.source}: cannot read tensor {name} ({brief(error)})") from error
+
+    def nbytes(self) -> int:
+        return sum(path.stat().st_size for path in set(self.files.values()))
+
+    @property
+    def num_layers(self) -> int | None:
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(self.config.get(key), int):
+                return self.config[key]
+        return None
+
+
+def resolve_model_dir(ref: str) -> Path:
+    path = Path(ref)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise BadInput(f"model {ref}: is a file, expected a model folder")
+    if not _HUB_ID.match(ref):
+        raise BadInput(f"model {ref}: no such folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(ref, allow_patterns=HUB_PATTERNS))
+    except Exception as error:  # the hub client raises many types; all mean "could not fetch"
+        raise BadInput(f"model {ref}: no such folder, and not fetched from the Hub ({brief(error)})") from error
+
+
+def _read_json(path: Path, source: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadInput(f"model {source}: cannot read {path.name} ({brief(error)})") from error
+
+
+def _index_files(folder: Path, index_name: str, source: str) -> dict[str, Path]:
+    index = _read_json(folder / index_name, source)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise BadInput(f"model {source}: {index_name} has no weight_map")
+    files = {name: folder / shard for name, shard in weight_map.items()}
+    for shard in sorted({path for path in files.values()}):
+        if not shard.is_file():
+            raise BadInput(f"model {source}: missing shard {shard.name} listed in {index_name}")
+    return files
+
+
+def _single_file(path: Path, source: str) -> dict[str, Path]:
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(path, framework="pt", device="cpu") as handle:
+                return dict.fromkeys(handle.keys(), path)
+        except (SafetensorError, OSError) as error:
+            raise BadInput(f"model {source}: cannot read {path.name} ({brief(error)})") from error
+    checkpoint = Checkpoint(path.parent, source, {})
+    state = checkpoint._handle(path)
+    if not isinstance(state, dict):
+        raise BadInput(f"model {source}: {path.name} is not a state dict")
+    return dict.fromkeys(state, path)
+
+
+def open_checkpoint(ref: str) -> Checkpoint:
+    """Index a model folder (or Hub repo id) without reading any tensor."""
+    folder = resolve_model_dir(ref)
+    config = _read_json(folder / "config.json", ref) if (folder / "config.json").is_file() else {}
+    if (folder / SAFETENSORS_INDEX).is_file():
+        files = _index_files(folder, SAFETENSORS_INDEX, ref)
+    elif (folder / SAFETENSORS).is_file():
+        files = _single_file(folder / SAFETENSORS, ref)
+    elif (folder / BIN_INDEX).is_file():
+        files = _index_files(folder, BIN_INDEX, ref)
+    elif (folder / BIN).is_file():
+        files = _single_file(folder / BIN, ref)
+    else:
+        raise BadInput(f"model {ref}: no {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN} or {BIN_INDEX}")
+    return Checkpoint(folder=folder, source=ref, files=files, config=config)

@@ -1,0 +1,130 @@
+"""YAML recipes (pydantic v2): a superset of mergekit's merge configuration, plus adapter-only recipes.
+
+A recipe is only another way to spell CLI arguments: dense recipes run ``merge_checkpoints``, adapter
+recipes ``merge_adapters``. Problems are reported with their YAML path (``slices[0].sources[1].model``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from loramerge.errors import BadInput
+
+Scalar = bool | int | float | str
+ScalarOrGradient = Scalar | list[Scalar]
+Dtype = Literal["float32", "float16", "bfloat16"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Conditional(Strict):
+    """``{filter: self_attn, value: [0, 0.5, 1]}``: applies to tensors whose name contains ``filter``."""
+
+    value: ScalarOrGradient
+    filter: str | None = None
+
+
+Setting = Conditional | list[Conditional] | ScalarOrGradient
+Parameters = dict[str, Setting]
+
+
+class ModelEntry(Strict):
+    model: str
+    parameters: Parameters | None = None
+
+
+class SliceSource(Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Parameters | None = None
+
+
+class Slice(Strict):
+    sources: list[SliceSource]
+    base_model: str | None = None
+    parameters: Parameters | None = None
+
+
+class AdapterEntry(Strict):
+    adapter: str
+    weight: float = 1.0
+
+
+class Recipe(Strict):
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] | None = None
+    slices: list[Slice] | None = None
+    adapters: list[AdapterEntry] | None = None
+    parameters: Parameters | None = None
+    dtype: Dtype | None = None
+    out_dtype: Dtype | None = None
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
+
+    @model_validator(mode="after")
+    def _one_input_kind(self) -> Recipe:
+        given = [key for key in ("models", "slices", "adapters") if getattr(self, key)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of models, slices or adapters (got {', '.join(given) or 'none'})")
+        if self.adapters and (self.base_model or self.tokenizer_source or self.chat_template):
+            raise ValueError("adapter recipes take no base_model, tokenizer_source or chat_template")
+        return self
+
+    @property
+    def is_adapter_recipe(self) -> bool:
+        return bool(self.adapters)
+
+
+_UNION_LABELS = {"Conditional", "str", "int", "float", "bool"}
+
+
+def _location(loc: tuple) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif (
+            part in {"list[Conditional]", "Conditional"}
+            or "[" in str(part)
+            or str(part) in {"str", "int", "float", "bool"}
+        ):
+            continue  # pydantic's union-branch labels are not part of the YAML path
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "recipe"
+
+
+def parse_recipe(data: object, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise BadInput(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown key"
+        raise BadInput(f"{source}: {_location(first['loc'])}: {message}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise BadInput(f"recipe {path}: cannot read ({error.strerror or error})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "malformed YAML"
+        raise BadInput(f"recipe {path}: malformed YAML{where} ({problem})") from None
+    return parse_recipe(data, f"recipe {path}")
