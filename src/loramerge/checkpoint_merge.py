@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from loramerge.checkpoint_plan import CheckpointPlan, TensorPlan, plan_checkpoint_merge
+from loramerge.checkpoint_plan import CheckpointPlan, TensorPlan, on_deltas, plan_checkpoint_merge
 from loramerge.errors import BadInput
 from loramerge.io.atomic import atomic_output_dir, check_output_target
 from loramerge.io.model_card import dense_model_card
@@ -62,7 +62,7 @@ def merge_tensor(plan: CheckpointPlan, tensor: TensorPlan, seed: int, device: st
         params["scale"] = tensor.per_input[0].get("scale")
     generators = tensor_generators(seed, tensor.output, range(len(inputs)), device) if spec.random else None
     try:
-        if spec.on_deltas:
+        if on_deltas(spec.name):
             deltas = torch.stack([x - base for x in inputs])
             return base + float(tensor.shared.get("lambda", 1.0)) * run_kernel(
                 spec, deltas, weights, params, generators

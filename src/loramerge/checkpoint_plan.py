@@ -37,6 +37,14 @@ PER_INPUT = {"weight", "density", "gamma", "epsilon", "scale"}
 DEFAULTS: dict[str, object] = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15, "lambda": 1.0,
                                "int8_mask": False, "filter_wise": False, "scale": None}  # fmt: skip
 NORMALIZED_BY_DEFAULT = {"linear", "ties", "della"}
+# Methods on the models' own tensors; every other one merges task vectors (model minus base).
+ON_WEIGHTS = {"linear", "slerp", "passthrough"}
+
+
+def on_deltas(method: str) -> bool:
+    return method not in ON_WEIGHTS
+
+
 RESCALED_BY_DEFAULT = {"dare_linear", "dare_ties", "della", "della_linear"}
 
 
@@ -140,12 +148,12 @@ def _check_method(recipe: Recipe, spec: KernelSpec, slices) -> None:
     for i, (listed, base, _) in enumerate(slices):
         where = "models" if recipe.models else f"slices[{i}]"
         refs = [s.ref for s in listed]
-        needs_base = spec.on_deltas or spec.name == "slerp"
+        needs_base = on_deltas(spec.name) or spec.name == "slerp"
         if needs_base and not base:
             raise BadInput(f"base_model: merge_method {spec.name} needs a base_model")
         if needs_base and base not in refs and recipe.slices:
             raise BadInput(f"{where}.sources: the base_model {base} must be one of the sources")
-        inputs = len(refs) - (1 if spec.on_deltas and base in refs else 0)
+        inputs = len(refs) - (1 if on_deltas(spec.name) and base in refs else 0)
         if inputs < spec.min_inputs or (spec.max_inputs is not None and inputs > spec.max_inputs):
             most = spec.max_inputs if spec.max_inputs is not None else "any"
             raise BadInput(f"{where}: {spec.name} takes {spec.min_inputs} to {most} inputs, got {inputs}")
@@ -179,13 +187,13 @@ def _plan_tensor(output, name_for, listed, base, scopes, t, spec) -> TensorPlan:
     base_input = None
     for source in listed:
         name = name_for(source)
-        if spec.on_deltas and source.ref == base:
+        if on_deltas(spec.name) and source.ref == base:
             base_input = (source.ref, name)
             continue
         inputs.append((source.ref, name))
         per_input.append({key: resolve(key, scopes(source), name, t, DEFAULTS.get(key))
                           for key in RECIPE_PARAMETERS[spec.name] & PER_INPUT})  # fmt: skip
-    if spec.on_deltas and base_input is None:
+    if on_deltas(spec.name) and base_input is None:
         base_input = (base, name_for(Source(base, listed[0].layers, None, "base_model")))
     if spec.name == "slerp":  # the base first: t = 0 is the base, t = 1 the other model
         inputs.sort(key=lambda item: item[0] != base)

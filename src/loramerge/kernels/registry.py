@@ -20,7 +20,6 @@ class KernelSpec:
     fn: Kernel
     linear: bool  # the result is linear in the tasks: merging in a shared basis is exact
     random: bool = False  # draws from the per-input generators
-    on_deltas: bool = True  # tasks are task vectors (model - base); else the models' own tensors
     consensus: bool = False  # elects signs: ``normalize`` divides by the agreeing weights
     min_inputs: int = 1
     max_inputs: int | None = None
@@ -45,8 +44,8 @@ KERNELS: dict[str, KernelSpec] = {
         KernelSpec("della", methods.della, linear=False, random=True, consensus=True),
         KernelSpec("della_linear", methods.della_linear, linear=False, random=True),
         KernelSpec("model_stock", methods.model_stock, linear=False, min_inputs=2),
-        KernelSpec("slerp", methods.slerp, linear=False, on_deltas=False, min_inputs=2, max_inputs=2),
-        KernelSpec("passthrough", methods.passthrough, linear=True, on_deltas=False, max_inputs=1),
+        KernelSpec("slerp", methods.slerp, linear=False, min_inputs=2, max_inputs=2),
+        KernelSpec("passthrough", methods.passthrough, linear=True, max_inputs=1),
     )
 }
 
