@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from loramerge.cli.app import app, console, out, reports_errors
 from loramerge.cli.merge_cmd import describe, human_bytes, plan_table, progress_bar
@@ -31,25 +30,22 @@ def _summary(params: list[dict]) -> str:
     return " ".join(parts)
 
 
-def dense_plan_table(plan: CheckpointPlan) -> Table:
+def dense_plan_lines(plan: CheckpointPlan) -> list[str]:
+    """One line per tensor group (layer index as ``*``): count, inputs, parameters over the layers."""
     from loramerge.layers import layer_group
 
     groups: dict[str, list] = defaultdict(list)
     for tensor in plan.tensors:
         groups[layer_group(tensor.output)].append(tensor)
-    table = Table(title=f"plan: {plan.spec.name}, {plan.output_layers} layers, {len(plan.tensors)} tensors")
-    for column in ("tensor group", "count", "inputs", "shared parameters", "per-input parameters"):
-        table.add_column(column)
+    lines = [f"plan: {plan.spec.name}, {plan.output_layers} layers, {len(plan.tensors)} tensors"]
     for group, tensors in groups.items():
-        shared = _summary(
-            [{k: v for k, v in t.shared.items() if k not in ("elect_on", "majority_sign")} for t in tensors]
-        )
+        shared = _summary([{k: v for k, v in t.shared.items() if k not in _CONVENTIONS} for t in tensors])
         per_input = "; ".join(
-            _summary([t.per_input[i] for t in tensors]) for i in range(len(tensors[0].per_input))
-        )  # fmt: skip
-        inputs = ", ".join(ref for ref, _ in tensors[0].inputs)
-        table.add_row(group, str(len(tensors)), inputs, shared, per_input)
-    return table
+            f"{ref}: {_summary([t.per_input[i] for t in tensors]) or '-'}"
+            for i, (ref, _) in enumerate(tensors[0].inputs)
+        )
+        lines.append(f"  {group} x{len(tensors)}  [{shared}]  {per_input}")
+    return lines
 
 
 def _output_bytes(plan: CheckpointPlan) -> int:
@@ -119,7 +115,8 @@ def _run_dense(parsed, output: Path, shard_size: str, seed: int, device: str, dr
     with console.status("reading model indexes"):
         plan = plan_checkpoint_merge(parsed)
     if dry_run:
-        out.print(dense_plan_table(plan))
+        for line in dense_plan_lines(plan):
+            out.print(line, soft_wrap=True)
         inputs = ", ".join(plan.sources)
         out.print(f"dry run: {plan.spec.name} of {inputs}; output {human_bytes(_output_bytes(plan))}")
         return
