@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -12,7 +13,8 @@ import yaml
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-MERGEKIT = shutil.which("mergekit-yaml")
+# mergekit is a test dependency (pyproject's [test] extra): its CLI sits beside this interpreter.
+MERGEKIT = shutil.which("mergekit-yaml", path=str(Path(sys.executable).parent)) or shutil.which("mergekit-yaml")
 
 
 def save_llama(path: Path, seed: int, *, layers: int = 2, hidden: int = 64, like: Path | None = None) -> Path:
@@ -38,6 +40,7 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 
 
 def run_mergekit(recipe: Path, out: Path, seed: int | None = None) -> dict[str, torch.Tensor]:
+    assert MERGEKIT, "mergekit-yaml not found: pip install -e '.[test]' installs mergekit 0.1.5"
     command = [MERGEKIT, str(recipe), str(out), "--no-copy-tokenizer"]
     if seed is not None:
         command += ["--random-seed", str(seed)]

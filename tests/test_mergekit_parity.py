@@ -9,11 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dense_helpers import MERGEKIT, load_weights, run_mergekit, save_llama, write_recipe
+from dense_helpers import load_weights, run_mergekit, save_llama, write_recipe
 from loramerge.checkpoint_merge import merge_checkpoints
 from loramerge.recipe import parse_recipe
-
-pytestmark = pytest.mark.skipif(MERGEKIT is None, reason="mergekit is a test dependency")
 
 
 @pytest.fixture(scope="module")
