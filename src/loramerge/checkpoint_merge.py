@@ -1,6 +1,8 @@
 """Merging dense checkpoints one output tensor at a time, streamed into sharded safetensors.
 
-Peak memory is the inputs of one tensor plus one output shard, never the model size (DESIGN.md §4).
+Peak memory is the inputs of one tensor plus small working buffers, never the model size (DESIGN.md
+§4): element-wise methods run on row blocks of each tensor, so float32 copies of whole inputs are never
+made; the output goes to disk as soon as it is computed.
 """
 
 from __future__ import annotations
@@ -16,68 +18,89 @@ from loramerge.errors import BadInput
 from loramerge.io.atomic import atomic_output_dir, check_output_target
 from loramerge.io.model_card import dense_model_card
 from loramerge.io.model_files import copy_side_files, resolve_chat_template, write_chat_template, write_config
-from loramerge.io.shard_writer import ShardWriter, parse_size
+from loramerge.io.shard_writer import ShardWriter, TensorLayout, parse_size
 from loramerge.kernels import run_kernel
 from loramerge.layers import is_vocabulary_tensor
-from loramerge.options import DTYPES
 from loramerge.recipe import Recipe, load_recipe
 from loramerge.seeding import tensor_generators
 
 Progress = Callable[[int, int, str], None]
 DEFAULT_SHARD_SIZE = "5GB"
+BLOCK_ELEMENTS = 1 << 20  # a row block of about 4 MB in float32: stays in cache, bounds the working memory
 
 
-def _read(plan: CheckpointPlan, ref: str, name: str, rows: int | None, device: str) -> torch.Tensor:
+def _read(plan: CheckpointPlan, ref: str, name: str, rows: int, device: str) -> torch.Tensor:
+    """An input tensor as stored (no float32 copy yet), vocabulary rows cut to the output's."""
     source = plan.sources[ref]
     if name not in source.checkpoint.files:
         raise BadInput(f"tensor {name}: missing from model {ref}")
     tensor = source.get(name)
-    if rows is not None and tensor.dim() and tensor.shape[0] > rows and is_vocabulary_tensor(name):
+    if tensor.dim() and tensor.shape[0] > rows and is_vocabulary_tensor(name):
         note = f"model {ref}: vocabulary rows of {name} cut from {tensor.shape[0]} to the base's {rows}"
         if note not in plan.warnings:
             plan.warnings.append(note)
         tensor = tensor[:rows]
-    return tensor.to(device=device, dtype=torch.float32)
+    return tensor.to(device)
 
 
-def merge_tensor(plan: CheckpointPlan, tensor: TensorPlan, seed: int, device: str = "cpu") -> torch.Tensor:
-    """One output tensor in float32, from its inputs and parameters."""
-    reference = plan.sources[plan.reference]
-    rows = None
-    if tensor.output in reference.checkpoint.files and is_vocabulary_tensor(tensor.output):
-        rows = reference.checkpoint.get(tensor.output).shape[0]
-    base = _read(plan, *tensor.base, rows, device) if tensor.base else None
-    inputs = [_read(plan, ref, name, rows, device) for ref, name in tensor.inputs]
-    shapes = {tuple(x.shape) for x in inputs + ([base] if base is not None else [])}
-    if len(shapes) > 1:
-        detail = ", ".join(f"{ref}: {tuple(x.shape)}" for (ref, _), x in zip(tensor.inputs, inputs, strict=True))
-        raise BadInput(f"tensor {tensor.output}: shapes differ ({detail})")
+def _kernel_params(plan: CheckpointPlan, tensor: TensorPlan) -> dict[str, object]:
     spec = plan.spec
-    weights = torch.tensor([float(p.get("weight", 1.0)) for p in tensor.per_input], device=device)
     params = dict(tensor.shared)
     for key in ("density", "gamma", "epsilon"):
         if key in spec.params:
             params[key] = [float(p[key]) for p in tensor.per_input]
     if spec.name == "passthrough":
         params["scale"] = tensor.per_input[0].get("scale")
-    generators = tensor_generators(seed, tensor.output, range(len(inputs)), device) if spec.random else None
+    return params
+
+
+def merge_tensor(plan: CheckpointPlan, tensor: TensorPlan, seed: int, device: str = "cpu") -> torch.Tensor:
+    """One output tensor, in the output dtype, from its inputs and parameters."""
+    rows = tensor.shape[0] if tensor.shape else 0
+    base = _read(plan, *tensor.base, rows, device) if tensor.base else None
+    inputs = [_read(plan, ref, name, rows, device) for ref, name in tensor.inputs]
+    if any(tuple(x.shape) != tensor.shape for x in inputs + ([base] if base is not None else [])):
+        detail = ", ".join(f"{ref}: {tuple(x.shape)}" for (ref, _), x in zip(tensor.inputs, inputs, strict=True))
+        raise BadInput(f"tensor {tensor.output}: shapes differ ({detail}; expected {tensor.shape})")
+    spec, params = plan.spec, _kernel_params(plan, tensor)
+    weights = torch.tensor([float(p.get("weight", 1.0)) for p in tensor.per_input], device=device)
+    scale = float(tensor.shared.get("lambda", 1.0))
+    deltas = on_deltas(spec.name)
+
+    def tasks_of(block: slice) -> torch.Tensor:
+        stack = torch.stack([x[block].to(torch.float32) for x in inputs])
+        return stack.sub_(base[block].to(torch.float32)) if deltas else stack
+
+    def finish(block: slice, merged: torch.Tensor) -> torch.Tensor:
+        return base[block].to(torch.float32) + scale * merged if deltas else merged
+
     try:
-        if on_deltas(spec.name):
-            deltas = torch.stack([x - base for x in inputs])
-            return base + float(tensor.shared.get("lambda", 1.0)) * run_kernel(
-                spec, deltas, weights, params, generators
-            )
-        return run_kernel(spec, torch.stack(inputs), weights, params, generators)
+        whole = slice(None)
+        if not spec.piecewise or params.get("rescale", "none") != "none" or len(tensor.shape) < 2:
+            generators = tensor_generators(seed, tensor.output, range(len(inputs)), device) if spec.random else None
+            return finish(whole, run_kernel(spec, tasks_of(whole), weights, params, generators)).to(tensor.dtype)
+        if spec.cutoff is not None:
+            # one input at a time over the whole tensor: a single float32 copy alive, not one per input
+            params["cutoffs"] = [
+                spec.cutoff(_task(x, base, deltas), _input_params(params, i)) for i, x in enumerate(inputs)
+            ]
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+        step = max(1, BLOCK_ELEMENTS // max(1, out[0].numel()))
+        for start in range(0, rows, step):
+            block = slice(start, start + step)
+            out[block] = finish(block, run_kernel(spec, tasks_of(block), weights, params)).to(tensor.dtype)
+        return out
     except ValueError as error:
         raise BadInput(f"tensor {tensor.output}: {error}") from None
 
 
-def _out_dtype(plan: CheckpointPlan, tensor: TensorPlan) -> torch.dtype:
-    chosen = plan.recipe.out_dtype or plan.recipe.dtype
-    if chosen:
-        return DTYPES[chosen]
-    ref, name = tensor.base or tensor.inputs[0]
-    return plan.sources[ref].checkpoint.get(name).dtype
+def _task(x: torch.Tensor, base: torch.Tensor | None, deltas: bool) -> torch.Tensor:
+    task = x.to(torch.float32, copy=True)  # never a view of the input: it is modified in place
+    return task.sub_(base) if deltas else task
+
+
+def _input_params(params: dict[str, object], index: int) -> dict[str, float]:
+    return {key: params[key][index] for key in ("density", "gamma", "epsilon") if key in params}
 
 
 def _side_file_source(plan: CheckpointPlan) -> Path:
@@ -107,10 +130,11 @@ def write_checkpoint(
     target = check_output_target(Path(output), force, inputs)
     side_files = _side_file_source(plan)
     template = resolve_chat_template(plan.recipe.chat_template) if plan.recipe.chat_template else None
+    layout = [TensorLayout(t.output, t.shape, t.dtype) for t in plan.tensors]
     with atomic_output_dir(target, force=force) as staging:
-        writer = ShardWriter(staging, max_bytes)
+        writer = ShardWriter(staging, layout, max_bytes)
         for done, tensor in enumerate(plan.tensors, start=1):
-            writer.add(tensor.output, merge_tensor(plan, tensor, seed, device).to(_out_dtype(plan, tensor)))
+            writer.write(tensor.output, merge_tensor(plan, tensor, seed, device))
             if progress is not None:
                 progress(done, len(plan.tensors), tensor.output)
         writer.close()

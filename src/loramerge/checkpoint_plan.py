@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from loramerge.errors import BadInput
 from loramerge.kernels import KERNELS, KernelSpec
-from loramerge.layers import count_layers, is_post_layer, layer_index, with_layer
+from loramerge.layers import count_layers, is_post_layer, is_vocabulary_tensor, layer_index, with_layer
 from loramerge.model_source import ModelSource, open_source
+from loramerge.options import DTYPES
 from loramerge.parameters import resolve
 from loramerge.recipe import Parameters, Recipe
 
@@ -66,6 +69,8 @@ class TensorPlan:
     per_input: list[dict[str, object]]
     shared: dict[str, object]
     t: float
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype = torch.float32  # of the output tensor
 
 
 @dataclass
@@ -242,4 +247,18 @@ def plan_checkpoint_merge(recipe: Recipe) -> CheckpointPlan:
     for name in (n for n in non_layer if is_post_layer(n)):
         tensors.append(_plan_tensor(name, lambda s, n=name: n, last_listed, last_base,
                                     scopes_for(last_params, last_listed), 0.0, spec))  # fmt: skip
+    _set_layouts(recipe, sources, reference, tensors)
     return CheckpointPlan(recipe, spec, sources, tensors, recipe.base_model, reference, out_layer)
+
+
+def _set_layouts(recipe: Recipe, sources: dict[str, ModelSource], reference: str, tensors: list[TensorPlan]) -> None:
+    """Output shape and dtype of every tensor, from file headers only: vocabulary tensors take the
+    reference model's rows; the dtype is ``out_dtype``, else ``dtype``, else the inputs'."""
+    chosen = recipe.out_dtype or recipe.dtype
+    for tensor in tensors:
+        ref, name = tensor.base or tensor.inputs[0]
+        shape, dtype = sources[ref].checkpoint.layout(name)
+        if is_vocabulary_tensor(tensor.output) and tensor.output in sources[reference].checkpoint.files:
+            rows = sources[reference].checkpoint.layout(tensor.output)[0][0]
+            shape = (min(rows, shape[0]), *shape[1:])
+        tensor.shape, tensor.dtype = shape, DTYPES[chosen] if chosen else dtype

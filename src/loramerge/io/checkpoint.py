@@ -19,6 +19,9 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}  # fmt: skip
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.bin"]
 
 
@@ -61,6 +64,17 @@ class Checkpoint:
             return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
         except (SafetensorError, KeyError, OSError, RuntimeError) as error:
             raise BadInput(f"model {self.source}: cannot read tensor {name} ({brief(error)})") from error
+
+    def layout(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of a tensor, from the file header (nothing is read for safetensors)."""
+        if name not in self.files:
+            raise BadInput(f"model {self.source}: has no tensor {name}")
+        handle = self._handle(self.files[name])
+        if hasattr(handle, "get_slice"):
+            piece = handle.get_slice(name)
+            return tuple(piece.get_shape()), _DTYPES[piece.get_dtype()]
+        tensor = handle[name]
+        return tuple(tensor.shape), tensor.dtype
 
     def nbytes(self) -> int:
         return sum(path.stat().st_size for path in set(self.files.values()))

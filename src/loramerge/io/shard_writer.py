@@ -1,17 +1,30 @@
-"""Streaming sharded safetensors writer: tensors go out as they are produced, one shard in memory."""
+"""Streaming sharded safetensors writer: every tensor goes to disk the moment it is produced.
+
+The output layout (names, shapes, dtypes) is known from the plan before any tensor is merged, so each
+shard's header is written first and the tensors follow in order — nothing is buffered, whatever the
+shard size. The files are the standard safetensors format (8-byte header length, JSON header padded
+to 8 bytes, raw little-endian data), readable by ``safetensors`` and ``transformers``.
+"""
 
 from __future__ import annotations
 
 import json
+import struct
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors.torch import save_file
 
 from loramerge.errors import BadInput
 
 INDEX_NAME = "model.safetensors.index.json"
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}  # fmt: skip
 
 
 def parse_size(text: str | int) -> int:
@@ -34,50 +47,90 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+@dataclass(frozen=True)
+class TensorLayout:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+def plan_shards(layout: list[TensorLayout], max_shard_bytes: int) -> list[list[TensorLayout]]:
+    shards: list[list[TensorLayout]] = [[]]
+    size = 0
+    for tensor in layout:
+        if shards[-1] and size + tensor.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards
+
+
+def _header(tensors: list[TensorLayout]) -> bytes:
+    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for tensor in tensors:
+        entries[tensor.name] = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + tensor.nbytes],
+        }
+        offset += tensor.nbytes
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
 class ShardWriter:
-    """Collects tensors up to ``max_shard_bytes`` and writes each full shard at once.
+    """Write tensors, in the planned order, into ``model-0000i-of-0000n.safetensors`` shards (or one
+    ``model.safetensors``) with transformers' index file."""
 
-    Shards are named ``model-0000i-of-0000n.safetensors`` with an index (transformers' layout), or a
-    single ``model.safetensors`` when everything fits in one.
-    """
-
-    def __init__(self, folder: Path, max_shard_bytes: int) -> None:
+    def __init__(self, folder: Path, layout: list[TensorLayout], max_shard_bytes: int) -> None:
         self.folder = Path(folder)
-        self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._written: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
+        self.shards = plan_shards(layout, max_shard_bytes)
+        count = len(self.shards)
+        self.names = [
+            "model.safetensors" if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
+            for i in range(1, count + 1)
+        ]
+        self._order = [(shard_index, tensor) for shard_index, shard in enumerate(self.shards) for tensor in shard]
+        self._next = 0
+        self._file: BinaryIO | None = None
+        self._file_index = -1
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
-        self._pending_bytes += size
-        self.total_bytes += size
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shard_index, expected = self._order[self._next]
+        if name != expected.name or tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
+            raise AssertionError(f"writer expected {expected}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        if shard_index != self._file_index:
+            self._open(shard_index)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(memoryview(data.numpy()))
+        self._next += 1
 
-    def _flush(self) -> None:
-        path = self.folder / f"shard-{len(self._written) + 1:05d}.safetensors"
-        save_file(self._pending, path, metadata={"format": "pt"})
-        self._written.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+    def _open(self, shard_index: int) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file = open(self.folder / self.names[shard_index], "wb")  # noqa: SIM115  (closed on the next shard)
+        self._file.write(_header(self.shards[shard_index]))
+        self._file_index = shard_index
 
-    def close(self) -> list[Path]:
-        """Write the last shard, give every shard its final name, write the index if several."""
-        if self._pending or not self._written:
-            self._flush()
-        count = len(self._written)
-        if count == 1:
-            final = self.folder / "model.safetensors"
-            self._written[0][0].rename(final)
-            return [final]
-        weight_map, finals = {}, []
-        for number, (path, names) in enumerate(self._written, start=1):
-            final = self.folder / f"model-{number:05d}-of-{count:05d}.safetensors"
-            path.rename(final)
-            finals.append(final)
-            weight_map.update(dict.fromkeys(names, final.name))
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        return finals
+    def close(self) -> None:
+        if self._next != len(self._order):
+            raise AssertionError(f"writer got {self._next} of {len(self._order)} tensors")
+        if self._file is None:  # no tensors at all: still one valid, empty file
+            self._open(0)
+        if self._file is not None:
+            self._file.close()
+        if len(self.shards) > 1:
+            weight_map = {t.name: name for name, shard in zip(self.names, self.shards, strict=True) for t in shard}
+            total = sum(t.nbytes for shard in self.shards for t in shard)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

@@ -18,6 +18,7 @@ from loramerge.kernels.sparsify import Rescale, magnitude_trim, outlier_trim, ra
 ElectOn = Literal["unweighted", "weighted"]
 Generators = Sequence[torch.Generator | None] | None
 PerInput = float | Sequence[float]
+Cutoffs = Sequence[object] | None  # per input, from the whole tensor; lets a caller merge piece by piece
 
 
 def _each(value: PerInput, count: int) -> list[float]:
@@ -25,6 +26,10 @@ def _each(value: PerInput, count: int) -> list[float]:
     if len(values) != count:
         raise ValueError(f"expected {count} per-input values, got {len(values)}")
     return values
+
+
+def _cutoffs(cutoffs: Cutoffs, count: int) -> list[object]:
+    return list(cutoffs) if cutoffs is not None else [None] * count
 
 
 def _generators(generators: Generators, count: int) -> list[torch.Generator | None]:
@@ -59,10 +64,17 @@ def linear(tasks: torch.Tensor, weights: torch.Tensor, *, normalize: bool = Fals
 
 
 def magnitude_prune(
-    tasks: torch.Tensor, weights: torch.Tensor, *, density: PerInput, rescale: Rescale = "none", normalize: bool = False
+    tasks: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    density: PerInput,
+    rescale: Rescale = "none",
+    normalize: bool = False,
+    cutoffs: Cutoffs = None,
 ) -> torch.Tensor:
     """Trim each task to its largest entries, then take the weighted sum (TIES' trim step alone)."""
-    trimmed = _sparsify(tasks, magnitude_trim, _each(density, len(tasks)), [rescale] * len(tasks))
+    n = len(tasks)
+    trimmed = _sparsify(tasks, magnitude_trim, _each(density, n), [rescale] * n, _cutoffs(cutoffs, n))
     return _sum(trimmed, weights, normalize)
 
 
@@ -75,9 +87,11 @@ def ties(
     elect_on: ElectOn = "unweighted",
     divisor: Divisor = "count",
     rescale: Rescale = "none",
+    cutoffs: Cutoffs = None,
 ) -> torch.Tensor:
     """TIES-Merging: trim, elect sign, disjoint merge (Yadav et al., NeurIPS 2023, arXiv:2306.01708)."""
-    trimmed = _sparsify(tasks, magnitude_trim, _each(density, len(tasks)), [rescale] * len(tasks))
+    n = len(tasks)
+    trimmed = _sparsify(tasks, magnitude_trim, _each(density, n), [rescale] * n, _cutoffs(cutoffs, n))
     return _consensus(trimmed, weights, majority_sign, elect_on, divisor)
 
 
@@ -121,10 +135,11 @@ def breadcrumbs(
     gamma: PerInput = 0.01,
     rescale: Rescale = "none",
     normalize: bool = False,
+    cutoffs: Cutoffs = None,
 ) -> torch.Tensor:
     """Model Breadcrumbs: drop outliers and small entries, then sum (Davari & Belilovsky, arXiv:2312.06795)."""
     n = len(tasks)
-    trimmed = _sparsify(tasks, outlier_trim, _each(density, n), _each(gamma, n), [rescale] * n)
+    trimmed = _sparsify(tasks, outlier_trim, _each(density, n), _each(gamma, n), [rescale] * n, _cutoffs(cutoffs, n))
     return _sum(trimmed, weights, normalize)
 
 
@@ -138,10 +153,11 @@ def breadcrumbs_ties(
     elect_on: ElectOn = "unweighted",
     divisor: Divisor = "count",
     rescale: Rescale = "none",
+    cutoffs: Cutoffs = None,
 ) -> torch.Tensor:
     """Model Breadcrumbs' trim with TIES' sign election and disjoint merge (arXiv:2312.06795)."""
     n = len(tasks)
-    trimmed = _sparsify(tasks, outlier_trim, _each(density, n), _each(gamma, n), [rescale] * n)
+    trimmed = _sparsify(tasks, outlier_trim, _each(density, n), _each(gamma, n), [rescale] * n, _cutoffs(cutoffs, n))
     return _consensus(trimmed, weights, majority_sign, elect_on, divisor)
 
 

@@ -10,6 +10,7 @@ import torch
 
 from loramerge.errors import BadInput
 from loramerge.kernels import methods
+from loramerge.kernels.sparsify import outlier_cutoffs, trim_cutoff
 
 Kernel = Callable[..., torch.Tensor]
 
@@ -23,29 +24,45 @@ class KernelSpec:
     consensus: bool = False  # elects signs: ``normalize`` divides by the agreeing weights
     min_inputs: int = 1
     max_inputs: int | None = None
+    # Element-wise once ``cutoff`` (per input, over the whole task tensor) is known: a caller may then run
+    # the kernel on pieces of a tensor (rows) with ``cutoffs=`` and get the whole-tensor result.
+    piecewise: bool = False
+    cutoff: Callable[[torch.Tensor, dict[str, float]], object] | None = None
 
     @property
     def params(self) -> frozenset[str]:
         signature = inspect.signature(self.fn).parameters
-        return frozenset(name for name in signature if name not in {"tasks", "weights", "generators"})
+        return frozenset(name for name in signature if name not in {"tasks", "weights", "generators", "cutoffs"})
+
+
+def _trim(task: torch.Tensor, params: dict[str, float]) -> float:
+    return trim_cutoff(task, params["density"]) if params["density"] < 1 else float("-inf")
+
+
+def _outliers(task: torch.Tensor, params: dict[str, float]) -> tuple[float, float]:
+    if params["density"] >= 1:
+        return float("-inf"), float("inf")
+    return outlier_cutoffs(task, params["density"], params["gamma"])
 
 
 KERNELS: dict[str, KernelSpec] = {
     spec.name: spec
     for spec in (
-        KernelSpec("linear", methods.linear, linear=True),
-        KernelSpec("task_arithmetic", methods.linear, linear=True),
-        KernelSpec("magnitude_prune", methods.magnitude_prune, linear=False),
-        KernelSpec("ties", methods.ties, linear=False, consensus=True),
+        KernelSpec("linear", methods.linear, linear=True, piecewise=True),
+        KernelSpec("task_arithmetic", methods.linear, linear=True, piecewise=True),
+        KernelSpec("magnitude_prune", methods.magnitude_prune, linear=False, piecewise=True, cutoff=_trim),
+        KernelSpec("ties", methods.ties, linear=False, consensus=True, piecewise=True, cutoff=_trim),
         KernelSpec("dare_linear", methods.dare_linear, linear=False, random=True),
         KernelSpec("dare_ties", methods.dare_ties, linear=False, random=True, consensus=True),
-        KernelSpec("breadcrumbs", methods.breadcrumbs, linear=False),
-        KernelSpec("breadcrumbs_ties", methods.breadcrumbs_ties, linear=False, consensus=True),
+        KernelSpec("breadcrumbs", methods.breadcrumbs, linear=False, piecewise=True, cutoff=_outliers),
+        KernelSpec(
+            "breadcrumbs_ties", methods.breadcrumbs_ties, linear=False, consensus=True, piecewise=True, cutoff=_outliers
+        ),
         KernelSpec("della", methods.della, linear=False, random=True, consensus=True),
         KernelSpec("della_linear", methods.della_linear, linear=False, random=True),
         KernelSpec("model_stock", methods.model_stock, linear=False, min_inputs=2),
         KernelSpec("slerp", methods.slerp, linear=False, min_inputs=2, max_inputs=2),
-        KernelSpec("passthrough", methods.passthrough, linear=True, max_inputs=1),
+        KernelSpec("passthrough", methods.passthrough, linear=True, max_inputs=1, piecewise=True),
     )
 }
 
@@ -79,7 +96,7 @@ def run_kernel(
     generators: Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Call a kernel with the parameters it accepts; the others (a preset's, say) do not apply to it."""
-    accepted = {key: value for key, value in params.items() if key in spec.params}
+    accepted = {key: value for key, value in params.items() if key in spec.params or key == "cutoffs"}
     if spec.random:
         accepted["generators"] = generators
     return spec.fn(tasks, weights, **accepted)

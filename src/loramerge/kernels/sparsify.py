@@ -21,23 +21,50 @@ def rescale_kept(tensor: torch.Tensor, kept: torch.Tensor, rescale: Rescale, kee
     return kept
 
 
-def magnitude_trim(tensor: torch.Tensor, density: float, rescale: Rescale = "none") -> torch.Tensor:
-    """Keep the top ``int(density * numel)`` entries by absolute value, zero the rest.
+def trim_cutoff(tensor: torch.Tensor, density: float) -> float:
+    """The magnitude of the ``int(density * numel)``-th largest entry: what magnitude_trim keeps down to."""
+    keep = int(density * tensor.numel())
+    if keep <= 0:
+        return float("inf")
+    return torch.kthvalue(tensor.abs().reshape(-1).float(), tensor.numel() - keep + 1).values.item()
+
+
+def magnitude_trim(
+    tensor: torch.Tensor, density: float, rescale: Rescale = "none", cutoff: float | None = None
+) -> torch.Tensor:
+    """Keep the top ``int(density * numel)`` entries by absolute value, zero the rest (entries tied at
+    the cut are all kept). ``cutoff`` (from ``trim_cutoff`` of the whole tensor) lets a caller trim a
+    tensor piece by piece.
 
     The "trim" step of TIES-Merging (Yadav et al., NeurIPS 2023, arXiv:2306.01708).
     """
     if density >= 1.0:
         return tensor
-    keep = int(density * tensor.numel())
-    flat = tensor.reshape(-1)
-    mask = torch.zeros_like(flat)
-    if keep > 0:
-        mask[torch.topk(flat.abs(), k=keep, largest=True).indices] = 1
-    kept = (flat * mask).reshape(tensor.shape)
+    cutoff = trim_cutoff(tensor, density) if cutoff is None else cutoff
+    kept = tensor * (tensor.abs() >= cutoff).to(tensor.dtype)
     return rescale_kept(tensor, kept, rescale, density)
 
 
-def outlier_trim(tensor: torch.Tensor, density: float, gamma: float, rescale: Rescale = "none") -> torch.Tensor:
+def outlier_cutoffs(tensor: torch.Tensor, density: float, gamma: float) -> tuple[float, float]:
+    """Magnitudes bounding what outlier_trim keeps: above the smallest entries, below the outliers."""
+    count = tensor.numel()
+    keep = int(density * count)
+    if keep <= 0:
+        return float("inf"), float("-inf")
+    smallest = max(0, count - keep - int(gamma * count))
+    magnitudes = tensor.abs().reshape(-1).float()
+    low = torch.kthvalue(magnitudes, smallest + 1).values.item()
+    high = torch.kthvalue(magnitudes, smallest + keep).values.item()
+    return low, high
+
+
+def outlier_trim(
+    tensor: torch.Tensor,
+    density: float,
+    gamma: float,
+    rescale: Rescale = "none",
+    cutoffs: tuple[float, float] | None = None,
+) -> torch.Tensor:
     """Drop the largest ``gamma`` fraction (outliers) and the smallest entries, keeping ``density``.
 
     Model Breadcrumbs (Davari & Belilovsky, ECCV 2024, arXiv:2312.06795). When the two cuts overlap the
@@ -45,13 +72,9 @@ def outlier_trim(tensor: torch.Tensor, density: float, gamma: float, rescale: Re
     """
     if density >= 1.0:
         return tensor
-    count = tensor.numel()
-    keep = int(density * count)
-    smallest = max(0, count - keep - int(gamma * count))
-    order = torch.argsort(tensor.abs().reshape(-1).float(), stable=True)
-    mask = torch.zeros(count, dtype=tensor.dtype, device=tensor.device)
-    mask[order[smallest : smallest + keep]] = 1
-    kept = tensor * mask.reshape(tensor.shape)
+    low, high = outlier_cutoffs(tensor, density, gamma) if cutoffs is None else cutoffs
+    magnitudes = tensor.abs()
+    kept = tensor * ((magnitudes >= low) & (magnitudes <= high)).to(tensor.dtype)
     return rescale_kept(tensor, kept, rescale, density)
 
 
