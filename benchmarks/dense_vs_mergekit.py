@@ -116,7 +116,8 @@ def recipe(method: str, models: list[Path]) -> dict:
                 "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models]}  # fmt: skip
     return {"merge_method": "ties", "base_model": str(models[0]), "dtype": "float16",
             "parameters": {"normalize": True},
-            "models": [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.5}} for m in models[1:]]}  # fmt: skip
+            "models": [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.5}}
+                       for m in models[1:]]}  # fmt: skip
 
 
 def main() -> None:
@@ -146,7 +147,8 @@ def main() -> None:
                 ours_s, ours_rss, code = run_measured(ours)
                 assert code == 0, f"loramerge run failed ({code})"
                 shutil.rmtree(work / "ours")
-                line = f"  {method:6s} loramerge {ours_s:6.1f} s, peak RSS {ours_rss:6.0f} MiB ({ours_s / floor_s:.2f}x floor)"
+                line = f"  {method:6s} loramerge {ours_s:6.1f} s, peak RSS {ours_rss:6.0f} MiB"
+                line += f" ({ours_s / floor_s:.2f}x floor)"
                 if not args.skip_mergekit and mergekit:
                     theirs = [mergekit, str(path), str(work / "theirs"), "--no-copy-tokenizer"]
                     mk_s, mk_rss, code = run_measured(theirs)

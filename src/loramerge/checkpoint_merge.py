@@ -67,12 +67,21 @@ def merge_tensor(plan: CheckpointPlan, tensor: TensorPlan, seed: int, device: st
     scale = float(tensor.shared.get("lambda", 1.0))
     deltas = on_deltas(spec.name)
 
+    buffer: torch.Tensor | None = None
+
     def tasks_of(block: slice) -> torch.Tensor:
-        stack = torch.stack([x[block].to(torch.float32) for x in inputs])
-        return stack.sub_(base[block].to(torch.float32)) if deltas else stack
+        """The inputs' rows ``block`` as float32 task tensors, converted straight into one reused buffer."""
+        nonlocal buffer
+        shape = inputs[0][block].shape
+        if buffer is None or buffer[0].numel() < shape.numel():
+            buffer = torch.empty((len(inputs), shape.numel()), dtype=torch.float32, device=device)
+        tasks = buffer[:, : shape.numel()].view(len(inputs), *shape)
+        for task, x in zip(tasks, inputs, strict=True):
+            task.copy_(x[block])
+        return tasks.sub_(base[block]) if deltas else tasks
 
     def finish(block: slice, merged: torch.Tensor) -> torch.Tensor:
-        return base[block].to(torch.float32) + scale * merged if deltas else merged
+        return merged.mul_(scale).add_(base[block]) if deltas else merged
 
     try:
         whole = slice(None)

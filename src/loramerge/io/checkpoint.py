@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,48 +36,51 @@ class Checkpoint:
     source: str
     files: dict[str, Path]  # tensor name -> file holding it
     config: dict[str, Any] = field(default_factory=dict)
-    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+    _bins: dict[Path, Any] = field(default_factory=dict, repr=False)
 
     @property
     def names(self) -> list[str]:
         return list(self.files)
 
-    def _handle(self, path: Path):
-        if path not in self._handles:
-            try:
-                if path.suffix == ".safetensors":
-                    self._handles[path] = safe_open(path, framework="pt", device="cpu")
-                else:
-                    self._handles[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except FileNotFoundError:
-                raise BadInput(f"model {self.source}: missing weight file {path.name}") from None
-            except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as error:
-                raise BadInput(f"model {self.source}: cannot read {path.name} ({brief(error)})") from error
-            except Exception as error:  # weights_only unpickling refuses anything but plain tensors
-                raise BadInput(
-                    f"model {self.source}: {path.name} is not a plain state dict ({brief(error)})"
-                ) from error
-        return self._handles[path]
+    @contextmanager
+    def _open(self, path: Path) -> Iterator[Any]:
+        """A safetensors handle for one read, closed right after: mapped pages of inputs are released
+        as the merge moves on, so resident memory does not grow with the model. ``.bin`` shards are
+        unpickled once (memory-mapped, ``weights_only=True``) and kept."""
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(path, framework="pt", device="cpu") as handle:
+                    yield handle
+                return
+            if path not in self._bins:
+                self._bins[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            yield self._bins[path]
+        except FileNotFoundError:
+            raise BadInput(f"model {self.source}: missing weight file {path.name}") from None
+        except (SafetensorError, OSError, EOFError) as error:
+            raise BadInput(f"model {self.source}: cannot read {path.name} ({brief(error)})") from error
+        except (RuntimeError, ValueError, pickle.UnpicklingError) as error:  # weights_only refuses objects
+            raise BadInput(f"model {self.source}: {path.name} is not a plain state dict ({brief(error)})") from error
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.files:
             raise BadInput(f"model {self.source}: has no tensor {name}")
-        handle = self._handle(self.files[name])
-        try:
-            return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
-        except (SafetensorError, KeyError, OSError, RuntimeError) as error:
-            raise BadInput(f"model {self.source}: cannot read tensor {name} ({brief(error)})") from error
+        with self._open(self.files[name]) as handle:
+            try:
+                return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
+            except (SafetensorError, KeyError) as error:
+                raise BadInput(f"model {self.source}: cannot read tensor {name} ({brief(error)})") from error
 
     def layout(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         """Shape and dtype of a tensor, from the file header (nothing is read for safetensors)."""
         if name not in self.files:
             raise BadInput(f"model {self.source}: has no tensor {name}")
-        handle = self._handle(self.files[name])
-        if hasattr(handle, "get_slice"):
-            piece = handle.get_slice(name)
-            return tuple(piece.get_shape()), _DTYPES[piece.get_dtype()]
-        tensor = handle[name]
-        return tuple(tensor.shape), tensor.dtype
+        with self._open(self.files[name]) as handle:
+            if hasattr(handle, "get_slice"):
+                piece = handle.get_slice(name)
+                return tuple(piece.get_shape()), _DTYPES[piece.get_dtype()]
+            tensor = handle[name]
+            return tuple(tensor.shape), tensor.dtype
 
     def nbytes(self) -> int:
         return sum(path.stat().st_size for path in set(self.files.values()))
@@ -129,11 +135,10 @@ def _single_file(path: Path, source: str) -> dict[str, Path]:
                 return dict.fromkeys(handle.keys(), path)
         except (SafetensorError, OSError) as error:
             raise BadInput(f"model {source}: cannot read {path.name} ({brief(error)})") from error
-    checkpoint = Checkpoint(path.parent, source, {})
-    state = checkpoint._handle(path)
-    if not isinstance(state, dict):
-        raise BadInput(f"model {source}: {path.name} is not a state dict")
-    return dict.fromkeys(state, path)
+    with Checkpoint(path.parent, source, {})._open(path) as state:
+        if not isinstance(state, dict):
+            raise BadInput(f"model {source}: {path.name} is not a state dict")
+        return dict.fromkeys(state, path)
 
 
 def open_checkpoint(ref: str) -> Checkpoint:

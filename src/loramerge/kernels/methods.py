@@ -57,9 +57,12 @@ def _consensus(
 def linear(tasks: torch.Tensor, weights: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:
     """Weighted sum: Task Arithmetic (Ilharco et al., ICLR 2023, arXiv:2212.04089); with ``normalize``
     the weighted average of Model Soups (Wortsman et al., ICML 2022, arXiv:2203.05482)."""
-    merged = (tasks * broadcast_weights(weights, tasks)).sum(dim=0)
+    coefficients = weights.tolist()
+    merged = tasks[0] * coefficients[0]
+    for task, coefficient in zip(tasks[1:], coefficients[1:], strict=True):
+        merged.add_(task, alpha=coefficient)  # in place: no n-times-larger temporary
     if normalize:
-        return merged / weights.sum().to(merged.dtype)
+        return merged.div_(sum(coefficients))
     return merged
 
 
