@@ -40,7 +40,7 @@ def get(folder, name):
     return handles[path].get_tensor(name)
 shard, size, count = {}, 0, 0
 for name in index:
-    tensors = [get(folder, name) for folder in inputs]
+    tensors = [get(folder, name).clone() for folder in inputs]  # clone: really read every input's bytes
     shard[name] = tensors[0]
     size += tensors[0].numel() * 2
     if size > 5 * 10**9:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +166,31 @@ def test_sharded_inputs_and_outputs(dense, tmp_path):
     # one fine-tune at weight 1, nothing dropped: ties gives the fine-tune back
     assert all((merged[k] - original[k]).abs().max() < 1e-6 for k in original)
     shutil.rmtree(sharded)
+
+
+def test_tied_embeddings_and_larger_vocabularies(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def tiny(path, seed, vocab, tied):
+        torch.manual_seed(seed)
+        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, vocab_size=vocab, tie_word_embeddings=tied)  # fmt: skip
+        LlamaForCausalLM(config).save_pretrained(path)
+        return str(path)
+
+    base = tiny(tmp_path / "base", 0, 128, True)
+    bigger = tiny(tmp_path / "bigger", 1, 136, True)
+    recipe = {"merge_method": "linear", "models": [{"model": base, "parameters": {"weight": 0.5}},
+              {"model": bigger, "parameters": {"weight": 0.5}}], "base_model": base}  # fmt: skip
+    result = run("run", write_recipe(tmp_path / "r.yml", recipe), "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "vocabulary rows of model.embed_tokens.weight cut from 136 to the base's 128" in result.stderr
+    merged = load_weights(tmp_path / "out")
+    assert "lm_head.weight" not in merged and merged["model.embed_tokens.weight"].shape == (128, 32)
+    expected = (
+        0.5 * load_weights(Path(base))["model.embed_tokens.weight"]
+        + 0.5 * load_weights(Path(bigger))["model.embed_tokens.weight"][:128]
+    )
+    assert torch.allclose(merged["model.embed_tokens.weight"], expected, atol=1e-6)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied

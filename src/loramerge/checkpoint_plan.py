@@ -8,6 +8,7 @@ slice (``t = 1`` for a one-layer slice), non-layer tensors ``t = 0`` and the sou
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +62,20 @@ class Source:
     where: str  # YAML path, for errors
 
 
+@dataclass(frozen=True)
+class SliceInputs:
+    """One output slice: its sources, the base of its task vectors, its own parameters."""
+
+    sources: list[Source]
+    base: str | None
+    parameters: Parameters | None
+
+    def scopes(self, recipe: Recipe, source: Source | None = None) -> list[Parameters | None]:
+        """Parameter settings by precedence: the source's own, the slice's, the recipe's."""
+        own = [source.parameters] if source is not None else []
+        return [*own, self.parameters, recipe.parameters]
+
+
 @dataclass
 class TensorPlan:
     output: str
@@ -109,15 +124,13 @@ def _layers_of(source: ModelSource) -> int:
     return source.checkpoint.num_layers or count_layers(source.names)
 
 
-def _slices(
-    recipe: Recipe, sources: dict[str, ModelSource], spec: KernelSpec
-) -> list[tuple[list[Source], str | None, Parameters | None]]:
+def _slices(recipe: Recipe, sources: dict[str, ModelSource]) -> list[SliceInputs]:
     if recipe.models:
         listed = [Source(e.model, (0, _layers_of(sources[e.model])), e.parameters, f"models[{i}]")
                   for i, e in enumerate(recipe.models)]  # fmt: skip
         if recipe.base_model and recipe.base_model not in {s.ref for s in listed}:
             listed.append(Source(recipe.base_model, (0, _layers_of(sources[recipe.base_model])), None, "base_model"))
-        return [(listed, recipe.base_model, None)]
+        return [SliceInputs(listed, recipe.base_model, None)]
     result = []
     for i, piece in enumerate(recipe.slices or []):
         listed = []
@@ -133,7 +146,7 @@ def _slices(
         lengths = {s.layers[1] - s.layers[0] for s in listed}
         if len(lengths) > 1:
             raise BadInput(f"slices[{i}].sources: every source needs the same number of layers, got {sorted(lengths)}")
-        result.append((listed, piece.base_model or recipe.base_model, piece.parameters))
+        result.append(SliceInputs(listed, piece.base_model or recipe.base_model, piece.parameters))
     return result
 
 
@@ -150,9 +163,9 @@ def _check_method(recipe: Recipe, spec: KernelSpec, slices) -> None:
             if key not in allowed:
                 known = ", ".join(sorted(allowed))
                 raise BadInput(f"{where}.{key}: unknown parameter for {spec.name} (known: {known})")
-    for i, (listed, base, _) in enumerate(slices):
+    for i, piece in enumerate(slices):
         where = "models" if recipe.models else f"slices[{i}]"
-        refs = [s.ref for s in listed]
+        refs, base = [s.ref for s in piece.sources], piece.base
         needs_base = on_deltas(spec.name) or spec.name == "slerp"
         if needs_base and not base:
             raise BadInput(f"base_model: merge_method {spec.name} needs a base_model")
@@ -179,27 +192,29 @@ def _kernel_params(spec: KernelSpec, shared: dict[str, object]) -> dict[str, obj
     return params
 
 
-def _plan_tensor(output, name_for, listed, base, scopes, t, spec) -> TensorPlan:
-    shared_names = RECIPE_PARAMETERS[spec.name] - PER_INPUT
+def _plan_tensor(
+    output: str, name_for: Callable[[Source], str], piece: SliceInputs, recipe: Recipe, t: float, spec: KernelSpec
+) -> TensorPlan:
     shared = {}
-    for key in shared_names:
-        value = resolve(key, scopes(None), output, t, DEFAULTS.get(key))
+    for key in RECIPE_PARAMETERS[spec.name] - PER_INPUT:
+        value = resolve(key, piece.scopes(recipe), output, t, DEFAULTS.get(key))
         if value is not None:
             shared[key] = value
     if spec.name == "slerp" and "t" not in shared:
         raise BadInput(f"tensor {output}: slerp needs parameter t")
+    base = piece.base
     inputs, per_input = [], []
     base_input = None
-    for source in listed:
+    for source in piece.sources:
         name = name_for(source)
         if on_deltas(spec.name) and source.ref == base:
             base_input = (source.ref, name)
             continue
         inputs.append((source.ref, name))
-        per_input.append({key: resolve(key, scopes(source), name, t, DEFAULTS.get(key))
+        per_input.append({key: resolve(key, piece.scopes(recipe, source), name, t, DEFAULTS.get(key))
                           for key in RECIPE_PARAMETERS[spec.name] & PER_INPUT})  # fmt: skip
     if on_deltas(spec.name) and base_input is None:
-        base_input = (base, name_for(Source(base, listed[0].layers, None, "base_model")))
+        base_input = (base, name_for(Source(base, piece.sources[0].layers, None, "base_model")))
     if spec.name == "slerp":  # the base first: t = 0 is the base, t = 1 the other model
         inputs.sort(key=lambda item: item[0] != base)
     return TensorPlan(output, inputs, base_input, per_input, {**shared, **_kernel_params(spec, shared)}, t)
@@ -211,42 +226,26 @@ def plan_checkpoint_merge(recipe: Recipe) -> CheckpointPlan:
         raise BadInput(f"merge_method: unknown method {recipe.merge_method!r}; known: {', '.join(RECIPE_PARAMETERS)}")
     spec = KERNELS[recipe.merge_method]
     sources = _open_sources(recipe)
-    slices = _slices(recipe, sources, spec)
+    slices = _slices(recipe, sources)
     _check_method(recipe, spec, slices)
-    reference = slices[0][1] or slices[0][0][0].ref
-    names = sources[reference].names
-    non_layer = [n for n in names if layer_index(n) is None]
-    tensors: list[TensorPlan] = []
-
-    def scopes_for(piece_params, listed):
-        def scopes(source: Source | None):
-            own = [source.parameters] if source is not None else []
-            return [*own, piece_params, recipe.parameters]
-
-        return scopes
-
-    first_listed, first_base, first_params = slices[0]
-    for name in (n for n in non_layer if not is_post_layer(n)):
-        tensors.append(_plan_tensor(name, lambda s, n=name: n, first_listed, first_base,
-                                    scopes_for(first_params, first_listed), 0.0, spec))  # fmt: skip
+    reference = slices[0].base or slices[0].sources[0].ref
+    non_layer = [n for n in sources[reference].names if layer_index(n) is None]
+    # embeddings and the like come from the first slice's sources, the final norm and head from the last's
+    tensors = [
+        _plan_tensor(n, lambda s, n=n: n, slices[0], recipe, 0.0, spec) for n in non_layer if not is_post_layer(n)
+    ]
     out_layer = 0
-    for listed, base, piece_params in slices:
-        first = listed[0]
+    for piece in slices:
+        first = piece.sources[0]
         template = [n for n in sources[first.ref].names if layer_index(n) == first.layers[0]]
         count = first.layers[1] - first.layers[0]
         for offset in range(count):
-            t = offset / (count - 1) if count > 1 else 1.0
+            t = offset / (count - 1) if count > 1 else 1.0  # mergekit's rule, one-layer slices included
             for name in template:
-                output = with_layer(name, out_layer)
-                tensors.append(_plan_tensor(
-                    output, lambda s, n=name, o=offset: with_layer(n, s.layers[0] + o), listed, base,
-                    scopes_for(piece_params, listed), t, spec,
-                ))  # fmt: skip
+                in_layer = lambda s, n=name, o=offset: with_layer(n, s.layers[0] + o)  # noqa: E731
+                tensors.append(_plan_tensor(with_layer(name, out_layer), in_layer, piece, recipe, t, spec))
             out_layer += 1
-    last_listed, last_base, last_params = slices[-1]
-    for name in (n for n in non_layer if is_post_layer(n)):
-        tensors.append(_plan_tensor(name, lambda s, n=name: n, last_listed, last_base,
-                                    scopes_for(last_params, last_listed), 0.0, spec))  # fmt: skip
+    tensors += [_plan_tensor(n, lambda s, n=n: n, slices[-1], recipe, 0.0, spec) for n in non_layer if is_post_layer(n)]
     _set_layouts(recipe, sources, reference, tensors)
     return CheckpointPlan(recipe, spec, sources, tensors, recipe.base_model, reference, out_layer)
 
