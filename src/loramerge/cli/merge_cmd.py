@@ -103,7 +103,7 @@ def merge(
     dry_run: bool = typer.Option(False, help="Print the plan and write nothing."),
 ) -> None:
     """Merge LoRA adapters in low-rank space and write a PEFT adapter folder."""
-    from loramerge.adapter_merge import execute_plan, plan_merge
+    from loramerge.adapter_merge import plan_merge
     from loramerge.io.adapters import load_adapter
     from loramerge.io.atomic import check_output_target
     from loramerge.options import parse_options
@@ -116,9 +116,19 @@ def merge(
     target = check_output_target(output, force or dry_run, local_inputs)
     with console.status("reading adapters"):
         loaded = [load_adapter(ref) for ref in adapters]
-    plan = plan_merge(loaded, parse_weights(weights), options)
-    for warning in plan.warnings:
+    run_adapter_plan(plan_merge(loaded, parse_weights(weights), options), target, dry_run=dry_run, force=force)
+
+
+def print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}", markup=True, soft_wrap=True)
+
+
+def run_adapter_plan(plan: MergePlan, target: Path, *, dry_run: bool, force: bool) -> None:
+    """Print a plan's warnings, then either the plan (dry run) or merge with a progress bar and save."""
+    from loramerge.adapter_merge import execute_plan
+
+    print_warnings(plan.warnings)
     if dry_run:
         out.print(plan_table(plan))
         out.print(f"dry run: {describe(plan)}; would write {target}")

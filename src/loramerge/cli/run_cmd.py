@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.markup import escape
 
 from loramerge.cli.app import app, console, out, reports_errors
-from loramerge.cli.merge_cmd import describe, human_bytes, plan_table, progress_bar
+from loramerge.cli.merge_cmd import human_bytes, print_warnings, progress_bar, run_adapter_plan
 
 if TYPE_CHECKING:
     from loramerge.checkpoint_plan import CheckpointPlan
@@ -86,24 +85,14 @@ def run(
 
 
 def _run_adapters(parsed, output: Path, seed: int, device: str, dry_run: bool, force: bool) -> None:
-    from loramerge.adapter_merge import execute_plan, plan_merge
+    from loramerge.adapter_merge import plan_merge
     from loramerge.io.atomic import check_output_target
     from loramerge.recipe_adapters import adapter_merge_inputs
 
     adapters, weights, options = adapter_merge_inputs(parsed, seed=seed, device=device)
     local = [Path(a.source) for a in adapters if Path(a.source).exists()]
-    check_output_target(output, force or dry_run, local)
-    plan = plan_merge(adapters, weights, options)
-    for warning in plan.warnings:
-        console.print(f"[yellow]warning:[/] {escape(warning)}", markup=True, soft_wrap=True)
-    if dry_run:
-        out.print(plan_table(plan))
-        out.print(f"dry run: {describe(plan)}")
-        return
-    with progress_bar(len(plan.modules)) as update:
-        merged = execute_plan(plan, update)
-    merged.save(output, force=force, dtype=plan.out_dtype)
-    out.print(f"merged {describe(plan)}")
+    target = check_output_target(output, force or dry_run, local)
+    run_adapter_plan(plan_merge(adapters, weights, options), target, dry_run=dry_run, force=force)
 
 
 def _run_dense(parsed, output: Path, shard_size: str, seed: int, device: str, dry_run: bool, force: bool) -> None:
@@ -122,6 +111,5 @@ def _run_dense(parsed, output: Path, shard_size: str, seed: int, device: str, dr
         return
     with progress_bar(len(plan.tensors), label="merging tensors") as update:
         write_checkpoint(plan, output, force=force, shard_size=shard_size, seed=seed, device=device, progress=update)
-    for warning in plan.warnings:
-        console.print(f"[yellow]warning:[/] {escape(warning)}", markup=True, soft_wrap=True)
+    print_warnings(plan.warnings)
     out.print(f"merged {len(plan.tensors)} tensors, {plan.output_layers} layers with {plan.spec.name}")
