@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from loramerge.adapter import LoraAdapter, LoraModule
@@ -21,20 +23,30 @@ def fold_module(weight: torch.Tensor, module: LoraModule, fan_in_fan_out: bool, 
     return (weight.to(torch.float32) + delta).to(weight.dtype)
 
 
-def adapter_targets(adapter: LoraAdapter) -> dict[str, str]:
-    """Checkpoint tensor name -> adapter entry: ``<module>.weight`` for LoRA modules, and the
+@dataclass(frozen=True)
+class FoldTarget:
+    """What an adapter does to one base tensor: replace it (a saved copy), add a LoRA delta, or both
+    (an embedding LoRA saved with its base layer)."""
+
+    module: str | None = None
+    copy: str | None = None
+
+
+def adapter_targets(adapter: LoraAdapter) -> dict[str, FoldTarget]:
+    """Checkpoint tensor name -> what to do: ``<module>.weight`` for LoRA modules, and the
     ``modules_to_save`` / embedding base-layer copies under the name they replace."""
-    targets = {f"{name}.weight": name for name in adapter.modules}
-    for name in adapter.dense:
-        targets[name.replace(".base_layer.", ".")] = name
-    return targets
+    copies = {name.replace(".base_layer.", "."): name for name in adapter.dense}
+    modules = {f"{name}.weight": name for name in adapter.modules}
+    return {key: FoldTarget(modules.get(key), copies.get(key)) for key in sorted(set(copies) | set(modules))}
 
 
-def folded_tensor(adapter: LoraAdapter, target: str, key: str, weight: torch.Tensor) -> torch.Tensor:
-    """The base tensor ``key`` with what ``adapter`` does to it (``target`` from ``adapter_targets``)."""
-    if target in adapter.modules:
-        return fold_module(weight, adapter.modules[target], adapter.fan_in_fan_out, target)
-    replacement = adapter.dense[target]
-    if replacement.shape != weight.shape:
-        raise BadInput(f"tensor {key}: adapter copy {tuple(replacement.shape)} does not fit {tuple(weight.shape)}")
-    return replacement.to(weight.dtype)
+def folded_tensor(adapter: LoraAdapter, target: FoldTarget, key: str, weight: torch.Tensor) -> torch.Tensor:
+    """The base tensor ``key`` with what ``adapter`` does to it."""
+    if target.copy is not None:
+        replacement = adapter.dense[target.copy]
+        if replacement.shape != weight.shape:
+            raise BadInput(f"tensor {key}: adapter copy {tuple(replacement.shape)} does not fit {tuple(weight.shape)}")
+        weight = replacement.to(weight.dtype)
+    if target.module is not None:
+        weight = fold_module(weight, adapter.modules[target.module], adapter.fan_in_fan_out, target.module)
+    return weight

@@ -9,7 +9,7 @@ import torch
 
 from loramerge.adapter import LoraAdapter
 from loramerge.errors import BadInput
-from loramerge.fold import adapter_targets, folded_tensor
+from loramerge.fold import FoldTarget, adapter_targets, folded_tensor
 from loramerge.io.adapters import load_adapter
 from loramerge.io.checkpoint import Checkpoint, open_checkpoint
 
@@ -19,7 +19,7 @@ class ModelSource:
     ref: str
     checkpoint: Checkpoint
     adapter: LoraAdapter | None = None
-    _targets: dict[str, str] = field(default_factory=dict, repr=False)
+    _targets: dict[str, FoldTarget] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.adapter is None:

@@ -69,18 +69,15 @@ def describe(plan: MergePlan) -> str:
 
 
 @contextmanager
-def progress_bar(total: int, label: str = "merging modules") -> Iterator[Callable[[int, int, str], None]]:
-    """A rich progress bar (on stderr, for long jobs only) and the callback that advances it."""
-    columns = (
-        TextColumn(label),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-    )
-    with Progress(*columns, console=console, transient=True, disable=total < PROGRESS_MIN_ITEMS) as bar:
+def progress_bar(total: int | None, label: str = "merging modules") -> Iterator[Callable[[int, int, str], None]]:
+    """A rich progress bar on stderr (for long jobs; ``None``: the length comes with the first update)
+    and the callback that advances it."""
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns += (TextColumn("{task.description}"),)
+    hidden = total is not None and total < PROGRESS_MIN_ITEMS
+    with Progress(*columns, console=console, transient=True, disable=hidden) as bar:
         task = bar.add_task("", total=total)
-        yield lambda done, _total, name: bar.update(task, completed=done, description=name)
+        yield lambda done, count, name: bar.update(task, completed=done, total=count, description=name)
 
 
 @app.command()
@@ -99,6 +96,7 @@ def merge(
     dtype: str = typer.Option(None, help="Output dtype: float32 | float16 | bfloat16 (default: the inputs')."),
     device: str = typer.Option(None, help="Where to compute: cpu (default) | cuda."),
     strict: bool = typer.Option(False, help="Refuse adapters that name different base models."),
+    fold_into: str = typer.Option(None, help="Also fold the merge into this base and write a full model."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
     dry_run: bool = typer.Option(False, help="Print the plan and write nothing."),
 ) -> None:
@@ -116,7 +114,8 @@ def merge(
     target = check_output_target(output, force or dry_run, local_inputs)
     with console.status("reading adapters"):
         loaded = [load_adapter(ref) for ref in adapters]
-    run_adapter_plan(plan_merge(loaded, parse_weights(weights), options), target, dry_run=dry_run, force=force)
+    plan = plan_merge(loaded, parse_weights(weights), options)
+    run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into)
 
 
 def print_warnings(warnings: list[str]) -> None:
@@ -124,8 +123,11 @@ def print_warnings(warnings: list[str]) -> None:
         console.print(f"[yellow]warning:[/] {escape(warning)}", markup=True, soft_wrap=True)
 
 
-def run_adapter_plan(plan: MergePlan, target: Path, *, dry_run: bool, force: bool) -> None:
-    """Print a plan's warnings, then either the plan (dry run) or merge with a progress bar and save."""
+def run_adapter_plan(
+    plan: MergePlan, target: Path, *, dry_run: bool, force: bool, fold_into: str | None = None
+) -> None:
+    """Print a plan's warnings, then either the plan (dry run) or merge with a progress bar and save
+    the adapter (or, with ``fold_into``, the base with the merge folded in)."""
     from loramerge.adapter_merge import execute_plan
 
     print_warnings(plan.warnings)
@@ -136,5 +138,11 @@ def run_adapter_plan(plan: MergePlan, target: Path, *, dry_run: bool, force: boo
     started = time.perf_counter()
     with progress_bar(len(plan.modules)) as update:
         merged = execute_plan(plan, update)
-    merged.save(target, force=force, dtype=plan.out_dtype)
+    if fold_into:
+        from loramerge.fold_checkpoint import fold
+
+        with progress_bar(None, label="folding") as update:
+            fold(merged, fold_into, target, force=force, progress=update, card_note=f"Merge: {describe(plan)}.")
+    else:
+        merged.save(target, force=force, dtype=plan.out_dtype)
     out.print(f"merged {describe(plan)} in {time.perf_counter() - started:.2f} s -> {target}")

@@ -80,3 +80,40 @@ Merged with [loramerge](https://github.com/loramerge/loramerge) using **{plan.sp
 ```
 """
     return str(ModelCard(content))
+
+
+def folded_model_card(base_ref: str, adapter, record_yaml: str, note: str = "") -> str:
+    data = ModelCardData(base_model=base_ref, library_name="transformers", tags=["merge", "lora", "loramerge"])
+    content = f"""---
+{data.to_yaml()}
+---
+
+# {base_ref} with a LoRA adapter folded in
+
+Written by [loramerge](https://github.com/loramerge/loramerge) `fold`: every adapter module's
+`scale · B @ A` added (in float32) into the matching base weight; {len(adapter.modules)} modules.
+{note}
+Load it with `AutoModelForCausalLM.from_pretrained(this_folder)`.
+
+```yaml
+{record_yaml.rstrip()}
+```
+"""
+    return str(ModelCard(content))
+
+
+def extracted_adapter_card(model_ref: str, base_ref: str, rank: int, energy: dict[str, float]) -> str:
+    data = ModelCardData(base_model=base_ref, library_name="peft", tags=["lora", "peft", "loramerge", "extracted"])
+    mean = sum(energy.values()) / max(len(energy), 1)
+    content = f"""---
+{data.to_yaml()}
+---
+
+# LoRA extracted from {model_ref}
+
+The best rank-{rank} approximation (truncated SVD) of `{model_ref}` minus `{base_ref}` in each of
+{len(energy)} modules, written by [loramerge](https://github.com/loramerge/loramerge) `extract`.
+Mean captured energy ‖ΔK‖²/‖Δ‖²: {mean:.4f} (lowest {min(energy.values(), default=1.0):.4f}).
+Load it with `PeftModel.from_pretrained(base, this_folder)` on `{base_ref}`.
+"""
+    return str(ModelCard(content))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
+from safetensors.torch import save_file
 
 from loramerge.errors import BadInput
 
@@ -130,7 +131,52 @@ class ShardWriter:
         if self._file is not None:
             self._file.close()
         if len(self.shards) > 1:
-            weight_map = {t.name: name for name, shard in zip(self.names, self.shards, strict=True) for t in shard}
-            total = sum(t.nbytes for shard in self.shards for t in shard)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            contents = [[t.name for t in shard] for shard in self.shards]
+            write_index(self.folder, self.names, contents, sum(t.nbytes for shard in self.shards for t in shard))
+
+
+def write_index(folder: Path, files: list[str], contents: list[list[str]], total_bytes: int) -> None:
+    """transformers' ``model.safetensors.index.json``: which shard holds each tensor."""
+    weight_map = {name: file for file, names in zip(files, contents, strict=True) for name in names}
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+class BufferedShardWriter:
+    """For outputs whose layout is only known as they are produced (re-quantized 4-bit states): holds
+    one shard in memory (at most ``max_shard_bytes``), writes it with ``safetensors``, names the shards
+    and writes the index at the end."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int) -> None:
+        self.folder = Path(folder)
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._written: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        self._pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        path = self.folder / f"pending-{len(self._written) + 1:05d}.safetensors"
+        save_file(self._pending, path, metadata={"format": "pt"})
+        self._written.append((path, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self._pending or not self._written:
+            self._flush()
+        count = len(self._written)
+        names = ["model.safetensors"] if count == 1 else [
+            f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)
+        ]  # fmt: skip
+        for (path, _), name in zip(self._written, names, strict=True):
+            path.rename(self.folder / name)
+        if count > 1:
+            write_index(self.folder, names, [content for _, content in self._written], self.total_bytes)

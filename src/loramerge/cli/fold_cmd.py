@@ -1,0 +1,90 @@
+"""``loramerge fold`` and ``loramerge extract``: adapters into full weights, and back."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from loramerge.cli.app import app, out, reports_errors
+from loramerge.cli.merge_cmd import print_warnings, progress_bar
+from loramerge.errors import BadInput
+
+QUANT_TYPES = ("nf4", "fp4")
+
+
+def check_quant_type(value: str | None, option: str) -> str | None:
+    if value is not None and value not in QUANT_TYPES:
+        raise BadInput(f"{option} must be nf4 or fp4, got {value!r}")
+    return value
+
+
+def check_dtype(value: str | None) -> str | None:
+    if value is not None and value not in ("float32", "float16", "bfloat16"):
+        raise BadInput(f"--dtype must be float32, float16 or bfloat16, got {value!r}")
+    return value
+
+
+@app.command("fold")
+@reports_errors
+def fold_command(
+    adapter: str = typer.Argument(..., help="PEFT adapter folder or Hub repo id."),
+    base: str = typer.Option(..., "--base", help="Base model folder or Hub id (full precision or bitsandbytes 4-bit)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder to write the full model to."),
+    dtype: str = typer.Option(None, help="float32 | float16 | bfloat16 (default: the base's)."),
+    quantize: str = typer.Option(None, help="Write bitsandbytes 4-bit weights: nf4 | fp4."),
+    double_quant: bool = typer.Option(True, help="Double quantization of the 4-bit statistics."),
+    from_dequantized: bool = typer.Option(False, help="Fold into the 4-bit-rounded weights QLoRA trained on."),
+    quant_type: str = typer.Option("nf4", help="4-bit type of --from-dequantized for a full-precision base."),
+    out_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB or 500MB."),
+    force: bool = typer.Option(False, help="Replace an existing output folder."),
+) -> None:
+    """Add an adapter's deltas into the base weights, streaming the base's shards."""
+    from loramerge.fold_checkpoint import fold
+    from loramerge.io.adapters import load_adapter
+
+    check_dtype(dtype)
+    check_quant_type(quantize, "--quantize")
+    check_quant_type(quant_type, "--quant-type")
+    started = time.perf_counter()
+    loaded = load_adapter(adapter)
+    with progress_bar(None, label="folding") as update:
+        target = fold(
+            loaded, base, output, dtype=dtype, quantize=quantize, double_quant=double_quant,
+            from_dequantized=quant_type if from_dequantized else None, shard_size=out_shard_size, force=force,
+            progress=update,
+        )  # fmt: skip
+    kind = f"{quantize} 4-bit" if quantize else (dtype or "the base's dtype")
+    seconds = time.perf_counter() - started
+    out.print(f"folded {len(loaded.modules)} modules into {base} ({kind}) in {seconds:.2f} s -> {target}")
+
+
+@app.command("extract")
+@reports_errors
+def extract_command(
+    model: str = typer.Argument(..., help="The fine-tuned or merged model folder."),
+    base: str = typer.Option(..., "--base", help="The base model it derives from."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder to write the PEFT adapter to."),
+    rank: int = typer.Option(..., help="LoRA rank of every module."),
+    fast: bool = typer.Option(False, help="Randomized SVD (torch.svd_lowrank) instead of the exact one."),
+    dtype: str = typer.Option(None, help="Adapter dtype: float32 (default) | float16 | bfloat16."),
+    force: bool = typer.Option(False, help="Replace an existing output folder."),
+) -> None:
+    """The best rank-K LoRA of MODEL - BASE per module, as a PEFT adapter; reports captured energy."""
+    from loramerge.extract import extract_lora
+    from loramerge.io.atomic import check_output_target
+    from loramerge.options import DTYPES
+
+    check_dtype(dtype)
+    target = check_output_target(output, force, [Path(model), Path(base)])
+    with progress_bar(None, label="extracting") as update:
+        result = extract_lora(model, base, rank, fast=fast, progress=update)
+    result.adapter.save(target, force=force, dtype=DTYPES[dtype] if dtype else None)
+    if result.skipped:
+        print_warnings([f"{len(result.skipped)} changed tensors are not 2-D weights and were left out "
+                        f"(e.g. {result.skipped[0]}); the adapter cannot carry them"])  # fmt: skip
+    values = sorted(result.energy.items(), key=lambda item: item[1])
+    mean = sum(v for _, v in values) / len(values)
+    out.print(f"extracted {len(values)} modules at rank {rank}: captured energy mean {mean:.4f}, "
+              f"lowest {values[0][1]:.4f} ({values[0][0]}) -> {target}")  # fmt: skip
