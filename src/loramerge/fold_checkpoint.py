@@ -68,7 +68,7 @@ def fold(
     quantize: bnb4bit.QuantType | None = None,
     double_quant: bool = True,
     from_dequantized: bnb4bit.QuantType | None = None,
-    shard_size: str | int = "5GB",
+    shard_size: str | int | None = None,
     force: bool = False,
     progress: Progress | None = None,
     card_note: str = "",
@@ -84,7 +84,8 @@ def fold(
     companions = {name for group in quantized.values() for name in group}
     targets = check_fold(adapter, base, quantized)
     out_dtype = DTYPES[dtype] if dtype else _float_dtype(base, names, quantized)
-    max_bytes = parse_size(shard_size)
+    # by default shards as large as the base's largest: the one shard held in memory costs no more than reading
+    max_bytes = parse_size(shard_size) if shard_size else max(path.stat().st_size for path in set(base.files.values()))
     target = check_output_target(
         Path(output), force, [base.folder, *([Path(adapter.source)] if adapter.source else [])]
     )

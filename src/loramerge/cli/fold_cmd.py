@@ -37,7 +37,7 @@ def fold_command(
     double_quant: bool = typer.Option(True, help="Double quantization of the 4-bit statistics."),
     from_dequantized: bool = typer.Option(False, help="Fold into the 4-bit-rounded weights QLoRA trained on."),
     quant_type: str = typer.Option("nf4", help="4-bit type of --from-dequantized for a full-precision base."),
-    out_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB or 500MB."),
+    out_shard_size: str = typer.Option(None, help="Largest output shard, e.g. 5GB (default: the base's largest)."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
 ) -> None:
     """Add an adapter's deltas into the base weights, streaming the base's shards."""
