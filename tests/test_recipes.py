@@ -33,7 +33,9 @@ def test_recipe_runs_and_loads(recipe, tmp_path, monkeypatch):
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ROOT / "adapters/base"), out)
     else:
         model = AutoModelForCausalLM.from_pretrained(out)
-        assert (out / "loramerge_recipe.yml").is_file() and (out / "README.md").is_file()
+        assert (out / "README.md").is_file()
+        if "adapters:" not in recipe.read_text():  # dense recipes keep the recipe beside the model
+            assert (out / "loramerge_recipe.yml").is_file()
     with torch.no_grad():
         assert torch.isfinite(model(tokens).logits).all()
     if recipe.stem == "passthrough_stack":

@@ -56,6 +56,13 @@ class AdapterEntry(Strict):
     weight: float = 1.0
 
 
+class Output(Strict):
+    """What to write: a PEFT adapter (adapter recipes' default) or a full model (``dense``)."""
+
+    format: Literal["adapter", "dense"] | None = None
+    base: str | None = None  # the base an adapter recipe is folded into (default: the adapters' base model)
+
+
 class Recipe(Strict):
     merge_method: str
     base_model: str | None = None
@@ -67,6 +74,7 @@ class Recipe(Strict):
     out_dtype: Dtype | None = None
     tokenizer_source: str | None = None
     chat_template: str | None = None
+    output: Output | None = None
 
     @model_validator(mode="after")
     def _one_input_kind(self) -> Recipe:
@@ -75,7 +83,13 @@ class Recipe(Strict):
             raise ValueError(f"give exactly one of models, slices or adapters (got {', '.join(given) or 'none'})")
         if self.adapters and (self.base_model or self.tokenizer_source or self.chat_template):
             raise ValueError("adapter recipes take no base_model, tokenizer_source or chat_template")
+        if not self.adapters and self.output and (self.output.format == "adapter" or self.output.base):
+            raise ValueError("a dense recipe writes a full model; use `loramerge extract` for an adapter of it")
         return self
+
+    @property
+    def folds_adapters(self) -> bool:
+        return bool(self.adapters and self.output and self.output.format == "dense")
 
     @property
     def is_adapter_recipe(self) -> bool:

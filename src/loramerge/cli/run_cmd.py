@@ -11,6 +11,7 @@ import typer
 
 from loramerge.cli.app import app, console, out, reports_errors
 from loramerge.cli.merge_cmd import human_bytes, print_warnings, progress_bar, run_adapter_plan
+from loramerge.errors import BadInput
 
 if TYPE_CHECKING:
     from loramerge.checkpoint_plan import CheckpointPlan
@@ -92,7 +93,13 @@ def _run_adapters(parsed, output: Path, seed: int, device: str, dry_run: bool, f
     adapters, weights, options = adapter_merge_inputs(parsed, seed=seed, device=device)
     local = [Path(a.source) for a in adapters if Path(a.source).exists()]
     target = check_output_target(output, force or dry_run, local)
-    run_adapter_plan(plan_merge(adapters, weights, options), target, dry_run=dry_run, force=force)
+    fold_into = None
+    if parsed.folds_adapters:
+        fold_into = parsed.output.base or next((a.base_model for a in adapters if a.base_model), None)
+        if not fold_into:
+            raise BadInput("output.base: name the base to fold into (the adapters record none)")
+    plan = plan_merge(adapters, weights, options)
+    run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into)
 
 
 def _run_dense(parsed, output: Path, shard_size: str, seed: int, device: str, dry_run: bool, force: bool) -> None:
