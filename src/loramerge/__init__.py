@@ -20,6 +20,10 @@ _EXPORTS = {
     "merge_adapters": "loramerge.adapter_merge",
     "plan_merge": "loramerge.adapter_merge",
     "load_adapter": "loramerge.io.adapters",
+    "add_weighted_adapter": "loramerge.live",
+    "fold": "loramerge.fold_checkpoint",
+    "merge_checkpoints": "loramerge.checkpoint_merge",
+    "extract_lora": "loramerge.extract",
     "save_adapter": "loramerge.io.adapters",
 }
 __all__ = [
@@ -28,9 +32,13 @@ __all__ = [
     "LoraModule",
     "MergeOptions",
     "MergePlan",
+    "add_weighted_adapter",
     "execute_plan",
+    "extract_lora",
+    "fold",
     "load_adapter",
     "merge_adapters",
+    "merge_checkpoints",
     "plan_merge",
     "save_adapter",
 ]
@@ -38,8 +46,12 @@ __all__ = [
 if TYPE_CHECKING:
     from loramerge.adapter import LoraAdapter, LoraModule
     from loramerge.adapter_merge import MergePlan, execute_plan, merge_adapters, plan_merge
+    from loramerge.checkpoint_merge import merge_checkpoints
     from loramerge.errors import BadInput
+    from loramerge.extract import extract_lora
+    from loramerge.fold_checkpoint import fold
     from loramerge.io.adapters import load_adapter, save_adapter
+    from loramerge.live import add_weighted_adapter
     from loramerge.options import MergeOptions
 
 
