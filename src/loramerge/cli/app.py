@@ -70,6 +70,6 @@ def _show_traceback() -> None:
 
 
 def main() -> None:
-    from loramerge.cli import fold_cmd, inspect_cmd, merge_cmd, run_cmd  # noqa: F401  (registers the commands)
+    from loramerge.cli import eval_cmd, fold_cmd, inspect_cmd, merge_cmd, run_cmd  # noqa: F401  (registers them)
 
     app()

@@ -1,0 +1,160 @@
+"""Loss, perplexity and exact match of causal LMs on local data (``loramerge eval``), and model loading
+for ``eval`` and ``generate``: a base, optionally 4-bit, with an adapter or a merged model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loramerge.errors import BadInput, brief
+
+Progress = Callable[[int, int, str], None]
+_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt: str  # empty for plain text: then the whole text is scored
+    completion: str
+
+
+@dataclass
+class EvalResult:
+    name: str
+    loss: float  # mean negative log-likelihood per scored token
+    perplexity: float
+    exact_match: float | None  # greedy completion == reference (prompt/completion data only)
+    samples: int
+    tokens: int
+
+
+def load_samples(
+    path: str | Path,
+    *,
+    text_field: str | None = None,
+    prompt_field: str | None = None,
+    completion_field: str | None = None,
+    max_samples: int | None = None,
+) -> list[Sample]:
+    """Rows of a local JSONL/JSON/CSV/Parquet/text file read with ``datasets``."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"--data {path}: no such file")
+    kind = _FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise BadInput(f"--data {path}: unknown format {path.suffix!r}; use {', '.join(_FORMATS)}")
+    if (prompt_field is None) != (completion_field is None):
+        raise BadInput("give both --prompt-field and --completion-field, or neither")
+    from datasets import load_dataset
+
+    try:
+        rows = load_dataset(kind, data_files=str(path), split="train")
+    except Exception as error:  # datasets raises many types for unreadable files
+        raise BadInput(f"--data {path}: cannot read ({brief(error)})") from error
+    fields = [prompt_field, completion_field] if prompt_field else [text_field or "text"]
+    for field in fields:
+        if field not in rows.column_names:
+            raise BadInput(f"--data {path}: no field {field!r} (fields: {', '.join(rows.column_names)})")
+    if max_samples is not None:
+        rows = rows.select(range(min(max_samples, len(rows))))
+    if prompt_field:
+        return [Sample(str(row[prompt_field]), str(row[completion_field])) for row in rows]
+    return [Sample("", str(row[fields[0]])) for row in rows]
+
+
+def load_model(base: str, *, adapter: str | None = None, load_in_4bit: bool = False, device: str = "cpu"):
+    """A causal LM and its tokenizer: ``base`` (optionally quantized to nf4 at load) with ``adapter`` on
+    top. ``base`` may itself be a merged full model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, object] = {"dtype": torch.float32}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    except (OSError, ValueError) as error:
+        raise BadInput(f"model {base}: cannot load it with its tokenizer ({brief(error)})") from error
+    if adapter is not None:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise BadInput(f"adapter {adapter}: cannot load it on {base} ({brief(error)})") from error
+    if not load_in_4bit:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"] if text else []
+
+
+def score_sample(model, tokenizer, sample: Sample) -> tuple[float, int, list[int], list[int]]:
+    """Summed NLL of the scored tokens, their count, and the prompt and target token ids."""
+    prompt = _ids(tokenizer, sample.prompt, special=True)
+    target = _ids(tokenizer, sample.completion, special=not prompt)
+    ids = prompt + target
+    if len(ids) < 2 or not target:
+        return 0.0, 0, prompt, target
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(torch.tensor([ids], device=device)).logits[0].float()
+    first = max(len(prompt), 1)  # the first scored position: a token is predicted from the one before it
+    log_probs = torch.log_softmax(logits[first - 1 : len(ids) - 1], dim=-1)
+    picked = log_probs.gather(1, torch.tensor(ids[first:], device=device)[:, None])
+    return -picked.sum().item(), len(ids) - first, prompt, target
+
+
+def greedy_completion(model, tokenizer, prompt: list[int], max_new_tokens: int) -> str:
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        output = model.generate(
+            torch.tensor([prompt], device=device), max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )  # fmt: skip
+    return tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True)
+
+
+def evaluate(model, tokenizer, samples: list[Sample], name: str, progress: Progress | None = None) -> EvalResult:
+    """Token-weighted mean loss, its perplexity and (with prompts) greedy exact-match accuracy."""
+    total, count, matches = 0.0, 0, 0
+    with_prompts = any(sample.prompt for sample in samples)
+    for done, sample in enumerate(samples, start=1):
+        nll, tokens, prompt, target = score_sample(model, tokenizer, sample)
+        total, count = total + nll, count + tokens
+        if with_prompts and prompt and target:
+            answer = greedy_completion(model, tokenizer, prompt, len(target))
+            matches += answer.strip() == sample.completion.strip()
+        if progress is not None:
+            progress(done, len(samples), name)
+    loss = total / count if count else float("nan")
+    return EvalResult(
+        name=name, loss=loss, perplexity=math.exp(loss) if count else float("nan"),
+        exact_match=matches / len(samples) if with_prompts and samples else None, samples=len(samples), tokens=count,
+    )  # fmt: skip
+
+
+def generate_text(model, tokenizer, prompt: str, *, chat: bool = False, max_new_tokens: int = 64) -> str:
+    """Greedy continuation of ``prompt`` (through the tokenizer's chat template with ``chat``)."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise BadInput("--chat: the tokenizer has no chat template")
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        ids = _ids(tokenizer, text, special=False)
+    else:
+        ids = _ids(tokenizer, prompt, special=True)
+    if not ids:
+        raise BadInput("--prompt: empty after tokenization")
+    return greedy_completion(model, tokenizer, ids, max_new_tokens)
