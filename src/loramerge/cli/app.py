@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 import traceback
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from loramerge.errors import BadInput
+from loramerge.io.publish import PushFailed
 
 app = typer.Typer(
     add_completion=False,
@@ -44,6 +46,9 @@ def reports_errors(command: F) -> F:
             _show_traceback()
             console.print(f"[bold red]error:[/] {escape(one_line(error))}", markup=True, soft_wrap=True)
             raise typer.Exit(2) from None
+        except PushFailed as error:
+            console.print(f"[bold red]error:[/] {escape(one_line(error))}", markup=True, soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]; no output was written", markup=True)
             raise typer.Exit(130) from None
@@ -69,7 +74,19 @@ def _show_traceback() -> None:
         traceback.print_exc(file=sys.stderr)
 
 
+def publish(folder, repo_id: str | None, private: bool) -> None:
+    """``--push-to-hub``: upload a finished output folder."""
+    if repo_id:
+        from loramerge.io.publish import push_folder
+
+        with console.status(f"pushing to the Hub repo {repo_id}"):
+            url = push_folder(folder, repo_id, private=private)
+        out.print(f"pushed to {url}")
+
+
 def main() -> None:
+    # bitsandbytes warns on import that an optional CPU speed-up package is missing; it changes no result
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from loramerge.cli import eval_cmd, fold_cmd, inspect_cmd, merge_cmd, run_cmd  # noqa: F401  (registers them)
 
     app()

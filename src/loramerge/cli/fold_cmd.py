@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from loramerge.cli.app import app, out, reports_errors
+from loramerge.cli.app import app, out, publish, reports_errors
 from loramerge.cli.merge_cmd import print_warnings, progress_bar
 from loramerge.errors import BadInput
 
@@ -39,6 +39,8 @@ def fold_command(
     quant_type: str = typer.Option("nf4", help="4-bit type of --from-dequantized for a full-precision base."),
     out_shard_size: str = typer.Option(None, help="Largest output shard, e.g. 5GB (default: the base's largest)."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
+    push_to_hub: str = typer.Option(None, help="Upload the output to this Hub repo (REPO_ID)."),
+    private: bool = typer.Option(False, help="With --push-to-hub: create the repo private."),
 ) -> None:
     """Add an adapter's deltas into the base weights, streaming the base's shards."""
     from loramerge.fold_checkpoint import fold
@@ -58,6 +60,7 @@ def fold_command(
     kind = f"{quantize} 4-bit" if quantize else (dtype or "the base's dtype")
     seconds = time.perf_counter() - started
     out.print(f"folded {len(loaded.modules)} modules into {base} ({kind}) in {seconds:.2f} s -> {target}")
+    publish(target, push_to_hub, private)
 
 
 @app.command("extract")

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from loramerge.cli.app import app, console, out, reports_errors
+from loramerge.cli.app import app, console, out, publish, reports_errors
 from loramerge.errors import BadInput
 
 if TYPE_CHECKING:  # the library (and torch) load when a command runs, so --help stays instant
@@ -99,6 +99,8 @@ def merge(
     fold_into: str = typer.Option(None, help="Also fold the merge into this base and write a full model."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
     dry_run: bool = typer.Option(False, help="Print the plan and write nothing."),
+    push_to_hub: str = typer.Option(None, help="Upload the output to this Hub repo (REPO_ID)."),
+    private: bool = typer.Option(False, help="With --push-to-hub: create the repo private."),
 ) -> None:
     """Merge LoRA adapters in low-rank space and write a PEFT adapter folder."""
     from loramerge.adapter_merge import plan_merge
@@ -116,6 +118,8 @@ def merge(
         loaded = [load_adapter(ref) for ref in adapters]
     plan = plan_merge(loaded, parse_weights(weights), options)
     run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into)
+    if not dry_run:
+        publish(target, push_to_hub, private)
 
 
 def print_warnings(warnings: list[str]) -> None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from loramerge.cli.app import app, console, out, reports_errors
+from loramerge.cli.app import app, console, out, publish, reports_errors
 from loramerge.cli.merge_cmd import human_bytes, print_warnings, progress_bar, run_adapter_plan
 from loramerge.errors import BadInput
 
@@ -71,6 +71,8 @@ def run(
     device: str = typer.Option("cpu", help="Where to compute: cpu | cuda."),
     dry_run: bool = typer.Option(False, help="Print the plan and write nothing."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
+    push_to_hub: str = typer.Option(None, help="Upload the output to this Hub repo (REPO_ID)."),
+    private: bool = typer.Option(False, help="With --push-to-hub: create the repo private."),
 ) -> None:
     """Run a merge recipe: dense checkpoints tensor by tensor, or LoRA adapters in low-rank space."""
     from loramerge.recipe import load_recipe
@@ -83,6 +85,7 @@ def run(
         _run_dense(parsed, output, out_shard_size, seed, device, dry_run, force)
     if not dry_run:
         out.print(f"done in {time.perf_counter() - started:.2f} s -> {output.absolute()}")
+        publish(output, push_to_hub, private)
 
 
 def _run_adapters(parsed, output: Path, seed: int, device: str, dry_run: bool, force: bool) -> None:
