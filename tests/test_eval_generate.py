@@ -102,3 +102,24 @@ def test_generate(chat, model_dir):
     assert result.exit_code == 0, result.output
     words = result.stdout.split()
     assert 1 <= len(words) <= 5 and all(word in WORDS for word in words)
+
+
+def test_recipe_with_an_evaluate_section(model_dir, tmp_path):
+    import yaml
+
+    import loramerge.cli.run_cmd  # noqa: F401  (registers the command)
+
+    other = build_adapter(model_dir["base"], tmp_path / "other", seed=2, r=2, lora_alpha=4)
+    recipe = {
+        "merge_method": "ties",
+        "adapters": [{"adapter": str(model_dir["adapter"]), "weight": 0.6}, {"adapter": str(other), "weight": 0.4}],
+        "parameters": {"density": 0.5},
+        "evaluate": {"data": str(model_dir["data"]), "prompt_field": "prompt", "completion_field": "completion",
+                     "base": str(model_dir["base"])},
+    }  # fmt: skip
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = run("run", path, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "evaluation" in result.stdout and "exact match" in result.stdout
+    assert result.stdout.count("adapter ") >= 2 and "merged" in result.stdout

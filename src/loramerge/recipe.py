@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from loramerge.errors import BadInput
 
@@ -63,6 +63,17 @@ class Output(Strict):
     base: str | None = None  # the base an adapter recipe is folded into (default: the adapters' base model)
 
 
+class Evaluate(Strict):
+    """Judge the merge right after ``loramerge run``: base, each input adapter and the merge."""
+
+    data: str
+    text_field: str | None = None
+    prompt_field: str | None = None
+    completion_field: str | None = None
+    max_samples: int | None = Field(default=None, ge=1)
+    base: str | None = None  # default: the recipe's base model, or the adapters' base model
+
+
 class Recipe(Strict):
     merge_method: str
     base_model: str | None = None
@@ -75,6 +86,7 @@ class Recipe(Strict):
     tokenizer_source: str | None = None
     chat_template: str | None = None
     output: Output | None = None
+    evaluate: Evaluate | None = None
 
     @model_validator(mode="after")
     def _one_input_kind(self) -> Recipe:

@@ -85,7 +85,30 @@ def run(
         _run_dense(parsed, output, out_shard_size, seed, device, dry_run, force)
     if not dry_run:
         out.print(f"done in {time.perf_counter() - started:.2f} s -> {output.absolute()}")
+        if parsed.evaluate:
+            _evaluate(parsed, output, device)
         publish(output, push_to_hub, private)
+
+
+def _evaluate(parsed, output: Path, device: str) -> None:
+    """The recipe's ``evaluate:`` section: one table for the base, the input adapters and the merge."""
+    from loramerge.cli.eval_cmd import evaluate_models, evaluation_table
+    from loramerge.evaluate import load_samples
+    from loramerge.io.adapters import load_adapter
+
+    spec = parsed.evaluate
+    adapters = [entry.adapter for entry in parsed.adapters or []]
+    base = spec.base or parsed.base_model
+    if base is None and adapters:
+        base = load_adapter(adapters[0]).base_model
+    if base is None:
+        raise BadInput("evaluate.base: name the base model to compare with")
+    folds = parsed.folds_adapters
+    samples = load_samples(spec.data, text_field=spec.text_field, prompt_field=spec.prompt_field,
+                           completion_field=spec.completion_field, max_samples=spec.max_samples)  # fmt: skip
+    out.print(evaluation_table(evaluate_models(base, adapters, str(output), samples, False, device)))
+    if folds:
+        out.print("(the merge was folded into the base: its row is the full merged model)")
 
 
 def _run_adapters(parsed, output: Path, seed: int, device: str, dry_run: bool, force: bool) -> None:
