@@ -5,16 +5,19 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
 
 BASE = "adapters/base"
 
 
 def main(adapter_dir: str) -> None:
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it announces an optional CPU speed-up at import
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     tokens = torch.arange(1, 17).unsqueeze(0)
     base = AutoModelForCausalLM.from_pretrained(BASE)
     with torch.no_grad():
