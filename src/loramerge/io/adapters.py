@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from loramerge.adapter import LoraAdapter, LoraModule
 from loramerge.errors import BadInput, brief
 from loramerge.io.atomic import atomic_output_dir
+from loramerge.io.hub import resolve_folder
 from loramerge.io.peft_config import lora_scale, module_rank_and_alpha, validate_lora_config
 
 CONFIG_NAME = "adapter_config.json"
@@ -22,24 +23,13 @@ BIN_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 _EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)$")
-_HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 
 
 def resolve_adapter_dir(ref: str | Path) -> Path:
     """A local folder as is; otherwise a Hub repo id fetched with ``huggingface_hub.snapshot_download``."""
-    path = Path(ref)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise BadInput(f"adapter {ref}: is a file, expected a PEFT adapter folder")
-    if not _HUB_ID.match(str(ref)):
-        raise BadInput(f"adapter {ref}: no such folder")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(ref), allow_patterns=[CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, "README.md"]))
-    except Exception as error:  # the hub client raises many types; all mean "could not fetch"
-        raise BadInput(f"adapter {ref}: no such folder, and not fetched from the Hub ({brief(error)})") from error
+    return resolve_folder(
+        ref, "adapter", "a PEFT adapter folder", [CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, "README.md"]
+    )
 
 
 def read_config(folder: Path, source: str) -> dict[str, Any]:

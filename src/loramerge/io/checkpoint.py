@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,12 +15,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from loramerge.errors import BadInput, brief
+from loramerge.io.hub import resolve_folder
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
-_HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}  # fmt: skip
@@ -82,9 +81,6 @@ class Checkpoint:
             tensor = handle[name]
             return tuple(tensor.shape), tensor.dtype
 
-    def nbytes(self) -> int:
-        return sum(path.stat().st_size for path in set(self.files.values()))
-
     @property
     def num_layers(self) -> int | None:
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
@@ -94,19 +90,7 @@ class Checkpoint:
 
 
 def resolve_model_dir(ref: str) -> Path:
-    path = Path(ref)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise BadInput(f"model {ref}: is a file, expected a model folder")
-    if not _HUB_ID.match(ref):
-        raise BadInput(f"model {ref}: no such folder")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(ref, allow_patterns=HUB_PATTERNS))
-    except Exception as error:  # the hub client raises many types; all mean "could not fetch"
-        raise BadInput(f"model {ref}: no such folder, and not fetched from the Hub ({brief(error)})") from error
+    return resolve_folder(ref, "model", "a model folder", HUB_PATTERNS)
 
 
 def _read_json(path: Path, source: str) -> Any:

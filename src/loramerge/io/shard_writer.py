@@ -96,11 +96,7 @@ class ShardWriter:
     def __init__(self, folder: Path, layout: list[TensorLayout], max_shard_bytes: int) -> None:
         self.folder = Path(folder)
         self.shards = plan_shards(layout, max_shard_bytes)
-        count = len(self.shards)
-        self.names = [
-            "model.safetensors" if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
-            for i in range(1, count + 1)
-        ]
+        self.names = shard_file_names(len(self.shards))
         self._order = [(shard_index, tensor) for shard_index, shard in enumerate(self.shards) for tensor in shard]
         self._next = 0
         self._file: BinaryIO | None = None
@@ -133,6 +129,13 @@ class ShardWriter:
         if len(self.shards) > 1:
             contents = [[t.name for t in shard] for shard in self.shards]
             write_index(self.folder, self.names, contents, sum(t.nbytes for shard in self.shards for t in shard))
+
+
+def shard_file_names(count: int) -> list[str]:
+    """transformers' names: one ``model.safetensors``, or ``model-0000i-of-0000n.safetensors``."""
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
 def write_index(folder: Path, files: list[str], contents: list[list[str]], total_bytes: int) -> None:
@@ -172,11 +175,8 @@ class BufferedShardWriter:
     def close(self) -> None:
         if self._pending or not self._written:
             self._flush()
-        count = len(self._written)
-        names = ["model.safetensors"] if count == 1 else [
-            f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)
-        ]  # fmt: skip
+        names = shard_file_names(len(self._written))
         for (path, _), name in zip(self._written, names, strict=True):
             path.rename(self.folder / name)
-        if count > 1:
+        if len(names) > 1:
             write_index(self.folder, names, [content for _, content in self._written], self.total_bytes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ class KernelSpec:
     piecewise: bool = False
     cutoff: Callable[[torch.Tensor, dict[str, float]], object] | None = None
 
-    @property
+    @functools.cached_property  # read for every call of the kernel, on every row block of a dense merge
     def params(self) -> frozenset[str]:
         signature = inspect.signature(self.fn).parameters
         return frozenset(name for name in signature if name not in {"tasks", "weights", "generators", "cutoffs"})
