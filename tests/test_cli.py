@@ -10,16 +10,9 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-import loramerge.cli.inspect_cmd
-import loramerge.cli.merge_cmd  # noqa: F401  (registers the commands)
+from cli_helpers import assert_clean_failure, run
 from conftest import build_adapter, save_tiny_llama
-from loramerge.cli.app import app
-
-
-def run(*args: str):
-    return CliRunner().invoke(app, [str(arg) for arg in args])
 
 
 def test_inspect_reports_ranks_scales_and_agreement(mixed_adapters):
@@ -180,14 +173,6 @@ def test_missing_folder_and_unreachable_hub_id(tmp_path):
     assert_clean_failure(run("merge", tmp_path / "nope", "-o", tmp_path / "out"), "no such folder", tmp_path / "out")
     result = run("merge", "someone/not-here", "-o", tmp_path / "out")  # HF_HUB_OFFLINE=1 in the tests
     assert_clean_failure(result, "not fetched from the Hub", tmp_path / "out")
-
-
-def assert_clean_failure(result, message: str, output) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert "Traceback" not in result.output
-    assert not output.exists()
 
 
 def test_console_script_end_to_end(mixed_adapters, tmp_path):

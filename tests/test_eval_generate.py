@@ -9,19 +9,13 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-from typer.testing import CliRunner
 
-import loramerge.cli.eval_cmd  # noqa: F401  (registers the commands)
+from cli_helpers import run
 from conftest import build_adapter
 from dense_helpers import save_llama
-from loramerge.cli.app import app
 
 WORDS = ["<unk>", "<s>", "</s>", "<pad>", "user", "assistant", ":", "add", "reverse", "=", *[str(d) for d in range(10)]]
 CHAT = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"  # noqa: E501
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +100,6 @@ def test_generate(chat, model_dir):
 
 def test_recipe_with_an_evaluate_section(model_dir, tmp_path):
     import yaml
-
-    import loramerge.cli.run_cmd  # noqa: F401  (registers the command)
 
     other = build_adapter(model_dir["base"], tmp_path / "other", seed=2, r=2, lora_alpha=4)
     recipe = {

@@ -10,19 +10,12 @@ import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-from typer.testing import CliRunner
 
-import loramerge.cli.fold_cmd
-import loramerge.cli.merge_cmd  # noqa: F401  (registers the commands)
+from cli_helpers import run
 from conftest import build_adapter, save_tiny_gpt2
 from dense_helpers import load_weights, save_llama
-from loramerge.cli.app import app
 
 TOKENS = torch.tensor([[3, 17, 42, 5, 99, 64, 1, 8]])
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def logits(model) -> torch.Tensor:

@@ -9,10 +9,8 @@ import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-from typer.testing import CliRunner
 
-import loramerge.cli.run_cmd  # noqa: F401  (registers the command)
-from loramerge.cli.app import app
+from cli_helpers import run
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.yml"))
@@ -26,7 +24,7 @@ def test_there_are_recipes():
 def test_recipe_runs_and_loads(recipe, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # recipes name the demo files relative to the repository
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(out)])
+    result = run("run", recipe, "-o", out)
     assert result.exit_code == 0, result.output
     tokens = torch.tensor([[1, 2, 3, 4]])
     if (out / "adapter_config.json").exists():

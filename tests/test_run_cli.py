@@ -9,16 +9,10 @@ import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-from typer.testing import CliRunner
 
-import loramerge.cli.run_cmd  # noqa: F401  (registers the command)
+from cli_helpers import assert_clean_failure, run
 from conftest import build_adapter
 from dense_helpers import load_weights, save_llama, write_recipe
-from loramerge.cli.app import app
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -145,14 +139,6 @@ def test_missing_shard_is_named(dense, tmp_path):
     recipe = _recipe(dense, models=[{"model": str(sharded), "parameters": {"weight": 1.0, "density": 0.5}}])
     result = run("run", write_recipe(tmp_path / "r.yml", recipe), "-o", tmp_path / "out")
     assert_clean_failure(result, shards[-1].name, tmp_path / "out")
-
-
-def assert_clean_failure(result, message, output):
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert "Traceback" not in result.output and not output.exists()
-    assert not list(output.parent.glob(f".{output.name}.*"))  # no staging leftovers
 
 
 def test_sharded_inputs_and_outputs(dense, tmp_path):
