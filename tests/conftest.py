@@ -107,3 +107,32 @@ def peft_delta(peft_model: PeftModel, module_name: str, adapter_name: str) -> to
 
 def rel_err(x: torch.Tensor, y: torch.Tensor) -> float:
     return ((x - y).norm() / y.norm().clamp_min(1e-30)).item()
+
+
+# Reliability figures (README, "Reliability"), counted from this run's passing tests.
+_PASSED: list[str] = []
+
+
+def pytest_runtest_logreport(report) -> None:
+    if report.when == "call" and report.passed:
+        _PASSED.append(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    import sys
+
+    def count(fragment: str) -> int:
+        return sum(fragment in nodeid for nodeid in _PASSED)
+
+    interrupted = sys.modules.get("test_interrupted")
+    kills = len(interrupted.KILLS_SURVIVED) if interrupted else 0
+    figures = {
+        "bad inputs refused cleanly": count("test_bad_inputs.py::test_bad_input_is_refused_cleanly"),
+        "SIGKILLs survived": kills,
+        "out-of-space writes cleaned up": count("test_write_failure_mid_output_leaves_nothing"),
+        "bit-identical determinism checks": count("test_determinism.py::"),
+        "property tests (hypothesis)": count("test_properties.py::"),
+        "examples run": count("test_examples.py::test_example_runs"),
+    }
+    terminalreporter.write_sep("-", "reliability figures")
+    terminalreporter.write_line(", ".join(f"{name}: {value}" for name, value in figures.items()))

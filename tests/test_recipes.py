@@ -37,4 +37,4 @@ def test_recipe_runs_and_loads(recipe, tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.isfinite(model(tokens).logits).all()
     if recipe.stem == "passthrough_stack":
-        assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
+        assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 6

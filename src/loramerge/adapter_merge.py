@@ -105,7 +105,21 @@ def plan_merge(
         for name in sorted({name for adapter in adapters for name in adapter.dense})
     }
     out_dtype = options.torch_dtype() or _common_dtype(adapters)
-    return MergePlan(list(adapters), weights, options, _plan_modules(adapters, options), dense, out_dtype, warnings)
+    modules = _plan_modules(adapters, options)
+    _check_rank(options, modules)
+    return MergePlan(list(adapters), weights, options, modules, dense, out_dtype, warnings)
+
+
+def _check_rank(options: MergeOptions, modules: list[ModulePlan]) -> None:
+    """A ``--rank`` no module can reach is a typo, not a request; smaller modules cap it silently."""
+    if options.rank is None or not modules:
+        return
+    widest = max(modules, key=lambda m: min(m.shape))
+    if options.rank > min(widest.shape):
+        raise BadInput(
+            f"--rank {options.rank} is larger than any module allows: at most {min(widest.shape)} "
+            f"(module {widest.name}, {widest.shape[0]}x{widest.shape[1]})"
+        )
 
 
 def _common_dtype(adapters: Sequence[LoraAdapter]) -> torch.dtype:
@@ -195,11 +209,12 @@ def execute_plan(plan: MergePlan, progress: Progress | None = None) -> LoraAdapt
 def merge_adapters(
     adapters: Sequence[LoraAdapter],
     weights: Sequence[float] | None = None,
-    method: str = "svd",
+    method: str | None = None,
     *,
     progress: Progress | None = None,
     **params: object,
 ) -> LoraAdapter:
-    """Merge adapters of one base model; ``params`` are the ``MergeOptions`` fields (density, rank, space…)."""
+    """Merge adapters of one base model; ``params`` are the ``MergeOptions`` fields (density, rank, space…).
+    ``method`` defaults to ``loramerge.defaults.DEFAULT_METHOD``."""
     options = parse_options(method=method, **params)
     return execute_plan(plan_merge(adapters, weights, options), progress)

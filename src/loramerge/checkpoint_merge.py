@@ -35,6 +35,8 @@ def _read(plan: CheckpointPlan, ref: str, name: str, rows: int, device: str) -> 
     if name not in source.checkpoint.files:
         raise BadInput(f"tensor {name}: missing from model {ref}")
     tensor = source.get(name)
+    if not plan.allow_nonfinite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise BadInput(f"model {ref}: tensor {name} holds NaN or Inf values; pass --allow-nonfinite to use it anyway")
     if tensor.dim() and tensor.shape[0] > rows and is_vocabulary_tensor(name):
         note = f"model {ref}: vocabulary rows of {name} cut from {tensor.shape[0]} to the base's {rows}"
         if note not in plan.warnings:
@@ -166,4 +168,5 @@ def merge_checkpoints(
 ) -> Path:
     """Merge the dense models of a recipe (a ``Recipe`` or a YAML path) into ``output``."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    return write_checkpoint(plan_checkpoint_merge(recipe), output, progress=progress, **options)
+    allow_nonfinite = bool(options.pop("allow_nonfinite", False))
+    return write_checkpoint(plan_checkpoint_merge(recipe, allow_nonfinite), output, progress=progress, **options)

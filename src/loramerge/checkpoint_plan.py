@@ -98,9 +98,10 @@ class CheckpointPlan:
     reference: str  # the model whose config, tokenizer and tensor names the output follows
     output_layers: int
     warnings: list[str] = field(default_factory=list)
+    allow_nonfinite: bool = False  # else a NaN or Inf in any input tensor stops the merge, naming it
 
 
-def _open_sources(recipe: Recipe) -> dict[str, ModelSource]:
+def _open_sources(recipe: Recipe, allow_nonfinite: bool) -> dict[str, ModelSource]:
     refs: dict[str, str] = {}
     if recipe.base_model:
         refs.setdefault(recipe.base_model, "base_model")
@@ -114,7 +115,7 @@ def _open_sources(recipe: Recipe) -> dict[str, ModelSource]:
     opened = {}
     for ref, where in refs.items():
         try:
-            opened[ref] = open_source(ref)
+            opened[ref] = open_source(ref, allow_nonfinite)
         except BadInput as error:
             raise BadInput(f"{where}: {error}") from None
     return opened
@@ -192,6 +193,13 @@ def _kernel_params(spec: KernelSpec, shared: dict[str, object]) -> dict[str, obj
     return params
 
 
+def _check_fractions(output: str, ref: str, params: dict[str, object]) -> None:
+    """``density`` is the fraction of entries kept: outside (0, 1] it means nothing."""
+    density = params.get("density")
+    if density is not None and not (isinstance(density, (int, float)) and 0 < density <= 1):
+        raise BadInput(f"tensor {output}: density of {ref} is {density!r}; it must be in (0, 1]")
+
+
 def _plan_tensor(
     output: str, name_for: Callable[[Source], str], piece: SliceInputs, recipe: Recipe, t: float, spec: KernelSpec
 ) -> TensorPlan:
@@ -215,17 +223,19 @@ def _plan_tensor(
                           for key in RECIPE_PARAMETERS[spec.name] & PER_INPUT})  # fmt: skip
     if on_deltas(spec.name) and base_input is None:
         base_input = (base, name_for(Source(base, piece.sources[0].layers, None, "base_model")))
+    for (ref, _), params in zip(inputs, per_input, strict=True):
+        _check_fractions(output, ref, params)
     if spec.name == "slerp":  # the base first: t = 0 is the base, t = 1 the other model
         inputs.sort(key=lambda item: item[0] != base)
     return TensorPlan(output, inputs, base_input, per_input, {**shared, **_kernel_params(spec, shared)}, t)
 
 
-def plan_checkpoint_merge(recipe: Recipe) -> CheckpointPlan:
+def plan_checkpoint_merge(recipe: Recipe, allow_nonfinite: bool = False) -> CheckpointPlan:
     """Check a dense recipe and list every output tensor with its inputs and resolved parameters."""
     if recipe.merge_method not in RECIPE_PARAMETERS:
         raise BadInput(f"merge_method: unknown method {recipe.merge_method!r}; known: {', '.join(RECIPE_PARAMETERS)}")
     spec = KERNELS[recipe.merge_method]
-    sources = _open_sources(recipe)
+    sources = _open_sources(recipe, allow_nonfinite)
     slices = _slices(recipe, sources)
     _check_method(recipe, spec, slices)
     reference = slices[0].base or slices[0].sources[0].ref
@@ -247,7 +257,8 @@ def plan_checkpoint_merge(recipe: Recipe) -> CheckpointPlan:
             out_layer += 1
     tensors += [_plan_tensor(n, lambda s, n=n: n, slices[-1], recipe, 0.0, spec) for n in non_layer if is_post_layer(n)]
     _set_layouts(recipe, sources, reference, tensors)
-    return CheckpointPlan(recipe, spec, sources, tensors, recipe.base_model, reference, out_layer)
+    return CheckpointPlan(recipe, spec, sources, tensors, recipe.base_model, reference, out_layer,
+                          allow_nonfinite=allow_nonfinite)  # fmt: skip
 
 
 def _set_layouts(recipe: Recipe, sources: dict[str, ModelSource], reference: str, tensors: list[TensorPlan]) -> None:

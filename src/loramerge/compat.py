@@ -14,6 +14,8 @@ def check_weights(adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> 
     values = [float(weight) for weight in weights]
     if any(value != value or value in (float("inf"), float("-inf")) for value in values):
         raise BadInput(f"weights must be finite numbers, got {values}")
+    if values and all(value == 0 for value in values):
+        raise BadInput(f"weights are all zero ({values}): the merge would be empty")
     return values
 
 

@@ -30,6 +30,7 @@ class EvalResult:
     exact_match: float | None  # greedy completion == reference (prompt/completion data only)
     samples: int
     tokens: int
+    data: str = ""  # the evaluation set's name (its file stem), when several are evaluated
 
 
 def load_samples(
@@ -99,48 +100,95 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"] if text else []
 
 
-def score_sample(model, tokenizer, sample: Sample) -> tuple[float, int, list[int], list[int]]:
-    """Summed NLL of the scored tokens, their count, and the prompt and target token ids."""
-    prompt = _ids(tokenizer, sample.prompt, special=True)
-    target = _ids(tokenizer, sample.completion, special=not prompt)
-    ids = prompt + target
-    if len(ids) < 2 or not target:
-        return 0.0, 0, prompt, target
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return 0 if pad is None else pad
+
+
+def _padded(rows: list[list[int]], pad: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of ``rows`` padded to one length (on the left for generation)."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span], mask[i, span] = torch.tensor(row, dtype=torch.long), 1
+    return ids.to(device), mask.to(device)
+
+
+def _scorable(prompt: list[int], target: list[int]) -> bool:
+    return bool(target) and len(prompt) + len(target) >= 2
+
+
+def score_batch(model, rows: list[tuple[list[int], list[int]]], pad: int) -> list[tuple[float, int]]:
+    """Summed NLL of each row's target tokens given its prompt, and how many tokens were scored."""
+    results = [(0.0, 0)] * len(rows)
+    scored = [i for i, (prompt, target) in enumerate(rows) if _scorable(prompt, target)]
+    if not scored:
+        return results
     device = next(model.parameters()).device
+    ids, mask = _padded([rows[i][0] + rows[i][1] for i in scored], pad, left=False, device=device)
     with torch.no_grad():
-        logits = model(torch.tensor([ids], device=device)).logits[0].float()
-    first = max(len(prompt), 1)  # the first scored position: a token is predicted from the one before it
-    log_probs = torch.log_softmax(logits[first - 1 : len(ids) - 1], dim=-1)
-    picked = log_probs.gather(1, torch.tensor(ids[first:], device=device)[:, None])
-    return -picked.sum().item(), len(ids) - first, prompt, target
+        log_probs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+    for row, i in enumerate(scored):
+        prompt, target = rows[i]
+        first = max(len(prompt), 1)  # the first scored position: a token is predicted from the one before it
+        last = len(prompt) + len(target)
+        picked = log_probs[row, first - 1 : last - 1].gather(1, ids[row, first:last, None])
+        results[i] = (-picked.sum().item(), last - first)
+    return results
+
+
+def greedy_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: list[int]) -> list[str]:
+    """Greedy continuations of left-padded prompts; each is cut to its own ``max_new_tokens``."""
+    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    ids, mask = _padded(prompts, pad, left=True, device=device)
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max(max_new_tokens), do_sample=False, pad_token_id=pad
+        )
+    new = output[:, ids.shape[1] :]
+    return [tokenizer.decode(new[i, :count], skip_special_tokens=True) for i, count in enumerate(max_new_tokens)]
 
 
 def greedy_completion(model, tokenizer, prompt: list[int], max_new_tokens: int) -> str:
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        output = model.generate(
-            torch.tensor([prompt], device=device), max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        )  # fmt: skip
-    return tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True)
+    return greedy_batch(model, tokenizer, [prompt], [max_new_tokens])[0]
 
 
-def evaluate(model, tokenizer, samples: list[Sample], name: str, progress: Progress | None = None) -> EvalResult:
-    """Token-weighted mean loss, its perplexity and (with prompts) greedy exact-match accuracy."""
+def evaluate(
+    model,
+    tokenizer,
+    samples: list[Sample],
+    name: str,
+    progress: Progress | None = None,
+    batch_size: int = 64,
+    data: str = "",
+) -> EvalResult:
+    """Token-weighted mean loss, its perplexity and (with prompts) greedy exact-match accuracy, computed
+    ``batch_size`` samples at a time."""
     total, count, matches = 0.0, 0, 0
     with_prompts = any(sample.prompt for sample in samples)
-    for done, sample in enumerate(samples, start=1):
-        nll, tokens, prompt, target = score_sample(model, tokenizer, sample)
-        total, count = total + nll, count + tokens
-        if with_prompts and prompt and target:
-            answer = greedy_completion(model, tokenizer, prompt, len(target))
-            matches += answer.strip() == sample.completion.strip()
+    pad = _pad_id(tokenizer)
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start : start + batch_size]
+        rows = []
+        for sample in batch:
+            prompt = _ids(tokenizer, sample.prompt, special=True)
+            rows.append((prompt, _ids(tokenizer, sample.completion, special=not prompt)))
+        for nll, tokens in score_batch(model, rows, pad):
+            total, count = total + nll, count + tokens
+        judged = [(s, prompt, target) for s, (prompt, target) in zip(batch, rows, strict=True) if prompt and target]
+        if with_prompts and judged:
+            answers = greedy_batch(model, tokenizer, [p for _, p, _ in judged], [len(t) for _, _, t in judged])
+            matches += sum(a.strip() == s.completion.strip() for a, (s, _, _) in zip(answers, judged, strict=True))
         if progress is not None:
-            progress(done, len(samples), name)
+            progress(start + len(batch), len(samples), name)
     loss = total / count if count else float("nan")
     return EvalResult(
         name=name, loss=loss, perplexity=math.exp(loss) if count else float("nan"),
         exact_match=matches / len(samples) if with_prompts and samples else None, samples=len(samples), tokens=count,
+        data=data,
     )  # fmt: skip
 
 

@@ -91,7 +91,7 @@ def add_weighted_adapter(
     inputs = [adapter_from_model(model, name) for name in adapters]
     device = next(iter(inputs[0].modules.values())).A.device
     merged = merge_adapters(
-        inputs, list(weights), method or "svd", space=space, density=density, rank=rank or svd_rank,
+        inputs, list(weights), method, space=space, density=density, rank=rank or svd_rank,
         majority_sign=majority_sign or majority_sign_method, seed=seed, device=str(device),
     )  # fmt: skip
     fields = {key: merged.config[key] for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "fan_in_fan_out")}

@@ -52,6 +52,7 @@ def split_reference(ref: str) -> tuple[str, str | None]:
     return model, adapter
 
 
-def open_source(ref: str) -> ModelSource:
+def open_source(ref: str, allow_nonfinite: bool = False) -> ModelSource:
     model, adapter = split_reference(ref)
-    return ModelSource(ref=ref, checkpoint=open_checkpoint(model), adapter=load_adapter(adapter) if adapter else None)
+    loaded = load_adapter(adapter, allow_nonfinite=allow_nonfinite) if adapter else None
+    return ModelSource(ref=ref, checkpoint=open_checkpoint(model), adapter=loaded)

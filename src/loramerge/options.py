@@ -7,16 +7,19 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from loramerge.defaults import DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_SPACE
 from loramerge.errors import BadInput
 from loramerge.kernels import KERNELS, preset_params
 
 LOWRANK_METHODS = ("cat", "svd")
-ADAPTER_KERNELS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+ADAPTER_KERNELS = (
+    "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune",
+    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+)  # fmt: skip
 METHODS = (*LOWRANK_METHODS, *ADAPTER_KERNELS)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Space = Literal["core", "full", "factors"]
 Strategy = Literal["concat", "svd", "core", "full", "factors"]
-DEFAULT_DENSITY = 0.5
 
 
 class MergeOptions(BaseModel):
@@ -24,8 +27,8 @@ class MergeOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: str = "svd"
-    space: Space = "core"
+    method: str = DEFAULT_METHOD
+    space: Space = DEFAULT_SPACE
     density: float | None = Field(default=None, gt=0.0, le=1.0)
     rank: int | None = Field(default=None, ge=1)
     majority_sign: Literal["total", "frequency"] = "total"

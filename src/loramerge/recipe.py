@@ -66,7 +66,7 @@ class Output(Strict):
 class Evaluate(Strict):
     """Judge the merge right after ``loramerge run``: base, each input adapter and the merge."""
 
-    data: str
+    data: str | list[str]  # one evaluation file, or several (a table column each, named by file stem)
     text_field: str | None = None
     prompt_field: str | None = None
     completion_field: str | None = None

@@ -11,7 +11,9 @@ from loramerge.recipe import Recipe
 OPTION_KEYS = {"density", "rank", "space", "majority_sign", "preset", "seed", "strict"}
 
 
-def adapter_merge_inputs(recipe: Recipe, **overrides: object) -> tuple[list[LoraAdapter], list[float], MergeOptions]:
+def adapter_merge_inputs(
+    recipe: Recipe, allow_nonfinite: bool = False, **overrides: object
+) -> tuple[list[LoraAdapter], list[float], MergeOptions]:
     """Load the recipe's adapters and turn its parameters into merge options (``overrides`` win)."""
     values: dict[str, object] = {"method": recipe.merge_method, "dtype": recipe.out_dtype or recipe.dtype}
     for key, value in (recipe.parameters or {}).items():
@@ -25,7 +27,7 @@ def adapter_merge_inputs(recipe: Recipe, **overrides: object) -> tuple[list[Lora
     adapters = []
     for i, entry in enumerate(recipe.adapters or []):
         try:
-            adapters.append(load_adapter(entry.adapter))
+            adapters.append(load_adapter(entry.adapter, allow_nonfinite=allow_nonfinite))
         except BadInput as error:
             raise BadInput(f"adapters[{i}].adapter: {error}") from None
     return adapters, [entry.weight for entry in recipe.adapters or []], options

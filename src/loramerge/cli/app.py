@@ -49,6 +49,12 @@ def reports_errors(command: F) -> F:
         except PushFailed as error:
             console.print(f"[bold red]error:[/] {escape(one_line(error))}", markup=True, soft_wrap=True)
             raise typer.Exit(1) from None
+        except OSError as error:  # disk full, file size limit, permissions: the staging folder is already gone
+            _show_traceback()
+            where = f" ({error.filename})" if error.filename else ""
+            reason = escape((error.strerror or one_line(error)) + where)
+            console.print(f"[bold red]error:[/] {reason}; nothing was written", markup=True, soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]; no output was written", markup=True)
             raise typer.Exit(130) from None

@@ -39,6 +39,7 @@ def fold_command(
     quant_type: str = typer.Option("nf4", help="4-bit type of --from-dequantized for a full-precision base."),
     out_shard_size: str = typer.Option(None, help="Largest output shard, e.g. 5GB (default: the base's largest)."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
+    allow_nonfinite: bool = typer.Option(False, help="Use input tensors holding NaN or Inf (refused by default)."),
     push_to_hub: str = typer.Option(None, help="Upload the output to this Hub repo (REPO_ID)."),
     private: bool = typer.Option(False, help="With --push-to-hub: create the repo private."),
 ) -> None:
@@ -50,7 +51,7 @@ def fold_command(
     check_quant_type(quantize, "--quantize")
     check_quant_type(quant_type, "--quant-type")
     started = time.perf_counter()
-    loaded = load_adapter(adapter)
+    loaded = load_adapter(adapter, allow_nonfinite=allow_nonfinite)
     with progress_bar(None, label="folding") as update:
         target = fold(
             loaded, base, output, dtype=dtype, quantize=quantize, double_quant=double_quant,

@@ -71,7 +71,7 @@ def inspect(
     from loramerge.inspect_report import summarize_adapter, summarize_set
     from loramerge.io.adapters import load_adapter
 
-    loaded = [load_adapter(ref) for ref in adapters]
+    loaded = [load_adapter(ref, allow_nonfinite=True) for ref in adapters]  # a report shows them
     summaries = [summarize_adapter(adapter) for adapter in loaded]
     shared = summarize_set(loaded) if len(loaded) > 1 else None
     if as_json:

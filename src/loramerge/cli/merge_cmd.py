@@ -14,12 +14,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from loramerge.cli.app import app, console, out, publish, reports_errors
+from loramerge.defaults import DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_SPACE
 from loramerge.errors import BadInput
 
 if TYPE_CHECKING:  # the library (and torch) load when a command runs, so --help stays instant
     from loramerge.adapter_merge import MergePlan
 
 PROGRESS_MIN_ITEMS = 64
+METHOD_HELP = (
+    "svd | linear | cat | ties | dare_linear | dare_ties | magnitude_prune | breadcrumbs | breadcrumbs_ties"
+    " | della | della_linear"
+)
 
 
 def parse_weights(text: str | None) -> list[float] | None:
@@ -52,6 +57,8 @@ def plan_table(plan: MergePlan) -> Table:
 
 
 def describe(plan: MergePlan) -> str:
+    from loramerge.kernels import KERNELS
+
     options = plan.options
     ranks = sorted({m.output_rank for m in plan.modules})
     parts = [f"method={options.method}"]
@@ -59,7 +66,7 @@ def describe(plan: MergePlan) -> str:
         parts.append(f"space={options.space}")
     if options.uses_density:
         parts.append(f"density={options.effective_density:g}")
-    if options.method in ("ties", "dare_ties"):
+    if options.method in KERNELS and KERNELS[options.method].consensus:
         parts.append(f"majority_sign={options.majority_sign}")
     parts += [f"weights={','.join(f'{w:g}' for w in plan.weights)}", f"seed={options.seed}"]
     return (
@@ -86,16 +93,21 @@ def merge(
     adapters: list[str] = typer.Argument(..., help="PEFT adapter folders or Hub repo ids."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder to write the merged adapter to."),
     weights: str = typer.Option(None, help="Comma-separated weights, one per adapter (default: 1 each)."),
-    method: str = typer.Option("svd", help="linear | cat | svd | ties | dare_linear | dare_ties | magnitude_prune"),
-    density: float = typer.Option(None, help="Fraction kept by ties/dare/magnitude_prune, in (0, 1] (default 0.5)."),
+    method: str = typer.Option(None, help=f"{METHOD_HELP} (default {DEFAULT_METHOD})."),
+    density: float = typer.Option(
+        None, help=f"Fraction kept by the pruning methods, in (0, 1] (default {DEFAULT_DENSITY:g})."
+    ),
     rank: int = typer.Option(None, help="Output rank (default: exact for cat/linear, largest input rank otherwise)."),
-    space: str = typer.Option(None, help="Where element-wise methods work: core (default) | full | factors."),
+    space: str = typer.Option(
+        None, help=f"Where element-wise methods work: core | full | factors (default {DEFAULT_SPACE})."
+    ),
     majority_sign: str = typer.Option(None, help="Sign election of ties/dare_ties: total (default) | frequency."),
     preset: str = typer.Option(None, help="Conventions where peers differ: peft (default) | mergekit."),
     seed: int = typer.Option(None, help="Seed of the random methods (default 0)."),
     dtype: str = typer.Option(None, help="Output dtype: float32 | float16 | bfloat16 (default: the inputs')."),
     device: str = typer.Option(None, help="Where to compute: cpu (default) | cuda."),
     strict: bool = typer.Option(False, help="Refuse adapters that name different base models."),
+    allow_nonfinite: bool = typer.Option(False, help="Use input tensors holding NaN or Inf (refused by default)."),
     fold_into: str = typer.Option(None, help="Also fold the merge into this base and write a full model."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
     dry_run: bool = typer.Option(False, help="Print the plan and write nothing."),
@@ -115,7 +127,7 @@ def merge(
     local_inputs = [Path(ref) for ref in adapters if Path(ref).exists()]
     target = check_output_target(output, force or dry_run, local_inputs)
     with console.status("reading adapters"):
-        loaded = [load_adapter(ref) for ref in adapters]
+        loaded = [load_adapter(ref, allow_nonfinite=allow_nonfinite) for ref in adapters]
     plan = plan_merge(loaded, parse_weights(weights), options)
     run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into)
     if not dry_run:

@@ -71,6 +71,7 @@ def run(
     device: str = typer.Option("cpu", help="Where to compute: cpu | cuda."),
     dry_run: bool = typer.Option(False, help="Print the plan and write nothing."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
+    allow_nonfinite: bool = typer.Option(False, help="Use input tensors holding NaN or Inf (refused by default)."),
     push_to_hub: str = typer.Option(None, help="Upload the output to this Hub repo (REPO_ID)."),
     private: bool = typer.Option(False, help="With --push-to-hub: create the repo private."),
 ) -> None:
@@ -80,9 +81,9 @@ def run(
     parsed = load_recipe(recipe)
     started = time.perf_counter()
     if parsed.is_adapter_recipe:
-        _run_adapters(parsed, output, seed, device, dry_run, force)
+        _run_adapters(parsed, output, seed, device, dry_run, force, allow_nonfinite)
     else:
-        _run_dense(parsed, output, out_shard_size, seed, device, dry_run, force)
+        _run_dense(parsed, output, out_shard_size, seed, device, dry_run, force, allow_nonfinite)
     if not dry_run:
         out.print(f"done in {time.perf_counter() - started:.2f} s -> {output.absolute()}")
         if parsed.evaluate:
@@ -92,8 +93,7 @@ def run(
 
 def _evaluate(parsed, output: Path, device: str) -> None:
     """The recipe's ``evaluate:`` section: one table for the base, the input adapters and the merge."""
-    from loramerge.cli.eval_cmd import evaluate_models, evaluation_table
-    from loramerge.evaluate import load_samples
+    from loramerge.cli.eval_cmd import evaluate_models, evaluation_table, load_datasets
     from loramerge.io.adapters import load_adapter
 
     spec = parsed.evaluate
@@ -104,19 +104,22 @@ def _evaluate(parsed, output: Path, device: str) -> None:
     if base is None:
         raise BadInput("evaluate.base: name the base model to compare with")
     folds = parsed.folds_adapters
-    samples = load_samples(spec.data, text_field=spec.text_field, prompt_field=spec.prompt_field,
-                           completion_field=spec.completion_field, max_samples=spec.max_samples)  # fmt: skip
-    out.print(evaluation_table(evaluate_models(base, adapters, str(output), samples, False, device)))
+    files = [spec.data] if isinstance(spec.data, str) else spec.data
+    datasets = load_datasets(files, text_field=spec.text_field, prompt_field=spec.prompt_field,
+                             completion_field=spec.completion_field, max_samples=spec.max_samples)  # fmt: skip
+    out.print(evaluation_table(evaluate_models(base, adapters, str(output), datasets, False, device)))
     if folds:
         out.print("(the merge was folded into the base: its row is the full merged model)")
 
 
-def _run_adapters(parsed, output: Path, seed: int, device: str, dry_run: bool, force: bool) -> None:
+def _run_adapters(
+    parsed, output: Path, seed: int, device: str, dry_run: bool, force: bool, allow_nonfinite: bool
+) -> None:
     from loramerge.adapter_merge import plan_merge
     from loramerge.io.atomic import check_output_target
     from loramerge.recipe_adapters import adapter_merge_inputs
 
-    adapters, weights, options = adapter_merge_inputs(parsed, seed=seed, device=device)
+    adapters, weights, options = adapter_merge_inputs(parsed, allow_nonfinite, seed=seed, device=device)
     local = [Path(a.source) for a in adapters if Path(a.source).exists()]
     target = check_output_target(output, force or dry_run, local)
     fold_into = None
@@ -128,14 +131,16 @@ def _run_adapters(parsed, output: Path, seed: int, device: str, dry_run: bool, f
     run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into)
 
 
-def _run_dense(parsed, output: Path, shard_size: str, seed: int, device: str, dry_run: bool, force: bool) -> None:
+def _run_dense(
+    parsed, output: Path, shard_size: str, seed: int, device: str, dry_run: bool, force: bool, allow_nonfinite: bool
+) -> None:
     from loramerge.checkpoint_merge import write_checkpoint
     from loramerge.checkpoint_plan import plan_checkpoint_merge
     from loramerge.io.shard_writer import parse_size
 
     parse_size(shard_size)
     with console.status("reading model indexes"):
-        plan = plan_checkpoint_merge(parsed)
+        plan = plan_checkpoint_merge(parsed, allow_nonfinite)
     if dry_run:
         for line in dense_plan_lines(plan):
             out.print(line, soft_wrap=True)

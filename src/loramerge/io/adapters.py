@@ -106,12 +106,22 @@ def _build_module(name: str, parts: dict[str, torch.Tensor], config: dict[str, A
     return LoraModule(A=A, B=B, scale=scale, embedding=embedding)
 
 
-def load_adapter(ref: str | Path) -> LoraAdapter:
+def check_finite(tensors: dict[str, torch.Tensor], owner: str) -> None:
+    """Refuse NaN or Inf values: merged, they spread over every entry they meet (sign election, SVD)."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise BadInput(f"{owner}: tensor {key} holds NaN or Inf values; pass --allow-nonfinite to use it anyway")
+
+
+def load_adapter(ref: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
     """Read a PEFT LoRA adapter from a local folder or a Hub repo id, normalised per module."""
     source = str(ref)
     folder = resolve_adapter_dir(ref)
     config = read_config(folder, source)
-    factors, dense = _split_state(read_state_dict(folder, source), config, source)
+    state = read_state_dict(folder, source)
+    if not allow_nonfinite:
+        check_finite(state, f"adapter {source}")
+    factors, dense = _split_state(state, config, source)
     if not factors:
         raise BadInput(f"adapter {source}: holds no LoRA tensors")
     modules = {name: _build_module(name, parts, config, source) for name, parts in sorted(factors.items())}

@@ -7,11 +7,37 @@ approximation). Cost O((out + in) R² + R³) instead of a dense O(out · in · m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
 from loramerge.lowrank.factored import LowRank
+
+
+@contextmanager
+def thread_independent(tensor: torch.Tensor) -> Iterator[None]:
+    """Run a CPU decomposition on one thread: LAPACK splits its blocked SVD by thread count, so the bits of
+    the result would otherwise depend on the machine's cores (tests/test_determinism.py)."""
+    previous = torch.get_num_threads()
+    if tensor.device.type != "cpu" or previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with thread_independent(matrix):
+        return torch.linalg.svd(matrix, full_matrices=False)
+
+
+def _qr(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with thread_independent(matrix):
+        return torch.linalg.qr(matrix)
 
 
 def core_basis(terms: Sequence[LowRank]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,8 +45,8 @@ def core_basis(terms: Sequence[LowRank]) -> tuple[torch.Tensor, torch.Tensor]:
 
     Each ``B_i A_i`` is then exactly ``U (Uᵀ B_i A_i V) Vᵀ`` (Core Space merging, NeurIPS 2025).
     """
-    U, _ = torch.linalg.qr(torch.cat([term.B for term in terms], dim=1))
-    V, _ = torch.linalg.qr(torch.cat([term.A.T for term in terms], dim=1))
+    U, _ = _qr(torch.cat([term.B for term in terms], dim=1))
+    V, _ = _qr(torch.cat([term.A.T for term in terms], dim=1))
     return U, V
 
 
@@ -31,20 +57,20 @@ def project_to_core(term: LowRank, U: torch.Tensor, V: torch.Tensor) -> torch.Te
 
 def from_core(U: torch.Tensor, core: torch.Tensor, V: torch.Tensor, rank: int) -> LowRank:
     """The best rank-``rank`` factorisation of ``U core Vᵀ`` (singular values kept in ``B``, as PEFT does)."""
-    left, values, right_t = torch.linalg.svd(core, full_matrices=False)
+    left, values, right_t = _svd(core)
     keep = min(rank, values.shape[0])
     return LowRank(B=U @ (left[:, :keep] * values[:keep]), A=right_t[:keep] @ V.T)
 
 
 def truncate_rank(term: LowRank, rank: int) -> LowRank:
     """The best rank-``rank`` approximation of ``B A``, computed from the factors."""
-    U, R_B = torch.linalg.qr(term.B)
-    V, R_A = torch.linalg.qr(term.A.T)
+    U, R_B = _qr(term.B)
+    V, R_A = _qr(term.A.T)
     return from_core(U, R_B @ R_A.T, V, rank)
 
 
 def truncate_dense(delta: torch.Tensor, rank: int) -> LowRank:
     """The best rank-``rank`` factorisation of a dense matrix (``torch.linalg.svd``): the ``full`` space."""
-    left, values, right_t = torch.linalg.svd(delta, full_matrices=False)
+    left, values, right_t = _svd(delta)
     keep = min(rank, values.shape[0])
     return LowRank(B=left[:, :keep] * values[:keep], A=right_t[:keep])
