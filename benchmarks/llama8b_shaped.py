@@ -74,7 +74,7 @@ def main() -> None:
         results = {}
         for method in ("svd", "ties"):
             command = [sys.executable, "-m", "loramerge.cli", "merge", *(str(work / n) for n in "abc"),
-                       "--method", method, "-o", str(work / f"out-{method}"), "--force"]  # fmt: skip
+                       "--method", method, "--space", "core", "-o", str(work / f"out-{method}"), "--force"]  # fmt: skip
             seconds, rss, code = run_measured(command)
             if code != 0:
                 raise SystemExit(f"loramerge merge --method {method} failed with exit code {code}")

@@ -28,7 +28,7 @@ import torch
 
 from loramerge import load_adapter, merge_adapters
 from loramerge.evaluate import evaluate, load_model, load_samples
-from loramerge.fold import adapter_targets, folded_tensor
+from loramerge.folding import adapter_targets, folded_tensor
 
 ROOT = Path(__file__).resolve().parent.parent
 SKILLS = ("add", "reverse", "sort", "cipher")
@@ -71,9 +71,10 @@ def merge(adapters, config: Config):
 
 
 def load_folded(model, base_state: dict[str, torch.Tensor], adapter) -> None:
-    """Put ``base + adapter`` into ``model`` in place (the same fold ``loramerge fold`` writes)."""
+    """Put ``base + adapter`` into ``model`` in place (the same fold ``loramerge fold`` writes); no adapter:
+    the base."""
     state = dict(base_state)
-    for key, target in adapter_targets(adapter).items():
+    for key, target in adapter_targets(adapter).items() if adapter is not None else ():
         state[key] = folded_tensor(adapter, target, key, base_state[key])
     model.load_state_dict(state)
 
@@ -100,10 +101,10 @@ def run(args) -> list[dict[str, object]]:
     for number, subset in enumerate(subsets, start=1):
         chosen = [adapters[skill] for skill in subset]
         equal = len({a.config.get("r") for a in chosen}) == 1
-        plan = configs(equal)
+        plan = [Config("base", "exact"), *configs(equal)]  # the base alone: what a merge keeps for free
         started = time.perf_counter()
         for config in plan:
-            merged, seconds = merge(chosen, config)
+            merged, seconds = (None, 0.0) if config.method == "base" else merge(chosen, config)
             scores = accuracies(model, tokenizer, base_state, merged, samples, subset)
             for skill, accuracy in scores.items():
                 rows.append({
@@ -149,14 +150,15 @@ def _cell(stats: dict[str, float] | None) -> str:
 def markdown(summary: dict[tuple, dict[str, float]], sizes: list[int]) -> str:
     """One table per number of adapters: a row per method and density, core/full/factors side by side."""
     lines = []
-    keys = sorted({(method, density) for (_, method, _, density) in summary}, key=lambda k: (k[0], str(k[1])))
+    keys = sorted({(method, density) for (_, method, _, density) in summary},
+                  key=lambda k: (k[0] != "base", k[0], str(k[1])))  # fmt: skip
     for size in sizes:
         lines += [f"**{size} adapters** — mean normalised accuracy (min–max over seeds); merge time in ms", "",
-                  "| method | density | core (exact for linear, svd) | full | factors | ms |",
+                  "| method | density | core (exact: base, linear, svd) | full | factors | ms |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
         for method, density in keys:
             cells = [summary.get((size, method, space, density)) for space in ("core", "full", "factors")]
-            if method in ("linear", "svd"):
+            if method in ("base", "linear", "svd"):
                 cells[0] = summary.get((size, method, "exact", density))
             if not any(cells):
                 continue
@@ -206,6 +208,11 @@ def main() -> None:
     parser.add_argument("--adapters", type=Path, default=ROOT / "adapters", help="The demo folder.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
     args = parser.parse_args()
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
     started = time.perf_counter()
     rows = run(args)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,9 @@ def main(samples: int) -> None:
                             max_samples=samples)
         for skill in SKILLS
     }  # fmt: skip
-    with tempfile.TemporaryDirectory() as folder:
-        merge_adapters([load_adapter(f"adapters/{s}") for s in SKILLS], [1.0] * 4, "ties", density=0.5).save(folder)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = f"{scratch}/merged"
+        merge_adapters([load_adapter(f"adapters/{s}") for s in SKILLS], [1.0] * 4).save(folder)  # the defaults
         models = {"base": None, **{f"adapter {s}": f"adapters/{s}" for s in SKILLS}, "merged": folder}
         print(f"{'model':<18}" + "".join(f"{skill:>9}" for skill in SKILLS))
         for name, adapter in models.items():

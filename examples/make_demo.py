@@ -3,9 +3,10 @@ adapter per skill, trained with PEFT on the CPU.
 
     python examples/make_demo.py            # about 10 minutes on 2 CPU cores
 
-The base learns only to copy (``copy abc=abc``); each adapter learns one new skill on top of it:
-two-digit addition, string reversal, sorting digits and a fixed letter cipher. Everything is seeded,
-so a rerun on the same machine and library versions writes the same files. Held-out evaluation sets
+The base learns to copy (``copy abc=abc``) and sees 100 examples of each skill; each adapter then
+learns one skill on top of it: two-digit addition, string reversal, sorting digits and a fixed letter
+cipher. Everything is seeded, so a rerun on the same machine and library versions writes the same
+files. Held-out evaluation sets
 (``adapters/data/<skill>.eval.jsonl``) never share a prompt with the training sets.
 """
 
@@ -68,11 +69,14 @@ class Skill:
 
 SKILLS = [
     Skill("add", add_example, rank=16, steps=3000),
-    Skill("reverse", reverse_example, rank=8, steps=800),
+    Skill("reverse", reverse_example, rank=8, steps=1200),
     Skill("sort", sort_example, rank=8, steps=800),
     Skill("cipher", cipher_example, rank=4, steps=800),
 ]
 TRAIN_ROWS = 9000  # two-digit additions have 10,000 prompts, 200 of them held out
+# The base also sees a handful of examples of each skill, as a pretrained LLM has seen a little of every
+# task: skills then live near the base, adapters sharpen them, and merges can keep them.
+BASE_SKILL_ROWS = 100
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -134,9 +138,8 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def train(model, tokenizer, rows, steps: int, lr: float, seed: int, batch: int = 64, replay=None) -> None:
-    """AdamW with linear warm-up and cosine decay over ``steps`` shuffled mini-batches of ``rows``; with
-    ``replay`` rows, half of every batch comes from them."""
+def train(model, tokenizer, rows, steps: int, lr: float, seed: int, batch: int = 64) -> None:
+    """AdamW with linear warm-up and cosine decay over ``steps`` shuffled mini-batches of ``rows``."""
     import math
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -148,8 +151,7 @@ def train(model, tokenizer, rows, steps: int, lr: float, seed: int, batch: int =
     rng = random.Random(seed)
     model.train()
     for step in range(steps):
-        picked = rng.sample(rows, batch // 2) + rng.sample(replay, batch // 2) if replay else rng.sample(rows, batch)
-        loss = model(**encode(tokenizer, picked)).loss
+        loss = model(**encode(tokenizer, rng.sample(rows, batch))).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -176,7 +178,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "adapters")
     parser.add_argument("--base-steps", type=int, default=2000)
-    parser.add_argument("--replay", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--base-skill-rows", type=int, default=BASE_SKILL_ROWS)
     parser.add_argument("--skills", nargs="+", default=[skill.name for skill in SKILLS])
     parser.add_argument("--base", type=Path, help="Reuse this trained base instead of training one.")
     parser.add_argument("--scale-steps", type=float, default=1.0, help="Multiply every step count (quick tries).")
@@ -203,9 +205,12 @@ def main() -> None:
 
         base = AutoModelForCausalLM.from_pretrained(args.base)
     else:
-        log("base: copy")
+        log(f"base: copy, and {args.base_skill_rows} examples of each skill")
         base = make_base_model()
-        train(base, tokenizer, copies, int(args.base_steps * args.scale_steps), 3e-3, 0)
+        glimpses = [row for rows in trains.values() for row in rows[: args.base_skill_rows]]
+        train(base, tokenizer, copies + glimpses, int(args.base_steps * args.scale_steps), 3e-3, 0)
+        for skill in SKILLS:
+            log(f"  base held-out exact match on {skill.name}: {accuracy(base, tokenizer, evals[skill.name]):.3f}")
         base.generation_config.pad_token_id = tokenizer.pad_token_id
         base.save_pretrained(args.out / "base")
         tokenizer.save_pretrained(args.out / "base")
@@ -220,7 +225,7 @@ def main() -> None:
         model = get_peft_model(model, config)
         log(f"{skill.name}: rank {skill.rank}")
         steps = int(skill.steps * args.scale_steps)
-        train(model, tokenizer, trains[skill.name], steps, 2e-3, 10 + i, replay=copies if args.replay else None)
+        train(model, tokenizer, trains[skill.name], steps, 2e-3, 10 + i)
         log(f"  held-out exact match {accuracy(model, tokenizer, evals[skill.name]):.3f}")
         model.save_pretrained(args.out / skill.name)
         _relative_base(args.out / skill.name)
@@ -228,10 +233,12 @@ def main() -> None:
 
 
 def _relative_base(folder: Path) -> None:
-    """Record the base as the repository-relative path the demo commands use."""
+    """Record the base as the repository-relative path the demo commands use; list the targets sorted
+    (PEFT keeps them in a set, whose order changes from run to run)."""
     config_path = folder / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = "adapters/base"
+    config["target_modules"] = sorted(config["target_modules"])
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -15,7 +15,7 @@ SKILLS = {"add": "add 38+47=", "reverse": "reverse merge=", "sort": "sort 52913=
 
 def main(output: str) -> None:
     adapters = [load_adapter(f"adapters/{skill}") for skill in SKILLS]
-    merged = merge_adapters(adapters, [1.0] * len(adapters), "ties", density=0.5)
+    merged = merge_adapters(adapters, [1.0] * len(adapters), "ties", space="full", density=0.8)
     merged.save(output)
     print(f"merged {len(adapters)} adapters ({len(merged.modules)} modules, rank {merged.config['r']}) -> {output}")
     model, tokenizer = load_model("adapters/base", adapter=output)

@@ -26,7 +26,7 @@ def main() -> None:
     model = PeftModel.from_pretrained(base, f"adapters/{skills[0]}", adapter_name=skills[0])
     for skill in skills[1:]:
         model.load_adapter(f"adapters/{skill}", adapter_name=skill)
-    merged = loramerge.add_weighted_adapter(model, skills, [1.0] * 4, "merged", combination_type="ties", density=0.5)
+    merged = loramerge.add_weighted_adapter(model, skills, [1.0] * 4, "merged", combination_type="ties", density=0.8)
     model.set_adapter("merged")
     print(f"added adapter 'merged' (rank {merged.config['r']}) to a 4-bit base of {len(merged.modules)} LoRA layers")
     for prompt in ("add 12+34=", "reverse lora=", "sort 8145=", "cipher merge="):

@@ -14,7 +14,7 @@ from loramerge.evaluate import generate_text, load_model
 
 def main(output: str) -> None:
     adapters = [load_adapter(f"adapters/{skill}") for skill in ("add", "reverse", "sort", "cipher")]
-    merged = merge_adapters(adapters, [1.0] * len(adapters), "ties", density=0.5)
+    merged = merge_adapters(adapters, [1.0] * len(adapters))  # the defaults: ties, full space, density 0.8
     fold(merged, "adapters/base", output, force=True)
     print(f"folded the merge into adapters/base -> {output}")
     model, tokenizer = load_model(output)  # a plain AutoModelForCausalLM folder with its tokenizer

@@ -28,13 +28,12 @@ KILLS_SURVIVED: list[str] = []  # read by the figures test (test_figures.py)
 
 
 def _command(kind: str, work: Path, target: Path) -> list[str]:
-    base = work / "base"
     if kind == "merge":
         args = ["merge", ROOT / "adapters/add", ROOT / "adapters/reverse", ROOT / "adapters/sort", "--method", "ties"]
     elif kind == "fold":
-        args = ["fold", ROOT / "adapters/add", "--base", base, "--out-shard-size", "2MB"]
+        args = ["fold", ROOT / "adapters/add", "--base", ROOT / "adapters/base", "--out-shard-size", "1MB"]
     else:
-        recipe = {"merge_method": "ties", "base_model": str(base),
+        recipe = {"merge_method": "ties", "base_model": str(work / "base"),
                   "models": [{"model": str(work / "m1"), "parameters": {"weight": 1.0, "density": 0.5}},
                              {"model": str(work / "m2"), "parameters": {"weight": 1.0, "density": 0.5}}]}  # fmt: skip
         (work / "recipe.yml").write_text(yaml.safe_dump(recipe))
@@ -56,9 +55,9 @@ def _complete(kind: str, target: Path) -> bool:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     work = tmp_path_factory.mktemp("kills")
-    save_llama(work / "base", 0, layers=4, hidden=128)  # hidden 128 matches the demo adapters
-    save_llama(work / "m1", 1, like=work / "base")
-    save_llama(work / "m2", 2, like=work / "base")
+    save_llama(work / "base", 0, layers=4, hidden=256)
+    save_llama(work / "m1", 1, layers=4, hidden=256, like=work / "base")
+    save_llama(work / "m2", 2, layers=4, hidden=256, like=work / "base")
     return work
 
 

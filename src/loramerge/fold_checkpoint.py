@@ -16,7 +16,7 @@ import yaml
 
 from loramerge.adapter import LoraAdapter
 from loramerge.errors import BadInput
-from loramerge.fold import FoldTarget, adapter_targets, folded_tensor, weight_delta
+from loramerge.folding import FoldTarget, adapter_targets, folded_tensor, weight_delta
 from loramerge.io import bnb4bit
 from loramerge.io.atomic import atomic_output_dir, check_output_target
 from loramerge.io.checkpoint import Checkpoint, open_checkpoint

@@ -9,7 +9,7 @@ import torch
 
 from loramerge.adapter import LoraAdapter
 from loramerge.errors import BadInput
-from loramerge.fold import FoldTarget, adapter_targets, folded_tensor
+from loramerge.folding import FoldTarget, adapter_targets, folded_tensor
 from loramerge.io.adapters import load_adapter
 from loramerge.io.checkpoint import Checkpoint, open_checkpoint
 
