@@ -6,6 +6,7 @@ import functools
 import logging
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -93,6 +94,7 @@ def publish(folder, repo_id: str | None, private: bool) -> None:
 def main() -> None:
     # bitsandbytes warns on import that an optional CPU speed-up package is missing; it changes no result
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecations, not results
     from loramerge.cli import eval_cmd, fold_cmd, inspect_cmd, merge_cmd, run_cmd  # noqa: F401  (registers them)
 
     app()
