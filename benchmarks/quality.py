@@ -118,6 +118,16 @@ def run(args) -> list[dict[str, object]]:
     return rows
 
 
+def read_rows(path: Path) -> list[dict[str, object]]:
+    """The rows of an earlier run's CSV, typed as ``run`` returns them."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        row["size"], row["seed"] = int(row["size"]), int(row["seed"])
+        row["density"] = float(row["density"]) if row["density"] else ""
+    return rows
+
+
 def summarise(rows: list[dict[str, object]]) -> dict[tuple, dict[str, float]]:
     """(size, method, space, density) -> mean normalised accuracy over seeds, its min and max over seeds,
     and the median merge time. Per seed: mean over skills within a subset, then over subsets."""
@@ -188,9 +198,10 @@ def plot(summary: dict[tuple, dict[str, float]], sizes: list[int], path: Path) -
                         label=f"{method} ({space})")  # fmt: skip
                 ax.fill_between(xs, [s["min"] for _, s in points], [s["max"] for _, s in points],
                                 color=colors[method], alpha=0.12)  # fmt: skip
-        for method, color in (("linear", "black"), ("svd", "grey")):
+        for method, color in (("base", "tab:red"), ("linear", "black"), ("svd", "grey")):
             if (size, method, "exact", "") in summary:
-                ax.axhline(summary[(size, method, "exact", "")]["mean"], color=color, lw=1, label=f"{method} (exact)")
+                label = "base alone" if method == "base" else f"{method} (exact)"
+                ax.axhline(summary[(size, method, "exact", "")]["mean"], color=color, lw=1, ls="-.", label=label)
         ax.set_title(f"{size} adapters")
         ax.set_xlabel("density")
         ax.grid(alpha=0.3)
@@ -206,6 +217,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 3, 4], help="Numbers of adapters merged.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--adapters", type=Path, default=ROOT / "adapters", help="The demo folder.")
+    parser.add_argument("--from-csv", type=Path, help="Only redo the summary and plot from an earlier CSV.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
     args = parser.parse_args()
     import datasets
@@ -214,12 +226,15 @@ def main() -> None:
     datasets.disable_progress_bars()
     transformers_logging.disable_progress_bar()
     started = time.perf_counter()
-    rows = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "quality.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    if args.from_csv:
+        rows = read_rows(args.from_csv)
+    else:
+        rows = run(args)
+        with open(args.out / "quality.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
     summary = summarise(rows)
     table = markdown(summary, args.sizes)
     (args.out / "quality.md").write_text(table)
