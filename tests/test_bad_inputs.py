@@ -149,6 +149,11 @@ def _nan_model(ws: Workspace) -> Path:
                                                              {"model": str(model), "parameters": {"weight": 1}}]})
 
 
+def _existing_output(ws: Workspace) -> list:
+    ws.out.mkdir()
+    return _merge(ws)
+
+
 def _merge(ws: Workspace, *extra) -> list:
     return ["merge", ws.a, ws.b, *extra, "-o", ws.out]
 
@@ -228,7 +233,7 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
     # merge: where the output goes
     "merge: output is an input": (lambda w: ["merge", w.a, w.b, "-o", w.a, "--force"], "overlaps the input"),
     "merge: output inside an input": (lambda w: ["merge", w.a, w.b, "-o", w.a / "merged"], "overlaps the input"),
-    "merge: output exists": (lambda w: _merge(w) if w.out.mkdir() is None else [], "pass --force"),
+    "merge: output exists": (_existing_output, "pass --force"),
     "merge: output is a file": (lambda w: ["merge", w.a, w.b, "-o", _file(w, "file", "x"), "--force"], "not a folder"),
     # run: recipes
     "run: missing recipe": (lambda w: ["run", w.root / "none.yml", "-o", w.out], "cannot read"),
