@@ -253,6 +253,18 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
     "run: layer_range reversed": (lambda w: ["run", _slices(w, [3, 1]), "-o", w.out], "layer_range"),
     "run: absurd layer_range": (lambda w: ["run", _slices(w, [0, 10**9]), "-o", w.out], "layer_range"),
     "run: NaN in a model": (lambda w: ["run", _nan_model(w), "-o", w.out], "NaN or Inf"),
+    "run: model weights all zero": (
+        lambda w: ["run", _recipe(w, {"merge_method": "linear", "models": [
+            {"model": str(w.base), "parameters": {"weight": 0}},
+            {"model": f"{w.base}+{w.a}", "parameters": {"weight": 0}}]}), "-o", w.out],
+        "weights are all zero",
+    ),
+    "run: normalized weights summing to zero": (
+        lambda w: ["run", _recipe(w, {"merge_method": "linear", "parameters": {"normalize": True}, "models": [
+            {"model": str(w.base), "parameters": {"weight": 1}},
+            {"model": f"{w.base}+{w.a}", "parameters": {"weight": -1}}]}), "-o", w.out],
+        "sum to zero",
+    ),
     "run: adapter recipe with unknown parameter": (
         lambda w: ["run", _adapter_recipe(w, lambda_=0.3), "-o", w.out],
         "parameters.lambda_",

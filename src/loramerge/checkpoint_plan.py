@@ -200,6 +200,17 @@ def _check_fractions(output: str, ref: str, params: dict[str, object]) -> None:
         raise BadInput(f"tensor {output}: density of {ref} is {density!r}; it must be in (0, 1]")
 
 
+def _check_weights(output: str, weights: list[object], divides_by_sum: bool) -> None:
+    """All-zero weights merge to nothing; a normalising sum of zero would divide by zero (NaN out)."""
+    given = [float(w) for w in weights if isinstance(w, (int, float))]
+    if not given or len(given) != len(weights):
+        return
+    if all(w == 0 for w in given):
+        raise BadInput(f"tensor {output}: the weights are all zero ({given}); the merge would be empty")
+    if divides_by_sum and abs(sum(given)) < 1e-12:
+        raise BadInput(f"tensor {output}: the weights {given} sum to zero, so normalize: true cannot divide by it")
+
+
 def _plan_tensor(
     output: str, name_for: Callable[[Source], str], piece: SliceInputs, recipe: Recipe, t: float, spec: KernelSpec
 ) -> TensorPlan:
@@ -225,6 +236,8 @@ def _plan_tensor(
         base_input = (base, name_for(Source(base, piece.sources[0].layers, None, "base_model")))
     for (ref, _), params in zip(inputs, per_input, strict=True):
         _check_fractions(output, ref, params)
+    divides_by_sum = bool(shared.get("normalize")) and not spec.consensus  # consensus divides per entry
+    _check_weights(output, [params.get("weight") for params in per_input], divides_by_sum)
     if spec.name == "slerp":  # the base first: t = 0 is the base, t = 1 the other model
         inputs.sort(key=lambda item: item[0] != base)
     return TensorPlan(output, inputs, base_input, per_input, {**shared, **_kernel_params(spec, shared)}, t)
