@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from loramerge.checkpoint_plan import CheckpointPlan, TensorPlan, on_deltas, plan_checkpoint_merge
+from loramerge.compat import check_finite
 from loramerge.errors import BadInput
 from loramerge.io.atomic import atomic_output_dir, check_output_target
 from loramerge.io.model_card import dense_model_card
@@ -35,8 +36,8 @@ def _read(plan: CheckpointPlan, ref: str, name: str, rows: int, device: str) -> 
     if name not in source.checkpoint.files:
         raise BadInput(f"tensor {name}: missing from model {ref}")
     tensor = source.get(name)
-    if not plan.allow_nonfinite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise BadInput(f"model {ref}: tensor {name} holds NaN or Inf values; pass --allow-nonfinite to use it anyway")
+    if not plan.allow_nonfinite:
+        check_finite({name: tensor}, f"model {ref}")
     if tensor.dim() and tensor.shape[0] > rows and is_vocabulary_tensor(name):
         note = f"model {ref}: vocabulary rows of {name} cut from {tensor.shape[0]} to the base's {rows}"
         if note not in plan.warnings:

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+
+import torch
 
 from loramerge.adapter import LoraAdapter
 from loramerge.errors import BadInput
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], owner: str) -> None:
+    """Refuse NaN or Inf values: merged, they spread over every entry they meet (sign election, SVD)."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise BadInput(f"{owner}: tensor {key} holds NaN or Inf values; pass --allow-nonfinite to use it anyway")
 
 
 def check_weights(adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> list[float]:

@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from loramerge.adapter import LoraAdapter, LoraModule
+from loramerge.compat import check_finite
 from loramerge.errors import BadInput, brief
 from loramerge.io.atomic import atomic_output_dir
 from loramerge.io.hub import resolve_folder
@@ -104,13 +105,6 @@ def _build_module(name: str, parts: dict[str, torch.Tensor], config: dict[str, A
         raise BadInput(f"adapter {source}: module {name} has non-float factors ({A.dtype})")
     scale = lora_scale(rank, alpha, bool(config.get("use_rslora")))
     return LoraModule(A=A, B=B, scale=scale, embedding=embedding)
-
-
-def check_finite(tensors: dict[str, torch.Tensor], owner: str) -> None:
-    """Refuse NaN or Inf values: merged, they spread over every entry they meet (sign election, SVD)."""
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise BadInput(f"{owner}: tensor {key} holds NaN or Inf values; pass --allow-nonfinite to use it anyway")
 
 
 def load_adapter(ref: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
