@@ -7,16 +7,10 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from loramerge.defaults import DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_SPACE
+from loramerge.defaults import DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_SPACE, METHODS
 from loramerge.errors import BadInput
 from loramerge.kernels import KERNELS, preset_params
 
-LOWRANK_METHODS = ("cat", "svd")
-ADAPTER_KERNELS = (
-    "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune",
-    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-)  # fmt: skip
-METHODS = (*LOWRANK_METHODS, *ADAPTER_KERNELS)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Space = Literal["core", "full", "factors"]
 Strategy = Literal["concat", "svd", "core", "full", "factors"]

@@ -14,17 +14,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from loramerge.cli.app import app, console, out, publish, reports_errors
-from loramerge.defaults import DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_SPACE
+from loramerge.defaults import DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_SPACE, METHODS
 from loramerge.errors import BadInput
 
 if TYPE_CHECKING:  # the library (and torch) load when a command runs, so --help stays instant
     from loramerge.adapter_merge import MergePlan
 
 PROGRESS_MIN_ITEMS = 64
-METHOD_HELP = (
-    "svd | linear | cat | ties | dare_linear | dare_ties | magnitude_prune | breadcrumbs | breadcrumbs_ties"
-    " | della | della_linear"
-)
 
 
 def parse_weights(text: str | None) -> list[float] | None:
@@ -93,7 +89,7 @@ def merge(
     adapters: list[str] = typer.Argument(..., help="PEFT adapter folders or Hub repo ids."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder to write the merged adapter to."),
     weights: str = typer.Option(None, help="Comma-separated weights, one per adapter (default: 1 each)."),
-    method: str = typer.Option(None, help=f"{METHOD_HELP} (default {DEFAULT_METHOD})."),
+    method: str = typer.Option(None, help=f"{' | '.join(METHODS)} (default {DEFAULT_METHOD})."),
     density: float = typer.Option(
         None, help=f"Fraction kept by the pruning methods, in (0, 1] (default {DEFAULT_DENSITY:g})."
     ),
