@@ -29,11 +29,12 @@ import torch
 from loramerge import load_adapter, merge_adapters
 from loramerge.evaluate import evaluate, load_model, load_samples
 from loramerge.folding import adapter_targets, folded_tensor
+from loramerge.kernels import KERNELS
 
 ROOT = Path(__file__).resolve().parent.parent
 SKILLS = ("add", "reverse", "sort", "cipher")
 DENSITY_METHODS = ("ties", "magnitude_prune", "breadcrumbs", "dare_linear", "dare_ties", "della")
-RANDOM_METHODS = ("dare_linear", "dare_ties", "della")
+RANDOM_METHODS = tuple(method for method in DENSITY_METHODS if KERNELS[method].random)  # seeds matter
 DENSITIES = (0.2, 0.5, 0.8)
 SEEDS = (0, 1, 2)
 SPACES = ("core", "full", "factors")
