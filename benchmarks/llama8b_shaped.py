@@ -1,11 +1,14 @@
 """Three rank-16 bfloat16 adapters shaped like Llama-3-8B (32 layers; q,k,v,o,gate,up,down).
 
-    python benchmarks/llama8b_shaped.py [--layers 32] [--skip-peft]
+    python benchmarks/llama8b_shaped.py [--layers 32] [--skip-peft] [--skip-error]
 
-Runs ``loramerge merge --method svd`` and ``--method ties`` (core space) as a user would, in fresh
-processes: wall time and peak RSS against the adapters' bytes. The base model is never read (none exists).
-PEFT's time for the same job is extrapolated from its add_weighted_adapter (``svd`` and ``ties_svd``)
-measured here on one module of each distinct shape.
+Runs, as a user would and in fresh processes, ``loramerge merge`` with the defaults (no ``--method`` or
+``--space``), ``--method svd``, and ``--method ties --space full --density 0.5`` (whose rank-16
+truncation of each dense merged module uses the randomized range finder at this size): wall time and
+peak RSS against the adapters' bytes. The base model is never read (none exists). Then, for one module
+of each shape, the randomized truncation's error against the exact one (``torch.linalg.svd``). PEFT's
+time for the same jobs is extrapolated from its add_weighted_adapter (``svd`` and ``ties_svd``) measured
+here on one module of each distinct shape.
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ from pathlib import Path
 import torch
 from _common import run_measured, synthetic_adapter, timed
 from peft import LoraConfig, get_peft_model
+
+from loramerge import load_adapter
+from loramerge.kernels import get_kernel, run_kernel
+from loramerge.lowrank import truncate_dense, truncate_dense_randomized
+from loramerge.options import parse_options
+from loramerge.seeding import tensor_generators
 
 HIDDEN, KV, INTERMEDIATE, RANK = 4096, 1024, 14336, 16
 SHAPES = {  # (out, in) of each projection in one layer
@@ -58,10 +67,39 @@ def peft_seconds_per_shape(combination_type: str) -> dict[tuple[int, int], float
     return seconds
 
 
+RUNS = {  # label -> extra flags of `loramerge merge`
+    "defaults": [],
+    "svd": ["--method", "svd"],
+    "ties full 0.5": ["--method", "ties", "--space", "full", "--density", "0.5"],
+}
+
+
+def truncation_errors(work: Path, shapes: dict[str, tuple[int, int]]) -> None:
+    """For one module of each shape: the dense ties merge (density 0.5) of the three adapters, its exact
+    rank-16 truncation and the randomized one; prints both residuals relative to the merged matrix."""
+    adapters = [load_adapter(str(work / name)) for name in "abc"]
+    options = parse_options(method="ties", density=0.5)
+    firsts = {shape: name for name, shape in reversed(list(shapes.items()))}
+    for shape, name in sorted(firsts.items()):
+        deltas = torch.stack([a.modules[name].factors().dense() for a in adapters])
+        gens = tensor_generators(0, name, range(3))
+        merged = run_kernel(get_kernel("ties"), deltas, torch.ones(3), options.kernel_params, gens)
+        took_exact, exact = timed(lambda m=merged: truncate_dense(m, RANK))
+        took_random, randomized = timed(lambda m=merged: truncate_dense_randomized(m, RANK, seed=0))
+        norm = torch.linalg.matrix_norm(merged)
+        best = torch.linalg.matrix_norm(merged - exact.dense()) / norm
+        error = torch.linalg.matrix_norm(merged - randomized.dense()) / norm
+        gap = torch.linalg.matrix_norm(randomized.dense() - exact.dense()) / torch.linalg.matrix_norm(exact.dense())
+        print(f"  {shape[0]}x{shape[1]}: residual exact {best:.4f}, randomized {error:.4f} "
+              f"({error / best:.4f}x); |randomized - exact| / |exact| {gap:.3f}; "
+              f"SVD {took_exact:.1f} s, range finder {took_random:.2f} s")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--skip-error", action="store_true", help="Skip the exact-SVD error check (minutes).")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="loramerge-bench-"))
     try:
@@ -72,18 +110,21 @@ def main() -> None:
         print(f"{len(shapes)} modules x 3 adapters, rank {RANK}, bfloat16: {total_mib:.0f} MiB of adapters")
         print(f"memory budget (3x adapters + 1 GiB): {budget:.0f} MiB; base model: never read")
         results = {}
-        for method in ("svd", "ties"):
-            command = [sys.executable, "-m", "loramerge.cli", "merge", *(str(work / n) for n in "abc"),
-                       "--method", method, "--space", "core", "-o", str(work / f"out-{method}"), "--force"]  # fmt: skip
+        for label, flags in RUNS.items():
+            command = [sys.executable, "-m", "loramerge.cli", "merge", *(str(work / n) for n in "abc"), *flags,
+                       "-o", str(work / "out"), "--force"]  # fmt: skip
             seconds, rss, code = run_measured(command)
             if code != 0:
-                raise SystemExit(f"loramerge merge --method {method} failed with exit code {code}")
-            results[method] = seconds
-            print(f"loramerge merge --method {method:4s}: {seconds:6.1f} s, peak RSS {rss:6.0f} MiB "
-                  f"({rss / budget:.2f} of budget)")  # fmt: skip
+                raise SystemExit(f"loramerge merge {' '.join(flags)} failed with exit code {code}")
+            results[label] = seconds
+            print(f"loramerge merge {label:14s} {' '.join(flags) or '(no --method, no --space)':45s}: "
+                  f"{seconds:6.1f} s, peak RSS {rss:6.0f} MiB ({rss / budget:.2f} of budget)")  # fmt: skip
+        if not args.skip_error:
+            print("rank-16 truncation of the dense ties merge, randomized range finder vs exact SVD:")
+            truncation_errors(work, shapes)
         if args.skip_peft:
             return
-        for ours, theirs in (("svd", "svd"), ("ties", "ties_svd")):
+        for ours, theirs in (("svd", "svd"), ("ties full 0.5", "ties_svd")):
             per_shape = peft_seconds_per_shape(theirs)
             extrapolated = args.layers * sum(per_shape[shape] for shape in SHAPES.values())
             print(f"PEFT add_weighted_adapter({theirs}) extrapolated to {len(shapes)} modules: {extrapolated:.0f} s "

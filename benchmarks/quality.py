@@ -1,13 +1,17 @@
-"""Merge quality on the shipped skill adapters: which method and space keep the most of each skill?
+"""Merge quality on the shipped skill adapters (SmolLM2-135M-Instruct): which method and space keep
+the most of each skill?
 
-For every subset of 2, 3 and 4 skill adapters (weight 1 each, as in task arithmetic), every method in
-every space it can run in, densities 0.2/0.5/0.8 and three seeds for the random methods, the merge is
-folded into the base and scored by greedy exact match on each skill's held-out set. A skill's score is
+For every subset of 2, 3 and 4 of the four skill adapters (weight 1 each, as in task arithmetic), every
+adapter method in every space it runs in (core and full; the factor space needs equal ranks, which the
+demo's adapters do not have), at each density and, for the random methods, each seed, the merge is
+folded into the base and scored by greedy exact match on each skill's held-out prompts. PEFT's own
+``add_weighted_adapter`` runs beside them as the peer, with the combination types that accept
+different ranks (``svd``, ``ties_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``). A skill's score is
 normalised by its own adapter's accuracy; a merge's score is the mean over its skills, then over the
 subsets of one size.
 
-    python benchmarks/quality.py                    # about 15 minutes on 2 CPU cores
-    python benchmarks/quality.py --samples 50 --sizes 2   # a quick look
+    python benchmarks/quality.py            # about 100 minutes on 2 CPU cores
+    python benchmarks/quality.py --quick    # a subset in a few minutes
 
 Writes ``benchmarks/results/quality.csv`` (one row per merge and skill), ``quality.png`` and a
 Markdown summary (``quality.md``, pasted into the README).
@@ -16,6 +20,7 @@ Markdown summary (``quality.md``, pasted into the README).
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import itertools
 import statistics
@@ -29,34 +34,38 @@ import torch
 from loramerge import load_adapter, merge_adapters
 from loramerge.evaluate import evaluate, load_model, load_samples
 from loramerge.folding import adapter_targets, folded_tensor
+from loramerge.io.checkpoint import resolve_model_dir
 from loramerge.kernels import KERNELS
 
 ROOT = Path(__file__).resolve().parent.parent
-SKILLS = ("add", "reverse", "sort", "cipher")
-DENSITY_METHODS = ("ties", "magnitude_prune", "breadcrumbs", "dare_linear", "dare_ties", "della")
+SKILLS = ("sentiment", "arithmetic", "dates", "orders")
+DENSITY_METHODS = ("ties", "magnitude_prune", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della",
+                   "della_linear")  # fmt: skip
 RANDOM_METHODS = tuple(method for method in DENSITY_METHODS if KERNELS[method].random)  # seeds matter
-DENSITIES = (0.2, 0.5, 0.8)
-SEEDS = (0, 1, 2)
-SPACES = ("core", "full", "factors")
+SPACES = ("core", "full")
+# PEFT's add_weighted_adapter types that accept adapters of different ranks -> our method of the same math
+PEFT_TYPES = {"svd": "svd", "ties_svd": "ties", "dare_ties_svd": "dare_ties", "magnitude_prune_svd": "magnitude_prune"}
+QUICK_METHODS = ("ties", "dare_ties")
 
 
 @dataclass(frozen=True)
 class Config:
     method: str
-    space: str  # "exact" for linear/svd in core or full space: their result does not depend on it
+    space: str  # "exact" for base/linear/svd (the space does not change them); "peft" for the peer
     density: float | None = None
     seed: int = 0
 
 
-def configs(equal_ranks: bool) -> list[Config]:
-    """Every merge the benchmark runs on one subset of adapters."""
-    spaces = SPACES if equal_ranks else SPACES[:2]
-    runs = [Config("linear", "exact"), Config("svd", "exact")]
-    if equal_ranks:
-        runs.append(Config("linear", "factors"))
-    for method, space, density in itertools.product(DENSITY_METHODS, spaces, DENSITIES):
-        seeds = SEEDS if method in RANDOM_METHODS else (0,)
-        runs += [Config(method, space, density, seed) for seed in seeds]
+def configs(densities: list[float], seeds: list[int], quick: bool) -> list[Config]:
+    """Every merge the benchmark runs on one subset of adapters (the base alone first)."""
+    runs = [Config("base", "exact"), Config("linear", "exact"), Config("svd", "exact"), Config("svd", "peft")]
+    methods = QUICK_METHODS if quick else DENSITY_METHODS
+    for method, space, density in itertools.product(methods, SPACES, densities):
+        for seed in seeds if method in RANDOM_METHODS else (0,):
+            runs.append(Config(method, space, density, seed))
+    for peft_type, method in PEFT_TYPES.items():
+        if peft_type != "svd" and method in methods:
+            runs += [Config(method, "peft", density) for density in densities]
     return runs
 
 
@@ -77,45 +86,78 @@ def load_folded(model, base_state: dict[str, torch.Tensor], adapter) -> None:
     state = dict(base_state)
     for key, target in adapter_targets(adapter).items() if adapter is not None else ():
         state[key] = folded_tensor(adapter, target, key, base_state[key])
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=False)
 
 
-def accuracies(model, tokenizer, base_state, adapter, samples: dict[str, list], skills) -> dict[str, float]:
-    load_folded(model, base_state, adapter)
-    return {skill: evaluate(model, tokenizer, samples[skill], skill, batch_size=256).exact_match for skill in skills}
+def scores(model, tokenizer, samples: dict[str, list], skills) -> dict[str, float]:
+    return {skill: evaluate(model, tokenizer, samples[skill], skill, batch_size=100).exact_match for skill in skills}
+
+
+def peft_model_with(model, adapters: Path):
+    """The peer: a PeftModel on a copy of the base holding every skill adapter under its skill's name."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(adapters / SKILLS[0]), adapter_name=SKILLS[0])
+    for skill in SKILLS[1:]:
+        peft_model.load_adapter(str(adapters / skill), adapter_name=skill)
+    return peft_model.eval()
+
+
+def peft_scores(peft_model, tokenizer, samples, subset, config: Config) -> tuple[dict[str, float], float]:
+    """PEFT's add_weighted_adapter as its users call it, scored with the merged adapter active."""
+    peft_type = {method: peft_type for peft_type, method in PEFT_TYPES.items()}[config.method]
+    kwargs = {"density": config.density} if config.density is not None else {}
+    torch.manual_seed(config.seed)  # PEFT's DARE draws from the global generator
+    started = time.perf_counter()
+    with torch.no_grad():
+        peft_model.add_weighted_adapter(list(subset), [1.0] * len(subset), "merged", combination_type=peft_type,
+                                        **kwargs)  # fmt: skip
+    seconds = time.perf_counter() - started
+    peft_model.set_adapter("merged")
+    result = scores(peft_model, tokenizer, samples, subset)
+    peft_model.delete_adapter("merged")
+    return result, seconds
 
 
 def run(args) -> list[dict[str, object]]:
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(str(args.adapters / "base"))
-    base_state = {key: value.clone() for key, value in model.state_dict().items()}
     adapters = {skill: load_adapter(str(args.adapters / skill)) for skill in SKILLS}
+    base_ref = args.base or adapters[SKILLS[0]].base_model
+    model, tokenizer = load_model(str(resolve_model_dir(base_ref)))
+    base_state = {key: value.clone() for key, value in model.state_dict().items()}
     samples = {
         skill: load_samples(args.adapters / f"data/{skill}.eval.jsonl", prompt_field="prompt",
                             completion_field="completion", max_samples=args.samples)
         for skill in SKILLS
     }  # fmt: skip
-    own = {s: accuracies(model, tokenizer, base_state, adapters[s], samples, [s])[s] for s in SKILLS}
-    print("own adapters:", {skill: round(acc, 3) for skill, acc in own.items()})
+    own = {}
+    for skill in SKILLS:
+        load_folded(model, base_state, adapters[skill])
+        own[skill] = scores(model, tokenizer, samples, [skill])[skill]
+    print("own adapters:", {skill: round(acc, 3) for skill, acc in own.items()}, flush=True)
+    peft_model = peft_model_with(model, args.adapters)
     rows = []
     subsets = [s for k in args.sizes for s in itertools.combinations(SKILLS, k)]
+    plan = configs(args.densities, args.seeds, args.quick)
     for number, subset in enumerate(subsets, start=1):
         chosen = [adapters[skill] for skill in subset]
-        equal = len({a.config.get("r") for a in chosen}) == 1
-        plan = [Config("base", "exact"), *configs(equal)]  # the base alone: what a merge keeps for free
         started = time.perf_counter()
         for config in plan:
-            merged, seconds = (None, 0.0) if config.method == "base" else merge(chosen, config)
-            scores = accuracies(model, tokenizer, base_state, merged, samples, subset)
-            for skill, accuracy in scores.items():
+            if config.space == "peft":
+                accuracy, seconds = peft_scores(peft_model, tokenizer, samples, subset, config)
+            else:
+                merged, seconds = (None, 0.0) if config.method == "base" else merge(chosen, config)
+                load_folded(model, base_state, merged)
+                accuracy = scores(model, tokenizer, samples, subset)
+            for skill, value in accuracy.items():
                 rows.append({
                     "size": len(subset), "subset": "+".join(subset), "method": config.method, "space": config.space,
                     "density": "" if config.density is None else config.density, "seed": config.seed, "skill": skill,
-                    "accuracy": accuracy, "own_accuracy": own[skill], "normalised": accuracy / own[skill],
+                    "accuracy": value, "own_accuracy": own[skill], "normalised": value / own[skill],
                     "merge_seconds": seconds,
                 })  # fmt: skip
         elapsed = time.perf_counter() - started
-        print(f"[{number}/{len(subsets)}] {'+'.join(subset)}: {len(plan)} merges in {elapsed:.0f} s")
+        print(f"[{number}/{len(subsets)}] {'+'.join(subset)}: {len(plan)} merges in {elapsed:.0f} s", flush=True)
     return rows
 
 
@@ -158,23 +200,30 @@ def _cell(stats: dict[str, float] | None) -> str:
     return f"{stats['mean']:.3f} ({stats['min']:.2f}–{stats['max']:.2f})"
 
 
+def _ms(stats: dict[str, float] | None) -> str:
+    return "–" if stats is None else f"{stats['seconds'] * 1000:.0f}"
+
+
+COLUMNS = ("core", "full", "peft")
+
+
 def markdown(summary: dict[tuple, dict[str, float]], sizes: list[int]) -> str:
-    """One table per number of adapters: a row per method and density, core/full/factors side by side."""
+    """One table per number of adapters: a row per method and density, core/full/PEFT side by side."""
     lines = []
     keys = sorted({(method, density) for (_, method, _, density) in summary},
                   key=lambda k: (k[0] != "base", k[0], str(k[1])))  # fmt: skip
     for size in sizes:
-        lines += [f"**{size} adapters** — mean normalised accuracy (min–max over seeds); merge time in ms", "",
-                  "| method | density | core (exact: base, linear, svd) | full | factors | ms |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"**{size} adapters** — mean normalised accuracy (min–max over seeds); median merge time",
+                  "", "| method | density | core (exact: base, linear, svd) | full | PEFT add_weighted_adapter "
+                  "| ms core / full / PEFT |", "|---|---|---|---|---|---|"]  # fmt: skip
         for method, density in keys:
-            cells = [summary.get((size, method, space, density)) for space in ("core", "full", "factors")]
+            cells = [summary.get((size, method, space, density)) for space in COLUMNS]
             if method in ("base", "linear", "svd"):
                 cells[0] = summary.get((size, method, "exact", density))
             if not any(cells):
                 continue
-            ms = statistics.mean(c["seconds"] for c in cells if c) * 1000
-            lines.append(f"| {method} | {density or '–'} | " + " | ".join(map(_cell, cells)) + f" | {ms:.0f} |")
+            times = " / ".join(map(_ms, cells))
+            lines.append(f"| {method} | {density or '–'} | " + " | ".join(map(_cell, cells)) + f" | {times} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -187,16 +236,18 @@ def plot(summary: dict[tuple, dict[str, float]], sizes: list[int], path: Path) -
 
     figure, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), sharey=True, squeeze=False)
     colors = dict(zip(DENSITY_METHODS, plt.get_cmap("tab10").colors, strict=False))
+    densities = sorted({key[3] for key in summary if key[3] != ""})
     for ax, size in zip(axes[0], sizes, strict=True):
         for method in DENSITY_METHODS:
-            for space, style in (("core", "-"), ("full", "--"), ("factors", ":")):
-                keys = [(size, method, space, d) for d in DENSITIES]
+            for space, style in (("core", "-"), ("full", "--"), ("peft", ":")):
+                keys = [(size, method, space, d) for d in densities]
                 points = [(key[3], summary[key]) for key in keys if key in summary]
                 if not points:
                     continue
                 xs = [d for d, _ in points]
+                label = f"{method} ({'PEFT' if space == 'peft' else space})"
                 ax.plot(xs, [s["mean"] for _, s in points], style, color=colors[method], marker="o", markersize=3,
-                        label=f"{method} ({space})")  # fmt: skip
+                        label=label)  # fmt: skip
                 ax.fill_between(xs, [s["min"] for _, s in points], [s["max"] for _, s in points],
                                 color=colors[method], alpha=0.12)  # fmt: skip
         for method, color in (("base", "tab:red"), ("linear", "black"), ("svd", "grey")):
@@ -214,13 +265,19 @@ def plot(summary: dict[tuple, dict[str, float]], sizes: list[int], path: Path) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Merge quality of every method and space on the skill adapters.")
-    parser.add_argument("--samples", type=int, default=200, help="Held-out prompts per skill.")
+    parser.add_argument("--samples", type=int, default=40, help="Held-out prompts per skill.")
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.8])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="Seeds of the random methods.")
+    parser.add_argument("--quick", action="store_true", help="ties and dare_ties only, 20 prompts, 2 and 4 adapters.")
+    parser.add_argument("--base", help="The base model (default: the adapters' base_model_name_or_path).")
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 3, 4], help="Numbers of adapters merged.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--adapters", type=Path, default=ROOT / "adapters", help="The demo folder.")
     parser.add_argument("--from-csv", type=Path, help="Only redo the summary and plot from an earlier CSV.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
     args = parser.parse_args()
+    if args.quick:
+        args.samples, args.sizes, args.seeds = min(args.samples, 20), [2, 4], args.seeds[:1]
     import datasets
     from transformers.utils import logging as transformers_logging
 

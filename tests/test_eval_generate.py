@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +116,55 @@ def test_recipe_with_an_evaluate_section(model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "evaluation" in result.stdout and "exact match" in result.stdout
     assert result.stdout.count("adapter ") >= 2 and "merged" in result.stdout
+
+
+def test_exact_match_from_one_forward_pass_equals_greedy_generation():
+    """``evaluate`` decides exact match from teacher-forced argmaxes; it must agree with generating each
+    greedy completion one row at a time, for rows that match and rows that do not (the character-level
+    fixture model, which answers some prompts right)."""
+    from loramerge.evaluate import Sample, evaluate, greedy_completion, load_model, load_samples
+
+    fixture = Path(__file__).parent / "fixtures/chardemo"
+    model, tokenizer = load_model(str(fixture / "base"))
+    rows = [
+        row
+        for skill in ("add", "cipher")
+        for row in load_samples(
+            fixture / f"data/{skill}.eval.jsonl", prompt_field="prompt", completion_field="completion", max_samples=20
+        )
+    ]
+    samples = []
+    for i, row in enumerate(rows):
+        greedy = greedy_completion(model, tokenizer, tokenizer(row.prompt)["input_ids"], 4)
+        samples.append(Sample(row.prompt, greedy if i % 3 and greedy.strip() else row.completion))
+    expected = sum(
+        greedy_completion(model, tokenizer, tokenizer(s.prompt)["input_ids"],
+                          len(tokenizer(s.completion, add_special_tokens=False)["input_ids"])).strip()
+        == s.completion.strip()
+        for s in samples
+    )  # fmt: skip
+    result = evaluate(model, tokenizer, samples, "check", batch_size=7)
+    assert 0 < expected < len(samples)
+    assert result.exact_match == expected / len(samples)
+
+
+class _Letters:
+    """A tokenizer stand-in: token i is the i-th letter."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join("abcdefgh "[i] for i in ids)
+
+
+@pytest.mark.parametrize(
+    ("target", "greedy", "reference", "decided"),
+    [
+        ([0, 1], [0, 1], "ab", True),  # every argmax follows the reference
+        ([0, 1], [0, 2], "ab", False),  # "ac" cannot become "ab"
+        ([0, 1], [8, 0], "ab", None),  # a leading space: only generation can tell
+        ([0, 1], [0, 8], "ab", None),  # "a " could still strip to the reference's prefix
+    ],
+)
+def test_exact_match_is_decided_only_when_certain(target, greedy, reference, decided):
+    from loramerge.evaluate import match_from_scores
+
+    assert match_from_scores(_Letters(), target, greedy, reference) is decided

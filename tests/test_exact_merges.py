@@ -103,3 +103,28 @@ def test_dtype_follows_inputs_unless_asked(mixed_adapters):
     assert merge_adapters(adapters, WEIGHTS).modules["model.layers.0.self_attn.q_proj"].A.dtype == torch.float32
     half = merge_adapters(adapters, WEIGHTS, dtype="bfloat16")
     assert half.modules["model.layers.0.self_attn.q_proj"].A.dtype == torch.bfloat16
+
+
+def test_full_space_randomized_truncation_tracks_the_exact_one(mixed_adapters):
+    """``full_svd="randomized"`` (what ``auto`` picks for modules with 1024+ rows and columns) against the
+    exact dense SVD of the same ties result: the same ranks, close deltas, and exact where the merged
+    matrix has no more rank than kept."""
+    adapters = [load_adapter(path) for path in mixed_adapters]
+    exact = merge_adapters(adapters, WEIGHTS, "ties", space="full", density=0.5, full_svd="exact")
+    randomized = merge_adapters(adapters, WEIGHTS, "ties", space="full", density=0.5, full_svd="randomized")
+    keep_all = {"space": "full", "density": 1.0, "rank": 64, "full_svd": "randomized"}
+    full_rank = merge_adapters(adapters, WEIGHTS, "magnitude_prune", **keep_all)  # the exact sum, densely
+    exact_sum = merge_adapters(adapters, WEIGHTS, "cat")
+    for name, module in exact.modules.items():
+        other = randomized.modules[name]
+        assert other.rank == module.rank
+        assert rel_err(other.B @ other.A, module.B @ module.A) < 0.35
+        assert rel_err(full_rank.modules[name].B @ full_rank.modules[name].A,
+                       exact_sum.modules[name].B @ exact_sum.modules[name].A) < 1e-4  # fmt: skip
+
+
+def test_unknown_full_svd_choice_is_refused(mixed_adapters):
+    from loramerge.errors import BadInput
+
+    with pytest.raises(BadInput, match="full_svd"):
+        merge_adapters([load_adapter(mixed_adapters[0])], [1.0], "ties", full_svd="fast")

@@ -19,19 +19,19 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
+from conftest import CHARDEMO
 from dense_helpers import save_llama
 from loramerge.io.adapters import load_adapter
 
-ROOT = Path(__file__).resolve().parent.parent
 KILLS_PER_COMMAND = 7
 KILLS_SURVIVED: list[str] = []  # read by the figures test (test_figures.py)
 
 
 def _command(kind: str, work: Path, target: Path) -> list[str]:
     if kind == "merge":
-        args = ["merge", ROOT / "adapters/add", ROOT / "adapters/reverse", ROOT / "adapters/sort", "--method", "ties"]
+        args = ["merge", CHARDEMO / "add", CHARDEMO / "reverse", CHARDEMO / "sort", "--method", "ties"]
     elif kind == "fold":
-        args = ["fold", ROOT / "adapters/add", "--base", ROOT / "adapters/base", "--out-shard-size", "1MB"]
+        args = ["fold", CHARDEMO / "add", "--base", CHARDEMO / "base", "--out-shard-size", "1MB"]
     else:
         recipe = {"merge_method": "ties", "base_model": str(work / "base"),
                   "models": [{"model": str(work / "m1"), "parameters": {"weight": 1.0, "density": 0.5}},

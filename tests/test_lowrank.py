@@ -14,7 +14,9 @@ from loramerge.lowrank import (
     from_core,
     project_to_core,
     truncate_dense,
+    truncate_dense_randomized,
     truncate_rank,
+    use_randomized,
 )
 
 
@@ -57,3 +59,46 @@ def test_core_basis_represents_every_term_exactly():
 def test_frobenius_inner_from_factors():
     x, y = random_terms([3, 5])
     assert frobenius_inner(x, y).item() == pytest.approx((x.dense() * y.dense()).sum().item(), rel=1e-4)
+
+
+def decaying_matrix(out=300, inp=200, seed=0) -> torch.Tensor:
+    """A dense matrix with a slowly decaying spectrum, like a trimmed and sign-elected merge result."""
+    g = torch.Generator().manual_seed(seed)
+    left, _ = torch.linalg.qr(torch.randn(out, inp, generator=g))
+    right, _ = torch.linalg.qr(torch.randn(inp, inp, generator=g))
+    values = 1.0 / torch.arange(1, inp + 1, dtype=torch.float32) ** 0.7
+    return (left * values) @ right.T
+
+
+@pytest.mark.parametrize("rank", [4, 16])
+def test_randomized_truncation_is_near_the_best_rank_k(rank):
+    matrix = decaying_matrix()
+    exact = truncate_dense(matrix, rank)
+    randomized = truncate_dense_randomized(matrix, rank, seed=3)
+    assert randomized.rank == exact.rank == rank
+    best = torch.linalg.matrix_norm(matrix - exact.dense())
+    error = torch.linalg.matrix_norm(matrix - randomized.dense())
+    assert best <= error <= 1.02 * best  # Eckart–Young bound below; range finder within 2 % above
+    assert rel_err(randomized.dense(), exact.dense()) < 0.1
+
+
+def test_randomized_truncation_is_seeded_and_leaves_the_global_generator_alone():
+    matrix = decaying_matrix(seed=1)
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    first = truncate_dense_randomized(matrix, 8, seed=5)
+    assert torch.equal(torch.rand(3), before)
+    again = truncate_dense_randomized(matrix, 8, seed=5)
+    assert torch.equal(first.A, again.A) and torch.equal(first.B, again.B)
+
+
+def test_randomized_truncation_is_exact_for_low_rank_matrices():
+    merged = concat(random_terms([2, 3], out=500, inp=400), [1.0, -0.5])
+    randomized = truncate_dense_randomized(merged.dense(), 5, seed=0)
+    assert rel_err(randomized.dense(), merged.dense()) < 1e-5
+
+
+def test_full_svd_choice_by_module_size():
+    assert not use_randomized("auto", (576, 1536)) and use_randomized("auto", (1024, 4096))
+    assert use_randomized("randomized", (8, 8)) and not use_randomized("exact", (4096, 14336))

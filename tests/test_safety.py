@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from cli_helpers import run
+from conftest import CHARDEMO
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / "src/loramerge").rglob("*.py"))
@@ -53,7 +54,7 @@ def test_remote_code_is_never_trusted_in_the_package():
 
 def test_a_model_asking_for_remote_code_does_not_run_it(tmp_path):
     model = tmp_path / "model"
-    shutil.copytree(ROOT / "adapters/base", model)
+    shutil.copytree(CHARDEMO / "base", model)
     marker = tmp_path / "remote-code-ran"
     (model / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     config = json.loads((model / "config.json").read_text())
@@ -62,7 +63,7 @@ def test_a_model_asking_for_remote_code_does_not_run_it(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"prompt": "copy ab=", "completion": "ab"}\n')
     run("eval", model, "--data", data, "--prompt-field", "prompt", "--completion-field", "completion")
-    run("fold", ROOT / "adapters/add", "--base", model, "-o", tmp_path / "folded")
+    run("fold", CHARDEMO / "add", "--base", model, "-o", tmp_path / "folded")
     run("generate", model, "--prompt", "copy ab=")
     assert not marker.exists()
 
@@ -71,9 +72,9 @@ def test_a_token_in_the_environment_never_reaches_output_or_files(tmp_path):
     env = {**os.environ, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "merged"
     commands = [
-        ["merge", str(ROOT / "adapters/add"), str(ROOT / "adapters/sort"), "-o", str(out)],
+        ["merge", str(CHARDEMO / "add"), str(CHARDEMO / "sort"), "-o", str(out)],
         ["merge", "someone/private-adapter", "-o", str(tmp_path / "missing")],  # a Hub miss: the error names the id
-        ["fold", str(out), "--base", str(ROOT / "adapters/base"), "-o", str(tmp_path / "folded")],
+        ["fold", str(out), "--base", str(CHARDEMO / "base"), "-o", str(tmp_path / "folded")],
     ]
     for command in commands:
         result = subprocess.run([sys.executable, "-m", "loramerge.cli", *command], env=env, capture_output=True,

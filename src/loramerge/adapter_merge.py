@@ -15,9 +15,19 @@ from loramerge.io.model_card import merged_adapter_card
 from loramerge.io.peft_config import merged_lora_config
 from loramerge.kernels import get_kernel, run_kernel
 from loramerge.kernels.methods import linear
-from loramerge.lowrank import LowRank, concat, core_basis, from_core, project_to_core, truncate_dense, truncate_rank
+from loramerge.lowrank import (
+    LowRank,
+    concat,
+    core_basis,
+    from_core,
+    project_to_core,
+    truncate_dense,
+    truncate_dense_randomized,
+    truncate_rank,
+    use_randomized,
+)
 from loramerge.options import MergeOptions, parse_options
-from loramerge.seeding import tensor_generators
+from loramerge.seeding import tensor_generators, tensor_seed
 
 Progress = Callable[[int, int, str], None]
 
@@ -168,7 +178,11 @@ def merge_module(plan: MergePlan, module: ModulePlan) -> LowRank:
             result = from_core(U, run_kernel(spec, cores, weight_tensor, options.kernel_params, gens), V, rank)
         else:
             deltas = torch.stack([term.dense() for term in terms])
-            result = truncate_dense(run_kernel(spec, deltas, weight_tensor, options.kernel_params, gens), rank)
+            merged = run_kernel(spec, deltas, weight_tensor, options.kernel_params, gens)
+            if use_randomized(options.full_svd, module.shape):
+                result = truncate_dense_randomized(merged, rank, tensor_seed(options.seed, f"{module.name}/svd", 0))
+            else:
+                result = truncate_dense(merged, rank)
     if result.rank != module.output_rank:
         raise AssertionError(f"module {module.name}: planned rank {module.output_rank}, got {result.rank}")
     return result

@@ -79,9 +79,12 @@ def load_model(base: str, *, adapter: str | None = None, load_in_4bit: bool = Fa
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
         )
+    from loramerge.io.checkpoint import resolve_model_dir
+
+    folder = resolve_model_dir(base)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as error:
         raise BadInput(f"model {base}: cannot load it with its tokenizer ({brief(error)})") from error
     if adapter is not None:
@@ -120,22 +123,40 @@ def _scorable(prompt: list[int], target: list[int]) -> bool:
     return bool(target) and len(prompt) + len(target) >= 2
 
 
-def score_batch(model, rows: list[tuple[list[int], list[int]]], pad: int) -> list[tuple[float, int]]:
-    """Summed NLL of each row's target tokens given its prompt, and how many tokens were scored."""
-    results = [(0.0, 0)] * len(rows)
+@dataclass(frozen=True)
+class Scored:
+    nll: float  # summed over the target tokens
+    tokens: int
+    greedy: list[int]  # the model's argmax after each target prefix (teacher forcing)
+
+
+def score_batch(model, rows: list[tuple[list[int], list[int]]], pad: int) -> list[Scored]:
+    """Summed NLL of each row's target tokens given its prompt, how many tokens were scored, and the
+    greedy token at each target position. One forward pass, left-padded so that every row's targets
+    end at the last position and the head only computes logits there."""
+    results = [Scored(0.0, 0, [])] * len(rows)
     scored = [i for i, (prompt, target) in enumerate(rows) if _scorable(prompt, target)]
     if not scored:
         return results
     device = next(model.parameters()).device
-    ids, mask = _padded([rows[i][0] + rows[i][1] for i in scored], pad, left=False, device=device)
+    ids, mask = _padded([rows[i][0] + rows[i][1] for i in scored], pad, left=True, device=device)
+    keep = max(len(rows[i][1]) for i in scored) + 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        log_probs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        try:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+        except TypeError:  # an architecture without logits_to_keep
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    width = ids.shape[1]
+    keep = min(keep, width)
+    log_probs = torch.log_softmax(logits[:, -keep:].float(), dim=-1)
     for row, i in enumerate(scored):
         prompt, target = rows[i]
-        first = max(len(prompt), 1)  # the first scored position: a token is predicted from the one before it
-        last = len(prompt) + len(target)
-        picked = log_probs[row, first - 1 : last - 1].gather(1, ids[row, first:last, None])
-        results[i] = (-picked.sum().item(), last - first)
+        count = min(len(target), len(prompt) + len(target) - 1)  # a lone target's first token has no context
+        # logits at column j predict token j + 1; the last `count` tokens sit at columns width-count .. width-1
+        predicting = log_probs[row, keep - 1 - count : keep - 1]
+        picked = predicting.gather(1, ids[row, width - count :, None])
+        results[i] = Scored(-picked.sum().item(), count, predicting.argmax(-1).tolist())
     return results
 
 
@@ -156,6 +177,24 @@ def greedy_completion(model, tokenizer, prompt: list[int], max_new_tokens: int) 
     return greedy_batch(model, tokenizer, [prompt], [max_new_tokens])[0]
 
 
+def match_from_scores(tokenizer, target: list[int], greedy: list[int], reference: str) -> bool | None:
+    """Whether the greedy completion (as many tokens as the reference) equals the reference, when the
+    teacher-forced argmaxes already decide it; ``None`` when only generating can tell.
+
+    Greedy decoding follows the reference as long as the argmax equals the reference token, so it
+    reproduces the reference exactly when every argmax does. At the first disagreement it emits that
+    argmax; if the text up to it, stripped, is not a prefix of the stripped reference, no continuation
+    can make the completion equal the reference."""
+    reference = reference.strip()
+    first = next((k for k, (want, got) in enumerate(zip(target, greedy, strict=True)) if want != got), None)
+    if first is None:
+        return tokenizer.decode(target, skip_special_tokens=True).strip() == reference
+    head = tokenizer.decode([*target[:first], greedy[first]], skip_special_tokens=True)
+    if head.strip() and "\ufffd" not in head and not reference.startswith(head.strip()):
+        return False
+    return None
+
+
 def evaluate(
     model,
     tokenizer,
@@ -166,7 +205,8 @@ def evaluate(
     data: str = "",
 ) -> EvalResult:
     """Token-weighted mean loss, its perplexity and (with prompts) greedy exact-match accuracy, computed
-    ``batch_size`` samples at a time."""
+    ``batch_size`` samples at a time: one forward pass per batch decides both, and greedy generation
+    runs only for the rare rows the teacher-forced argmaxes leave undecided."""
     total, count, matches = 0.0, 0, 0
     with_prompts = any(sample.prompt for sample in samples)
     pad = _pad_id(tokenizer)
@@ -176,12 +216,21 @@ def evaluate(
         for sample in batch:
             prompt = _ids(tokenizer, sample.prompt, special=True)
             rows.append((prompt, _ids(tokenizer, sample.completion, special=not prompt)))
-        for nll, tokens in score_batch(model, rows, pad):
-            total, count = total + nll, count + tokens
-        judged = [(s, prompt, target) for s, (prompt, target) in zip(batch, rows, strict=True) if prompt and target]
-        if with_prompts and judged:
-            answers = greedy_batch(model, tokenizer, [p for _, p, _ in judged], [len(t) for _, _, t in judged])
-            matches += sum(a.strip() == s.completion.strip() for a, (s, _, _) in zip(answers, judged, strict=True))
+        scores = score_batch(model, rows, pad)
+        for score in scores:
+            total, count = total + score.nll, count + score.tokens
+        if with_prompts:
+            undecided = []
+            for sample, (prompt, target), score in zip(batch, rows, scores, strict=True):
+                if not (prompt and target):
+                    continue
+                decided = match_from_scores(tokenizer, target, score.greedy, sample.completion)
+                if decided is None:
+                    undecided.append((sample, prompt, target))
+                matches += bool(decided)
+            if undecided:
+                answers = greedy_batch(model, tokenizer, [p for _, p, _ in undecided], [len(t) for *_, t in undecided])
+                matches += sum(a.strip() == s.completion.strip() for a, (s, *_) in zip(answers, undecided, strict=True))
         if progress is not None:
             progress(start + len(batch), len(samples), name)
     loss = total / count if count else float("nan")

@@ -28,6 +28,7 @@ class MergeOptions(BaseModel):
     majority_sign: Literal["total", "frequency"] = "total"
     preset: Literal["peft", "mergekit"] = "peft"
     seed: int = 0
+    full_svd: Literal["auto", "exact", "randomized"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     strict: bool = False
     device: str = "cpu"

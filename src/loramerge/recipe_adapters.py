@@ -8,7 +8,7 @@ from loramerge.io.adapters import load_adapter
 from loramerge.options import MergeOptions, parse_options
 from loramerge.recipe import Recipe
 
-OPTION_KEYS = {"density", "rank", "space", "majority_sign", "preset", "seed", "strict"}
+OPTION_KEYS = {"density", "rank", "space", "full_svd", "majority_sign", "preset", "seed", "strict"}
 
 
 def adapter_merge_inputs(

@@ -60,6 +60,8 @@ def describe(plan: MergePlan) -> str:
     parts = [f"method={options.method}"]
     if options.strategy not in ("concat", "svd"):
         parts.append(f"space={options.space}")
+    if options.strategy == "full":
+        parts.append(f"full_svd={options.full_svd}")
     if options.uses_density:
         parts.append(f"density={options.effective_density:g}")
     if options.method in KERNELS and KERNELS[options.method].consensus:
@@ -98,6 +100,11 @@ def merge(
         None, help=f"Where element-wise methods work: core | full | factors (default {DEFAULT_SPACE})."
     ),
     majority_sign: str = typer.Option(None, help="Sign election of ties/dare_ties: total (default) | frequency."),
+    full_svd: str = typer.Option(
+        None,
+        help="Rank truncation in the full space: auto (default: exact below 1024 rows or columns, "
+        "randomized above) | exact | randomized.",
+    ),
     preset: str = typer.Option(None, help="Conventions where peers differ: peft (default) | mergekit."),
     seed: int = typer.Option(None, help="Seed of the random methods (default 0)."),
     dtype: str = typer.Option(None, help="Output dtype: float32 | float16 | bfloat16 (default: the inputs')."),
@@ -117,7 +124,7 @@ def merge(
     from loramerge.options import parse_options
 
     options = parse_options(
-        method=method, density=density, rank=rank, space=space, majority_sign=majority_sign,
+        method=method, density=density, rank=rank, space=space, majority_sign=majority_sign, full_svd=full_svd,
         preset=preset, seed=seed, dtype=dtype, device=device, strict=strict,
     )  # fmt: skip
     local_inputs = [Path(ref) for ref in adapters if Path(ref).exists()]

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from loramerge.errors import BadInput, brief
+from loramerge.io.gguf import dense_folder, is_gguf_reference
 from loramerge.io.hub import resolve_folder
 
 SAFETENSORS = "model.safetensors"
@@ -90,6 +91,9 @@ class Checkpoint:
 
 
 def resolve_model_dir(ref: str) -> Path:
+    """A model folder, a Hub repo id (fetched), or a GGUF file (its cached dequantized folder)."""
+    if is_gguf_reference(ref):
+        return dense_folder(ref)
     return resolve_folder(ref, "model", "a model folder", HUB_PATTERNS)
 
 

@@ -1,7 +1,15 @@
 """Factored linear algebra for LoRA: exact sums, QR + small-core SVD, shared core bases."""
 
 from loramerge.lowrank.factored import LowRank, concat, frobenius_inner
-from loramerge.lowrank.svd import core_basis, from_core, project_to_core, truncate_dense, truncate_rank
+from loramerge.lowrank.svd import (
+    core_basis,
+    from_core,
+    project_to_core,
+    truncate_dense,
+    truncate_dense_randomized,
+    truncate_rank,
+    use_randomized,
+)
 
 __all__ = [
     "LowRank",
@@ -11,5 +19,7 @@ __all__ = [
     "from_core",
     "project_to_core",
     "truncate_dense",
+    "truncate_dense_randomized",
     "truncate_rank",
+    "use_randomized",
 ]

@@ -69,6 +69,32 @@ def truncate_rank(term: LowRank, rank: int) -> LowRank:
     return from_core(U, R_B @ R_A.T, V, rank)
 
 
+# Below this smaller side an exact dense SVD takes well under a second; above it the randomized range
+# finder is used unless the exact one is asked for (`--full-svd exact`).
+RANDOMIZED_MIN_SIDE = 1024
+OVERSAMPLE, POWER_ITERATIONS = 8, 2
+
+
+def use_randomized(choice: str, shape: tuple[int, int]) -> bool:
+    """``choice`` is ``auto`` (by size), ``exact`` or ``randomized``."""
+    return choice == "randomized" or (choice == "auto" and min(shape) >= RANDOMIZED_MIN_SIDE)
+
+
+def truncate_dense_randomized(delta: torch.Tensor, rank: int, seed: int) -> LowRank:
+    """A near-best rank-``rank`` factorisation of a dense matrix by the randomized range finder with
+    power iterations (Halko, Martinsson & Tropp, SIAM Review 2011, Alg. 4.4 + 5.1), via
+    ``torch.svd_lowrank``: a few products with a thin random matrix instead of a full SVD. Seeded, so
+    the same inputs give the same bits; ``benchmarks/llama8b_shaped.py`` reports its error against the
+    exact truncation."""
+    sketch = min(rank + OVERSAMPLE, *delta.shape)
+    devices = [delta.device] if delta.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        left, values, right = torch.svd_lowrank(delta, q=sketch, niter=POWER_ITERATIONS)
+    keep = min(rank, values.shape[0])
+    return LowRank(B=left[:, :keep] * values[:keep], A=right[:, :keep].T)
+
+
 def truncate_dense(delta: torch.Tensor, rank: int) -> LowRank:
     """The best rank-``rank`` factorisation of a dense matrix (``torch.linalg.svd``): the ``full`` space."""
     left, values, right_t = _svd(delta)
