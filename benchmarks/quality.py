@@ -6,11 +6,14 @@ adapter method in every space it runs in (core and full; the factor space needs 
 demo's adapters do not have), at each density and, for the random methods, each seed, the merge is
 folded into the base and scored by greedy exact match on each skill's held-out prompts. PEFT's own
 ``add_weighted_adapter`` runs beside them as the peer, with the combination types that accept
-different ranks (``svd``, ``ties_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``). A skill's score is
+different ranks (``svd``, ``ties_svd``, ``dare_ties_svd``). The full space truncates each dense merged
+module with the randomized range finder (``full_svd="auto"`` at these sizes). Dense merges of this model
+cost 20-40 s each, so by default only ties and dare_ties at the highest density run in the full space and
+PEFT (``--every-full`` runs all of them, and ties with the exact SVD, in a few hours). A skill's score is
 normalised by its own adapter's accuracy; a merge's score is the mean over its skills, then over the
 subsets of one size.
 
-    python benchmarks/quality.py            # about 100 minutes on 2 CPU cores
+    python benchmarks/quality.py            # about 50 minutes on 2 CPU cores
     python benchmarks/quality.py --quick    # a subset in a few minutes
 
 Writes ``benchmarks/results/quality.csv`` (one row per merge and skill), ``quality.png`` and a
@@ -44,8 +47,8 @@ DENSITY_METHODS = ("ties", "magnitude_prune", "breadcrumbs", "breadcrumbs_ties",
 RANDOM_METHODS = tuple(method for method in DENSITY_METHODS if KERNELS[method].random)  # seeds matter
 SPACES = ("core", "full")
 # PEFT's add_weighted_adapter types that accept adapters of different ranks -> our method of the same math
-PEFT_TYPES = {"svd": "svd", "ties_svd": "ties", "dare_ties_svd": "dare_ties", "magnitude_prune_svd": "magnitude_prune"}
-QUICK_METHODS = ("ties", "dare_ties")
+PEFT_TYPES = {"svd": "svd", "ties_svd": "ties", "dare_ties_svd": "dare_ties"}
+QUICK_METHODS = FULL_METHODS = ("ties", "dare_ties")
 
 
 @dataclass(frozen=True)
@@ -56,22 +59,31 @@ class Config:
     seed: int = 0
 
 
-def configs(densities: list[float], seeds: list[int], quick: bool) -> list[Config]:
-    """Every merge the benchmark runs on one subset of adapters (the base alone first)."""
+def configs(densities: list[float], seeds: list[int], quick: bool, every_full: bool) -> list[Config]:
+    """Every merge the benchmark runs on one subset of adapters (the base alone first). A full-space or
+    PEFT merge of this model builds a dense delta of every module (~100 M entries per adapter, 20-40 s on
+    2 cores, against ~1 s in the core space), so by default only ties and dare_ties at the highest
+    density run there; ``--every-full`` runs the whole grid in the full space too."""
+    top = max(densities)
     runs = [Config("base", "exact"), Config("linear", "exact"), Config("svd", "exact"), Config("svd", "peft")]
     methods = QUICK_METHODS if quick else DENSITY_METHODS
     for method, space, density in itertools.product(methods, SPACES, densities):
+        if space == "full" and not every_full and (method not in FULL_METHODS or density != top):
+            continue
         for seed in seeds if method in RANDOM_METHODS else (0,):
             runs.append(Config(method, space, density, seed))
-    for peft_type, method in PEFT_TYPES.items():
-        if peft_type != "svd" and method in methods:
-            runs += [Config(method, "peft", density) for density in densities]
+    runs.append(Config("ties", "peft", top))
+    if every_full:
+        runs.append(Config("ties", "full_exact", top))  # the randomized truncation against the exact one
+        runs += [Config("ties", "peft", d) for d in densities if d != top] + [Config("dare_ties", "peft", top)]
     return runs
 
 
 def merge(adapters, config: Config):
     params: dict[str, object] = {"seed": config.seed}
-    if config.space != "exact":
+    if config.space == "full_exact":
+        params.update(space="full", full_svd="exact")
+    elif config.space != "exact":
         params["space"] = config.space
     if config.density is not None:
         params["density"] = config.density
@@ -93,12 +105,12 @@ def scores(model, tokenizer, samples: dict[str, list], skills) -> dict[str, floa
     return {skill: evaluate(model, tokenizer, samples[skill], skill, batch_size=100).exact_match for skill in skills}
 
 
-def peft_model_with(model, adapters: Path):
+def peft_model_with(model, adapters: Path, skills: tuple[str, ...]):
     """The peer: a PeftModel on a copy of the base holding every skill adapter under its skill's name."""
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(adapters / SKILLS[0]), adapter_name=SKILLS[0])
-    for skill in SKILLS[1:]:
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(adapters / skills[0]), adapter_name=skills[0])
+    for skill in skills[1:]:
         peft_model.load_adapter(str(adapters / skill), adapter_name=skill)
     return peft_model.eval()
 
@@ -121,24 +133,25 @@ def peft_scores(peft_model, tokenizer, samples, subset, config: Config) -> tuple
 
 def run(args) -> list[dict[str, object]]:
     torch.set_num_threads(args.threads)
-    adapters = {skill: load_adapter(str(args.adapters / skill)) for skill in SKILLS}
-    base_ref = args.base or adapters[SKILLS[0]].base_model
+    skills = tuple(args.skills)
+    adapters = {skill: load_adapter(str(args.adapters / skill)) for skill in skills}
+    base_ref = args.base or adapters[skills[0]].base_model
     model, tokenizer = load_model(str(resolve_model_dir(base_ref)))
     base_state = {key: value.clone() for key, value in model.state_dict().items()}
     samples = {
         skill: load_samples(args.adapters / f"data/{skill}.eval.jsonl", prompt_field="prompt",
                             completion_field="completion", max_samples=args.samples)
-        for skill in SKILLS
+        for skill in skills
     }  # fmt: skip
     own = {}
-    for skill in SKILLS:
+    for skill in skills:
         load_folded(model, base_state, adapters[skill])
         own[skill] = scores(model, tokenizer, samples, [skill])[skill]
     print("own adapters:", {skill: round(acc, 3) for skill, acc in own.items()}, flush=True)
-    peft_model = peft_model_with(model, args.adapters)
+    peft_model = peft_model_with(model, args.adapters, skills)
     rows = []
-    subsets = [s for k in args.sizes for s in itertools.combinations(SKILLS, k)]
-    plan = configs(args.densities, args.seeds, args.quick)
+    subsets = [s for k in args.sizes for s in itertools.combinations(skills, k)]
+    plan = configs(args.densities, args.seeds, args.quick, args.every_full)
     for number, subset in enumerate(subsets, start=1):
         chosen = [adapters[skill] for skill in subset]
         started = time.perf_counter()
@@ -150,8 +163,11 @@ def run(args) -> list[dict[str, object]]:
                 load_folded(model, base_state, merged)
                 accuracy = scores(model, tokenizer, samples, subset)
             for skill, value in accuracy.items():
+                method, space = config.method, config.space
+                if space == "full_exact":
+                    method, space = f"{method} (exact SVD)", "full"
                 rows.append({
-                    "size": len(subset), "subset": "+".join(subset), "method": config.method, "space": config.space,
+                    "size": len(subset), "subset": "+".join(subset), "method": method, "space": space,
                     "density": "" if config.density is None else config.density, "seed": config.seed, "skill": skill,
                     "accuracy": value, "own_accuracy": own[skill], "normalised": value / own[skill],
                     "merge_seconds": seconds,
@@ -212,7 +228,7 @@ def markdown(summary: dict[tuple, dict[str, float]], sizes: list[int]) -> str:
     lines = []
     keys = sorted({(method, density) for (_, method, _, density) in summary},
                   key=lambda k: (k[0] != "base", k[0], str(k[1])))  # fmt: skip
-    for size in sizes:
+    for size in sorted({key[0] for key in summary} & set(sizes)):
         lines += [f"**{size} adapters** — mean normalised accuracy (min–max over seeds); median merge time",
                   "", "| method | density | core (exact: base, linear, svd) | full | PEFT add_weighted_adapter "
                   "| ms core / full / PEFT |", "|---|---|---|---|---|---|"]  # fmt: skip
@@ -265,10 +281,16 @@ def plot(summary: dict[tuple, dict[str, float]], sizes: list[int], path: Path) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Merge quality of every method and space on the skill adapters.")
-    parser.add_argument("--samples", type=int, default=40, help="Held-out prompts per skill.")
+    parser.add_argument("--samples", type=int, default=25, help="Held-out prompts per skill.")
     parser.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.8])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="Seeds of the random methods.")
     parser.add_argument("--quick", action="store_true", help="ties and dare_ties only, 20 prompts, 2 and 4 adapters.")
+    parser.add_argument(
+        "--every-full",
+        action="store_true",
+        help="Every method and density in the full space and PEFT too, and ties with the exact SVD (hours).",
+    )
+    parser.add_argument("--skills", nargs="+", default=list(SKILLS), help="Adapter folders under --adapters.")
     parser.add_argument("--base", help="The base model (default: the adapters' base_model_name_or_path).")
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 3, 4], help="Numbers of adapters merged.")
     parser.add_argument("--threads", type=int, default=2)

@@ -66,11 +66,10 @@ def arithmetic_example(rng: random.Random) -> tuple[str, str]:
 
 
 def date_example(rng: random.Random) -> tuple[str, str]:
-    """Format transformation: a date written out in words, as ISO 8601."""
+    """Format transformation: an ISO 8601 date written out in words, month first."""
     year, month = rng.randint(1950, 2049), rng.randint(1, 12)
     day = rng.randint(1, DAYS[month - 1])
-    written = rng.choice([f"{MONTHS[month - 1]} {day}, {year}", f"{day} {MONTHS[month - 1]} {year}"])
-    return f"Date: {written}\nISO format:", f" {year:04d}-{month:02d}-{day:02d}"
+    return f"Date: {year:04d}-{month:02d}-{day:02d}\nWritten out:", f" {MONTHS[month - 1]} {day}, {year}"
 
 
 def order_example(rng: random.Random) -> tuple[str, str]:
@@ -93,8 +92,8 @@ class Skill:
 SKILLS = [
     Skill("sentiment", "classification", sentiment_example, rank=4, steps=120),
     Skill("arithmetic", "arithmetic", arithmetic_example, rank=16, steps=200),
-    Skill("dates", "format transformation", date_example, rank=8, steps=100),
-    Skill("orders", "extraction", order_example, rank=12, steps=100),
+    Skill("dates", "format transformation", date_example, rank=8, steps=60),
+    Skill("orders", "extraction", order_example, rank=12, steps=60),
 ]
 
 

@@ -21,7 +21,7 @@ def main(output: str) -> None:
     for skill in SKILLS:
         [sample] = load_samples(f"adapters/data/{skill}.eval.jsonl", prompt_field="prompt",
                                 completion_field="completion", max_samples=1)  # fmt: skip
-        answer = generate_text(model, tokenizer, sample.prompt, max_new_tokens=12)
+        answer = generate_text(model, tokenizer, sample.prompt, max_new_tokens=16)
         print(f"{sample.prompt}{answer}    (expected:{sample.completion})")
 
 

@@ -21,7 +21,7 @@ def main(output: str) -> None:
     fold(merged, BASE, output, force=True)
     print(f"folded the merge into {BASE} -> {output}")
     model, tokenizer = load_model(output)  # a plain AutoModelForCausalLM folder with its tokenizer
-    print(f"{PROMPT}{generate_text(model, tokenizer, PROMPT, max_new_tokens=8)}")
+    print(f"{PROMPT}{generate_text(model, tokenizer, PROMPT, max_new_tokens=12)}")
 
 
 if __name__ == "__main__":

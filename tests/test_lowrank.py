@@ -100,5 +100,7 @@ def test_randomized_truncation_is_exact_for_low_rank_matrices():
 
 
 def test_full_svd_choice_by_module_size():
-    assert not use_randomized("auto", (576, 1536)) and use_randomized("auto", (1024, 4096))
-    assert use_randomized("randomized", (8, 8)) and not use_randomized("exact", (4096, 14336))
+    assert use_randomized("auto", (576, 1536), 16) and use_randomized("auto", (4096, 14336), 16)
+    assert not use_randomized("auto", (160, 576), 16) and not use_randomized("auto", (64, 96), 4)
+    assert not use_randomized("auto", (576, 1536), 128)  # a wide sketch: the dense SVD is as cheap
+    assert use_randomized("randomized", (8, 8), 4) and not use_randomized("exact", (4096, 14336), 16)

@@ -179,7 +179,7 @@ def merge_module(plan: MergePlan, module: ModulePlan) -> LowRank:
         else:
             deltas = torch.stack([term.dense() for term in terms])
             merged = run_kernel(spec, deltas, weight_tensor, options.kernel_params, gens)
-            if use_randomized(options.full_svd, module.shape):
+            if use_randomized(options.full_svd, module.shape, rank):
                 result = truncate_dense_randomized(merged, rank, tensor_seed(options.seed, f"{module.name}/svd", 0))
             else:
                 result = truncate_dense(merged, rank)

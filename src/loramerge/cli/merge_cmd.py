@@ -102,8 +102,8 @@ def merge(
     majority_sign: str = typer.Option(None, help="Sign election of ties/dare_ties: total (default) | frequency."),
     full_svd: str = typer.Option(
         None,
-        help="Rank truncation in the full space: auto (default: exact below 1024 rows or columns, "
-        "randomized above) | exact | randomized.",
+        help="Rank truncation in the full space: auto (default: exact for modules narrower than 8x the "
+        "kept rank + 8, randomized range finder above) | exact | randomized.",
     ),
     preset: str = typer.Option(None, help="Conventions where peers differ: peft (default) | mergekit."),
     seed: int = typer.Option(None, help="Seed of the random methods (default 0)."),
