@@ -8,7 +8,7 @@ folded into the base and scored by greedy exact match on each skill's held-out p
 ``add_weighted_adapter`` runs beside them as the peer, with the combination types that accept
 different ranks (``svd``, ``ties_svd``, ``dare_ties_svd``). The full space truncates each dense merged
 module with the randomized range finder (``full_svd="auto"`` at these sizes). Dense merges of this model
-cost 20-40 s each, so by default only ties and dare_ties at the highest density run in the full space and
+cost 20-40 s each, so by default only ties and dare_ties at density 0.8 run in the full space and
 PEFT (``--every-full`` runs all of them, and ties with the exact SVD, in a few hours). A skill's score is
 normalised by its own adapter's accuracy; a merge's score is the mean over its skills, then over the
 subsets of one size.
@@ -49,6 +49,7 @@ SPACES = ("core", "full")
 # PEFT's add_weighted_adapter types that accept adapters of different ranks -> our method of the same math
 PEFT_TYPES = {"svd": "svd", "ties_svd": "ties", "dare_ties_svd": "dare_ties"}
 QUICK_METHODS = FULL_METHODS = ("ties", "dare_ties")
+DELLA_EPSILON = 0.15  # della's default spread of keep-probabilities around the density
 
 
 @dataclass(frozen=True)
@@ -59,16 +60,17 @@ class Config:
     seed: int = 0
 
 
-def configs(densities: list[float], seeds: list[int], quick: bool, every_full: bool) -> list[Config]:
+def configs(densities: list[float], seeds: list[int], quick: bool, every_full: bool, top: float = 0.8) -> list[Config]:
     """Every merge the benchmark runs on one subset of adapters (the base alone first). A full-space or
     PEFT merge of this model builds a dense delta of every module (~100 M entries per adapter, 20-40 s on
-    2 cores, against ~1 s in the core space), so by default only ties and dare_ties at the highest
-    density run there; ``--every-full`` runs the whole grid in the full space too."""
-    top = max(densities)
+    2 cores, against ~1 s in the core space), so by default only ties and dare_ties at
+    density ``top`` run there; ``--every-full`` runs the whole grid in the full space too."""
     runs = [Config("base", "exact"), Config("linear", "exact"), Config("svd", "exact"), Config("svd", "peft")]
     methods = QUICK_METHODS if quick else DENSITY_METHODS
     for method, space, density in itertools.product(methods, SPACES, densities):
         if space == "full" and not every_full and (method not in FULL_METHODS or density != top):
+            continue
+        if method.startswith("della") and density + DELLA_EPSILON >= 1:  # its keep-probabilities leave [0, 1]
             continue
         for seed in seeds if method in RANDOM_METHODS else (0,):
             runs.append(Config(method, space, density, seed))
@@ -148,10 +150,12 @@ def run(args) -> list[dict[str, object]]:
         load_folded(model, base_state, adapters[skill])
         own[skill] = scores(model, tokenizer, samples, [skill])[skill]
     print("own adapters:", {skill: round(acc, 3) for skill, acc in own.items()}, flush=True)
+    load_folded(model, base_state, None)  # the peer's copy must start from the base itself
     peft_model = peft_model_with(model, args.adapters, skills)
     rows = []
     subsets = [s for k in args.sizes for s in itertools.combinations(skills, k)]
-    plan = configs(args.densities, args.seeds, args.quick, args.every_full)
+    plan = configs(args.densities, args.seeds, args.quick, args.every_full, args.full_density)
+    plan = [config for config in plan if not args.only or config.space in args.only]
     for number, subset in enumerate(subsets, start=1):
         chosen = [adapters[skill] for skill in subset]
         started = time.perf_counter()
@@ -281,8 +285,9 @@ def plot(summary: dict[tuple, dict[str, float]], sizes: list[int], path: Path) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Merge quality of every method and space on the skill adapters.")
-    parser.add_argument("--samples", type=int, default=25, help="Held-out prompts per skill.")
-    parser.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.8])
+    parser.add_argument("--samples", type=int, default=20, help="Held-out prompts per skill.")
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.8, 0.95])
+    parser.add_argument("--full-density", type=float, default=0.8, help="The density of the full-space and PEFT rows.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="Seeds of the random methods.")
     parser.add_argument("--quick", action="store_true", help="ties and dare_ties only, 20 prompts, 2 and 4 adapters.")
     parser.add_argument(
@@ -290,6 +295,13 @@ def main() -> None:
         action="store_true",
         help="Every method and density in the full space and PEFT too, and ties with the exact SVD (hours).",
     )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=["exact", "core", "full", "full_exact", "peft"],
+        help="Run only the merges in these spaces (the others' rows: --keep-from).",
+    )
+    parser.add_argument("--keep-from", type=Path, help="With --only: take the other rows from this earlier CSV.")
     parser.add_argument("--skills", nargs="+", default=list(SKILLS), help="Adapter folders under --adapters.")
     parser.add_argument("--base", help="The base model (default: the adapters' base_model_name_or_path).")
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 3, 4], help="Numbers of adapters merged.")
@@ -311,6 +323,9 @@ def main() -> None:
         rows = read_rows(args.from_csv)
     else:
         rows = run(args)
+        if args.only and args.keep_from:
+            kept = [row for row in read_rows(args.keep_from) if row["space"] not in args.only]
+            rows = kept + [row for row in rows if row["method"] != "base" or "exact" in args.only]
         with open(args.out / "quality.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
