@@ -225,6 +225,25 @@ def _ms(stats: dict[str, float] | None) -> str:
 
 
 COLUMNS = ("core", "full", "peft")
+SPACE_NAMES = {"exact": "exact", "core": "core", "full": "full", "peft": "PEFT"}
+
+
+def overview(summary: dict[tuple, dict[str, float]], sizes: list[int]) -> str:
+    """One row per (method, space, density), best first: the mean normalised accuracy for each number of
+    adapters, their mean, and the median merge time."""
+    sizes = sorted({key[0] for key in summary} & set(sizes))
+    rows = []
+    for method, space, density in {key[1:] for key in summary}:
+        cells = [summary.get((size, method, space, density)) for size in sizes]
+        means = [cell["mean"] for cell in cells if cell]
+        seconds = statistics.median(cell["seconds"] for cell in cells if cell)
+        rows.append((statistics.mean(means), method, space, density, cells, seconds))
+    lines = ["| method | space | density | " + " | ".join(f"{n} adapters" for n in sizes) + " | mean | merge ms |",
+             "|---|---|---|" + "---|" * len(sizes) + "---|---|"]  # fmt: skip
+    for mean, method, space, density, cells, seconds in sorted(rows, key=lambda row: -row[0]):
+        lines.append(f"| {method} | {SPACE_NAMES[space]} | {density or '–'} | " + " | ".join(map(_cell, cells))
+                     + f" | **{mean:.3f}** | {seconds * 1000:.0f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def markdown(summary: dict[tuple, dict[str, float]], sizes: list[int]) -> str:
@@ -331,7 +350,7 @@ def main() -> None:
             writer.writeheader()
             writer.writerows(rows)
     summary = summarise(rows)
-    table = markdown(summary, args.sizes)
+    table = overview(summary, args.sizes) + "\n" + markdown(summary, args.sizes)
     (args.out / "quality.md").write_text(table)
     plot(summary, args.sizes, args.out / "quality.png")
     print(table)

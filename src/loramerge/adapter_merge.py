@@ -13,7 +13,7 @@ from loramerge.compat import check_base_models, check_layouts, check_shapes, che
 from loramerge.errors import BadInput
 from loramerge.io.model_card import merged_adapter_card
 from loramerge.io.peft_config import merged_lora_config
-from loramerge.kernels import get_kernel, run_kernel
+from loramerge.kernels import KernelSpec, get_kernel, row_blocks, run_kernel, runs_by_rows, with_cutoffs
 from loramerge.kernels.methods import linear
 from loramerge.lowrank import (
     LowRank,
@@ -154,6 +154,32 @@ def _factor_space(plan: MergePlan, module: ModulePlan, pieces: list[LoraModule],
     return LowRank(B=merged("B", roots), A=merged("A", signed))
 
 
+def merge_full_space(
+    spec: KernelSpec,
+    terms: Sequence[LowRank],
+    weights: torch.Tensor,
+    params: dict[str, object],
+    generators: Sequence[torch.Generator] | None,
+) -> torch.Tensor:
+    """The kernel on the dense deltas ``B_i A_i`` (the ``full`` space). A piecewise kernel runs on row
+    blocks of the deltas, each made from its rows of ``B``: the blocks stay in cache, and no more than
+    one whole delta is dense at a time (to find its cutoff), instead of all of them at once."""
+    if not runs_by_rows(spec, params):
+        return run_kernel(spec, torch.stack([term.dense() for term in terms]), weights, params, generators)
+    params = with_cutoffs(spec, params, (term.dense() for term in terms))
+    rows, columns = terms[0].B.shape[0], terms[0].A.shape[1]
+    merged = torch.empty(rows, columns, device=terms[0].B.device)
+    buffer: torch.Tensor | None = None
+    for block in row_blocks(rows, columns):
+        if buffer is None:
+            buffer = torch.empty(len(terms), block.stop - block.start, columns, device=merged.device)
+        tasks = buffer[:, : block.stop - block.start]
+        for task, term in zip(tasks, terms, strict=True):
+            torch.matmul(term.B[block], term.A, out=task)
+        merged[block] = run_kernel(spec, tasks, weights, params)
+    return merged
+
+
 def merge_module(plan: MergePlan, module: ModulePlan) -> LowRank:
     """One module's merged ``B @ A`` (float32, scale folded in), as the options ask."""
     options = plan.options
@@ -177,8 +203,7 @@ def merge_module(plan: MergePlan, module: ModulePlan) -> LowRank:
             cores = torch.stack([project_to_core(term, U, V) for term in terms])
             result = from_core(U, run_kernel(spec, cores, weight_tensor, options.kernel_params, gens), V, rank)
         else:
-            deltas = torch.stack([term.dense() for term in terms])
-            merged = run_kernel(spec, deltas, weight_tensor, options.kernel_params, gens)
+            merged = merge_full_space(spec, terms, weight_tensor, options.kernel_params, gens)
             if use_randomized(options.full_svd, module.shape, rank):
                 result = truncate_dense_randomized(merged, rank, tensor_seed(options.seed, f"{module.name}/svd", 0))
             else:

@@ -20,14 +20,13 @@ from loramerge.io.atomic import atomic_output_dir, check_output_target
 from loramerge.io.model_card import dense_model_card
 from loramerge.io.model_files import copy_side_files, resolve_chat_template, write_chat_template, write_config
 from loramerge.io.shard_writer import ShardWriter, TensorLayout, parse_size
-from loramerge.kernels import run_kernel
+from loramerge.kernels import row_blocks, run_kernel, runs_by_rows, with_cutoffs
 from loramerge.layers import is_vocabulary_tensor
 from loramerge.recipe import Recipe, load_recipe
 from loramerge.seeding import tensor_generators
 
 Progress = Callable[[int, int, str], None]
 DEFAULT_SHARD_SIZE = "5GB"
-BLOCK_ELEMENTS = 1 << 20  # a row block of about 4 MB in float32: stays in cache, bounds the working memory
 
 
 def _read(plan: CheckpointPlan, ref: str, name: str, rows: int, device: str) -> torch.Tensor:
@@ -87,19 +86,14 @@ def merge_tensor(plan: CheckpointPlan, tensor: TensorPlan, seed: int, device: st
         return merged.mul_(scale).add_(base[block]) if deltas else merged
 
     try:
-        whole = slice(None)
-        if not spec.piecewise or params.get("rescale", "none") != "none" or len(tensor.shape) < 2:
+        if not runs_by_rows(spec, params) or len(tensor.shape) < 2:
             generators = tensor_generators(seed, tensor.output, range(len(inputs)), device) if spec.random else None
+            whole = slice(None)
             return finish(whole, run_kernel(spec, tasks_of(whole), weights, params, generators)).to(tensor.dtype)
-        if spec.cutoff is not None:
-            # one input at a time over the whole tensor: a single float32 copy alive, not one per input
-            params["cutoffs"] = [
-                spec.cutoff(_task(x, base, deltas), _input_params(params, i)) for i, x in enumerate(inputs)
-            ]
+        # one input at a time over the whole tensor: a single float32 copy alive, not one per input
+        params = with_cutoffs(spec, params, (_task(x, base, deltas) for x in inputs))
         out = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
-        step = max(1, BLOCK_ELEMENTS // max(1, out[0].numel()))
-        for start in range(0, rows, step):
-            block = slice(start, start + step)
+        for block in row_blocks(rows, out[0].numel()):
             out[block] = finish(block, run_kernel(spec, tasks_of(block), weights, params)).to(tensor.dtype)
         return out
     except ValueError as error:
@@ -109,10 +103,6 @@ def merge_tensor(plan: CheckpointPlan, tensor: TensorPlan, seed: int, device: st
 def _task(x: torch.Tensor, base: torch.Tensor | None, deltas: bool) -> torch.Tensor:
     task = x.to(torch.float32, copy=True)  # never a view of the input: it is modified in place
     return task.sub_(base) if deltas else task
-
-
-def _input_params(params: dict[str, object], index: int) -> dict[str, float]:
-    return {key: params[key][index] for key in ("density", "gamma", "epsilon") if key in params}
 
 
 def _side_file_source(plan: CheckpointPlan) -> Path:

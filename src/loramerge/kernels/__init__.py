@@ -1,5 +1,25 @@
 """Pure tensor merge kernels and their registry."""
 
-from loramerge.kernels.registry import KERNELS, PRESETS, KernelSpec, get_kernel, preset_params, run_kernel
+from loramerge.kernels.registry import (
+    KERNELS,
+    PRESETS,
+    KernelSpec,
+    get_kernel,
+    preset_params,
+    row_blocks,
+    run_kernel,
+    runs_by_rows,
+    with_cutoffs,
+)
 
-__all__ = ["KERNELS", "PRESETS", "KernelSpec", "get_kernel", "preset_params", "run_kernel"]
+__all__ = [
+    "KERNELS",
+    "PRESETS",
+    "KernelSpec",
+    "get_kernel",
+    "preset_params",
+    "row_blocks",
+    "run_kernel",
+    "runs_by_rows",
+    "with_cutoffs",
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +87,39 @@ def get_kernel(name: str) -> KernelSpec:
         return KERNELS[name]
     except KeyError:
         raise BadInput(f"unknown merge method {name!r}; known: {', '.join(sorted(KERNELS))}") from None
+
+
+BLOCK_ELEMENTS = 1 << 20  # a row block of about 4 MB in float32: stays in cache, bounds the working memory
+
+
+def row_blocks(rows: int, row_elements: int) -> Iterator[slice]:
+    """Consecutive row slices of about ``BLOCK_ELEMENTS`` entries each, for piecewise kernels."""
+    step = max(1, BLOCK_ELEMENTS // max(1, row_elements))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
+
+
+def runs_by_rows(spec: KernelSpec, params: dict[str, object]) -> bool:
+    """Whether the kernel may run on row blocks (an L1 or density rescale needs the whole tensor)."""
+    return spec.piecewise and params.get("rescale", "none") == "none"
+
+
+def input_params(params: dict[str, object], index: int) -> dict[str, float]:
+    """Input ``index``'s own values of the per-input parameters (given once or once per input)."""
+    values = {}
+    for key in ("density", "gamma", "epsilon"):
+        if key in params:
+            value = params[key]
+            values[key] = float(value if isinstance(value, (int, float)) else value[index])  # type: ignore[index]
+    return values
+
+
+def with_cutoffs(spec: KernelSpec, params: dict[str, object], tasks: Iterable[torch.Tensor]) -> dict[str, object]:
+    """``params`` plus each whole task's cutoff (tasks are made one at a time), so that a piecewise kernel
+    can then run on row blocks and give the whole-tensor result."""
+    if spec.cutoff is None:
+        return params
+    return {**params, "cutoffs": [spec.cutoff(task, input_params(params, i)) for i, task in enumerate(tasks)]}
 
 
 def run_kernel(
