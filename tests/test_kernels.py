@@ -108,3 +108,23 @@ def test_unknown_kernel_is_a_clear_error():
 
     with pytest.raises(BadInput, match="unknown merge method 'nope'"):
         get_kernel("nope")
+
+
+@pytest.mark.parametrize("majority_sign", ["total", "frequency"])
+@pytest.mark.parametrize("weighted_vote", [False, True])
+@pytest.mark.parametrize("divisor", ["count", "weight", "none"])
+def test_fused_consensus_equals_elect_then_disjoint_merge(majority_sign, weighted_vote, divisor):
+    """The fused consensus step (used on every block) against the two steps written out with masks."""
+    from loramerge.kernels.consensus import broadcast_weights, consensus_merge
+
+    generator = torch.Generator().manual_seed(1)
+    tasks = torch.randn(4, 30, 20, generator=generator)
+    tasks[tasks.abs() < 0.6] = 0  # trimmed entries: zeros never vote
+    tasks[:, 0, 0] = 0  # an entry where nobody votes
+    weights = torch.tensor([1.0, -0.5, 0.8, 0.0])
+    weighted = tasks * broadcast_weights(weights, tasks)
+    mask = elect_sign_mask(weighted if weighted_vote else tasks, majority_sign)
+    expected = disjoint_merge(weighted, mask, weights, divisor)
+    fused = consensus_merge(tasks, weights, majority_sign, weighted_vote, divisor)
+    torch.testing.assert_close(fused, expected, rtol=1e-6, atol=0)
+    assert fused[0, 0] == 0 and (fused != 0).any()

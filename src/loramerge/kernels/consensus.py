@@ -48,3 +48,41 @@ def disjoint_merge(
         total = (broadcast_weights(weights, weighted) * mask).sum(dim=0)
         return merged / torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
     return merged
+
+
+def elected_sign(voters: torch.Tensor, method: MajoritySign = "total") -> torch.Tensor:
+    """The elected sign per entry, +1 or -1 (ties go to +): of the sum of the values (``total``) or of the
+    sign held by most tasks (``frequency``). TIES-Merging "elect" step (Yadav et al., NeurIPS 2023)."""
+    if method == "total":
+        strength = voters.sum(dim=0)
+    elif method == "frequency":
+        strength = voters.sign().sum(dim=0)
+    else:
+        raise ValueError(f"unknown majority_sign {method!r}")
+    return strength.ge(0).to(voters.dtype).mul_(2).sub_(1)
+
+
+def consensus_merge(
+    sparse: torch.Tensor,
+    weights: torch.Tensor,
+    majority_sign: MajoritySign = "total",
+    weighted_vote: bool = False,
+    divisor: Divisor = "count",
+) -> torch.Tensor:
+    """``disjoint_merge(w * sparse, elect_sign_mask(voters), …)`` in fewer passes and without boolean
+    masks: ``(voter * elected).clamp(min=0)`` is ``|voter|`` where the voter agrees and 0 elsewhere, so
+    sums of agreeing entries are sums of those magnitudes times the elected sign (exact: multiplying
+    by ±1 commutes with rounding). Voters are the tasks (``weighted_vote`` False) or the weighted
+    tasks. Used on every row block of a full-space or dense merge, where the pass count is the cost."""
+    scale = broadcast_weights(weights, sparse)
+    voters = sparse * scale if weighted_vote else sparse
+    elected = elected_sign(voters, majority_sign)
+    agreeing = (voters * elected).clamp_(min=0)
+    merged = (agreeing.sum(dim=0) if weighted_vote else (agreeing * scale).sum(dim=0)).mul_(elected)
+    if divisor == "none":
+        return merged
+    votes = agreeing.sign_()  # 1 where the entry agrees, 0 elsewhere
+    if divisor == "count":
+        return merged.div_(votes.sum(dim=0).clamp_(min=1))
+    total = (votes * scale).sum(dim=0)
+    return merged.div_(torch.where(total.abs() < 1e-8, torch.ones_like(total), total))

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from loramerge.kernels.consensus import Divisor, MajoritySign, broadcast_weights, disjoint_merge, elect_sign_mask
+from loramerge.kernels.consensus import Divisor, MajoritySign, consensus_merge
 from loramerge.kernels.sparsify import Rescale, magnitude_trim, outlier_trim, random_drop, ranked_drop
 
 ElectOn = Literal["unweighted", "weighted"]
@@ -49,9 +49,7 @@ def _sum(sparse: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.
 def _consensus(
     sparse: torch.Tensor, weights: torch.Tensor, majority_sign: MajoritySign, elect_on: ElectOn, divisor: Divisor
 ) -> torch.Tensor:
-    weighted = sparse * broadcast_weights(weights, sparse)
-    mask = elect_sign_mask(sparse if elect_on == "unweighted" else weighted, majority_sign)
-    return disjoint_merge(weighted, mask, weights, divisor)
+    return consensus_merge(sparse, weights, majority_sign, elect_on == "weighted", divisor)
 
 
 def linear(tasks: torch.Tensor, weights: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:
