@@ -25,9 +25,9 @@ from _common import run_measured, synthetic_adapter, timed
 from peft import LoraConfig, get_peft_model
 
 from loramerge import load_adapter
+from loramerge.adapters.options import parse_options
 from loramerge.kernels import get_kernel, run_kernel
 from loramerge.lowrank import truncate_dense, truncate_dense_randomized
-from loramerge.options import parse_options
 from loramerge.seeding import tensor_generators
 
 HIDDEN, KV, INTERMEDIATE, RANK = 4096, 1024, 14336, 16

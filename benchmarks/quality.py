@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from loramerge import load_adapter, merge_adapters
+from loramerge import catalogue, load_adapter, merge_adapters
 from loramerge.evaluate import evaluate, load_model, load_samples
-from loramerge.folding import adapter_targets, folded_tensor
+from loramerge.folding.math import adapter_targets, folded_tensor
 from loramerge.io.checkpoint import resolve_model_dir
 from loramerge.kernels import KERNELS
 
@@ -49,7 +49,7 @@ SPACES = ("core", "full")
 # PEFT's add_weighted_adapter types that accept adapters of different ranks -> our method of the same math
 PEFT_TYPES = {"svd": "svd", "ties_svd": "ties", "dare_ties_svd": "dare_ties"}
 QUICK_METHODS = FULL_METHODS = ("ties", "dare_ties")
-DELLA_EPSILON = 0.15  # della's default spread of keep-probabilities around the density
+DELLA_EPSILON = next(p.default for p in catalogue.get("della").parameters if p.name == "epsilon")  # its default spread
 
 
 @dataclass(frozen=True)

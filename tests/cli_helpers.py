@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
-from loramerge.cli import eval_cmd, fold_cmd, inspect_cmd, merge_cmd, run_cmd  # noqa: F401  (registers them)
 from loramerge.cli.app import app
 
 

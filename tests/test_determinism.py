@@ -10,14 +10,16 @@ import pytest
 import torch
 
 from dense_helpers import save_llama, write_recipe
-from loramerge import load_adapter
-from loramerge.adapter_merge import execute_plan, plan_merge
-from loramerge.checkpoint_merge import merge_checkpoints, merge_tensor
-from loramerge.checkpoint_plan import RECIPE_PARAMETERS, plan_checkpoint_merge
-from loramerge.options import METHODS, parse_options
+from loramerge import load_adapter, save_adapter
+from loramerge.adapters.merge import execute_plan, plan_merge
+from loramerge.adapters.options import parse_options
+from loramerge.catalogue import adapter_methods
+from loramerge.dense.engine import merge_checkpoints, merge_tensor
+from loramerge.dense.plan import plan_checkpoint_merge
+from loramerge.kernels import KERNELS
 from loramerge.recipe import load_recipe
 
-ADAPTER_CASES = [(method, "core") for method in METHODS] + [
+ADAPTER_CASES = [(method, "core") for method in adapter_methods()] + [
     (method, space) for method in ("ties", "dare_ties", "della") for space in ("full", "factors")
 ]
 DENSE_METHODS = ["linear", "ties", "dare_linear", "dare_ties", "breadcrumbs", "della", "della_linear", "model_stock"]
@@ -49,7 +51,7 @@ def test_adapter_merges_are_bit_identical(method, space, equal_rank_adapters, tm
             plan.modules.reverse()
         merged = _with_threads(threads, lambda plan=plan: execute_plan(plan))
         folder = tmp_path / f"{threads}-{reverse}-{len(digests)}"
-        merged.save(folder)
+        save_adapter(merged, folder)
         digests.append(_digest(folder))
     assert len(set(digests)) == 1, digests
 
@@ -64,7 +66,7 @@ def dense_models(tmp_path_factory):
 @pytest.mark.parametrize("method", DENSE_METHODS)
 def test_dense_merges_are_bit_identical(method, dense_models, tmp_path):
     _, base, models = dense_models
-    known = RECIPE_PARAMETERS[method]
+    known = KERNELS[method].recipe_parameters
     recipe = write_recipe(tmp_path / "recipe.yml", {
         "merge_method": method, "base_model": str(base), "dtype": "float32",
         "models": [{"model": str(m), "parameters": {k: v for k, v in (("weight", w), ("density", 0.5)) if k in known}}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import build_adapter, peft_delta, peft_with_adapters, rel_err
-from loramerge import load_adapter, merge_adapters
+from loramerge import load_adapter, merge_adapters, save_adapter
 
 WEIGHTS = [0.5, -0.3, 1.2]
 
@@ -33,7 +33,7 @@ def test_exact_methods_on_mixed_adapters(method, llama_base, mixed_adapters, tmp
     adapters = [load_adapter(path) for path in mixed_adapters]
     rank = None if method != "svd" else 64  # full rank: the truncation keeps everything
     merged = merge_adapters(adapters, WEIGHTS, method=method, rank=rank)
-    merged.save(tmp_path / "merged")
+    save_adapter(merged, tmp_path / "merged")
     expected = exact_sums(llama_base, mixed_adapters, WEIGHTS)
     got = merged_deltas(llama_base, tmp_path / "merged", expected)
     assert set(merged.modules) == set(expected)
@@ -53,7 +53,7 @@ def test_cat_rank_is_sum_of_present_ranks(mixed_adapters):
 def test_svd_rank_k_is_the_truncated_svd_of_the_exact_sum(rank, llama_base, mixed_adapters, tmp_path):
     adapters = [load_adapter(path) for path in mixed_adapters]
     merged = merge_adapters(adapters, WEIGHTS, method="svd", rank=rank)
-    merged.save(tmp_path / "merged")
+    save_adapter(merged, tmp_path / "merged")
     expected = exact_sums(llama_base, mixed_adapters, WEIGHTS)
     got = merged_deltas(llama_base, tmp_path / "merged", expected)
     for name, delta in expected.items():
@@ -89,7 +89,7 @@ def test_fan_in_fan_out_gpt2(method, gpt2_base, tmp_path):
     weights = [0.7, 0.4]
     adapters = [load_adapter(path) for path in paths]
     merged = merge_adapters(adapters, weights, method=method, rank=6 if method == "svd" else None)  # 2 + 4: exact
-    merged.save(tmp_path / "merged")
+    save_adapter(merged, tmp_path / "merged")
     assert merged.config["fan_in_fan_out"] is True
     expected = exact_sums(gpt2_base, paths, weights)
     got = merged_deltas(gpt2_base, tmp_path / "merged", expected)

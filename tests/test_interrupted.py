@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import CHARDEMO
 from dense_helpers import save_llama
-from loramerge.io.adapters import load_adapter
+from loramerge.adapters.files import load_adapter
 
 KILLS_PER_COMMAND = 7
 KILLS_SURVIVED: list[str] = []  # read by the figures test (test_figures.py)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from conftest import build_adapter
-from loramerge import load_adapter, merge_adapters
+from loramerge import load_adapter, merge_adapters, save_adapter
 
 TOKENS = torch.tensor([[1, 5, 9, 33, 64, 2, 100, 7]])
 
@@ -44,7 +44,7 @@ def test_written_adapter_logits(method, llama_base, mixed_adapters, tmp_path):
     weights = [0.8, 0.5, -0.6]
     adapters = [load_adapter(p) for p in mixed_adapters]
     merged = merge_adapters(adapters, weights, method=method, density=0.5 if method != "linear" else None)
-    merged.save(tmp_path / "out")
+    save_adapter(merged, tmp_path / "out")
     if method == "linear":  # the exact sum, from the inputs alone
         names = {n for a in adapters for n in a.modules}
         deltas = {
@@ -74,7 +74,7 @@ def test_modules_to_save_are_averaged_by_weight(llama_base, tmp_path):
     save_file(state, file)
     adapters = [load_adapter(p) for p in paths]
     merged = merge_adapters(adapters, [0.75, 0.25], method="linear")
-    merged.save(tmp_path / "out")
+    save_adapter(merged, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head"]
     head = 0.75 * adapters[0].dense["lm_head.weight"] + 0.25 * adapters[1].dense["lm_head.weight"]
     deltas = {
@@ -88,7 +88,7 @@ def test_model_card_records_the_merge(mixed_adapters, tmp_path):
     from huggingface_hub import ModelCard
 
     merged = merge_adapters([load_adapter(p) for p in mixed_adapters], [1, 2, 3], method="ties", density=0.3)
-    merged.save(tmp_path / "out")
+    save_adapter(merged, tmp_path / "out")
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert set(card.data.tags) >= {"lora", "peft", "merge"}
     assert card.data.base_model == load_adapter(mixed_adapters[0]).base_model

@@ -110,7 +110,7 @@ def test_full_svd_choice_by_module_size():
 def test_full_space_row_blocks_equal_the_whole_tensor_kernel(method, monkeypatch):
     """The full space runs piecewise kernels on row blocks made from the factors; with blocks of a few
     rows the result must be the kernel on the whole stacked deltas."""
-    from loramerge.adapter_merge import merge_full_space
+    from loramerge.adapters.merge import merge_full_space
     from loramerge.kernels import get_kernel, registry, run_kernel
 
     monkeypatch.setattr(registry, "BLOCK_ELEMENTS", 3 * 40)  # 3 rows of 40 columns per block

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dense_helpers import load_weights, run_mergekit, save_llama, write_recipe
-from loramerge.checkpoint_merge import merge_checkpoints
+from loramerge.dense.engine import merge_checkpoints
 from loramerge.recipe import parse_recipe
 
 

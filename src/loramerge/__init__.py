@@ -12,19 +12,19 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "BadInput": "loramerge.errors",
-    "LoraAdapter": "loramerge.adapter",
-    "LoraModule": "loramerge.adapter",
-    "MergeOptions": "loramerge.options",
-    "MergePlan": "loramerge.adapter_merge",
-    "execute_plan": "loramerge.adapter_merge",
-    "merge_adapters": "loramerge.adapter_merge",
-    "plan_merge": "loramerge.adapter_merge",
-    "load_adapter": "loramerge.io.adapters",
-    "add_weighted_adapter": "loramerge.live",
-    "fold": "loramerge.fold_checkpoint",
-    "merge_checkpoints": "loramerge.checkpoint_merge",
-    "extract_lora": "loramerge.extract",
-    "save_adapter": "loramerge.io.adapters",
+    "LoraAdapter": "loramerge.adapters.model",
+    "LoraModule": "loramerge.adapters.model",
+    "MergeOptions": "loramerge.adapters.options",
+    "MergePlan": "loramerge.adapters.merge",
+    "execute_plan": "loramerge.adapters.merge",
+    "merge_adapters": "loramerge.adapters.merge",
+    "plan_merge": "loramerge.adapters.merge",
+    "load_adapter": "loramerge.adapters.files",
+    "add_weighted_adapter": "loramerge.adapters.live",
+    "fold": "loramerge.folding.stream",
+    "merge_checkpoints": "loramerge.dense.engine",
+    "extract_lora": "loramerge.folding.extract",
+    "save_adapter": "loramerge.adapters.files",
 }
 __all__ = [
     "BadInput",
@@ -44,15 +44,15 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from loramerge.adapter import LoraAdapter, LoraModule
-    from loramerge.adapter_merge import MergePlan, execute_plan, merge_adapters, plan_merge
-    from loramerge.checkpoint_merge import merge_checkpoints
+    from loramerge.adapters.files import load_adapter, save_adapter
+    from loramerge.adapters.live import add_weighted_adapter
+    from loramerge.adapters.merge import MergePlan, execute_plan, merge_adapters, plan_merge
+    from loramerge.adapters.model import LoraAdapter, LoraModule
+    from loramerge.adapters.options import MergeOptions
+    from loramerge.dense.engine import merge_checkpoints
     from loramerge.errors import BadInput
-    from loramerge.extract import extract_lora
-    from loramerge.fold_checkpoint import fold
-    from loramerge.io.adapters import load_adapter, save_adapter
-    from loramerge.live import add_weighted_adapter
-    from loramerge.options import MergeOptions
+    from loramerge.folding.extract import extract_lora
+    from loramerge.folding.stream import fold
 
 
 def __getattr__(name: str) -> object:

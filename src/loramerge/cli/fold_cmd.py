@@ -7,8 +7,7 @@ from pathlib import Path
 
 import typer
 
-from loramerge.cli.app import app, out, publish, reports_errors
-from loramerge.cli.merge_cmd import print_warnings, progress_bar
+from loramerge.cli.present import out, print_warnings, progress_bar, publish, reports_errors
 from loramerge.errors import BadInput
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -26,7 +25,6 @@ def check_dtype(value: str | None) -> str | None:
     return value
 
 
-@app.command("fold")
 @reports_errors
 def fold_command(
     adapter: str = typer.Argument(..., help="PEFT adapter folder or Hub repo id."),
@@ -44,8 +42,8 @@ def fold_command(
     private: bool = typer.Option(False, help="With --push-to-hub: create the repo private."),
 ) -> None:
     """Add an adapter's deltas into the base weights, streaming the base's shards."""
-    from loramerge.fold_checkpoint import fold
-    from loramerge.io.adapters import load_adapter
+    from loramerge.adapters.files import load_adapter
+    from loramerge.folding.stream import fold
 
     check_dtype(dtype)
     check_quant_type(quantize, "--quantize")
@@ -64,7 +62,6 @@ def fold_command(
     publish(target, push_to_hub, private)
 
 
-@app.command("extract")
 @reports_errors
 def extract_command(
     model: str = typer.Argument(..., help="The fine-tuned or merged model folder."),
@@ -76,15 +73,16 @@ def extract_command(
     force: bool = typer.Option(False, help="Replace an existing output folder."),
 ) -> None:
     """The best rank-K LoRA of MODEL - BASE per module, as a PEFT adapter; reports captured energy."""
-    from loramerge.extract import extract_lora
+    from loramerge.adapters.files import save_adapter
+    from loramerge.adapters.options import DTYPES
+    from loramerge.folding.extract import extract_lora
     from loramerge.io.atomic import check_output_target
-    from loramerge.options import DTYPES
 
     check_dtype(dtype)
     target = check_output_target(output, force, [Path(model), Path(base)])
     with progress_bar(None, label="extracting") as update:
         result = extract_lora(model, base, rank, fast=fast, progress=update)
-    result.adapter.save(target, force=force, dtype=DTYPES[dtype] if dtype else None)
+    save_adapter(result.adapter, target, force=force, dtype=DTYPES[dtype] if dtype else None)
     if result.skipped:
         print_warnings([f"{len(result.skipped)} changed tensors are not 2-D weights and were left out "
                         f"(e.g. {result.skipped[0]}); the adapter cannot carry them"])  # fmt: skip

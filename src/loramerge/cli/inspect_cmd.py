@@ -10,10 +10,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from loramerge.cli.app import app, out, reports_errors
+from loramerge.cli.present import out, reports_errors
 
 if TYPE_CHECKING:
-    from loramerge.inspect_report import AdapterSummary, SetSummary
+    from loramerge.adapters.inspect import AdapterSummary, SetSummary
 
 TOP_MODULES = 5
 
@@ -60,7 +60,6 @@ def print_set(summaries: list[AdapterSummary], shared: SetSummary) -> None:
         out.print(table)
 
 
-@app.command()
 @reports_errors
 def inspect(
     adapters: list[str] = typer.Argument(..., help="PEFT adapter folders or Hub repo ids."),
@@ -68,8 +67,8 @@ def inspect(
     modules: bool = typer.Option(False, "--modules", help=f"Show the {TOP_MODULES} largest deltas per adapter."),
 ) -> None:
     """Show modules, ranks, alpha and scale, dtype, base model and delta norms; for several, how they relate."""
-    from loramerge.inspect_report import summarize_adapter, summarize_set
-    from loramerge.io.adapters import load_adapter
+    from loramerge.adapters.files import load_adapter
+    from loramerge.adapters.inspect import summarize_adapter, summarize_set
 
     loaded = [load_adapter(ref, allow_nonfinite=True) for ref in adapters]  # a report shows them
     summaries = [summarize_adapter(adapter) for adapter in loaded]

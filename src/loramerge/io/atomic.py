@@ -28,7 +28,7 @@ def check_output_target(target: Path, force: bool, inputs: list[Path] = ()) -> P
     if target.exists() and not target.is_dir():
         raise BadInput(f"output {target} exists and is not a folder")
     if target.exists() and not force:
-        raise BadInput(f"output {target} already exists; pass --force to replace it")
+        raise BadInput(f"output {target} already exists; pass `force=True` to replace it")
     return target
 
 

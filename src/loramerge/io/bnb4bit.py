@@ -87,6 +87,6 @@ def quantization_config(quant_type: QuantType, double_quant: bool, compute_dtype
 def quantizable(name: str, shape: tuple[int, ...]) -> bool:
     """The weights transformers quantizes: the 2-D weights of the decoder layers' linear modules
     (embeddings, norms and the output head stay in full precision)."""
-    from loramerge.layers import layer_index
+    from loramerge.io.layers import layer_index
 
     return name.endswith(".weight") and len(shape) == 2 and layer_index(name) is not None

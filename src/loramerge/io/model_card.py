@@ -2,44 +2,46 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-if TYPE_CHECKING:
-    from loramerge.adapter_merge import MergePlan
-    from loramerge.checkpoint_plan import CheckpointPlan
-
 TAGS = ["lora", "peft", "merge", "loramerge"]
 
 
-def merge_record(plan: MergePlan) -> dict[str, object]:
-    """The inputs and parameters of a merge, as the YAML a recipe would hold."""
-    options = plan.options.model_dump(exclude_defaults=False, exclude={"device", "strict"})
-    return {
-        "adapters": [
-            {"adapter": adapter.name, "weight": weight}
-            for adapter, weight in zip(plan.adapters, plan.weights, strict=True)
-        ],
-        **{key: value for key, value in options.items() if value is not None},
-    }
+@dataclass(frozen=True)
+class MergeRecord:
+    """What a merge did, as its card states it (executors return one; this module never reads plans)."""
+
+    method: str
+    inputs: list[tuple[str, float]]  # (name, weight) of each input
+    modules: int
+    ranks: list[int]
+    parameters: dict[str, object]  # the inputs and parameters as the YAML a recipe would hold
 
 
-def merged_adapter_card(plan: MergePlan, base_model: str | None) -> str:
+@dataclass(frozen=True)
+class DenseRecord:
+    method: str
+    base: str | None
+    inputs: list[str]
+    layers: int
+    tensors: int
+    recipe_yaml: str
+
+
+def merged_adapter_card(record: MergeRecord, base_model: str | None) -> str:
     data = ModelCardData(base_model=base_model, library_name="peft", tags=TAGS)
-    inputs = "\n".join(
-        f"| `{adapter.name}` | {weight:g} |" for adapter, weight in zip(plan.adapters, plan.weights, strict=True)
-    )
-    ranks = sorted({m.output_rank for m in plan.modules})
+    inputs = "\n".join(f"| `{name}` | {weight:g} |" for name, weight in record.inputs)
     content = f"""---
 {data.to_yaml()}
 ---
 
 # Merged LoRA adapter
 
-Merged with [loramerge](https://github.com/loramerge/loramerge) using **{plan.options.method}**
-over {len(plan.modules)} modules (output ranks {ranks}). Load it with
+Merged with [loramerge](https://github.com/loramerge/loramerge) using **{record.method}**
+over {record.modules} modules (output ranks {record.ranks}). Load it with
 `PeftModel.from_pretrained(base, this_folder)` on `{base_model or "the base model of the inputs"}`.
 
 | input adapter | weight |
@@ -49,34 +51,34 @@ over {len(plan.modules)} modules (output ranks {ranks}). Load it with
 ## Merge parameters
 
 ```yaml
-{yaml.safe_dump(merge_record(plan), sort_keys=False).rstrip()}
+{yaml.safe_dump(record.parameters, sort_keys=False).rstrip()}
 ```
 """
     return str(ModelCard(content))
 
 
-def dense_model_card(plan: CheckpointPlan, recipe_yaml: str) -> str:
-    inputs = [ref for ref in plan.sources if ref != plan.base]
-    data = ModelCardData(base_model=plan.base or inputs, library_name="transformers", tags=["merge", "loramerge"])
+def dense_model_card(record: DenseRecord) -> str:
+    inputs = [ref for ref in record.inputs if ref != record.base]
+    data = ModelCardData(base_model=record.base or inputs, library_name="transformers", tags=["merge", "loramerge"])
     listed = "\n".join(f"- `{ref}`" for ref in inputs)
-    base = f"`{plan.base}` as the base, " if plan.base else ""
+    base = f"`{record.base}` as the base, " if record.base else ""
     content = f"""---
 {data.to_yaml()}
 ---
 
 # Merged model
 
-Merged with [loramerge](https://github.com/loramerge/loramerge) using **{plan.spec.name}**, {base}from:
+Merged with [loramerge](https://github.com/loramerge/loramerge) using **{record.method}**, {base}from:
 
 {listed}
 
-{plan.output_layers} layers, {len(plan.tensors)} tensors. Load it with
+{record.layers} layers, {record.tensors} tensors. Load it with
 `AutoModelForCausalLM.from_pretrained(this_folder)`.
 
 ## Recipe
 
 ```yaml
-{recipe_yaml.rstrip()}
+{record.recipe_yaml.rstrip()}
 ```
 """
     return str(ModelCard(content))

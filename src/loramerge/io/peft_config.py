@@ -109,3 +109,16 @@ def merged_lora_config(
         **same,
     )
     return config
+
+
+def extracted_lora_config(
+    module_ranks: Mapping[str, int], rank: int, base_model: str, fan_in_fan_out: bool
+) -> dict[str, Any]:
+    """Config of an adapter extracted from a fine-tune: scale 1 (``lora_alpha = r``) for every module."""
+    odd = {name: r for name, r in module_ranks.items() if r != rank}
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "rank_pattern": odd,
+        "alpha_pattern": dict(odd), "target_modules": sorted(module_ranks), "base_model_name_or_path": base_model,
+        "bias": "none", "fan_in_fan_out": fan_in_fan_out, "use_rslora": False, "use_dora": False,
+        "lora_dropout": 0.0, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+    }  # fmt: skip

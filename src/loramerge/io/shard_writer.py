@@ -180,3 +180,12 @@ class BufferedShardWriter:
             path.rename(self.folder / name)
         if len(names) > 1:
             write_index(self.folder, names, [content for _, content in self._written], self.total_bytes)
+
+
+def human_bytes(count: float) -> str:
+    """A size as people read it (decimal units, as ``parse_size`` takes them)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1000
+    return f"{count:.1f} GB"

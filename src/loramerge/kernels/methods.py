@@ -2,7 +2,8 @@
 
 No I/O and no PEFT here. The same function merges a dense task vector, a LoRA core matrix or a LoRA
 factor. ``generators`` holds one seeded ``torch.Generator`` per input (see ``loramerge.seeding``).
-Per-input parameters (density, gamma, epsilon) take one value or one value per input.
+Per-input parameters (density, gamma, epsilon) take one value or one value per input. Their defaults
+live in the method catalogue (``loramerge.catalogue``), which ``run_kernel`` applies.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def breadcrumbs(
     weights: torch.Tensor,
     *,
     density: PerInput,
-    gamma: PerInput = 0.01,
+    gamma: PerInput,
     rescale: Rescale = "none",
     normalize: bool = False,
     cutoffs: Cutoffs = None,
@@ -149,7 +150,7 @@ def breadcrumbs_ties(
     weights: torch.Tensor,
     *,
     density: PerInput,
-    gamma: PerInput = 0.01,
+    gamma: PerInput,
     majority_sign: MajoritySign = "total",
     elect_on: ElectOn = "unweighted",
     divisor: Divisor = "count",
@@ -167,7 +168,7 @@ def della(
     weights: torch.Tensor,
     *,
     density: PerInput,
-    epsilon: PerInput = 0.15,
+    epsilon: PerInput,
     majority_sign: MajoritySign = "total",
     elect_on: ElectOn = "unweighted",
     divisor: Divisor = "count",
@@ -185,7 +186,7 @@ def della_linear(
     weights: torch.Tensor,
     *,
     density: PerInput,
-    epsilon: PerInput = 0.15,
+    epsilon: PerInput,
     rescale: Rescale = "density",
     normalize: bool = False,
     generators: Generators = None,

@@ -1,71 +1,46 @@
-"""The one registry of merge kernels and the conventions (presets) they can follow."""
+"""The element-level methods of the catalogue as kernels: lookup, calling with the parameters each
+accepts, row-block helpers, and the conventions (presets) where PEFT and mergekit disagree."""
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from loramerge import catalogue
+from loramerge.catalogue import Method
 from loramerge.errors import BadInput
-from loramerge.kernels import methods
 from loramerge.kernels.sparsify import outlier_cutoffs, trim_cutoff
 
-Kernel = Callable[..., torch.Tensor]
+KernelSpec = Method  # an element-level entry of the catalogue
 
 
-@dataclass(frozen=True)
-class KernelSpec:
-    name: str
-    fn: Kernel
-    linear: bool  # the result is linear in the tasks: merging in a shared basis is exact
-    random: bool = False  # draws from the per-input generators
-    consensus: bool = False  # elects signs: ``normalize`` divides by the agreeing weights
-    min_inputs: int = 1
-    max_inputs: int | None = None
-    # Element-wise once ``cutoff`` (per input, over the whole task tensor) is known: a caller may then run
-    # the kernel on pieces of a tensor (rows) with ``cutoffs=`` and get the whole-tensor result.
-    piecewise: bool = False
-    cutoff: Callable[[torch.Tensor, dict[str, float]], object] | None = None
-
-    @functools.cached_property  # read for every call of the kernel, on every row block of a dense merge
-    def params(self) -> frozenset[str]:
-        signature = inspect.signature(self.fn).parameters
-        return frozenset(name for name in signature if name not in {"tasks", "weights", "generators", "cutoffs"})
-
-
-def _trim(task: torch.Tensor, params: dict[str, float]) -> float:
+def trim_cutoff_of(task: torch.Tensor, params: dict[str, float]) -> float:
+    """The per-input cutoff of the trimming methods (ties, magnitude_prune)."""
     return trim_cutoff(task, params["density"]) if params["density"] < 1 else float("-inf")
 
 
-def _outliers(task: torch.Tensor, params: dict[str, float]) -> tuple[float, float]:
+def outlier_cutoffs_of(task: torch.Tensor, params: dict[str, float]) -> tuple[float, float]:
+    """The per-input cutoffs of Breadcrumbs."""
     if params["density"] >= 1:
         return float("-inf"), float("inf")
     return outlier_cutoffs(task, params["density"], params["gamma"])
 
 
-KERNELS: dict[str, KernelSpec] = {
-    spec.name: spec
-    for spec in (
-        KernelSpec("linear", methods.linear, linear=True, piecewise=True),
-        KernelSpec("task_arithmetic", methods.linear, linear=True, piecewise=True),
-        KernelSpec("magnitude_prune", methods.magnitude_prune, linear=False, piecewise=True, cutoff=_trim),
-        KernelSpec("ties", methods.ties, linear=False, consensus=True, piecewise=True, cutoff=_trim),
-        KernelSpec("dare_linear", methods.dare_linear, linear=False, random=True),
-        KernelSpec("dare_ties", methods.dare_ties, linear=False, random=True, consensus=True),
-        KernelSpec("breadcrumbs", methods.breadcrumbs, linear=False, piecewise=True, cutoff=_outliers),
-        KernelSpec(
-            "breadcrumbs_ties", methods.breadcrumbs_ties, linear=False, consensus=True, piecewise=True, cutoff=_outliers
-        ),
-        KernelSpec("della", methods.della, linear=False, random=True, consensus=True),
-        KernelSpec("della_linear", methods.della_linear, linear=False, random=True),
-        KernelSpec("model_stock", methods.model_stock, linear=False, min_inputs=2),
-        KernelSpec("slerp", methods.slerp, linear=False, min_inputs=2, max_inputs=2),
-        KernelSpec("passthrough", methods.passthrough, linear=True, max_inputs=1, piecewise=True),
-    )
-}
+class _Kernels(Mapping[str, Method]):
+    """The element-level methods of the catalogue, read at each use (so registered ones appear)."""
+
+    def __getitem__(self, name: str) -> Method:
+        return catalogue.kernels()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(catalogue.kernels())
+
+    def __len__(self) -> int:
+        return len(catalogue.kernels())
+
+
+KERNELS: Mapping[str, Method] = _Kernels()
 
 # Where peers disagree (DESIGN.md §3) the kernels take the choice as a parameter; a preset names a set.
 PRESETS: dict[str, dict[str, str]] = {
@@ -80,6 +55,19 @@ def preset_params(preset: str, spec: KernelSpec) -> dict[str, object]:
     params: dict[str, object] = {"elect_on": conventions["elect_on"], "divisor": conventions["divisor"]}
     params["rescale"] = conventions["random_rescale"] if spec.random else "none"
     return {key: value for key, value in params.items() if key in spec.params}
+
+
+def mergekit_params(spec: KernelSpec, normalize: object = None, rescale: object = None) -> dict[str, object]:
+    """mergekit's ``normalize`` and ``rescale`` (None: the method's mergekit default) as kernel parameters."""
+    normalize = bool(spec.mergekit_normalize if normalize is None else normalize)
+    params: dict[str, object] = {}
+    if spec.consensus:
+        params.update(divisor="weight" if normalize else "none", elect_on="weighted", majority_sign="total")
+    elif "normalize" in spec.params:
+        params["normalize"] = normalize
+    if "rescale" in spec.params:
+        params["rescale"] = "l1" if (spec.mergekit_rescale if rescale is None else rescale) else "none"
+    return params
 
 
 def get_kernel(name: str) -> KernelSpec:
@@ -119,7 +107,8 @@ def with_cutoffs(spec: KernelSpec, params: dict[str, object], tasks: Iterable[to
     can then run on row blocks and give the whole-tensor result."""
     if spec.cutoff is None:
         return params
-    return {**params, "cutoffs": [spec.cutoff(task, input_params(params, i)) for i, task in enumerate(tasks)]}
+    given = {**spec.kernel_defaults, **params}
+    return {**params, "cutoffs": [spec.cutoff_fn(task, input_params(given, i)) for i, task in enumerate(tasks)]}
 
 
 def run_kernel(
@@ -130,7 +119,8 @@ def run_kernel(
     generators: Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Call a kernel with the parameters it accepts; the others (a preset's, say) do not apply to it."""
-    accepted = {key: value for key, value in params.items() if key in spec.params or key == "cutoffs"}
+    accepted = {**spec.kernel_defaults}
+    accepted.update((key, value) for key, value in params.items() if key in spec.params or key == "cutoffs")
     if spec.random:
         accepted["generators"] = generators
     return spec.fn(tasks, weights, **accepted)

@@ -2,9 +2,11 @@
 
 from loramerge.lowrank.factored import LowRank, concat, frobenius_inner
 from loramerge.lowrank.svd import (
+    concat_merge,
     core_basis,
     from_core,
     project_to_core,
+    svd_merge,
     truncate_dense,
     truncate_dense_randomized,
     truncate_rank,
@@ -14,10 +16,12 @@ from loramerge.lowrank.svd import (
 __all__ = [
     "LowRank",
     "concat",
+    "concat_merge",
     "core_basis",
     "frobenius_inner",
     "from_core",
     "project_to_core",
+    "svd_merge",
     "truncate_dense",
     "truncate_dense_randomized",
     "truncate_rank",

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
-from loramerge.lowrank.factored import LowRank
+from loramerge.lowrank.factored import LowRank, concat
 
 
 @contextmanager
@@ -103,3 +103,14 @@ def truncate_dense(delta: torch.Tensor, rank: int) -> LowRank:
     left, values, right_t = _svd(delta)
     keep = min(rank, values.shape[0])
     return LowRank(B=left[:, :keep] * values[:keep], A=right_t[:keep])
+
+
+def concat_merge(terms: Sequence[LowRank], weights: Sequence[float], *, rank: int | None = None) -> LowRank:
+    """The ``cat`` method: the exact weighted sum (rank Σ r_i), truncated only when ``rank`` is smaller."""
+    merged = concat(terms, weights)
+    return truncate_rank(merged, rank) if rank is not None and rank < merged.rank else merged
+
+
+def svd_merge(terms: Sequence[LowRank], weights: Sequence[float], *, rank: int) -> LowRank:
+    """The ``svd`` method: the best rank-``rank`` approximation of the exact weighted sum, from the factors."""
+    return truncate_rank(concat(terms, weights), rank)

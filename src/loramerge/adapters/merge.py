@@ -8,11 +8,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loramerge.adapter import LoraAdapter, LoraModule
-from loramerge.compat import check_base_models, check_layouts, check_shapes, check_weights
+from loramerge import catalogue
+from loramerge.adapters.checks import check_base_models, check_layouts, check_shapes, check_weights
+from loramerge.adapters.model import LoraAdapter, LoraModule
+from loramerge.adapters.options import MergeOptions, parse_options
 from loramerge.errors import BadInput
-from loramerge.io.model_card import merged_adapter_card
+from loramerge.io.model_card import MergeRecord, merged_adapter_card
 from loramerge.io.peft_config import merged_lora_config
+from loramerge.io.shard_writer import human_bytes
 from loramerge.kernels import KernelSpec, get_kernel, row_blocks, run_kernel, runs_by_rows, with_cutoffs
 from loramerge.kernels.methods import linear
 from loramerge.lowrank import (
@@ -26,7 +29,6 @@ from loramerge.lowrank import (
     truncate_rank,
     use_randomized,
 )
-from loramerge.options import MergeOptions, parse_options
 from loramerge.seeding import tensor_generators, tensor_seed
 
 Progress = Callable[[int, int, str], None]
@@ -61,13 +63,44 @@ class MergePlan:
     def output_bytes(self) -> int:
         return self.output_parameters * torch.finfo(self.out_dtype).bits // 8
 
+    def describe(self) -> str:
+        """One line: inputs, method and parameters, output ranks, dtype and size (nothing is read)."""
+        options = self.options
+        ranks = sorted({m.output_rank for m in self.modules})
+        parts = [f"method={options.method}"]
+        if options.strategy not in ("concat", "module"):
+            parts.append(f"space={options.space}")
+        if options.strategy == "full":
+            parts.append(f"full_svd={options.full_svd}")
+        if options.uses_density:
+            parts.append(f"density={options.effective_density:g}")
+        if catalogue.get(options.method).consensus:
+            parts.append(f"majority_sign={options.majority_sign}")
+        parts += [f"weights={','.join(f'{w:g}' for w in self.weights)}", f"seed={options.seed}"]
+        return (
+            f"{len(self.adapters)} adapters, {len(self.modules)} modules, {' '.join(parts)}, output ranks {ranks}, "
+            f"{str(self.out_dtype).removeprefix('torch.')}, {human_bytes(self.output_bytes)}"
+        )
+
+    def record(self) -> MergeRecord:
+        """What this merge does, for its model card: the inputs and parameters as a recipe would hold them."""
+        inputs = [(adapter.name, weight) for adapter, weight in zip(self.adapters, self.weights, strict=True)]
+        options = self.options.model_dump(exclude_defaults=False, exclude={"device", "strict"})
+        parameters = {
+            "adapters": [{"adapter": name, "weight": weight} for name, weight in inputs],
+            **{key: value for key, value in options.items() if value is not None},
+        }
+        ranks = sorted({m.output_rank for m in self.modules})
+        return MergeRecord(self.options.method, inputs, len(self.modules), ranks, parameters)
+
 
 def output_rank(options: MergeOptions, shape: tuple[int, int], ranks: Sequence[int]) -> int:
     """The rank a module's merge produces; the executor checks it gets exactly this."""
     bound, total = min(shape), sum(ranks)
     strategy = options.strategy
-    if strategy in ("concat", "factors"):  # exact rank unless --rank asks for less
-        produced = total if strategy == "concat" else ranks[0]
+    exact = strategy == "concat" or (strategy == "module" and catalogue.get(options.method).exact_rank)
+    if exact or strategy == "factors":  # exact rank unless --rank asks for less
+        produced = total if exact else ranks[0]
         return produced if options.rank is None or options.rank >= produced else min(options.rank, bound)
     requested = options.rank or max(ranks)
     return min(requested, bound) if strategy == "full" else min(requested, total, bound)
@@ -82,7 +115,8 @@ def _plan_modules(adapters: Sequence[LoraAdapter], options: MergeOptions) -> lis
         ranks = tuple(adapters[i].modules[name].rank for i in inputs)
         if options.strategy == "factors" and len(set(ranks)) > 1:
             raise BadInput(
-                f"module {name}: --space factors needs equal ranks, got {list(ranks)}; use --space core or full"
+                f"module {name}: `space='factors'` needs equal ranks, got {list(ranks)}; "
+                "use `space='core'` or `space='full'`"
             )
         rank = output_rank(options, first.shape, ranks)
         plans.append(ModulePlan(name, first.shape, first.embedding, inputs, ranks, rank))
@@ -93,9 +127,9 @@ def _plan_warnings(options: MergeOptions) -> list[str]:
     given = options.model_fields_set
     notes = []
     if "density" in given and not options.uses_density:
-        notes.append(f"--density is ignored by method {options.method}")
-    if "space" in given and options.strategy in ("concat", "svd"):
-        notes.append(f"--space is ignored by method {options.method} (its result is exact in any space)")
+        notes.append(f"`density` is ignored by method {options.method}")
+    if "space" in given and options.strategy in ("concat", "module"):
+        notes.append(f"`space` is ignored by method {options.method} (its result is exact in any space)")
     return notes
 
 
@@ -127,7 +161,7 @@ def _check_rank(options: MergeOptions, modules: list[ModulePlan]) -> None:
     widest = max(modules, key=lambda m: min(m.shape))
     if options.rank > min(widest.shape):
         raise BadInput(
-            f"--rank {options.rank} is larger than any module allows: at most {min(widest.shape)} "
+            f"`rank={options.rank}` is larger than any module allows: at most {min(widest.shape)} "
             f"(module {widest.name}, {widest.shape[0]}x{widest.shape[1]})"
         )
 
@@ -188,8 +222,9 @@ def merge_module(plan: MergePlan, module: ModulePlan) -> LowRank:
     terms = [piece.factors(device=options.device) for piece in pieces]
     rank = options.rank or max(module.input_ranks)
     strategy = options.strategy
-    if strategy == "svd":
-        result = truncate_rank(concat(terms, weights), rank)
+    if strategy == "module":
+        method = catalogue.get(options.method)
+        result = method.fn(terms, weights, rank=options.rank if method.exact_rank else rank)
     elif strategy in ("concat", "factors"):
         result = concat(terms, weights) if strategy == "concat" else _factor_space(plan, module, pieces, weights)
         if options.rank is not None and options.rank < result.rank:
@@ -241,7 +276,7 @@ def execute_plan(plan: MergePlan, progress: Progress | None = None) -> LoraAdapt
         configs[0], configs, {m.name: m.output_rank for m in plan.modules}, base_model, sorted(to_save)
     )
     merged = LoraAdapter(modules=modules, config=config, dense=dense, source="merged")
-    merged.card = merged_adapter_card(plan, base_model)
+    merged.card = merged_adapter_card(plan.record(), base_model)
     return merged
 
 
@@ -254,6 +289,6 @@ def merge_adapters(
     **params: object,
 ) -> LoraAdapter:
     """Merge adapters of one base model; ``params`` are the ``MergeOptions`` fields (density, rank, space…).
-    ``method`` defaults to ``loramerge.defaults.DEFAULT_METHOD``."""
+    ``method`` defaults to ``loramerge.catalogue.DEFAULT_METHOD``."""
     options = parse_options(method=method, **params)
     return execute_plan(plan_merge(adapters, weights, options), progress)

@@ -9,13 +9,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from loramerge.adapter import LoraAdapter, LoraModule
-from loramerge.compat import check_finite
+from loramerge.adapters.checks import check_finite
+from loramerge.adapters.model import LoraAdapter, LoraModule
 from loramerge.errors import BadInput, brief
-from loramerge.io.atomic import atomic_output_dir
 from loramerge.io.hub import resolve_folder
+from loramerge.io.output import output_folder
 from loramerge.io.peft_config import lora_scale, module_rank_and_alpha, validate_lora_config
 
 CONFIG_NAME = "adapter_config.json"
@@ -147,9 +147,9 @@ def save_adapter(
     """Write ``adapter_config.json``, ``adapter_model.safetensors`` and the model card, atomically."""
     target = Path(path)
     state = adapter_state_dict(adapter, dtype)
-    with atomic_output_dir(target, force=force) as staging:
-        (staging / CONFIG_NAME).write_text(json.dumps(adapter.config, indent=2, sort_keys=True) + "\n")
-        save_file(state, staging / SAFETENSORS_NAME, metadata={"format": "pt"})
+    with output_folder(target, force=force) as folder:
+        folder.json(CONFIG_NAME, adapter.config)
+        folder.tensors(SAFETENSORS_NAME, state)
         if adapter.card is not None:
-            (staging / "README.md").write_text(adapter.card)
+            folder.card(adapter.card)
     return target

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,9 +70,3 @@ class LoraAdapter:
     @property
     def name(self) -> str:
         return self.source or "<in memory>"
-
-    def save(self, path: str | Path, *, force: bool = False, dtype: torch.dtype | None = None) -> Path:
-        """Write a PEFT adapter folder (atomically; ``force`` replaces an existing one)."""
-        from loramerge.io.adapters import save_adapter
-
-        return save_adapter(self, path, force=force, dtype=dtype)

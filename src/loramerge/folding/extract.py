@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loramerge.adapter import LoraAdapter, LoraModule
+from loramerge.adapters.model import LoraAdapter, LoraModule
 from loramerge.errors import BadInput
 from loramerge.io.checkpoint import open_checkpoint
 from loramerge.io.model_card import extracted_adapter_card
+from loramerge.io.peft_config import extracted_lora_config
 
 Progress = Callable[[int, int, str], None]
 _EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in")
@@ -46,7 +47,7 @@ def extract_lora(
     model_ref: str, base_ref: str, rank: int, *, fast: bool = False, progress: Progress | None = None
 ) -> Extraction:
     if rank < 1:
-        raise BadInput(f"--rank must be at least 1, got {rank}")
+        raise BadInput(f"`rank` must be at least 1, got {rank}")
     model, base = open_checkpoint(model_ref), open_checkpoint(base_ref)
     only_model = sorted(set(model.names) - set(base.names))
     if only_model:
@@ -75,13 +76,6 @@ def extract_lora(
             progress(done, len(names), name)
     if not modules:
         raise BadInput(f"{model_ref} does not differ from {base_ref} in any 2-D weight: nothing to extract")
-    ranks = {name: module.rank for name, module in modules.items()}
-    odd = {name: r for name, r in ranks.items() if r != rank}
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "rank_pattern": odd,
-        "alpha_pattern": dict(odd), "target_modules": sorted(modules), "base_model_name_or_path": base_ref,
-        "bias": "none", "fan_in_fan_out": conv1d, "use_rslora": False, "use_dora": False, "lora_dropout": 0.0,
-        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-    }  # fmt: skip
+    config = extracted_lora_config({name: module.rank for name, module in modules.items()}, rank, base_ref, conv1d)
     card = extracted_adapter_card(model_ref, base_ref, rank, energy)
     return Extraction(LoraAdapter(modules=modules, config=config, source=model_ref, card=card), energy, skipped)

@@ -8,48 +8,45 @@ slice (``t = 1`` for a one-layer slice), non-layer tensors ``t = 0`` and the sou
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from loramerge.adapters.options import DTYPES
+from loramerge.catalogue import dense_methods
+from loramerge.dense.parameters import resolve
+from loramerge.dense.sources import ModelSource, open_source
 from loramerge.errors import BadInput
+from loramerge.io.layers import count_layers, is_post_layer, is_vocabulary_tensor, layer_group, layer_index, with_layer
+from loramerge.io.model_card import DenseRecord
 from loramerge.kernels import KERNELS, KernelSpec
-from loramerge.layers import count_layers, is_post_layer, is_vocabulary_tensor, layer_index, with_layer
-from loramerge.model_source import ModelSource, open_source
-from loramerge.options import DTYPES
-from loramerge.parameters import resolve
+from loramerge.kernels.registry import mergekit_params
 from loramerge.recipe import Parameters, Recipe
 
-_TASK_VECTOR = {"weight", "density", "normalize", "rescale", "lambda", "int8_mask"}
-RECIPE_PARAMETERS: dict[str, set[str]] = {
-    "linear": {"weight", "normalize"},
-    "task_arithmetic": _TASK_VECTOR,
-    "magnitude_prune": _TASK_VECTOR,
-    "ties": _TASK_VECTOR,
-    "dare_linear": _TASK_VECTOR,
-    "dare_ties": _TASK_VECTOR,
-    "breadcrumbs": _TASK_VECTOR | {"gamma"},
-    "breadcrumbs_ties": _TASK_VECTOR | {"gamma"},
-    "della": _TASK_VECTOR | {"epsilon"},
-    "della_linear": _TASK_VECTOR | {"epsilon"},
-    "slerp": {"t"},
-    "model_stock": {"filter_wise"},
-    "passthrough": {"scale"},
-}
-PER_INPUT = {"weight", "density", "gamma", "epsilon", "scale"}
-DEFAULTS: dict[str, object] = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15, "lambda": 1.0,
-                               "int8_mask": False, "filter_wise": False, "scale": None}  # fmt: skip
-NORMALIZED_BY_DEFAULT = {"linear", "ties", "della"}
-# Methods on the models' own tensors; every other one merges task vectors (model minus base).
-ON_WEIGHTS = {"linear", "slerp", "passthrough"}
+
+def on_deltas(spec: KernelSpec) -> bool:
+    """Whether the method merges task vectors (model minus base) rather than the models' own tensors."""
+    return not spec.on_weights
 
 
-def on_deltas(method: str) -> bool:
-    return method not in ON_WEIGHTS
+def _parameter_defaults(spec: KernelSpec) -> dict[str, object]:
+    return {parameter.name: parameter.default for parameter in spec.parameters}
 
 
-RESCALED_BY_DEFAULT = {"dare_linear", "dare_ties", "della", "della_linear"}
+_CONVENTIONS = ("elect_on", "majority_sign")
+
+
+def _summary(params: list[dict]) -> str:
+    keys = sorted({key for p in params for key in p})
+    parts = []
+    for key in keys:
+        values = [p.get(key) for p in params]
+        shown = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in values]
+        parts.append(f"{key}={shown[0]}" if len(set(shown)) == 1 else f"{key}={shown[0]}…{shown[-1]}")
+    return " ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -99,6 +96,31 @@ class CheckpointPlan:
     output_layers: int
     warnings: list[str] = field(default_factory=list)
     allow_nonfinite: bool = False  # else a NaN or Inf in any input tensor stops the merge, naming it
+
+    def describe(self) -> list[str]:
+        """One line per tensor group (layer index as ``*``): count, inputs, parameters over the layers."""
+        groups: dict[str, list] = defaultdict(list)
+        for tensor in self.tensors:
+            groups[layer_group(tensor.output)].append(tensor)
+        lines = [f"plan: {self.spec.name}, {self.output_layers} layers, {len(self.tensors)} tensors"]
+        for group, tensors in groups.items():
+            shared = _summary([{k: v for k, v in t.shared.items() if k not in _CONVENTIONS} for t in tensors])
+            per_input = "; ".join(
+                f"{ref}: {_summary([t.per_input[i] for t in tensors]) or '-'}"
+                for i, (ref, _) in enumerate(tensors[0].inputs)
+            )
+            lines.append(f"  {group} x{len(tensors)}  [{shared}]  {per_input}")
+        return lines
+
+    @property
+    def output_bytes(self) -> int:
+        """The output's size, from the planned shapes and dtypes (no tensor is read)."""
+        return sum(math.prod(tensor.shape) * tensor.dtype.itemsize for tensor in self.tensors)
+
+    def record(self, recipe_yaml: str) -> DenseRecord:
+        """What this merge does, for its model card."""
+        return DenseRecord(self.spec.name, self.base, list(self.sources), self.output_layers, len(self.tensors),
+                           recipe_yaml)  # fmt: skip
 
 
 def _open_sources(recipe: Recipe, allow_nonfinite: bool) -> dict[str, ModelSource]:
@@ -158,7 +180,7 @@ def _check_method(recipe: Recipe, spec: KernelSpec, slices) -> None:
     for i, piece in enumerate(recipe.slices or []):
         unknown_where.append((f"slices[{i}].parameters", piece.parameters))
         unknown_where += [(f"slices[{i}].sources[{j}].parameters", s.parameters) for j, s in enumerate(piece.sources)]
-    allowed = RECIPE_PARAMETERS[spec.name]
+    allowed = spec.recipe_parameters
     for where, params in unknown_where:
         for key in params or {}:
             if key not in allowed:
@@ -167,27 +189,20 @@ def _check_method(recipe: Recipe, spec: KernelSpec, slices) -> None:
     for i, piece in enumerate(slices):
         where = "models" if recipe.models else f"slices[{i}]"
         refs, base = [s.ref for s in piece.sources], piece.base
-        needs_base = on_deltas(spec.name) or spec.name == "slerp"
+        needs_base = on_deltas(spec) or spec.name == "slerp"
         if needs_base and not base:
             raise BadInput(f"base_model: merge_method {spec.name} needs a base_model")
         if needs_base and base not in refs and recipe.slices:
             raise BadInput(f"{where}.sources: the base_model {base} must be one of the sources")
-        inputs = len(refs) - (1 if on_deltas(spec.name) and base in refs else 0)
+        inputs = len(refs) - (1 if on_deltas(spec) and base in refs else 0)
         if inputs < spec.min_inputs or (spec.max_inputs is not None and inputs > spec.max_inputs):
             most = spec.max_inputs if spec.max_inputs is not None else "any"
             raise BadInput(f"{where}: {spec.name} takes {spec.min_inputs} to {most} inputs, got {inputs}")
 
 
 def _kernel_params(spec: KernelSpec, shared: dict[str, object]) -> dict[str, object]:
-    """mergekit's parameters as kernel parameters (the ``mergekit`` preset of DESIGN.md §3)."""
-    params: dict[str, object] = {}
-    normalize = bool(shared.get("normalize", spec.name in NORMALIZED_BY_DEFAULT))
-    if spec.consensus:
-        params.update(divisor="weight" if normalize else "none", elect_on="weighted", majority_sign="total")
-    elif "normalize" in spec.params:
-        params["normalize"] = normalize
-    if "rescale" in spec.params:
-        params["rescale"] = "l1" if shared.get("rescale", spec.name in RESCALED_BY_DEFAULT) else "none"
+    """mergekit's parameters as kernel parameters (the ``mergekit`` preset)."""
+    params = mergekit_params(spec, shared.get("normalize"), shared.get("rescale"))
     if "t" in shared:
         params["t"] = float(shared["t"])
     return params
@@ -215,8 +230,9 @@ def _plan_tensor(
     output: str, name_for: Callable[[Source], str], piece: SliceInputs, recipe: Recipe, t: float, spec: KernelSpec
 ) -> TensorPlan:
     shared = {}
-    for key in RECIPE_PARAMETERS[spec.name] - PER_INPUT:
-        value = resolve(key, piece.scopes(recipe), output, t, DEFAULTS.get(key))
+    defaults = _parameter_defaults(spec)
+    for key in sorted(name for name in spec.recipe_parameters if name not in spec.per_input_parameters):
+        value = resolve(key, piece.scopes(recipe), output, t, defaults[key])
         if value is not None:
             shared[key] = value
     if spec.name == "slerp" and "t" not in shared:
@@ -226,13 +242,13 @@ def _plan_tensor(
     base_input = None
     for source in piece.sources:
         name = name_for(source)
-        if on_deltas(spec.name) and source.ref == base:
+        if on_deltas(spec) and source.ref == base:
             base_input = (source.ref, name)
             continue
         inputs.append((source.ref, name))
-        per_input.append({key: resolve(key, piece.scopes(recipe, source), name, t, DEFAULTS.get(key))
-                          for key in RECIPE_PARAMETERS[spec.name] & PER_INPUT})  # fmt: skip
-    if on_deltas(spec.name) and base_input is None:
+        per_input.append({key: resolve(key, piece.scopes(recipe, source), name, t, defaults[key])
+                          for key in spec.per_input_parameters})  # fmt: skip
+    if on_deltas(spec) and base_input is None:
         base_input = (base, name_for(Source(base, piece.sources[0].layers, None, "base_model")))
     for (ref, _), params in zip(inputs, per_input, strict=True):
         _check_fractions(output, ref, params)
@@ -245,8 +261,8 @@ def _plan_tensor(
 
 def plan_checkpoint_merge(recipe: Recipe, allow_nonfinite: bool = False) -> CheckpointPlan:
     """Check a dense recipe and list every output tensor with its inputs and resolved parameters."""
-    if recipe.merge_method not in RECIPE_PARAMETERS:
-        raise BadInput(f"merge_method: unknown method {recipe.merge_method!r}; known: {', '.join(RECIPE_PARAMETERS)}")
+    if recipe.merge_method not in dense_methods():
+        raise BadInput(f"merge_method: unknown method {recipe.merge_method!r}; known: {', '.join(dense_methods())}")
     spec = KERNELS[recipe.merge_method]
     sources = _open_sources(recipe, allow_nonfinite)
     slices = _slices(recipe, sources)

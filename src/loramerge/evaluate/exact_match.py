@@ -1,25 +1,18 @@
-"""Loss, perplexity and exact match of causal LMs on local data (``loramerge eval``), and model loading
-for ``eval`` and ``generate``: a base, optionally 4-bit, with an adapter or a merged model."""
+"""Loss, perplexity and greedy exact match of causal LMs on evaluation samples (``loramerge eval``), and
+greedy generation (``loramerge generate``)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from loramerge.errors import BadInput, brief
+from loramerge.errors import BadInput
+from loramerge.evaluate.data import Sample
 
 Progress = Callable[[int, int, str], None]
-_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-
-
-@dataclass(frozen=True)
-class Sample:
-    prompt: str  # empty for plain text: then the whole text is scored
-    completion: str
 
 
 @dataclass
@@ -31,72 +24,6 @@ class EvalResult:
     samples: int
     tokens: int
     data: str = ""  # the evaluation set's name (its file stem), when several are evaluated
-
-
-def load_samples(
-    path: str | Path,
-    *,
-    text_field: str | None = None,
-    prompt_field: str | None = None,
-    completion_field: str | None = None,
-    max_samples: int | None = None,
-) -> list[Sample]:
-    """Rows of a local JSONL/JSON/CSV/Parquet/text file read with ``datasets``."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"--data {path}: no such file")
-    kind = _FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise BadInput(f"--data {path}: unknown format {path.suffix!r}; use {', '.join(_FORMATS)}")
-    if (prompt_field is None) != (completion_field is None):
-        raise BadInput("give both --prompt-field and --completion-field, or neither")
-    from datasets import load_dataset
-
-    try:
-        rows = load_dataset(kind, data_files=str(path), split="train")
-    except Exception as error:  # datasets raises many types for unreadable files
-        raise BadInput(f"--data {path}: cannot read ({brief(error)})") from error
-    fields = [prompt_field, completion_field] if prompt_field else [text_field or "text"]
-    for field in fields:
-        if field not in rows.column_names:
-            raise BadInput(f"--data {path}: no field {field!r} (fields: {', '.join(rows.column_names)})")
-    if max_samples is not None:
-        rows = rows.select(range(min(max_samples, len(rows))))
-    if prompt_field:
-        return [Sample(str(row[prompt_field]), str(row[completion_field])) for row in rows]
-    return [Sample("", str(row[fields[0]])) for row in rows]
-
-
-def load_model(base: str, *, adapter: str | None = None, load_in_4bit: bool = False, device: str = "cpu"):
-    """A causal LM and its tokenizer: ``base`` (optionally quantized to nf4 at load) with ``adapter`` on
-    top. ``base`` may itself be a merged full model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs: dict[str, object] = {"dtype": torch.float32}
-    if load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-        )
-    from loramerge.io.checkpoint import resolve_model_dir
-
-    folder = resolve_model_dir(base)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError) as error:
-        raise BadInput(f"model {base}: cannot load it with its tokenizer ({brief(error)})") from error
-    if adapter is not None:
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, adapter)
-        except (OSError, ValueError, RuntimeError) as error:
-            raise BadInput(f"adapter {adapter}: cannot load it on {base} ({brief(error)})") from error
-    if not load_in_4bit:
-        model = model.to(device)
-    return model.eval(), tokenizer
 
 
 def _ids(tokenizer, text: str, special: bool) -> list[int]:
@@ -245,7 +172,7 @@ def generate_text(model, tokenizer, prompt: str, *, chat: bool = False, max_new_
     """Greedy continuation of ``prompt`` (through the tokenizer's chat template with ``chat``)."""
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise BadInput("--chat: the tokenizer has no chat template")
+            raise BadInput("`chat`: the tokenizer has no chat template")
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
@@ -253,5 +180,5 @@ def generate_text(model, tokenizer, prompt: str, *, chat: bool = False, max_new_
     else:
         ids = _ids(tokenizer, prompt, special=True)
     if not ids:
-        raise BadInput("--prompt: empty after tokenization")
+        raise BadInput("`prompt`: empty after tokenization")
     return greedy_completion(model, tokenizer, ids, max_new_tokens)

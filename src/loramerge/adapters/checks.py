@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from loramerge.adapter import LoraAdapter
+from loramerge.adapters.model import LoraAdapter
 from loramerge.errors import BadInput
 
 
@@ -14,7 +14,8 @@ def check_finite(tensors: Mapping[str, torch.Tensor], owner: str) -> None:
     """Refuse NaN or Inf values: merged, they spread over every entry they meet (sign election, SVD)."""
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise BadInput(f"{owner}: tensor {key} holds NaN or Inf values; pass --allow-nonfinite to use it anyway")
+            hint = "pass `allow_nonfinite=True` to use it anyway"
+            raise BadInput(f"{owner}: tensor {key} holds NaN or Inf values; {hint}")
 
 
 def check_weights(adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> list[float]:
@@ -63,4 +64,4 @@ def check_base_models(adapters: Sequence[LoraAdapter], strict: bool) -> list[str
     detail = "; ".join(f"{adapter.name}: {adapter.base_model}" for adapter in adapters)
     if strict:
         raise BadInput(f"adapters name different base models ({detail})")
-    return [f"adapters name different base models ({detail}); merging anyway (--strict refuses)"]
+    return [f"adapters name different base models ({detail}); merging anyway (`strict=True` refuses)"]

@@ -7,13 +7,14 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from loramerge.defaults import DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_SPACE, METHODS
+from loramerge import catalogue
+from loramerge.catalogue import DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_SPACE
 from loramerge.errors import BadInput
 from loramerge.kernels import KERNELS, preset_params
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Space = Literal["core", "full", "factors"]
-Strategy = Literal["concat", "svd", "core", "full", "factors"]
+Strategy = Literal["module", "concat", "core", "full", "factors"]
 
 
 class MergeOptions(BaseModel):
@@ -36,8 +37,8 @@ class MergeOptions(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, method: str) -> str:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if method not in catalogue.adapter_methods():
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(catalogue.adapter_methods())}")
         return method
 
     @property
@@ -61,10 +62,10 @@ class MergeOptions(BaseModel):
 
     @property
     def strategy(self) -> Strategy:
-        """How each module is computed: concatenation (exact), truncated SVD of the exact sum, or a kernel
-        run in one of the three spaces."""
-        if self.method == "svd":
-            return "svd"
+        """How each module is computed: a module-level method on the factors (``svd``, ``cat``), the exact
+        concatenation (linear kernels), or a kernel run in one of the three spaces."""
+        if catalogue.get(self.method).level == "module":
+            return "module"
         return self.space if self.elementwise else "concat"
 
     def torch_dtype(self) -> torch.dtype | None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loramerge.adapter import LoraAdapter, LoraModule
+from loramerge.adapters.model import LoraAdapter, LoraModule
 from loramerge.errors import BadInput
 
 

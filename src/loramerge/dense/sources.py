@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from loramerge.adapter import LoraAdapter
+from loramerge.adapters.files import load_adapter
+from loramerge.adapters.model import LoraAdapter
 from loramerge.errors import BadInput
-from loramerge.folding import FoldTarget, adapter_targets, folded_tensor
-from loramerge.io.adapters import load_adapter
+from loramerge.folding.math import FoldTarget, adapter_targets, folded_tensor
 from loramerge.io.checkpoint import Checkpoint, open_checkpoint
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from loramerge.adapter import LoraAdapter
+from loramerge.adapters.files import load_adapter
+from loramerge.adapters.model import LoraAdapter
+from loramerge.adapters.options import MergeOptions, parse_options
 from loramerge.errors import BadInput
-from loramerge.io.adapters import load_adapter
-from loramerge.options import MergeOptions, parse_options
 from loramerge.recipe import Recipe
 
-OPTION_KEYS = {"density", "rank", "space", "full_svd", "majority_sign", "preset", "seed", "strict"}
+# the merge options a recipe's ``parameters`` may set: the method, weights and dtype have keys of their own
+OPTION_KEYS = set(MergeOptions.model_fields) - {"method", "dtype", "device"}
 
 
 def adapter_merge_inputs(

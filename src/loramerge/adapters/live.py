@@ -12,18 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from loramerge.adapter import LoraAdapter, LoraModule
-from loramerge.adapter_merge import merge_adapters
+from loramerge.adapters.merge import merge_adapters
+from loramerge.adapters.model import LoraAdapter, LoraModule
+from loramerge.catalogue import peft_combination_types
 from loramerge.errors import BadInput
-
-# PEFT's combination_type -> (method, space)
-COMBINATION_TYPES = {
-    "svd": ("svd", None), "linear": ("linear", None), "cat": ("cat", None), "ties": ("ties", None),
-    "dare_linear": ("dare_linear", None), "dare_ties": ("dare_ties", None),
-    "magnitude_prune": ("magnitude_prune", None), "ties_svd": ("ties", "full"),
-    "dare_linear_svd": ("dare_linear", "full"), "dare_ties_svd": ("dare_ties", "full"),
-    "magnitude_prune_svd": ("magnitude_prune", "full"),
-}  # fmt: skip
 
 
 def _lora_layers(model) -> list[tuple[str, Any]]:
@@ -85,9 +77,10 @@ def add_weighted_adapter(
     if adapter_name in model.peft_config:
         raise BadInput(f"adapter {adapter_name!r} already exists in the model")
     if combination_type is not None:
-        if combination_type not in COMBINATION_TYPES:
-            raise BadInput(f"unknown combination_type {combination_type!r}; known: {', '.join(COMBINATION_TYPES)}")
-        method, implied_space = COMBINATION_TYPES[combination_type]
+        combination_types = peft_combination_types()
+        if combination_type not in combination_types:
+            raise BadInput(f"unknown combination_type {combination_type!r}; known: {', '.join(combination_types)}")
+        method, implied_space = combination_types[combination_type]
         space = space or implied_space
     inputs = [adapter_from_model(model, name) for name in adapters]
     device = next(iter(inputs[0].modules.values())).A.device

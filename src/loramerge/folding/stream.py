@@ -14,16 +14,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from loramerge.adapter import LoraAdapter
+from loramerge.adapters.model import LoraAdapter
+from loramerge.adapters.options import DTYPES
 from loramerge.errors import BadInput
-from loramerge.folding import FoldTarget, adapter_targets, folded_tensor, weight_delta
+from loramerge.folding.math import FoldTarget, adapter_targets, folded_tensor, weight_delta
 from loramerge.io import bnb4bit
-from loramerge.io.atomic import atomic_output_dir, check_output_target
+from loramerge.io.atomic import check_output_target
 from loramerge.io.checkpoint import Checkpoint, open_checkpoint
 from loramerge.io.model_card import folded_model_card
-from loramerge.io.model_files import copy_side_files, write_config
-from loramerge.io.shard_writer import BufferedShardWriter, parse_size
-from loramerge.options import DTYPES
+from loramerge.io.output import output_folder
+from loramerge.io.shard_writer import parse_size
 
 Progress = Callable[[int, int, str], None]
 
@@ -90,8 +90,8 @@ def fold(
         Path(output), force, [base.folder, *([Path(adapter.source)] if adapter.source else [])]
     )
     written = [name for name in names if name not in companions]
-    with atomic_output_dir(target, force=force) as staging:
-        writer = BufferedShardWriter(staging, max_bytes)
+    with output_folder(target, force=force) as folder:
+        writer = folder.buffered_shards(max_bytes)
         for done, name in enumerate(written, start=1):
             tensor = base.get(name)
             if name in quantized:
@@ -108,15 +108,15 @@ def fold(
             if progress is not None:
                 progress(done, len(written), name)
         writer.close()
-        copy_side_files(base.folder, staging)
+        folder.side_files(base.folder)
         config = {key: value for key, value in base.config.items() if key != "quantization_config"}
         dtype_name = str(out_dtype).removeprefix("torch.")
         if quantize:
             config["quantization_config"] = bnb4bit.quantization_config(quantize, double_quant, dtype_name)
-        write_config(config, staging, dtype=dtype_name)
+        folder.model_config(config, dtype=dtype_name)
         record = {"base": base_ref, "adapter": adapter.source or "merged", "dtype": dtype_name,
                   "quantize": quantize, "double_quant": double_quant if quantize else None,
                   "from_dequantized": from_dequantized}  # fmt: skip
         card_yaml = yaml.safe_dump({k: v for k, v in record.items() if v is not None}, sort_keys=False)
-        (staging / "README.md").write_text(folded_model_card(base_ref, adapter, card_yaml, card_note))
+        folder.card(folded_model_card(base_ref, adapter, card_yaml, card_note))
     return target

@@ -13,15 +13,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from loramerge.checkpoint_plan import CheckpointPlan, TensorPlan, on_deltas, plan_checkpoint_merge
-from loramerge.compat import check_finite
+from loramerge.adapters.checks import check_finite
+from loramerge.dense.plan import CheckpointPlan, TensorPlan, on_deltas, plan_checkpoint_merge
 from loramerge.errors import BadInput
-from loramerge.io.atomic import atomic_output_dir, check_output_target
+from loramerge.io.atomic import check_output_target
+from loramerge.io.layers import is_vocabulary_tensor
 from loramerge.io.model_card import dense_model_card
-from loramerge.io.model_files import copy_side_files, resolve_chat_template, write_chat_template, write_config
-from loramerge.io.shard_writer import ShardWriter, TensorLayout, parse_size
+from loramerge.io.model_files import resolve_chat_template
+from loramerge.io.output import output_folder
+from loramerge.io.shard_writer import TensorLayout, parse_size
 from loramerge.kernels import row_blocks, run_kernel, runs_by_rows, with_cutoffs
-from loramerge.layers import is_vocabulary_tensor
 from loramerge.recipe import Recipe, load_recipe
 from loramerge.seeding import tensor_generators
 
@@ -67,7 +68,7 @@ def merge_tensor(plan: CheckpointPlan, tensor: TensorPlan, seed: int, device: st
     spec, params = plan.spec, _kernel_params(plan, tensor)
     weights = torch.tensor([float(p.get("weight", 1.0)) for p in tensor.per_input], device=device)
     scale = float(tensor.shared.get("lambda", 1.0))
-    deltas = on_deltas(spec.name)
+    deltas = on_deltas(spec)
 
     buffer: torch.Tensor | None = None
 
@@ -133,24 +134,24 @@ def write_checkpoint(
     side_files = _side_file_source(plan)
     template = resolve_chat_template(plan.recipe.chat_template) if plan.recipe.chat_template else None
     layout = [TensorLayout(t.output, t.shape, t.dtype) for t in plan.tensors]
-    with atomic_output_dir(target, force=force) as staging:
-        writer = ShardWriter(staging, layout, max_bytes)
+    with output_folder(target, force=force) as folder:
+        writer = folder.shards(layout, max_bytes)
         for done, tensor in enumerate(plan.tensors, start=1):
             writer.write(tensor.output, merge_tensor(plan, tensor, seed, device))
             if progress is not None:
                 progress(done, len(plan.tensors), tensor.output)
         writer.close()
-        copy_side_files(side_files, staging)
+        folder.side_files(side_files)
         config = plan.sources[plan.reference].config
         updates = {"num_hidden_layers": plan.output_layers} if "num_hidden_layers" in config else {}
         if plan.recipe.out_dtype or plan.recipe.dtype:
             updates["dtype"] = plan.recipe.out_dtype or plan.recipe.dtype
-        write_config(config, staging, **updates)
+        folder.model_config(config, **updates)
         if template:
-            write_chat_template(staging, template)
+            folder.chat_template(template)
         recipe_yaml = yaml.safe_dump(plan.recipe.model_dump(exclude_none=True), sort_keys=False)
-        (staging / "loramerge_recipe.yml").write_text(recipe_yaml)
-        (staging / "README.md").write_text(dense_model_card(plan, recipe_yaml))
+        folder.text("loramerge_recipe.yml", recipe_yaml)
+        folder.card(dense_model_card(plan.record(recipe_yaml)))
     return target
 
 

@@ -7,8 +7,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from loramerge.adapter import LoraAdapter
-from loramerge.compat import check_base_models, check_layouts, check_shapes
+from loramerge.adapters.checks import check_base_models, check_layouts, check_shapes
+from loramerge.adapters.model import LoraAdapter
 from loramerge.errors import BadInput
 from loramerge.lowrank import frobenius_inner
 

@@ -1,0 +1,213 @@
+"""The one catalogue of merge methods: every fact about a method is in its entry, and every other table
+(CLI choices and help, recipe validation, mergekit presets, the live API's PEFT names, docs) is
+derived from it. ``register`` adds a method; docs/adding-a-method.md shows how.
+
+Torch-free: an entry names its pure function as ``"module:attribute"`` (or holds the callable), loaded on
+first use, so ``loramerge --help`` stays fast. The defaults at the top were chosen by measurement
+(``benchmarks/quality.py`` on the shipped skill adapters; the README's "Which method?").
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+DEFAULT_METHOD = "ties"
+DEFAULT_SPACE = "core"
+DEFAULT_DENSITY = 0.95
+
+SPACES = ("core", "full", "factors")
+Level = Literal["element", "module"]
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One parameter of a method as recipes and options spell it."""
+
+    name: str
+    default: object = None  # None: the method decides (normalize, rescale) or the user must give it (t)
+    per_input: bool = False  # one value per input model (mergekit's model-level parameters)
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A merge method. ``level`` is ``element`` for kernels that see a stack of task tensors element by
+    element (they run in any space and on dense checkpoints), ``module`` for methods that need a whole
+    low-rank module (an SVD of the sum, a concatenation): ``fn(terms, weights, rank)`` on the factors."""
+
+    name: str
+    function: str | Callable[..., object]  # "package.module:attribute", or the callable itself
+    paper: str
+    summary: str
+    level: Level = "element"
+    parameters: tuple[Parameter, ...] = ()
+    linear: bool = False  # the result is linear in the tasks: merging in a shared basis is exact
+    random: bool = False  # draws from per-input generators
+    consensus: bool = False  # elects signs: mergekit's ``normalize`` divides by the agreeing weights
+    # Element-wise once ``cutoff`` (per input, over the whole task tensor) is known: a caller may then run
+    # the kernel on row blocks of a tensor with ``cutoffs=`` and get the whole-tensor result.
+    piecewise: bool = False
+    cutoff: str | Callable[..., object] | None = None
+    on_weights: bool = False  # dense recipes: merges the models' own tensors, not task vectors
+    adapters: bool = True  # offered by ``loramerge merge``, adapter recipes and the live API
+    dense: bool = True  # offered by dense recipes
+    exact_rank: bool = False  # adapters: the output keeps the exact sum's rank (Σ r_i) unless --rank is given
+    mergekit_normalize: bool = False  # mergekit's default for ``normalize``
+    mergekit_rescale: bool = False  # mergekit's default for ``rescale`` (DARE/DELLA)
+    peft_names: Mapping[str, str | None] = field(default_factory=dict)  # combination_type -> space it implies
+    min_inputs: int = 1
+    max_inputs: int | None = None
+
+    @functools.cached_property
+    def fn(self) -> Callable[..., object]:
+        return _load(self.function)
+
+    @functools.cached_property
+    def cutoff_fn(self) -> Callable[..., object] | None:
+        return _load(self.cutoff) if self.cutoff is not None else None
+
+    @functools.cached_property
+    def params(self) -> frozenset[str]:
+        """The keyword parameters the function accepts (read for every call, on every row block)."""
+        signature = inspect.signature(self.fn).parameters
+        return frozenset(name for name in signature if name not in {"tasks", "weights", "generators", "cutoffs"})
+
+    @functools.cached_property
+    def kernel_defaults(self) -> dict[str, object]:
+        """The catalogue's defaults of the parameters the function takes (the function has none of its own)."""
+        return {p.name: p.default for p in self.parameters if p.default is not None and p.name in self.params}
+
+    @property
+    def recipe_parameters(self) -> set[str]:
+        return {parameter.name for parameter in self.parameters}
+
+    @property
+    def per_input_parameters(self) -> list[str]:
+        return [parameter.name for parameter in self.parameters if parameter.per_input]
+
+    @property
+    def spaces(self) -> tuple[str, ...]:
+        """Where the method's result depends on the space its elements are seen in."""
+        return SPACES if self.level == "element" else ()
+
+
+def _load(reference: str | Callable[..., object]) -> Callable[..., object]:
+    if not isinstance(reference, str):
+        return reference
+    module, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+_K = "loramerge.kernels.methods:"
+_WEIGHT = Parameter("weight", 1.0, per_input=True, help="the input's weight")
+_NORMALIZE = Parameter("normalize", help="divide by the sum of the weights")
+_TASK_VECTOR = (
+    _WEIGHT,
+    Parameter("density", 1.0, per_input=True, help="fraction of entries kept, in (0, 1]"),
+    _NORMALIZE,
+    Parameter("rescale", help="rescale what is kept (DARE, DELLA: by the keep probability; mergekit: L1)"),
+    Parameter("lambda", 1.0, help="scale of the merged task vector"),
+    Parameter("int8_mask", False, help="mergekit's memory option; no effect on the result"),
+)
+_GAMMA = Parameter("gamma", 0.01, per_input=True, help="fraction of the largest entries dropped as outliers")
+_EPSILON = Parameter("epsilon", 0.15, per_input=True, help="spread of DELLA's keep probabilities")
+_TIES = "TIES-Merging (Yadav et al., NeurIPS 2023, arXiv:2306.01708)"
+_DARE = "DARE (Yu et al., ICML 2024, arXiv:2311.03099)"
+_BREADCRUMBS = "Model Breadcrumbs (Davari & Belilovsky, ECCV 2024, arXiv:2312.06795)"
+_DELLA = "DELLA-Merging (Deep et al., 2024, arXiv:2406.11617)"
+
+_CATALOGUE: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method to the catalogue (a name already there is replaced)."""
+    _CATALOGUE[method.name] = method
+    return method
+
+
+def unregister(name: str) -> None:
+    _CATALOGUE.pop(name, None)
+
+
+for _method in (
+    Method("cat", "loramerge.lowrank.svd:concat_merge", "LoRA (Hu et al., ICLR 2022): Δ = Σ w_i s_i B_i A_i",
+           "the exact weighted sum, factors concatenated (rank Σ r_i)", level="module", linear=True, exact_rank=True,
+           dense=False, peft_names={"cat": None}),
+    Method("svd", "loramerge.lowrank.svd:svd_merge", "Eckart–Young–Mirsky; PEFT's svd combination",
+           "the best rank-k approximation of the exact sum, from the factors", level="module", linear=True,
+           dense=False, peft_names={"svd": None}),
+    Method("linear", _K + "linear", "Task Arithmetic (Ilharco et al., ICLR 2023); Model Soups (Wortsman et al., 2022)",
+           "weighted sum (mergekit: weighted average of the models)", parameters=(_WEIGHT, _NORMALIZE), linear=True,
+           piecewise=True, on_weights=True, exact_rank=True, mergekit_normalize=True, peft_names={"linear": None}),
+    Method("task_arithmetic", _K + "linear", "Task Arithmetic (Ilharco et al., ICLR 2023, arXiv:2212.04089)",
+           "weighted sum of task vectors", parameters=_TASK_VECTOR, linear=True, piecewise=True, exact_rank=True),
+    Method("ties", _K + "ties", _TIES, "trim to the largest entries, elect a sign, mean of the agreeing",
+           parameters=_TASK_VECTOR, consensus=True, piecewise=True, cutoff="loramerge.kernels.registry:trim_cutoff_of",
+           mergekit_normalize=True, peft_names={"ties": None, "ties_svd": "full"}),
+    Method("dare_linear", _K + "dare_linear", _DARE, "random drop and rescale, then a weighted sum",
+           parameters=_TASK_VECTOR, random=True, mergekit_rescale=True,
+           peft_names={"dare_linear": None, "dare_linear_svd": "full"}),
+    Method("dare_ties", _K + "dare_ties", _DARE, "random drop and rescale, then TIES' sign election",
+           parameters=_TASK_VECTOR, random=True, consensus=True, mergekit_rescale=True,
+           peft_names={"dare_ties": None, "dare_ties_svd": "full"}),
+    Method("magnitude_prune", _K + "magnitude_prune", _TIES + ", trim step alone",
+           "trim to the largest entries, then a weighted sum", parameters=_TASK_VECTOR, piecewise=True,
+           cutoff="loramerge.kernels.registry:trim_cutoff_of",
+           peft_names={"magnitude_prune": None, "magnitude_prune_svd": "full"}),
+    Method("breadcrumbs", _K + "breadcrumbs", _BREADCRUMBS, "drop the outliers and the smallest entries, then sum",
+           parameters=(*_TASK_VECTOR, _GAMMA), piecewise=True, cutoff="loramerge.kernels.registry:outlier_cutoffs_of"),
+    Method("breadcrumbs_ties", _K + "breadcrumbs_ties", _BREADCRUMBS + " with " + _TIES,
+           "Breadcrumbs' trim, then TIES' sign election", parameters=(*_TASK_VECTOR, _GAMMA), consensus=True,
+           piecewise=True, cutoff="loramerge.kernels.registry:outlier_cutoffs_of"),
+    Method("della", _K + "della", _DELLA, "magnitude-ranked random drop, then TIES' sign election",
+           parameters=(*_TASK_VECTOR, _EPSILON), random=True, consensus=True, mergekit_normalize=True,
+           mergekit_rescale=True),
+    Method("della_linear", _K + "della_linear", _DELLA, "magnitude-ranked random drop, then a weighted sum",
+           parameters=(*_TASK_VECTOR, _EPSILON), random=True, mergekit_rescale=True),
+    Method("model_stock", _K + "model_stock", "Model Stock (Jang et al., ECCV 2024, arXiv:2403.19522)",
+           "the mean moved towards the base by the inputs' angle",
+           parameters=(Parameter("filter_wise", False, help="one ratio per row instead of per tensor"),),
+           adapters=False, min_inputs=2),
+    Method("slerp", _K + "slerp", "Spherical interpolation (Shoemake, SIGGRAPH 1985)",
+           "spherical interpolation between two models", parameters=(Parameter("t", help="0: the base, 1: the other"),),
+           on_weights=True, adapters=False, min_inputs=2, max_inputs=2),
+    Method("passthrough", _K + "passthrough", "mergekit's passthrough (layer stacking)", "one input copied",
+           parameters=(Parameter("scale", per_input=True, help="multiply the copied tensor"),), linear=True,
+           piecewise=True, on_weights=True, adapters=False, max_inputs=1),
+):  # fmt: skip
+    register(_method)
+
+
+def methods() -> Iterator[Method]:
+    """Every method, in catalogue order (the order of CLI help and docs)."""
+    return iter(list(_CATALOGUE.values()))
+
+
+def get(name: str) -> Method | None:
+    return _CATALOGUE.get(name)
+
+
+def adapter_methods() -> list[str]:
+    """What ``loramerge merge --method`` accepts."""
+    return [method.name for method in methods() if method.adapters]
+
+
+def dense_methods() -> list[str]:
+    """What a dense recipe's ``merge_method`` accepts."""
+    return [method.name for method in methods() if method.dense]
+
+
+def kernels() -> dict[str, Method]:
+    """The element-wise methods: pure kernels on stacks of task tensors."""
+    return {method.name: method for method in methods() if method.level == "element"}
+
+
+def peft_combination_types() -> dict[str, tuple[str, str | None]]:
+    """PEFT's ``add_weighted_adapter`` ``combination_type`` -> (method, the space it implies)."""
+    return {peft: (method.name, space) for method in methods() if method.adapters
+            for peft, space in method.peft_names.items()}  # fmt: skip

@@ -1,0 +1,223 @@
+"""What every command shares: the consoles, one-line errors and exit codes, progress bars, warnings,
+sizes, and the tables and summaries of plans and evaluations. The library never prints; this does."""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from loramerge.errors import BadInput
+from loramerge.io.publish import PushFailed
+
+if TYPE_CHECKING:  # the library (and torch) load when a command runs, so --help stays instant
+    from loramerge.adapters.merge import MergePlan
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def set_debug(debug: bool) -> None:
+    _state["debug"] = debug
+
+
+console = Console(stderr=True, highlight=False, markup=False)
+
+
+out = Console(highlight=False, markup=False)
+
+
+_state = {"debug": False}
+
+
+def reports_errors(command: F) -> F:
+    """Turn library errors into one line and an exit code; ``--debug`` shows the traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except BadInput as error:
+            _show_traceback()
+            console.print(f"[bold red]error:[/] {escape(one_line(error))}", markup=True, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except PushFailed as error:
+            console.print(f"[bold red]error:[/] {escape(one_line(error))}", markup=True, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except OSError as error:  # disk full, file size limit, permissions: the staging folder is already gone
+            _show_traceback()
+            where = f" ({error.filename})" if error.filename else ""
+            reason = escape((error.strerror or one_line(error)) + where)
+            console.print(f"[bold red]error:[/] {reason}; nothing was written", markup=True, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            console.print("[bold red]interrupted[/]; no output was written", markup=True)
+            raise typer.Exit(130) from None
+        except Exception as error:
+            _show_traceback()
+            console.print(
+                f"[bold red]unexpected error:[/] {type(error).__name__}: {escape(one_line(error))} "
+                "(rerun with --debug for details)",
+                markup=True,
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def one_line(error: BaseException) -> str:
+    return as_flags(" ".join(str(error).split()))
+
+
+_PARAMETER = re.compile(r"`(\w+)(?:=(?:'([^']*)'|([^`]*)))?`")
+
+
+def as_flags(text: str) -> str:
+    """The library names parameters as Python spells them (`` `force=True` ``, `` `space='core'` ``); the
+    command line says ``--force``, ``--space core``."""
+
+    def flag(match: re.Match[str]) -> str:
+        name, quoted, value = match.group(1), match.group(2), match.group(3)
+        option = "--" + name.replace("_", "-")
+        given = quoted if quoted is not None else value
+        return option if given in (None, "True") else f"{option} {given}"
+
+    return _PARAMETER.sub(flag, text)
+
+
+def _show_traceback() -> None:
+    if _state["debug"]:
+        traceback.print_exc(file=sys.stderr)
+
+
+def publish(folder, repo_id: str | None, private: bool) -> None:
+    """``--push-to-hub``: upload a finished output folder."""
+    if repo_id:
+        from loramerge.io.publish import push_folder
+
+        with console.status(f"pushing to the Hub repo {repo_id}"):
+            url = push_folder(folder, repo_id, private=private)
+        out.print(f"pushed to {url}")
+
+
+PROGRESS_MIN_ITEMS = 64
+
+
+def plan_table(plan: MergePlan) -> Table:
+    table = Table(title="merge plan", show_lines=False)
+    for column in ("module", "delta shape", "input ranks", "output rank"):
+        table.add_column(column)
+    for module in plan.modules:
+        ranks = ["-"] * len(plan.adapters)
+        for index, rank in zip(module.inputs, module.input_ranks, strict=True):
+            ranks[index] = str(rank)
+        table.add_row(module.name, f"{module.shape[0]}x{module.shape[1]}", ",".join(ranks), str(module.output_rank))
+    return table
+
+
+@contextmanager
+def progress_bar(total: int | None, label: str = "merging modules") -> Iterator[Callable[[int, int, str], None]]:
+    """A rich progress bar on stderr (for long jobs; ``None``: the length comes with the first update)
+    and the callback that advances it."""
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns += (TextColumn("{task.description}"),)
+    hidden = total is not None and total < PROGRESS_MIN_ITEMS
+    with Progress(*columns, console=console, transient=True, disable=hidden) as bar:
+        task = bar.add_task("", total=total)
+        yield lambda done, count, name: bar.update(task, completed=done, total=count, description=name)
+
+
+def print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/] {escape(as_flags(warning))}", markup=True, soft_wrap=True)
+
+
+def run_adapter_plan(
+    plan: MergePlan, target: Path, *, dry_run: bool, force: bool, fold_into: str | None = None
+) -> None:
+    """Print a plan's warnings, then either the plan (dry run) or merge with a progress bar and save
+    the adapter (or, with ``fold_into``, the base with the merge folded in)."""
+    from loramerge.adapters.merge import execute_plan
+    from loramerge.workflows import write_merged_adapter
+
+    print_warnings(plan.warnings)
+    if dry_run:
+        out.print(plan_table(plan))
+        out.print(f"dry run: {plan.describe()}; would write {target}")
+        return
+    started = time.perf_counter()
+    with progress_bar(len(plan.modules)) as update:
+        merged = execute_plan(plan, update)
+    with progress_bar(None, label="folding") if fold_into else nullcontext() as update:
+        note = f"Merge: {plan.describe()}."
+        write_merged_adapter(merged, plan, target, force=force, fold_into=fold_into, card_note=note, progress=update)
+    out.print(f"merged {plan.describe()} in {time.perf_counter() - started:.2f} s -> {target}")
+
+
+def evaluation_table(results) -> Table:
+    """One evaluation set: a row per model. Several: exact match per model and set, and the merge's retention."""
+    if len({r.data for r in results}) > 1:
+        return skills_table(results)
+    table = Table(title="evaluation")
+    for column in ("model", "loss", "perplexity", "exact match", "samples", "tokens"):
+        table.add_column(column)
+    for r in results:
+        exact = "-" if r.exact_match is None else f"{100 * r.exact_match:.1f}%"
+        table.add_row(r.name, f"{r.loss:.4f}", f"{r.perplexity:.3f}", exact, str(r.samples), str(r.tokens))
+    return table
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def skills_table(results) -> Table:
+    """Exact match (or loss, for plain texts) of every model on every evaluation set. The last column of
+    the merge is its mean retention: its score on each set over the best input adapter's, averaged."""
+    sets = list(dict.fromkeys(r.data for r in results))
+    models = list(dict.fromkeys(r.name for r in results))
+    score = {(r.name, r.data): r for r in results}
+    exact = all(r.exact_match is not None for r in results)
+    table = Table(title="exact match per evaluation set" if exact else "loss per evaluation set")
+    table.add_column("model")
+    for name in sets:
+        table.add_column(name, justify="right")
+    table.add_column("mean" if exact else "mean loss", justify="right")
+    adapters = [m for m in models if m.startswith("adapter ")]
+    merged = [m for m in models if m.startswith("merged ")]
+    if exact and adapters and merged:
+        table.add_column("kept vs. adapters", justify="right")
+    for model in models:
+        values = [score[(model, name)].exact_match if exact else score[(model, name)].loss for name in sets]
+        cells = [_percent(v) if exact else f"{v:.4f}" for v in values]
+        mean = sum(values) / len(values)
+        cells.append(_percent(mean) if exact else f"{mean:.4f}")
+        if len(table.columns) > len(cells) + 1:
+            cells.append(_percent(retention(score, model, adapters, sets)) if model in merged else "")
+        table.add_row(model, *cells)
+    return table
+
+
+def retention(score, model: str, adapters: list[str], sets: list[str]) -> float | None:
+    """Mean over sets of ``model``'s exact match divided by the best adapter's (sets no adapter solves are
+    left out)."""
+    ratios = []
+    for name in sets:
+        best = max(score[(a, name)].exact_match for a in adapters)
+        if best > 0:
+            ratios.append(score[(model, name)].exact_match / best)
+    return sum(ratios) / len(ratios) if ratios else None

@@ -1,0 +1,50 @@
+"""Evaluation data: prompt/completion or plain-text rows of local files, read with ``datasets``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from loramerge.errors import BadInput, brief
+
+_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt: str  # empty for plain text: then the whole text is scored
+    completion: str
+
+
+def load_samples(
+    path: str | Path,
+    *,
+    text_field: str | None = None,
+    prompt_field: str | None = None,
+    completion_field: str | None = None,
+    max_samples: int | None = None,
+) -> list[Sample]:
+    """Rows of a local JSONL/JSON/CSV/Parquet/text file read with ``datasets``."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"`data` {path}: no such file")
+    kind = _FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise BadInput(f"`data` {path}: unknown format {path.suffix!r}; use {', '.join(_FORMATS)}")
+    if (prompt_field is None) != (completion_field is None):
+        raise BadInput("give both `prompt_field` and `completion_field`, or neither")
+    from datasets import load_dataset
+
+    try:
+        rows = load_dataset(kind, data_files=str(path), split="train")
+    except Exception as error:  # datasets raises many types for unreadable files
+        raise BadInput(f"`data` {path}: cannot read ({brief(error)})") from error
+    fields = [prompt_field, completion_field] if prompt_field else [text_field or "text"]
+    for field in fields:
+        if field not in rows.column_names:
+            raise BadInput(f"`data` {path}: no field {field!r} (fields: {', '.join(rows.column_names)})")
+    if max_samples is not None:
+        rows = rows.select(range(min(max_samples, len(rows))))
+    if prompt_field:
+        return [Sample(str(row[prompt_field]), str(row[completion_field])) for row in rows]
+    return [Sample("", str(row[fields[0]])) for row in rows]

@@ -1,0 +1,57 @@
+"""Evaluating a merge against its inputs: the base, each adapter and the merge, on every evaluation set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loramerge.errors import BadInput
+from loramerge.evaluate.data import load_samples
+from loramerge.evaluate.exact_match import EvalResult, Progress, evaluate
+from loramerge.evaluate.models import load_model
+
+
+def evaluate_models(
+    base: str,
+    adapters: list[str],
+    merged: str | None,
+    datasets: dict,
+    load_in_4bit: bool = False,
+    device: str = "cpu",
+    progress: Progress | None = None,
+) -> list[EvalResult]:
+    """Base, each adapter and the merge (a merged adapter folder or a full model), in that order, each on
+    every evaluation set of ``datasets`` ({name: samples})."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one bar per model load would bury the table
+    runs = [("base", base, None)] + [(f"adapter {_short(a)}", base, a) for a in adapters]
+    if merged:
+        is_adapter = (Path(merged) / "adapter_config.json").is_file()
+        runs.append((f"merged {_short(merged)}", base if is_adapter else merged, merged if is_adapter else None))
+    results = []
+    for name, model_ref, adapter in runs:
+        model, tokenizer = load_model(model_ref, adapter=adapter, load_in_4bit=load_in_4bit, device=device)
+        for data, samples in datasets.items():
+            results.append(evaluate(model, tokenizer, samples, name, progress, data=data))
+    return results
+
+
+def _short(ref: str) -> str:
+    """A local folder by its name (the table stays narrow), a Hub id as given."""
+    return Path(ref).name if Path(ref).exists() else ref
+
+
+def load_datasets(paths, **fields) -> dict:
+    """``{file stem: samples}`` for each evaluation file (``add.eval.jsonl`` is named ``add``)."""
+    import datasets
+
+    datasets.disable_progress_bars()  # the table is the output; a broken file is reported in one line
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+
+    datasets = {}
+    for path in paths:
+        name = Path(path).name.split(".")[0]
+        if name in datasets:
+            raise BadInput(f"`data` {path}: two evaluation sets are named {name!r}; rename one")
+        datasets[name] = load_samples(path, **fields)
+    return datasets

@@ -1,0 +1,71 @@
+"""Pipelines put together the way the command line runs them: an adapter merge written as an adapter or
+folded into its base, and a recipe's ``evaluate:`` section. The CLI calls these and prints; they never do."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from loramerge.adapters.files import load_adapter, save_adapter
+from loramerge.adapters.merge import MergePlan, plan_merge
+from loramerge.adapters.model import LoraAdapter
+from loramerge.adapters.recipe import adapter_merge_inputs
+from loramerge.errors import BadInput
+from loramerge.evaluate.exact_match import EvalResult
+from loramerge.evaluate.suite import evaluate_models, load_datasets
+from loramerge.folding.stream import fold
+from loramerge.io.atomic import check_output_target
+from loramerge.recipe import Recipe
+
+Progress = Callable[[int, int, str], None]
+
+
+def write_merged_adapter(
+    merged: LoraAdapter,
+    plan: MergePlan,
+    target: Path,
+    *,
+    force: bool = False,
+    fold_into: str | None = None,
+    card_note: str = "",
+    progress: Progress | None = None,
+) -> None:
+    """Write a merged adapter, or (``fold_into``) that base with the merge folded in (``progress``: the fold)."""
+    if fold_into:
+        fold(merged, fold_into, target, force=force, progress=progress, card_note=card_note)
+    else:
+        save_adapter(merged, target, force=force, dtype=plan.out_dtype)
+
+
+def adapter_recipe_plan(
+    recipe: Recipe, output: Path, *, seed: int, device: str, force: bool, allow_nonfinite: bool
+) -> tuple[MergePlan, Path, str | None]:
+    """An adapter recipe's plan, its checked output target and the base to fold into (``output.base``)."""
+    adapters, weights, options = adapter_merge_inputs(recipe, allow_nonfinite, seed=seed, device=device)
+    local = [Path(a.source) for a in adapters if Path(a.source).exists()]
+    target = check_output_target(output, force, local)
+    fold_into = None
+    if recipe.folds_adapters:
+        fold_into = recipe.output.base or next((a.base_model for a in adapters if a.base_model), None)
+        if not fold_into:
+            raise BadInput("output.base: name the base to fold into (the adapters record none)")
+    return plan_merge(adapters, weights, options), target, fold_into
+
+
+def evaluate_recipe(
+    recipe: Recipe, output: Path, device: str = "cpu", progress: Progress | None = None
+) -> list[EvalResult]:
+    """A recipe's ``evaluate:`` section on its written output: the base, each input adapter and the merge."""
+    spec = recipe.evaluate
+    if spec is None:
+        return []
+    adapters = [entry.adapter for entry in recipe.adapters or []]
+    base = spec.base or recipe.base_model
+    if base is None and adapters:
+        base = load_adapter(adapters[0]).base_model
+    if base is None:
+        raise BadInput("evaluate.base: name the base model to compare with")
+    files = [spec.data] if isinstance(spec.data, str) else spec.data
+    datasets = load_datasets(files, text_field=spec.text_field, prompt_field=spec.prompt_field,
+                             completion_field=spec.completion_field, max_samples=spec.max_samples)  # fmt: skip
+    return evaluate_models(base, adapters, str(output), datasets, False, device, progress)
