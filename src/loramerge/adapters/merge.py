@@ -1,4 +1,4 @@
-"""Planner for merging LoRA adapters module by module in low-rank space (DESIGN.md §2)."""
+"""Planner and executor for merging LoRA adapters module by module in low-rank space (docs/algebra.md)."""
 
 from __future__ import annotations
 
@@ -264,7 +264,10 @@ def execute_plan(plan: MergePlan, progress: Progress | None = None) -> LoraAdapt
     """Run a plan: every module in low-rank space, every carried dense tensor, the config and card."""
     modules: dict[str, LoraModule] = {}
     for done, module in enumerate(plan.modules, start=1):
-        merged = merge_module(plan, module).to(plan.out_dtype)
+        try:
+            merged = merge_module(plan, module).to(plan.out_dtype)
+        except ValueError as error:  # a kernel refusing its parameters (della's density ± epsilon, say)
+            raise BadInput(f"module {module.name}: {error}") from None
         modules[module.name] = LoraModule(A=merged.A.cpu(), B=merged.B.cpu(), scale=1.0, embedding=module.embedding)
         if progress is not None:
             progress(done, len(plan.modules), module.name)

@@ -1,7 +1,7 @@
 """Merging dense checkpoints one output tensor at a time, streamed into sharded safetensors.
 
-Peak memory is the inputs of one tensor plus small working buffers, never the model size (DESIGN.md
-§4): element-wise methods run on row blocks of each tensor, so float32 copies of whole inputs are never
+Peak memory is the inputs of one tensor plus small working buffers, never the model size:
+element-wise methods run on row blocks of each tensor, so float32 copies of whole inputs are never
 made; the output goes to disk as soon as it is computed.
 """
 

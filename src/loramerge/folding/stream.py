@@ -2,7 +2,7 @@
 
 Never loads the whole model: one base tensor at a time is read (and dequantized, for bitsandbytes
 4-bit bases), the delta ``s · B A`` added in float32, and the result written either dense or
-re-quantized to 4-bit in the serialization ``transformers`` loads back (DESIGN.md §5).
+re-quantized to 4-bit in the serialization ``transformers`` loads back.
 """
 
 from __future__ import annotations

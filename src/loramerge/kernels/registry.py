@@ -42,7 +42,7 @@ class _Kernels(Mapping[str, Method]):
 
 KERNELS: Mapping[str, Method] = _Kernels()
 
-# Where peers disagree (DESIGN.md §3) the kernels take the choice as a parameter; a preset names a set.
+# Where peers disagree (docs/algebra.md) the kernels take the choice as a parameter; a preset names a set.
 PRESETS: dict[str, dict[str, str]] = {
     "peft": {"elect_on": "unweighted", "divisor": "count", "random_rescale": "density"},
     "mergekit": {"elect_on": "weighted", "divisor": "weight", "random_rescale": "l1"},
