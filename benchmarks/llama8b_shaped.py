@@ -1,6 +1,6 @@
 """Three rank-16 bfloat16 adapters shaped like Llama-3-8B (32 layers; q,k,v,o,gate,up,down).
 
-    python benchmarks/llama8b_shaped.py [--layers 32] [--skip-peft] [--skip-error]
+    python benchmarks/llama8b_shaped.py [--layers 32] [--skip-peft] [--skip-error] [--skip-full]
 
 Runs, as a user would and in fresh processes, ``loramerge merge`` with the defaults (no ``--method`` or
 ``--space``), ``--method svd``, and ``--method ties --space full --density 0.5`` (whose rank-16
@@ -71,6 +71,9 @@ RUNS = {  # label -> extra flags of `loramerge merge`
     "defaults": [],
     "svd": ["--method", "svd"],
     "ties full 0.5": ["--method", "ties", "--space", "full", "--density", "0.5"],
+    "knots": ["--method", "knots"],
+    "tsv_m": ["--method", "tsv_m"],
+    "iso_c": ["--method", "iso_c"],
 }
 
 
@@ -100,6 +103,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--skip-error", action="store_true", help="Skip the exact-SVD error check (minutes).")
+    parser.add_argument("--skip-full", action="store_true", help="Skip the full-space ties run (minutes).")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="loramerge-bench-"))
     try:
@@ -111,6 +115,8 @@ def main() -> None:
         print(f"memory budget (3x adapters + 1 GiB): {budget:.0f} MiB; base model: never read")
         results = {}
         for label, flags in RUNS.items():
+            if args.skip_full and "--space" in flags:
+                continue
             command = [sys.executable, "-m", "loramerge.cli", "merge", *(str(work / n) for n in "abc"), *flags,
                        "-o", str(work / "out"), "--force"]  # fmt: skip
             seconds, rss, code = run_measured(command)
@@ -125,6 +131,8 @@ def main() -> None:
         if args.skip_peft:
             return
         for ours, theirs in (("svd", "svd"), ("ties full 0.5", "ties_svd")):
+            if ours not in results:
+                continue
             per_shape = peft_seconds_per_shape(theirs)
             extrapolated = args.layers * sum(per_shape[shape] for shape in SHAPES.values())
             print(f"PEFT add_weighted_adapter({theirs}) extrapolated to {len(shapes)} modules: {extrapolated:.0f} s "

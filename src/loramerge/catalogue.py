@@ -21,7 +21,7 @@ DEFAULT_SPACE = "core"
 DEFAULT_DENSITY = 0.95
 
 SPACES = ("core", "full", "factors")
-Level = Literal["element", "module"]
+Level = Literal["element", "matrix", "module"]
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,10 @@ class Parameter:
 @dataclass(frozen=True)
 class Method:
     """A merge method. ``level`` is ``element`` for kernels that see a stack of task tensors element by
-    element (they run in any space and on dense checkpoints), ``module`` for methods that need a whole
-    low-rank module (an SVD of the sum, a concatenation): ``fn(terms, weights, rank)`` on the factors."""
+    element (they run in any space and on dense checkpoints); ``matrix`` for kernels on a stack of whole
+    task matrices (SVDs of the tasks or of their sum: the core and full spaces, not the factors);
+    ``module`` for methods computed from the factors themselves (an SVD of the sum, a concatenation):
+    ``fn(terms, weights, rank)``."""
 
     name: str
     function: str | Callable[..., object]  # "package.module:attribute", or the callable itself
@@ -93,7 +95,7 @@ class Method:
     @property
     def spaces(self) -> tuple[str, ...]:
         """Where the method's result depends on the space its elements are seen in."""
-        return SPACES if self.level == "element" else ()
+        return {"element": SPACES, "matrix": ("core", "full")}.get(self.level, ())
 
 
 def _load(reference: str | Callable[..., object]) -> Callable[..., object]:
@@ -116,6 +118,8 @@ _TASK_VECTOR = (
 )
 _GAMMA = Parameter("gamma", 0.01, per_input=True, help="fraction of the largest entries dropped as outliers")
 _EPSILON = Parameter("epsilon", 0.15, per_input=True, help="spread of DELLA's keep probabilities")
+_M = "loramerge.kernels.matrix:"
+_ALPHA = Parameter("alpha", 1.0, help="scale of the merged update")
 _TIES = "TIES-Merging (Yadav et al., NeurIPS 2023, arXiv:2306.01708)"
 _DARE = "DARE (Yu et al., ICML 2024, arXiv:2311.03099)"
 _BREADCRUMBS = "Model Breadcrumbs (Davari & Belilovsky, ECCV 2024, arXiv:2312.06795)"
@@ -169,6 +173,18 @@ for _method in (
            mergekit_rescale=True),
     Method("della_linear", _K + "della_linear", _DELLA, "magnitude-ranked random drop, then a weighted sum",
            parameters=(*_TASK_VECTOR, _EPSILON), random=True, mergekit_rescale=True),
+    Method("knots", _M + "knots", "KnOTS (Stoica et al., ICLR 2025, arXiv:2410.19735)",
+           "the tasks aligned by one SVD of them side by side, their right factors merged by an element-wise method",
+           level="matrix", parameters=(Parameter("inner", "ties", help="the element-wise method on the aligned "
+           "right factors: ties, dare_ties, linear, …"), Parameter("density", 1.0, help="the inner method's")),
+           random=True, consensus=True, exact_rank=True, dense=False),
+    Method("tsv_m", _M + "tsv_m", "TSV-Merge (Gargiulo et al., CVPR 2025, arXiv:2412.00081)",
+           "each task's top singular vectors, stacked and orthogonalised", level="matrix",
+           parameters=(_ALPHA, Parameter("keep", 0.0, help="fraction of each task's rank kept (0: 1/n)")),
+           exact_rank=True, dense=False),
+    Method("iso_c", _M + "iso_c", "Iso-C (Marczak et al., ICML 2025, arXiv:2502.04959)",
+           "the task arithmetic sum with a flat spectrum", level="matrix", parameters=(_ALPHA,), exact_rank=True,
+           dense=False),
     Method("model_stock", _K + "model_stock", "Model Stock (Jang et al., ECCV 2024, arXiv:2403.19522)",
            "the mean moved towards the base by the inputs' angle",
            parameters=(Parameter("filter_wise", False, help="one ratio per row instead of per tensor"),),
@@ -205,6 +221,11 @@ def dense_methods() -> list[str]:
 def kernels() -> dict[str, Method]:
     """The element-wise methods: pure kernels on stacks of task tensors."""
     return {method.name: method for method in methods() if method.level == "element"}
+
+
+def matrix_kernels() -> dict[str, Method]:
+    """The kernels on stacks of whole task matrices (core and full spaces)."""
+    return {method.name: method for method in methods() if method.level == "matrix"}
 
 
 def peft_combination_types() -> dict[str, tuple[str, str | None]]:

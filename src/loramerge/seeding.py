@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -21,3 +22,18 @@ def tensor_generators(
     return [
         torch.Generator(device=device).manual_seed(tensor_seed(seed, tensor_name, index)) for index in input_indices
     ]
+
+
+@contextmanager
+def thread_independent(tensor: torch.Tensor) -> Iterator[None]:
+    """Run a CPU decomposition on one thread: LAPACK splits its blocked SVD by thread count, so the bits of
+    the result would otherwise depend on the machine's cores (tests/test_determinism.py)."""
+    previous = torch.get_num_threads()
+    if tensor.device.type != "cpu" or previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

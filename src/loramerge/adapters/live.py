@@ -66,6 +66,7 @@ def add_weighted_adapter(
     majority_sign_method: str | None = None,
     seed: int | None = None,
     full_svd: str | None = None,
+    params: dict[str, float | str] | None = None,
 ) -> LoraAdapter:
     """Merge ``adapters`` of ``model`` and add the result as ``adapter_name`` (``set_adapter`` activates it).
 
@@ -87,6 +88,7 @@ def add_weighted_adapter(
     merged = merge_adapters(
         inputs, list(weights), method, space=space, density=density, rank=rank or svd_rank,
         majority_sign=majority_sign or majority_sign_method, seed=seed, full_svd=full_svd, device=str(device),
+        params=params,
     )  # fmt: skip
     fields = {key: merged.config[key] for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "fan_in_fan_out")}
     model.add_adapter(adapter_name, LoraConfig(target_modules=sorted(merged.modules), **fields))

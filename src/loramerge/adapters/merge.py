@@ -76,6 +76,7 @@ class MergePlan:
             parts.append(f"density={options.effective_density:g}")
         if catalogue.get(options.method).consensus:
             parts.append(f"majority_sign={options.majority_sign}")
+        parts += [f"{name}={value}" for name, value in sorted(options.params.items())]
         parts += [f"weights={','.join(f'{w:g}' for w in self.weights)}", f"seed={options.seed}"]
         return (
             f"{len(self.adapters)} adapters, {len(self.modules)} modules, {' '.join(parts)}, output ranks {ranks}, "
@@ -88,7 +89,7 @@ class MergePlan:
         options = self.options.model_dump(exclude_defaults=False, exclude={"device", "strict"})
         parameters = {
             "adapters": [{"adapter": name, "weight": weight} for name, weight in inputs],
-            **{key: value for key, value in options.items() if value is not None},
+            **{key: value for key, value in options.items() if value is not None and value != {}},
         }
         ranks = sorted({m.output_rank for m in self.modules})
         return MergeRecord(self.options.method, inputs, len(self.modules), ranks, parameters)
@@ -102,7 +103,8 @@ def output_rank(options: MergeOptions, shape: tuple[int, int], ranks: Sequence[i
     if exact or strategy == "factors":  # exact rank unless --rank asks for less
         produced = total if exact else ranks[0]
         return produced if options.rank is None or options.rank >= produced else min(options.rank, bound)
-    requested = options.rank or max(ranks)
+    keeps_rank = options.kernel is not None and options.kernel.exact_rank  # iso_c, tsv_m, knots: up to Σ r_i
+    requested = options.rank or (total if keeps_rank else max(ranks))
     return min(requested, bound) if strategy == "full" else min(requested, total, bound)
 
 
@@ -220,11 +222,10 @@ def merge_module(plan: MergePlan, module: ModulePlan) -> LowRank:
     pieces = [plan.adapters[i].modules[module.name] for i in module.inputs]
     weights = [plan.weights[i] for i in module.inputs]
     terms = [piece.factors(device=options.device) for piece in pieces]
-    rank = options.rank or max(module.input_ranks)
+    rank = module.output_rank
     strategy = options.strategy
     if strategy == "module":
-        method = catalogue.get(options.method)
-        result = method.fn(terms, weights, rank=options.rank if method.exact_rank else rank)
+        result = catalogue.get(options.method).fn(terms, weights, rank=rank)
     elif strategy in ("concat", "factors"):
         result = concat(terms, weights) if strategy == "concat" else _factor_space(plan, module, pieces, weights)
         if options.rank is not None and options.rank < result.rank:

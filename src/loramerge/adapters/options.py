@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loramerge import catalogue
 from loramerge.catalogue import DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_SPACE
 from loramerge.errors import BadInput
-from loramerge.kernels import KERNELS, preset_params
+from loramerge.kernels import preset_params
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Space = Literal["core", "full", "factors"]
@@ -33,6 +33,7 @@ class MergeOptions(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     strict: bool = False
     device: str = "cpu"
+    params: dict[str, float | str] = Field(default_factory=dict)  # the method's own parameters (alpha, keep, …)
 
     @field_validator("method")
     @classmethod
@@ -41,10 +42,29 @@ class MergeOptions(BaseModel):
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(catalogue.adapter_methods())}")
         return method
 
+    @model_validator(mode="after")
+    def _method_fits(self) -> MergeOptions:
+        method = catalogue.get(self.method)
+        own = {parameter.name for parameter in method.parameters} - {"weight", "density"}
+        for name in self.params:
+            if name not in own:
+                known = ", ".join(sorted(own)) or "none"
+                raise ValueError(f"method {self.method} has no parameter {name!r} (its parameters: {known})")
+        if method.level == "matrix" and self.space == "factors":
+            raise ValueError(f"method {self.method} needs whole matrices: use `space='core'` or `space='full'`")
+        return self
+
+    @property
+    def kernel(self) -> catalogue.Method | None:
+        """The method's kernel (element- or matrix-level); None for methods computed from the factors."""
+        method = catalogue.get(self.method)
+        return method if method.level != "module" else None
+
     @property
     def kernel_params(self) -> dict[str, object]:
-        params = preset_params(self.preset, KERNELS[self.method]) if self.method in KERNELS else {}
+        params = preset_params(self.preset, self.kernel) if self.kernel else {}
         params.update(density=self.effective_density, majority_sign=self.majority_sign)
+        params.update(self.params)
         return params
 
     @property
@@ -53,12 +73,12 @@ class MergeOptions(BaseModel):
 
     @property
     def uses_density(self) -> bool:
-        return self.method in KERNELS and "density" in KERNELS[self.method].params
+        return self.kernel is not None and "density" in self.kernel.params
 
     @property
     def elementwise(self) -> bool:
         """Whether the space matters: the kernel is not linear in its inputs (or factors were asked for)."""
-        return self.method in KERNELS and (not KERNELS[self.method].linear or self.space == "factors")
+        return self.kernel is not None and (not self.kernel.linear or self.space == "factors")
 
     @property
     def strategy(self) -> Strategy:
@@ -78,5 +98,7 @@ def parse_options(**values: object) -> MergeOptions:
         return MergeOptions(**{key: value for key, value in values.items() if value is not None})
     except ValidationError as error:
         first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "options"
+        if not first["loc"]:  # a check of the options together: its message names what is wrong
+            raise BadInput(str(first["msg"]).removeprefix("Value error, ")) from None
+        where = ".".join(str(part) for part in first["loc"])
         raise BadInput(f"{where}: {first['msg']} (got {first.get('input')!r})") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from loramerge import catalogue
 from loramerge.adapters.files import load_adapter
 from loramerge.adapters.model import LoraAdapter
 from loramerge.adapters.options import MergeOptions, parse_options
@@ -9,7 +10,7 @@ from loramerge.errors import BadInput
 from loramerge.recipe import Recipe
 
 # the merge options a recipe's ``parameters`` may set: the method, weights and dtype have keys of their own
-OPTION_KEYS = set(MergeOptions.model_fields) - {"method", "dtype", "device"}
+OPTION_KEYS = set(MergeOptions.model_fields) - {"method", "dtype", "device", "params"}
 
 
 def adapter_merge_inputs(
@@ -17,12 +18,18 @@ def adapter_merge_inputs(
 ) -> tuple[list[LoraAdapter], list[float], MergeOptions]:
     """Load the recipe's adapters and turn its parameters into merge options (``overrides`` win)."""
     values: dict[str, object] = {"method": recipe.merge_method, "dtype": recipe.out_dtype or recipe.dtype}
+    method = catalogue.get(recipe.merge_method)
+    own = {p.name for p in method.parameters} - OPTION_KEYS - {"weight"} if method else set()
+    method_params: dict[str, object] = {}
     for key, value in (recipe.parameters or {}).items():
-        if key not in OPTION_KEYS:
-            raise BadInput(f"parameters.{key}: unknown parameter for adapter recipes (known: {sorted(OPTION_KEYS)})")
+        if key not in OPTION_KEYS | own:
+            known = sorted(OPTION_KEYS | own)
+            raise BadInput(f"parameters.{key}: unknown parameter for adapter recipes (known: {known})")
         if not isinstance(value, (bool, int, float, str)):
             raise BadInput(f"parameters.{key}: adapter recipes take plain values, not gradients or filters")
-        values[key] = value
+        (method_params if key in own else values)[key] = value
+    if method_params:
+        values["params"] = method_params
     values.update({key: value for key, value in overrides.items() if value is not None})
     options = parse_options(**values)
     adapters = []

@@ -15,6 +15,20 @@ if TYPE_CHECKING:  # the library (and torch) load when a command runs, so --help
     pass
 
 
+def parse_params(items: list[str]) -> dict[str, float | str]:
+    """``--param NAME=VALUE`` pairs: numbers as numbers, anything else as text."""
+    params: dict[str, float | str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise BadInput(f"--param must be NAME=VALUE, got {item!r}")
+        try:
+            params[name.strip()] = float(value)
+        except ValueError:
+            params[name.strip()] = value.strip()
+    return params
+
+
 def parse_weights(text: str | None) -> list[float] | None:
     if text is None:
         return None
@@ -38,6 +52,9 @@ def merge(
         None, help=f"Where element-wise methods work: {' | '.join(SPACES)} (default {DEFAULT_SPACE})."
     ),
     majority_sign: str = typer.Option(None, help="Sign election of ties/dare_ties: total (default) | frequency."),
+    param: list[str] = typer.Option(
+        [], "--param", help="A parameter of the method, NAME=VALUE (repeatable): alpha=1.2, keep=0.5, inner=linear."
+    ),
     full_svd: str = typer.Option(
         None,
         help="Rank truncation in the full space: auto (default: exact for modules narrower than 8x the "
@@ -63,7 +80,7 @@ def merge(
 
     options = parse_options(
         method=method, density=density, rank=rank, space=space, majority_sign=majority_sign, full_svd=full_svd,
-        preset=preset, seed=seed, dtype=dtype, device=device, strict=strict,
+        preset=preset, seed=seed, dtype=dtype, device=device, strict=strict, params=parse_params(param),
     )  # fmt: skip
     local_inputs = [Path(ref) for ref in adapters if Path(ref).exists()]
     target = check_output_target(output, force or dry_run, local_inputs)

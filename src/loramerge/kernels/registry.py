@@ -71,8 +71,9 @@ def mergekit_params(spec: KernelSpec, normalize: object = None, rescale: object 
 
 
 def get_kernel(name: str) -> KernelSpec:
+    """An element-level or matrix-level kernel of the catalogue."""
     try:
-        return KERNELS[name]
+        return KERNELS[name] if name in KERNELS else catalogue.matrix_kernels()[name]
     except KeyError:
         raise BadInput(f"unknown merge method {name!r}; known: {', '.join(sorted(KERNELS))}") from None
 

@@ -7,27 +7,12 @@ approximation). Cost O((out + in) R² + R³) instead of a dense O(out · in · m
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 
 from loramerge.lowrank.factored import LowRank, concat
-
-
-@contextmanager
-def thread_independent(tensor: torch.Tensor) -> Iterator[None]:
-    """Run a CPU decomposition on one thread: LAPACK splits its blocked SVD by thread count, so the bits of
-    the result would otherwise depend on the machine's cores (tests/test_determinism.py)."""
-    previous = torch.get_num_threads()
-    if tensor.device.type != "cpu" or previous == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+from loramerge.seeding import thread_independent
 
 
 def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,99 @@
+"""Merge kernels that need whole matrices: a stack of task matrices ``T[n, a, b]`` and weights ``w[n]`` in,
+one ``a x b`` matrix out. They use singular value decompositions of the tasks or of their sum, so they
+run on LoRA cores (the ``core`` space: every basis they need lies in the span of the stacked factors)
+or on dense deltas (``full``), never element by element.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from loramerge.kernels.consensus import broadcast_weights
+from loramerge.kernels.registry import get_kernel, run_kernel
+from loramerge.seeding import thread_independent
+
+
+def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with thread_independent(matrix):
+        return torch.linalg.svd(matrix, full_matrices=False)
+
+
+def numerical_rank(values: torch.Tensor, shape: Sequence[int]) -> int:
+    """How many singular values are above round-off (``torch.linalg.matrix_rank``'s default tolerance), so
+    that the same matrix in the core and in the full space has the same rank."""
+    if not len(values) or values[0] <= 0:
+        return 0
+    tolerance = values[0] * max(shape) * torch.finfo(values.dtype).eps
+    return int((values > tolerance).sum())
+
+
+def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
+    """The nearest matrix with orthonormal columns (orthogonal Procrustes): ``P Qᵀ`` for ``M = P S Qᵀ``."""
+    left, _, right_t = _svd(matrix)
+    return left @ right_t
+
+
+def weighted_sum(tasks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (tasks * broadcast_weights(weights, tasks)).sum(dim=0)
+
+
+def iso_c(tasks: torch.Tensor, weights: torch.Tensor, *, alpha: float) -> torch.Tensor:
+    """Iso-C (Marczak et al., "No task left behind: isotropic model merging", ICML 2025): the task
+    arithmetic sum with every singular value replaced by their mean (a flat spectrum), times ``alpha``;
+    the singular subspaces of the sum are kept."""
+    left, values, right_t = _svd(weighted_sum(tasks, weights))
+    rank = numerical_rank(values, tasks.shape[1:])
+    if rank == 0:
+        return torch.zeros_like(tasks[0])
+    return alpha * values[:rank].mean() * (left[:, :rank] @ right_t[:rank])
+
+
+def tsv_m(tasks: torch.Tensor, weights: torch.Tensor, *, alpha: float, keep: float) -> torch.Tensor:
+    """TSV-Merge (Gargiulo et al., "Task Singular Vectors", CVPR 2025): per task, the top singular triplets
+    (``keep`` of its rank, rounded up; 0 keeps 1/n); the kept left and right singular vectors of all tasks
+    side by side, each stack replaced by its nearest orthogonal matrix, rebuilt with the kept singular
+    values (times the task's weight), times ``alpha``."""
+    fraction = keep if keep > 0 else 1.0 / len(tasks)
+    lefts, values, rights = [], [], []
+    for task, weight in zip(tasks, weights.tolist(), strict=True):
+        left, sigma, right_t = _svd(task)
+        rank = numerical_rank(sigma, task.shape)
+        kept = min(rank, max(1, -int(-fraction * rank // 1))) if rank else 0  # ceil, at least one
+        lefts.append(left[:, :kept])
+        values.append(weight * sigma[:kept])
+        rights.append(right_t[:kept].T)
+    if not sum(v.numel() for v in values):
+        return torch.zeros_like(tasks[0])
+    left, right = polar_factor(torch.cat(lefts, dim=1)), polar_factor(torch.cat(rights, dim=1))
+    return alpha * (left * torch.cat(values)) @ right.T
+
+
+def knots(
+    tasks: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    inner: str,
+    density: float,
+    majority_sign: str = "total",
+    elect_on: str = "unweighted",
+    divisor: str = "count",
+    rescale: str = "density",
+    generators: Sequence[torch.Generator | None] | None = None,
+) -> torch.Tensor:
+    """KnOTS (Stoica et al., "Model merging with SVD to tie the KnOTS", ICLR 2025): the SVD of the tasks
+    side by side, ``[T_1 … T_n] = U Σ [V_1ᵀ … V_nᵀ]``, aligns them in one shared basis ``U Σ``; the
+    task-specific ``V_iᵀ`` are merged with the element-wise method ``inner`` (ties, dare_ties, linear …)
+    and the result is ``U Σ V̂ᵀ``. With ``inner = linear`` it is the exact weighted sum."""
+    count, rows, columns = tasks.shape
+    left, values, right_t = _svd(torch.cat(list(tasks), dim=1))
+    rank = numerical_rank(values, (rows, count * columns))
+    if rank == 0:
+        return torch.zeros_like(tasks[0])
+    aligned = right_t[:rank].reshape(rank, count, columns).transpose(0, 1).contiguous()  # V_iᵀ: n x rank x b
+    spec = get_kernel(inner)
+    params = {"density": density, "majority_sign": majority_sign, "elect_on": elect_on, "divisor": divisor,
+              "rescale": rescale if spec.random else "none"}  # fmt: skip
+    merged = run_kernel(spec, aligned, weights, params, generators)
+    return (left[:, :rank] * values[:rank]) @ merged

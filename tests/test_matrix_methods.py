@@ -1,0 +1,135 @@
+"""The methods that need whole matrices (Iso-C, TSV-M, KnOTS) against direct dense implementations of their
+papers' definitions, their identities, and core space = full space where the method is basis-equivariant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loramerge import merge_adapters
+from loramerge.adapters.model import LoraAdapter, LoraModule
+from loramerge.kernels.methods import ties
+
+NAME = "layer.proj"
+WEIGHTS = [1.0, -0.5, 0.8]
+
+
+def adapter(seed: int, rank: int, out: int = 40, inp: int = 30, B=None, A=None) -> LoraAdapter:
+    generator = torch.Generator().manual_seed(seed)
+    B = torch.randn(out, rank, generator=generator) if B is None else B
+    A = torch.randn(rank, inp, generator=generator) if A is None else A
+    module = LoraModule(A=A, B=B, scale=1.5)
+    return LoraAdapter(modules={NAME: module}, config={"peft_type": "LORA", "r": rank, "lora_alpha": 1.5 * rank})
+
+
+def mixed() -> list[LoraAdapter]:
+    return [adapter(0, 4), adapter(1, 6), adapter(2, 3)]
+
+
+def merged_delta(adapters, method: str, space: str, **params) -> torch.Tensor:
+    merged = merge_adapters(adapters, WEIGHTS, method, space=space, params=params)
+    return merged.modules[NAME].delta()
+
+
+def deltas(adapters) -> list[torch.Tensor]:
+    return [a.modules[NAME].delta() for a in adapters]
+
+
+def close(x: torch.Tensor, y: torch.Tensor, tolerance: float = 1e-5) -> None:
+    assert (x - y).norm() <= tolerance * max(1.0, y.norm()), float((x - y).norm() / y.norm())
+
+
+def iso_c_reference(tasks, weights, alpha):
+    """Iso-C as the paper writes it: Δ = Σ w_i Δ_i = U Σ Vᵀ, then α · mean(σ) · U Vᵀ (rank of Δ kept)."""
+    total = sum(w * t for w, t in zip(weights, tasks, strict=True))
+    U, S, Vh = torch.linalg.svd(total.double(), full_matrices=False)
+    r = int(torch.linalg.matrix_rank(total))  # float32 round-off is not rank
+    return (alpha * S[:r].mean() * U[:, :r] @ Vh[:r]).float()
+
+
+def tsv_reference(tasks, weights, alpha, keep):
+    """TSV-M: per task the top ⌈keep · rank⌉ triplets; stacked U and V each replaced by U (UᵀU)^(-1/2)."""
+    lefts, values, rights = [], [], []
+    for w, t in zip(weights, tasks, strict=True):
+        U, S, Vh = torch.linalg.svd(t.double(), full_matrices=False)
+        k = int(torch.ceil(torch.tensor(keep * int(torch.linalg.matrix_rank(t)))))
+        lefts.append(U[:, :k]), values.append(w * S[:k]), rights.append(Vh[:k].T)
+
+    def orthogonalize(M):  # the polar factor, written as M (MᵀM)^(-1/2)
+        evals, evecs = torch.linalg.eigh(M.T @ M)
+        return M @ evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+
+    U, V = orthogonalize(torch.cat(lefts, 1)), orthogonalize(torch.cat(rights, 1))
+    return (alpha * U @ torch.diag(torch.cat(values)) @ V.T).float()
+
+
+@pytest.mark.parametrize("space", ["core", "full"])
+def test_iso_c_is_the_flat_spectrum_of_the_sum(space):
+    adapters = mixed()
+    result = merged_delta(adapters, "iso_c", space, alpha=1.3)
+    close(result, iso_c_reference(deltas(adapters), WEIGHTS, 1.3))
+    total = sum(w * t for w, t in zip(WEIGHTS, deltas(adapters), strict=True))
+    r = int(torch.linalg.matrix_rank(total))
+    values = torch.linalg.svdvals(result)[:r]
+    assert (values.max() - values.min()) / values.max() < 1e-4  # flat
+    U_sum = torch.linalg.svd(total)[0][:, :r]
+    U_res = torch.linalg.svd(result)[0][:, :r]
+    close(U_sum @ U_sum.T, U_res @ U_res.T, 1e-4)  # the same left singular subspace
+
+
+@pytest.mark.parametrize("space", ["core", "full"])
+@pytest.mark.parametrize("keep", [0.5, 1.0])
+def test_tsv_m_against_the_paper(space, keep):
+    adapters = mixed()
+    result = merged_delta(adapters, "tsv_m", space, alpha=0.9, keep=keep)
+    close(result, tsv_reference(deltas(adapters), WEIGHTS, 0.9, keep), 1e-4)
+
+
+def test_tsv_m_on_orthogonal_tasks_is_the_sum_of_their_truncations():
+    basis_out = torch.linalg.qr(torch.randn(40, 12, generator=torch.Generator().manual_seed(5)))[0]
+    basis_in = torch.linalg.qr(torch.randn(30, 12, generator=torch.Generator().manual_seed(6)))[0]
+    adapters, expected = [], 0
+    for i, (start, rank) in enumerate([(0, 4), (4, 6), (10, 2)]):
+        B = basis_out[:, start : start + rank] * torch.linspace(3, 1, rank)
+        A = basis_in[:, start : start + rank].T
+        adapters.append(adapter(i, rank, B=B, A=A))
+        U, S, Vh = torch.linalg.svd(adapters[-1].modules[NAME].delta(), full_matrices=False)
+        k = -(-rank // 2)
+        expected = expected + WEIGHTS[i] * (U[:, :k] * S[:k]) @ Vh[:k]
+    for space in ("core", "full"):
+        close(merged_delta(adapters, "tsv_m", space, keep=0.5), expected, 1e-4)
+
+
+@pytest.mark.parametrize("space", ["core", "full"])
+def test_knots_with_the_linear_method_is_the_exact_sum(space):
+    adapters = mixed()
+    total = sum(w * t for w, t in zip(WEIGHTS, deltas(adapters), strict=True))
+    close(merged_delta(adapters, "knots", space, inner="linear"), total)
+
+
+def test_knots_ties_against_the_paper_in_the_full_space():
+    adapters = mixed()
+    tasks = deltas(adapters)
+    U, S, Vh = torch.linalg.svd(torch.cat(tasks, dim=1).double(), full_matrices=False)
+    r = int(torch.linalg.matrix_rank(torch.cat(tasks, dim=1)))
+    aligned = torch.stack([Vh[:r, i * 30 : (i + 1) * 30] for i in range(3)]).float()
+    merged_v = ties(aligned, torch.tensor(WEIGHTS), density=0.7)
+    expected = (U[:, :r] * S[:r]).float() @ merged_v
+    merged = merge_adapters(adapters, WEIGHTS, "knots", space="full", density=0.7, params={"inner": "ties"})
+    close(merged.modules[NAME].delta(), expected, 1e-4)
+
+
+def test_matrix_methods_refuse_the_factor_space_and_unknown_parameters():
+    from loramerge.errors import BadInput
+
+    with pytest.raises(BadInput, match="needs whole matrices"):
+        merge_adapters(mixed(), WEIGHTS, "iso_c", space="factors")
+    with pytest.raises(BadInput, match="no parameter 'beta'"):
+        merge_adapters(mixed(), WEIGHTS, "iso_c", params={"beta": 2.0})
+
+
+@pytest.mark.parametrize(("method", "params"), [("iso_c", {"alpha": 1.2}), ("tsv_m", {"keep": 0.5}),
+                                                ("knots", {"inner": "linear"})])  # fmt: skip
+def test_core_space_equals_full_space(method, params):
+    """Every basis these methods need lies in the span of the stacked factors: the R x R cores suffice."""
+    close(merged_delta(mixed(), method, "core", **params), merged_delta(mixed(), method, "full", **params), 1e-5)
