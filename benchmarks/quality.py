@@ -58,6 +58,11 @@ class Config:
     space: str  # "exact" for base/linear/svd (the space does not change them); "peft" for the peer
     density: float | None = None
     seed: int = 0
+    params: tuple[tuple[str, object], ...] = ()  # the method's own parameters (alpha, keep, inner)
+
+    @property
+    def label(self) -> str:
+        return " ".join([self.method, *(f"{name}={value}" for name, value in self.params)])
 
 
 def configs(densities: list[float], seeds: list[int], quick: bool, every_full: bool, top: float = 0.8) -> list[Config]:
@@ -74,6 +79,10 @@ def configs(densities: list[float], seeds: list[int], quick: bool, every_full: b
             continue
         for seed in seeds if method in RANDOM_METHODS else (0,):
             runs.append(Config(method, space, density, seed))
+    if not quick:  # the whole-matrix methods at their natural settings (core space: cores suffice)
+        runs += [Config("iso_c", "core", None, 0, (("alpha", alpha),)) for alpha in (1.0, 1.5)]
+        runs += [Config("tsv_m", "core", None, 0, (("alpha", alpha),)) for alpha in (1.0, 1.5)]
+        runs += [Config("knots", "core", d, 0, (("inner", "ties"),)) for d in (0.8, 0.95)]
     runs.append(Config("ties", "peft", top))
     if every_full:
         runs.append(Config("ties", "full_exact", top))  # the randomized truncation against the exact one
@@ -89,6 +98,8 @@ def merge(adapters, config: Config):
         params["space"] = config.space
     if config.density is not None:
         params["density"] = config.density
+    if config.params:
+        params["params"] = dict(config.params)
     started = time.perf_counter()
     merged = merge_adapters(adapters, [1.0] * len(adapters), config.method, **params)
     return merged, time.perf_counter() - started
@@ -156,6 +167,7 @@ def run(args) -> list[dict[str, object]]:
     subsets = [s for k in args.sizes for s in itertools.combinations(skills, k)]
     plan = configs(args.densities, args.seeds, args.quick, args.every_full, args.full_density)
     plan = [config for config in plan if not args.only or config.space in args.only]
+    plan = [config for config in plan if not args.methods or config.method in args.methods]
     for number, subset in enumerate(subsets, start=1):
         chosen = [adapters[skill] for skill in subset]
         started = time.perf_counter()
@@ -167,7 +179,7 @@ def run(args) -> list[dict[str, object]]:
                 load_folded(model, base_state, merged)
                 accuracy = scores(model, tokenizer, samples, subset)
             for skill, value in accuracy.items():
-                method, space = config.method, config.space
+                method, space = config.label, config.space
                 if space == "full_exact":
                     method, space = f"{method} (exact SVD)", "full"
                 rows.append({
@@ -320,7 +332,8 @@ def main() -> None:
         choices=["exact", "core", "full", "full_exact", "peft"],
         help="Run only the merges in these spaces (the others' rows: --keep-from).",
     )
-    parser.add_argument("--keep-from", type=Path, help="With --only: take the other rows from this earlier CSV.")
+    parser.add_argument("--methods", nargs="+", help="Run only these methods (the others' rows: --keep-from).")
+    parser.add_argument("--keep-from", type=Path, help="With --only/--methods: the other rows from this earlier CSV.")
     parser.add_argument("--skills", nargs="+", default=list(SKILLS), help="Adapter folders under --adapters.")
     parser.add_argument("--base", help="The base model (default: the adapters' base_model_name_or_path).")
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 3, 4], help="Numbers of adapters merged.")
@@ -342,9 +355,13 @@ def main() -> None:
         rows = read_rows(args.from_csv)
     else:
         rows = run(args)
-        if args.only and args.keep_from:
-            kept = [row for row in read_rows(args.keep_from) if row["space"] not in args.only]
-            rows = kept + [row for row in rows if row["method"] != "base" or "exact" in args.only]
+        if (args.only or args.methods) and args.keep_from:
+
+            def rerun(row: dict[str, object]) -> bool:
+                in_space = not args.only or row["space"] in args.only
+                return in_space and (not args.methods or str(row["method"]).split(" ")[0] in args.methods)
+
+            rows = [row for row in read_rows(args.keep_from) if not rerun(row)] + rows
         with open(args.out / "quality.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-DEFAULT_METHOD = "ties"
+DEFAULT_METHOD = "iso_c"
 DEFAULT_SPACE = "core"
 DEFAULT_DENSITY = 0.95
 

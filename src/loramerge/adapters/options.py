@@ -18,7 +18,8 @@ Strategy = Literal["module", "concat", "core", "full", "factors"]
 
 
 class MergeOptions(BaseModel):
-    """How to merge. ``rank`` None means: exact for cat/linear, the largest input rank otherwise."""
+    """How to merge. ``rank`` None means: exact (Σ r_i) for cat, linear and the whole-matrix methods,
+    the largest input rank otherwise."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

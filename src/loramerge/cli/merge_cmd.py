@@ -47,7 +47,9 @@ def merge(
     density: float = typer.Option(
         None, help=f"Fraction kept by the pruning methods, in (0, 1] (default {DEFAULT_DENSITY:g})."
     ),
-    rank: int = typer.Option(None, help="Output rank (default: exact for cat/linear, largest input rank otherwise)."),
+    rank: int = typer.Option(
+        None, help="Output rank (default: exact for cat/linear/iso_c/tsv_m/knots, largest input rank otherwise)."
+    ),
     space: str = typer.Option(
         None, help=f"Where element-wise methods work: {' | '.join(SPACES)} (default {DEFAULT_SPACE})."
     ),
