@@ -74,6 +74,7 @@ RUNS = {  # label -> extra flags of `loramerge merge`
     "knots": ["--method", "knots"],
     "tsv_m": ["--method", "tsv_m"],
     "iso_c": ["--method", "iso_c"],
+    "iso_cts": ["--method", "iso_cts"],
 }
 
 

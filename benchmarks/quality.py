@@ -13,7 +13,7 @@ PEFT (``--every-full`` runs all of them, and ties with the exact SVD, in a few h
 normalised by its own adapter's accuracy; a merge's score is the mean over its skills, then over the
 subsets of one size.
 
-    python benchmarks/quality.py            # about 50 minutes on 2 CPU cores
+    python benchmarks/quality.py            # about 35 minutes on 2 CPU cores
     python benchmarks/quality.py --quick    # a subset in a few minutes
 
 Writes ``benchmarks/results/quality.csv`` (one row per merge and skill), ``quality.png`` and a
@@ -83,6 +83,7 @@ def configs(densities: list[float], seeds: list[int], quick: bool, every_full: b
         runs += [Config("iso_c", "core", None, 0, (("alpha", alpha),)) for alpha in (1.0, 1.5)]
         runs += [Config("tsv_m", "core", None, 0, (("alpha", alpha),)) for alpha in (1.0, 1.5)]
         runs += [Config("knots", "core", d, 0, (("inner", "ties"),)) for d in (0.8, 0.95)]
+        runs += [Config("iso_cts", "core", None, 0, (("alpha", alpha),)) for alpha in (1.0, 1.5)]
     runs.append(Config("ties", "peft", top))
     if every_full:
         runs.append(Config("ties", "full_exact", top))  # the randomized truncation against the exact one

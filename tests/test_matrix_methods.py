@@ -133,3 +133,40 @@ def test_matrix_methods_refuse_the_factor_space_and_unknown_parameters():
 def test_core_space_equals_full_space(method, params):
     """Every basis these methods need lies in the span of the stacked factors: the R x R cores suffice."""
     close(merged_delta(mixed(), method, "core", **params), merged_delta(mixed(), method, "full", **params), 1e-5)
+
+
+def iso_cts_reference(tasks, weights, alpha, common):
+    """Iso-CTS as the paper describes it: the sum's top directions (the common subspace), each task's top
+    directions outside it (an equal share of the rest), both stacks orthogonalised, the mean of the kept
+    singular values as one flat spectrum."""
+    weighted = [w * t.double() for w, t in zip(weights, tasks, strict=True)]
+    total = sum(weighted)
+    U, S, Vh = torch.linalg.svd(total, full_matrices=False)
+    r = int(torch.linalg.matrix_rank(total.float()))
+    k = max(1, int(common * r))
+    share = (r - k) // len(tasks)
+    lefts, rights, sigmas = [U[:, :k]], [Vh[:k].T], [S[:k]]
+    for t in weighted:
+        rest = t - U[:, :k] @ (U[:, :k].T @ t)
+        Ut, St, Vht = torch.linalg.svd(rest, full_matrices=False)
+        lefts.append(Ut[:, :share]), rights.append(Vht[:share].T), sigmas.append(St[:share])
+
+    def orthogonalize(M):
+        evals, evecs = torch.linalg.eigh(M.T @ M)
+        return M @ evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+
+    flat = torch.cat(sigmas).mean()
+    return (alpha * flat * orthogonalize(torch.cat(lefts, 1)) @ orthogonalize(torch.cat(rights, 1)).T).float()
+
+
+@pytest.mark.parametrize("space", ["core", "full"])
+def test_iso_cts_against_the_paper(space):
+    adapters = mixed()
+    result = merged_delta(adapters, "iso_cts", space, alpha=1.1, common=0.5)
+    close(result, iso_cts_reference(deltas(adapters), WEIGHTS, 1.1, 0.5), 1e-4)
+
+
+def test_iso_cts_with_the_whole_common_subspace_is_iso_c():
+    adapters = mixed()
+    close(merged_delta(adapters, "iso_cts", "core", common=1.0), merged_delta(adapters, "iso_c", "core"), 1e-5)
+    close(merged_delta(adapters, "iso_cts", "core", common=0.6), merged_delta(adapters, "iso_cts", "full", common=0.6))

@@ -185,6 +185,10 @@ for _method in (
     Method("iso_c", _M + "iso_c", "Iso-C (Marczak et al., ICML 2025, arXiv:2502.04959)",
            "the task arithmetic sum with a flat spectrum", level="matrix", parameters=(_ALPHA,), exact_rank=True,
            dense=False),
+    Method("iso_cts", _M + "iso_cts", "Iso-CTS (Marczak et al., ICML 2025, arXiv:2502.04959)",
+           "the sum's common subspace completed by task-specific directions, with a flat spectrum",
+           level="matrix", parameters=(_ALPHA, Parameter("common", 0.8, help="fraction of the sum's rank kept as "
+           "the common subspace")), exact_rank=True, dense=False),
     Method("model_stock", _K + "model_stock", "Model Stock (Jang et al., ECCV 2024, arXiv:2403.19522)",
            "the mean moved towards the base by the inputs' angle",
            parameters=(Parameter("filter_wise", False, help="one ratio per row instead of per tensor"),),

@@ -97,3 +97,27 @@ def knots(
               "rescale": rescale if spec.random else "none"}  # fmt: skip
     merged = run_kernel(spec, aligned, weights, params, generators)
     return (left[:, :rank] * values[:rank]) @ merged
+
+
+def iso_cts(tasks: torch.Tensor, weights: torch.Tensor, *, alpha: float, common: float) -> torch.Tensor:
+    """Iso-CTS (Marczak et al., ICML 2025): the top ``common`` fraction of the sum's singular directions
+    (the common subspace), completed by each task's top directions outside it (an equal share of the
+    remaining rank per task), both stacks orthogonalised, with a flat spectrum: the mean of the kept
+    singular values, times ``alpha``. Ranks are counted on the sum's numerical rank, so the core and the
+    full space agree."""
+    weighted = tasks * broadcast_weights(weights, tasks)
+    left, values, right_t = _svd(weighted.sum(dim=0))
+    rank = numerical_rank(values, tasks.shape[1:])
+    if rank == 0:
+        return torch.zeros_like(tasks[0])
+    kept = min(rank, max(1, int(common * rank)))
+    share = (rank - kept) // len(tasks)
+    lefts, rights, sigmas = [left[:, :kept]], [right_t[:kept].T], [values[:kept]]
+    if share:
+        projector = left[:, :kept] @ left[:, :kept].T
+        for task in weighted:
+            t_left, t_values, t_right_t = _svd(task - projector @ task)
+            t_rank = min(share, numerical_rank(t_values, task.shape))
+            lefts.append(t_left[:, :t_rank]), rights.append(t_right_t[:t_rank].T), sigmas.append(t_values[:t_rank])
+    flat = torch.cat(sigmas).mean()
+    return alpha * flat * polar_factor(torch.cat(lefts, dim=1)) @ polar_factor(torch.cat(rights, dim=1)).T
