@@ -170,3 +170,17 @@ def test_iso_cts_with_the_whole_common_subspace_is_iso_c():
     adapters = mixed()
     close(merged_delta(adapters, "iso_cts", "core", common=1.0), merged_delta(adapters, "iso_c", "core"), 1e-5)
     close(merged_delta(adapters, "iso_cts", "core", common=0.6), merged_delta(adapters, "iso_cts", "full", common=0.6))
+
+
+@pytest.mark.parametrize("method", ["iso_c", "iso_cts", "tsv_m", "knots"])
+def test_a_module_missing_from_an_adapter_contributes_nothing(method):
+    """Adapter 2 lacks the second module: there the method merges the two others alone."""
+    adapters = mixed()
+    generator = torch.Generator().manual_seed(9)
+    for a in adapters[:2]:
+        a.modules["layer.other"] = LoraModule(A=torch.randn(5, 30, generator=generator),
+                                              B=torch.randn(40, 5, generator=generator), scale=1.0)  # fmt: skip
+    merged = merge_adapters(adapters, WEIGHTS, method, params={"inner": "linear"} if method == "knots" else {})
+    pair = [LoraAdapter(modules={NAME: a.modules["layer.other"]}, config=a.config) for a in adapters[:2]]
+    alone = merge_adapters(pair, WEIGHTS[:2], method, params={"inner": "linear"} if method == "knots" else {})
+    close(merged.modules["layer.other"].delta(), alone.modules[NAME].delta())
