@@ -240,7 +240,10 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
     "merge: all weights zero": (lambda w: _merge(w, "--weights", "0,0"), "all zero"),
     "merge: density zero": (lambda w: _merge(w, "--method", "ties", "--density", "0"), "density"),
     "merge: density above one": (lambda w: _merge(w, "--method", "ties", "--density", "1.5"), "density"),
-    "merge: della's density + epsilon reaches one": (lambda w: _merge(w, "--method", "della"), "della needs"),
+    "merge: della's density + epsilon reaches one": (
+        lambda w: _merge(w, "--method", "della", "--density", "0.9"),
+        "della needs",
+    ),
     "merge: negative density": (lambda w: _merge(w, "--method", "dare_ties", "--density", "-0.2"), "density"),
     "merge: rank zero": (lambda w: _merge(w, "--rank", "0"), "rank"),
     "merge: rank larger than possible": (lambda w: _merge(w, "--rank", "100000"), "--rank 100000"),

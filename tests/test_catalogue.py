@@ -87,3 +87,14 @@ def test_the_derived_tables_follow_the_catalogue():
             signature_defaults = {name for name in method.params if name in method.recipe_parameters}
             assert signature_defaults <= method.recipe_parameters
         assert method.paper and method.summary
+
+
+def test_a_method_can_carry_its_own_default_density(mixed_adapters, tmp_path):
+    """della's keep probabilities are density ± epsilon (0.15): the general 0.95 would leave (0, 1)."""
+    from loramerge.adapters.options import parse_options
+
+    assert parse_options(method="della").effective_density == catalogue.get("della").adapter_density == 0.8
+    assert parse_options(method="ties").effective_density == catalogue.DEFAULT_DENSITY
+    assert parse_options(method="della", density=0.5).effective_density == 0.5
+    result = run("merge", *mixed_adapters, "--method", "della", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output

@@ -59,6 +59,7 @@ class Method:
     adapters: bool = True  # offered by ``loramerge merge``, adapter recipes and the live API
     dense: bool = True  # offered by dense recipes
     exact_rank: bool = False  # adapters: the output keeps the exact sum's rank (Σ r_i) unless --rank is given
+    adapter_density: float | None = None  # adapters: the density when none is given (None: DEFAULT_DENSITY)
     mergekit_normalize: bool = False  # mergekit's default for ``normalize``
     mergekit_rescale: bool = False  # mergekit's default for ``rescale`` (DARE/DELLA)
     peft_names: Mapping[str, str | None] = field(default_factory=dict)  # combination_type -> space it implies
@@ -170,9 +171,9 @@ for _method in (
            piecewise=True, cutoff="loramerge.kernels.registry:outlier_cutoffs_of"),
     Method("della", _K + "della", _DELLA, "magnitude-ranked random drop, then TIES' sign election",
            parameters=(*_TASK_VECTOR, _EPSILON), random=True, consensus=True, mergekit_normalize=True,
-           mergekit_rescale=True),
+           mergekit_rescale=True, adapter_density=0.8),
     Method("della_linear", _K + "della_linear", _DELLA, "magnitude-ranked random drop, then a weighted sum",
-           parameters=(*_TASK_VECTOR, _EPSILON), random=True, mergekit_rescale=True),
+           parameters=(*_TASK_VECTOR, _EPSILON), random=True, mergekit_rescale=True, adapter_density=0.8),
     Method("knots", _M + "knots", "KnOTS (Stoica et al., ICLR 2025, arXiv:2410.19735)",
            "the tasks aligned by one SVD of them side by side, their right factors merged by an element-wise method",
            level="matrix", parameters=(Parameter("inner", "ties", help="the element-wise method on the aligned "

@@ -70,7 +70,10 @@ class MergeOptions(BaseModel):
 
     @property
     def effective_density(self) -> float:
-        return DEFAULT_DENSITY if self.density is None else self.density
+        if self.density is not None:
+            return self.density
+        own = catalogue.get(self.method).adapter_density  # della's density ± epsilon must stay in (0, 1)
+        return DEFAULT_DENSITY if own is None else own
 
     @property
     def uses_density(self) -> bool:
