@@ -98,3 +98,19 @@ def test_a_method_can_carry_its_own_default_density(mixed_adapters, tmp_path):
     assert parse_options(method="della", density=0.5).effective_density == 0.5
     result = run("merge", *mixed_adapters, "--method", "della", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
+
+
+def test_adapter_merges_refuse_the_dense_only_parameters(tmp_path):
+    """mergekit's normalize / rescale / lambda / int8_mask / weight have no meaning in ``params``: refused."""
+    from loramerge.adapters.options import parse_options
+    from loramerge.adapters.recipe import adapter_merge_inputs
+    from loramerge.recipe import load_recipe
+
+    for name in ("normalize", "rescale", "lambda", "int8_mask", "weight"):
+        with pytest.raises(BadInput, match=f"method ties has no parameter '{name}'"):
+            parse_options(method="ties", params={name: 1.0})
+    assert parse_options(method="breadcrumbs", params={"gamma": 0.02}).kernel_params["gamma"] == 0.02
+    recipe = tmp_path / "r.yml"
+    recipe.write_text("merge_method: ties\nadapters:\n  - adapter: a\nparameters:\n  normalize: true\n")
+    with pytest.raises(BadInput, match=r"parameters\.normalize: unknown parameter for adapter recipes"):
+        adapter_merge_inputs(load_recipe(recipe))

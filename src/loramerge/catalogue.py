@@ -32,6 +32,9 @@ class Parameter:
     default: object = None  # None: the method decides (normalize, rescale) or the user must give it (t)
     per_input: bool = False  # one value per input model (mergekit's model-level parameters)
     help: str = ""
+    # a dense-recipe (mergekit) parameter only: adapter merges take weights as their own argument and
+    # normalisation and rescaling from the preset, so an adapter recipe or option naming it is refused
+    dense_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,11 @@ class Method:
         return {parameter.name for parameter in self.parameters}
 
     @property
+    def adapter_parameters(self) -> set[str]:
+        """The parameters an adapter merge may set (as options such as ``density``, or in ``params``)."""
+        return {parameter.name for parameter in self.parameters if not parameter.dense_only}
+
+    @property
     def per_input_parameters(self) -> list[str]:
         return [parameter.name for parameter in self.parameters if parameter.per_input]
 
@@ -107,15 +115,17 @@ def _load(reference: str | Callable[..., object]) -> Callable[..., object]:
 
 
 _K = "loramerge.kernels.methods:"
-_WEIGHT = Parameter("weight", 1.0, per_input=True, help="the input's weight")
-_NORMALIZE = Parameter("normalize", help="divide by the sum of the weights")
+_WEIGHT = Parameter("weight", 1.0, per_input=True, help="the input's weight", dense_only=True)
+_NORMALIZE = Parameter("normalize", help="divide by the sum of the weights", dense_only=True)
 _TASK_VECTOR = (
     _WEIGHT,
     Parameter("density", 1.0, per_input=True, help="fraction of entries kept, in (0, 1]"),
     _NORMALIZE,
-    Parameter("rescale", help="rescale what is kept (DARE, DELLA: by the keep probability; mergekit: L1)"),
-    Parameter("lambda", 1.0, help="scale of the merged task vector"),
-    Parameter("int8_mask", False, help="mergekit's memory option; no effect on the result"),
+    Parameter(
+        "rescale", help="rescale what is kept (DARE, DELLA: by the keep probability; mergekit: L1)", dense_only=True
+    ),
+    Parameter("lambda", 1.0, help="scale of the merged task vector", dense_only=True),
+    Parameter("int8_mask", False, help="mergekit's memory option; no effect on the result", dense_only=True),
 )
 _GAMMA = Parameter("gamma", 0.01, per_input=True, help="fraction of the largest entries dropped as outliers")
 _EPSILON = Parameter("epsilon", 0.15, per_input=True, help="spread of DELLA's keep probabilities")

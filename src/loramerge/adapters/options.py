@@ -46,7 +46,7 @@ class MergeOptions(BaseModel):
     @model_validator(mode="after")
     def _method_fits(self) -> MergeOptions:
         method = catalogue.get(self.method)
-        own = {parameter.name for parameter in method.parameters} - {"weight", "density"}
+        own = method.adapter_parameters - set(type(self).model_fields)
         for name in self.params:
             if name not in own:
                 known = ", ".join(sorted(own)) or "none"

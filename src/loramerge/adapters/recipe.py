@@ -19,7 +19,7 @@ def adapter_merge_inputs(
     """Load the recipe's adapters and turn its parameters into merge options (``overrides`` win)."""
     values: dict[str, object] = {"method": recipe.merge_method, "dtype": recipe.out_dtype or recipe.dtype}
     method = catalogue.get(recipe.merge_method)
-    own = {p.name for p in method.parameters} - OPTION_KEYS - {"weight"} if method else set()
+    own = method.adapter_parameters - OPTION_KEYS if method else set()
     method_params: dict[str, object] = {}
     for key, value in (recipe.parameters or {}).items():
         if key not in OPTION_KEYS | own:
