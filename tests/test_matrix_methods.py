@@ -39,6 +39,12 @@ def close(x: torch.Tensor, y: torch.Tensor, tolerance: float = 1e-5) -> None:
     assert (x - y).norm() <= tolerance * max(1.0, y.norm()), float((x - y).norm() / y.norm())
 
 
+def orthogonalize(M: torch.Tensor) -> torch.Tensor:
+    """The polar factor written as ``M (MᵀM)^(-1/2)``, independent of the code's SVD route."""
+    evals, evecs = torch.linalg.eigh(M.T @ M)
+    return M @ evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+
+
 def iso_c_reference(tasks, weights, alpha):
     """Iso-C as the paper writes it: Δ = Σ w_i Δ_i = U Σ Vᵀ, then α · mean(σ) · U Vᵀ (rank of Δ kept)."""
     total = sum(w * t for w, t in zip(weights, tasks, strict=True))
@@ -54,10 +60,6 @@ def tsv_reference(tasks, weights, alpha, keep):
         U, S, Vh = torch.linalg.svd(t.double(), full_matrices=False)
         k = int(torch.ceil(torch.tensor(keep * int(torch.linalg.matrix_rank(t)))))
         lefts.append(U[:, :k]), values.append(w * S[:k]), rights.append(Vh[:k].T)
-
-    def orthogonalize(M):  # the polar factor, written as M (MᵀM)^(-1/2)
-        evals, evecs = torch.linalg.eigh(M.T @ M)
-        return M @ evecs @ torch.diag(evals.rsqrt()) @ evecs.T
 
     U, V = orthogonalize(torch.cat(lefts, 1)), orthogonalize(torch.cat(rights, 1))
     return (alpha * U @ torch.diag(torch.cat(values)) @ V.T).float()
@@ -150,10 +152,6 @@ def iso_cts_reference(tasks, weights, alpha, common):
         rest = t - U[:, :k] @ (U[:, :k].T @ t)
         Ut, St, Vht = torch.linalg.svd(rest, full_matrices=False)
         lefts.append(Ut[:, :share]), rights.append(Vht[:share].T), sigmas.append(St[:share])
-
-    def orthogonalize(M):
-        evals, evecs = torch.linalg.eigh(M.T @ M)
-        return M @ evecs @ torch.diag(evals.rsqrt()) @ evecs.T
 
     flat = torch.cat(sigmas).mean()
     return (alpha * flat * orthogonalize(torch.cat(lefts, 1)) @ orthogonalize(torch.cat(rights, 1)).T).float()

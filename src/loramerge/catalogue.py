@@ -101,11 +101,6 @@ class Method:
     def per_input_parameters(self) -> list[str]:
         return [parameter.name for parameter in self.parameters if parameter.per_input]
 
-    @property
-    def spaces(self) -> tuple[str, ...]:
-        """Where the method's result depends on the space its elements are seen in."""
-        return {"element": SPACES, "matrix": ("core", "full")}.get(self.level, ())
-
 
 def _load(reference: str | Callable[..., object]) -> Callable[..., object]:
     if not isinstance(reference, str):

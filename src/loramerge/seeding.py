@@ -37,3 +37,15 @@ def thread_independent(tensor: torch.Tensor) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def reproducible_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD, on one CPU thread (``thread_independent``)."""
+    with thread_independent(matrix):
+        return torch.linalg.svd(matrix, full_matrices=False)
+
+
+def reproducible_qr(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reduced QR, on one CPU thread (``thread_independent``)."""
+    with thread_independent(matrix):
+        return torch.linalg.qr(matrix)

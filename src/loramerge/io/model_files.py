@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 from loramerge.errors import BadInput
 
@@ -18,11 +17,6 @@ CHATML = (
     "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 NAMED_TEMPLATES = {"chatml": CHATML}
-
-
-def write_config(config: dict[str, Any], folder: Path, **updates: Any) -> None:
-    merged = {**config, **updates}
-    (folder / "config.json").write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
 
 
 def copy_side_files(source: Path, folder: Path) -> list[str]:

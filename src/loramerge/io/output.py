@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from loramerge.io.atomic import atomic_output_dir
-from loramerge.io.model_files import copy_side_files, write_chat_template, write_config
+from loramerge.io.model_files import copy_side_files, write_chat_template
 from loramerge.io.shard_writer import BufferedShardWriter, ShardWriter, TensorLayout
 
 
@@ -41,7 +41,7 @@ class OutputFolder:
 
     def model_config(self, config: dict[str, Any], **updates: Any) -> None:
         """``config.json``: ``config`` with ``updates``."""
-        write_config(config, self.staging, **updates)
+        self.json("config.json", {**config, **updates})
 
     def side_files(self, source: Path) -> list[str]:
         """The tokenizer files and generation config that exist in ``source``."""

@@ -6,18 +6,15 @@ or on dense deltas (``full``), never element by element.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from loramerge.kernels.consensus import broadcast_weights
+from loramerge.kernels.methods import linear
 from loramerge.kernels.registry import get_kernel, run_kernel
-from loramerge.seeding import thread_independent
-
-
-def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with thread_independent(matrix):
-        return torch.linalg.svd(matrix, full_matrices=False)
+from loramerge.seeding import reproducible_svd
 
 
 def numerical_rank(values: torch.Tensor, shape: Sequence[int]) -> int:
@@ -31,19 +28,15 @@ def numerical_rank(values: torch.Tensor, shape: Sequence[int]) -> int:
 
 def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
     """The nearest matrix with orthonormal columns (orthogonal Procrustes): ``P Qᵀ`` for ``M = P S Qᵀ``."""
-    left, _, right_t = _svd(matrix)
+    left, _, right_t = reproducible_svd(matrix)
     return left @ right_t
-
-
-def weighted_sum(tasks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return (tasks * broadcast_weights(weights, tasks)).sum(dim=0)
 
 
 def iso_c(tasks: torch.Tensor, weights: torch.Tensor, *, alpha: float) -> torch.Tensor:
     """Iso-C (Marczak et al., "No task left behind: isotropic model merging", ICML 2025): the task
     arithmetic sum with every singular value replaced by their mean (a flat spectrum), times ``alpha``;
     the singular subspaces of the sum are kept."""
-    left, values, right_t = _svd(weighted_sum(tasks, weights))
+    left, values, right_t = reproducible_svd(linear(tasks, weights))
     rank = numerical_rank(values, tasks.shape[1:])
     if rank == 0:
         return torch.zeros_like(tasks[0])
@@ -58,9 +51,9 @@ def tsv_m(tasks: torch.Tensor, weights: torch.Tensor, *, alpha: float, keep: flo
     fraction = keep if keep > 0 else 1.0 / len(tasks)
     lefts, values, rights = [], [], []
     for task, weight in zip(tasks, weights.tolist(), strict=True):
-        left, sigma, right_t = _svd(task)
+        left, sigma, right_t = reproducible_svd(task)
         rank = numerical_rank(sigma, task.shape)
-        kept = min(rank, max(1, -int(-fraction * rank // 1))) if rank else 0  # ceil, at least one
+        kept = min(rank, max(1, math.ceil(fraction * rank))) if rank else 0
         lefts.append(left[:, :kept])
         values.append(weight * sigma[:kept])
         rights.append(right_t[:kept].T)
@@ -87,7 +80,7 @@ def knots(
     task-specific ``V_iᵀ`` are merged with the element-wise method ``inner`` (ties, dare_ties, linear …)
     and the result is ``U Σ V̂ᵀ``. With ``inner = linear`` it is the exact weighted sum."""
     count, rows, columns = tasks.shape
-    left, values, right_t = _svd(torch.cat(list(tasks), dim=1))
+    left, values, right_t = reproducible_svd(torch.cat(list(tasks), dim=1))
     rank = numerical_rank(values, (rows, count * columns))
     if rank == 0:
         return torch.zeros_like(tasks[0])
@@ -106,7 +99,7 @@ def iso_cts(tasks: torch.Tensor, weights: torch.Tensor, *, alpha: float, common:
     singular values, times ``alpha``. Ranks are counted on the sum's numerical rank, so the core and the
     full space agree."""
     weighted = tasks * broadcast_weights(weights, tasks)
-    left, values, right_t = _svd(weighted.sum(dim=0))
+    left, values, right_t = reproducible_svd(weighted.sum(dim=0))
     rank = numerical_rank(values, tasks.shape[1:])
     if rank == 0:
         return torch.zeros_like(tasks[0])
@@ -116,7 +109,7 @@ def iso_cts(tasks: torch.Tensor, weights: torch.Tensor, *, alpha: float, common:
     if share:
         projector = left[:, :kept] @ left[:, :kept].T
         for task in weighted:
-            t_left, t_values, t_right_t = _svd(task - projector @ task)
+            t_left, t_values, t_right_t = reproducible_svd(task - projector @ task)
             t_rank = min(share, numerical_rank(t_values, task.shape))
             lefts.append(t_left[:, :t_rank]), rights.append(t_right_t[:t_rank].T), sigmas.append(t_values[:t_rank])
     flat = torch.cat(sigmas).mean()

@@ -12,17 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from loramerge.lowrank.factored import LowRank, concat
-from loramerge.seeding import thread_independent
-
-
-def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with thread_independent(matrix):
-        return torch.linalg.svd(matrix, full_matrices=False)
-
-
-def _qr(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    with thread_independent(matrix):
-        return torch.linalg.qr(matrix)
+from loramerge.seeding import reproducible_qr, reproducible_svd, thread_independent
 
 
 def core_basis(terms: Sequence[LowRank]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,8 +20,8 @@ def core_basis(terms: Sequence[LowRank]) -> tuple[torch.Tensor, torch.Tensor]:
 
     Each ``B_i A_i`` is then exactly ``U (Uᵀ B_i A_i V) Vᵀ`` (Core Space merging, NeurIPS 2025).
     """
-    U, _ = _qr(torch.cat([term.B for term in terms], dim=1))
-    V, _ = _qr(torch.cat([term.A.T for term in terms], dim=1))
+    U, _ = reproducible_qr(torch.cat([term.B for term in terms], dim=1))
+    V, _ = reproducible_qr(torch.cat([term.A.T for term in terms], dim=1))
     return U, V
 
 
@@ -42,15 +32,15 @@ def project_to_core(term: LowRank, U: torch.Tensor, V: torch.Tensor) -> torch.Te
 
 def from_core(U: torch.Tensor, core: torch.Tensor, V: torch.Tensor, rank: int) -> LowRank:
     """The best rank-``rank`` factorisation of ``U core Vᵀ`` (singular values kept in ``B``, as PEFT does)."""
-    left, values, right_t = _svd(core)
+    left, values, right_t = reproducible_svd(core)
     keep = min(rank, values.shape[0])
     return LowRank(B=U @ (left[:, :keep] * values[:keep]), A=right_t[:keep] @ V.T)
 
 
 def truncate_rank(term: LowRank, rank: int) -> LowRank:
     """The best rank-``rank`` approximation of ``B A``, computed from the factors."""
-    U, R_B = _qr(term.B)
-    V, R_A = _qr(term.A.T)
+    U, R_B = reproducible_qr(term.B)
+    V, R_A = reproducible_qr(term.A.T)
     return from_core(U, R_B @ R_A.T, V, rank)
 
 
@@ -85,7 +75,7 @@ def truncate_dense_randomized(delta: torch.Tensor, rank: int, seed: int) -> LowR
 
 def truncate_dense(delta: torch.Tensor, rank: int) -> LowRank:
     """The best rank-``rank`` factorisation of a dense matrix (``torch.linalg.svd``): the ``full`` space."""
-    left, values, right_t = _svd(delta)
+    left, values, right_t = reproducible_svd(delta)
     keep = min(rank, values.shape[0])
     return LowRank(B=left[:, :keep] * values[:keep], A=right_t[:keep])
 
