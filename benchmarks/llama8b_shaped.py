@@ -75,6 +75,7 @@ RUNS = {  # label -> extra flags of `loramerge merge`
     "tsv_m": ["--method", "tsv_m"],
     "iso_c": ["--method", "iso_c"],
     "iso_cts": ["--method", "iso_cts"],
+    "robustmerge": ["--method", "robustmerge"],
 }
 
 

@@ -84,6 +84,10 @@ def configs(densities: list[float], seeds: list[int], quick: bool, every_full: b
         runs += [Config("tsv_m", "core", None, 0, (("alpha", alpha),)) for alpha in (1.0, 1.5)]
         runs += [Config("knots", "core", d, 0, (("inner", "ties"),)) for d in (0.8, 0.95)]
         runs += [Config("iso_cts", "core", None, 0, (("alpha", alpha),)) for alpha in (1.0, 1.5)]
+        runs += [Config("iso_cts", "core", None, 0, (("alpha", 1.5), ("common", c))) for c in (0.5, 0.95)]
+        # RobustMerge works on the factors (no space): the authors' setting, then gentler pruning
+        grid = [(0.2, a) for a in (1.0, 1.5, 2.0, 3.0, 4.0)] + [(0.5, 1.0), (0.5, 2.0), (0.8, 1.0)]
+        runs += [Config("robustmerge", "exact", d, 0, (("alpha", a),)) for d, a in grid]
     runs.append(Config("ties", "peft", top))
     if every_full:
         runs.append(Config("ties", "full_exact", top))  # the randomized truncation against the exact one
@@ -266,11 +270,11 @@ def markdown(summary: dict[tuple, dict[str, float]], sizes: list[int]) -> str:
                   key=lambda k: (k[0] != "base", k[0], str(k[1])))  # fmt: skip
     for size in sorted({key[0] for key in summary} & set(sizes)):
         lines += [f"**{size} adapters** — mean normalised accuracy (min–max over seeds); median merge time",
-                  "", "| method | density | core (exact: base, linear, svd) | full | PEFT add_weighted_adapter "
-                  "| ms core / full / PEFT |", "|---|---|---|---|---|---|"]  # fmt: skip
+                  "", "| method | density | core (exact: base, linear, svd, robustmerge) | full "
+                  "| PEFT add_weighted_adapter | ms core / full / PEFT |", "|---|---|---|---|---|---|"]  # fmt: skip
         for method, density in keys:
             cells = [summary.get((size, method, space, density)) for space in COLUMNS]
-            if method in ("base", "linear", "svd"):
+            if cells[0] is None:  # methods with no space (base, linear, svd, robustmerge): their exact cell
                 cells[0] = summary.get((size, method, "exact", density))
             if not any(cells):
                 continue

@@ -254,6 +254,14 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         "needs equal ranks",
     ),
     "merge: unknown dtype": (lambda w: _merge(w, "--dtype", "int8"), "dtype"),
+    "merge: a method parameter out of range": (
+        lambda w: _merge(w, "--method", "robustmerge", "--param", "floor=3"),
+        "parameter floor=3.0 must be a number in [0, 1]",
+    ),
+    "merge: knots with a whole-matrix inner method": (
+        lambda w: _merge(w, "--method", "knots", "--param", "inner=iso_c"),
+        "parameter inner='iso_c' must be an element-wise adapter method",
+    ),
     # merge: where the output goes
     "merge: output is an input": (lambda w: ["merge", w.a, w.b, "-o", w.a, "--force"], "overlaps the input"),
     "merge: output inside an input": (lambda w: ["merge", w.a, w.b, "-o", w.a / "merged"], "overlaps the input"),

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramerge import merge_adapters
+from conftest import peft_delta, peft_with_adapters
+from loramerge import load_adapter, merge_adapters, save_adapter
 from loramerge.adapters.model import LoraAdapter, LoraModule
 from loramerge.kernels.methods import ties
 
@@ -170,7 +171,7 @@ def test_iso_cts_with_the_whole_common_subspace_is_iso_c():
     close(merged_delta(adapters, "iso_cts", "core", common=0.6), merged_delta(adapters, "iso_cts", "full", common=0.6))
 
 
-@pytest.mark.parametrize("method", ["iso_c", "iso_cts", "tsv_m", "knots"])
+@pytest.mark.parametrize("method", ["iso_c", "iso_cts", "tsv_m", "knots", "robustmerge"])
 def test_a_module_missing_from_an_adapter_contributes_nothing(method):
     """Adapter 2 lacks the second module: there the method merges the two others alone."""
     adapters = mixed()
@@ -182,3 +183,28 @@ def test_a_module_missing_from_an_adapter_contributes_nothing(method):
     pair = [LoraAdapter(modules={NAME: a.modules["layer.other"]}, config=a.config) for a in adapters[:2]]
     alone = merge_adapters(pair, WEIGHTS[:2], method, params={"inner": "linear"} if method == "knots" else {})
     close(merged.modules["layer.other"].delta(), alone.modules[NAME].delta())
+
+
+REFERENCES = {
+    "iso_c": lambda tasks, weights: iso_c_reference(tasks, weights, 1.0),
+    "iso_cts": lambda tasks, weights: iso_cts_reference(tasks, weights, 1.0, 0.8),
+    "tsv_m": lambda tasks, weights: tsv_reference(tasks, weights, 1.0, 1 / len(tasks)),
+    "knots": lambda tasks, weights: sum(w * t for w, t in zip(weights, tasks, strict=True)),
+}
+
+
+@pytest.mark.parametrize("method", list(REFERENCES))
+def test_real_peft_adapters_with_rslora_patterns_and_embeddings(method, llama_base, mixed_adapters, tmp_path):
+    """Mixed ranks, rsLoRA (scale α/√r), rank and alpha patterns, an embedding LoRA and modules missing from
+    some adapters; every task matrix is PEFT's own ``get_delta_weight``, and the merge is read back by PEFT."""
+    weights = [1.0, -0.5, 0.8]
+    params = {"inner": "linear"} if method == "knots" else {}
+    merged = merge_adapters([load_adapter(p) for p in mixed_adapters], weights, method, params=params)
+    save_adapter(merged, tmp_path / "merged")
+    inputs = peft_with_adapters(llama_base, {f"in{i}": p for i, p in enumerate(mixed_adapters)})
+    output = peft_with_adapters(llama_base, {"merged": tmp_path / "merged"})
+    for name in merged.modules:
+        present = [(w, peft_delta(inputs, name, f"in{i}")) for i, w in enumerate(weights)]
+        present = [(w, d) for w, d in present if d is not None]
+        expected = REFERENCES[method]([d for _, d in present], [w for w, _ in present])
+        close(peft_delta(output, name, "merged"), expected, 1e-4)

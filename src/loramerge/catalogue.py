@@ -35,6 +35,8 @@ class Parameter:
     # a dense-recipe (mergekit) parameter only: adapter merges take weights as their own argument and
     # normalisation and rescaling from the preset, so an adapter recipe or option naming it is refused
     dense_only: bool = False
+    # an adapter merge's value is checked when the options are built: None, or what is wrong with it
+    check: Callable[[object], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,19 @@ def _load(reference: str | Callable[..., object]) -> Callable[..., object]:
         return reference
     module, _, attribute = reference.partition(":")
     return getattr(importlib.import_module(module), attribute)
+
+
+def _fraction(value: object) -> str | None:
+    return None if isinstance(value, int | float) and 0 <= value <= 1 else "must be a number in [0, 1]"
+
+
+def _positive_fraction(value: object) -> str | None:
+    return None if isinstance(value, int | float) and 0 < value <= 1 else "must be a number in (0, 1]"
+
+
+def _element_method(value: object) -> str | None:
+    names = [name for name, method in kernels().items() if method.adapters]
+    return None if value in names else f"must be an element-wise adapter method: {', '.join(names)}"
 
 
 _K = "loramerge.kernels.methods:"
@@ -182,11 +197,13 @@ for _method in (
     Method("knots", _M + "knots", "KnOTS (Stoica et al., ICLR 2025, arXiv:2410.19735)",
            "the tasks aligned by one SVD of them side by side, their right factors merged by an element-wise method",
            level="matrix", parameters=(Parameter("inner", "ties", help="the element-wise method on the aligned "
-           "right factors: ties, dare_ties, linear, …"), Parameter("density", 1.0, help="the inner method's")),
+           "right factors: ties, dare_ties, linear, …", check=_element_method),
+           Parameter("density", 1.0, help="the inner method's", check=_positive_fraction)),
            random=True, consensus=True, exact_rank=True, dense=False),
     Method("tsv_m", _M + "tsv_m", "TSV-Merge (Gargiulo et al., CVPR 2025, arXiv:2412.00081)",
            "each task's top singular vectors, stacked and orthogonalised", level="matrix",
-           parameters=(_ALPHA, Parameter("keep", 0.0, help="fraction of each task's rank kept (0: 1/n)")),
+           parameters=(_ALPHA, Parameter("keep", 0.0, help="fraction of each task's rank kept (0: 1/n)",
+           check=_fraction)),
            exact_rank=True, dense=False),
     Method("iso_c", _M + "iso_c", "Iso-C (Marczak et al., ICML 2025, arXiv:2502.04959)",
            "the task arithmetic sum with a flat spectrum", level="matrix", parameters=(_ALPHA,), exact_rank=True,
@@ -194,7 +211,16 @@ for _method in (
     Method("iso_cts", _M + "iso_cts", "Iso-CTS (Marczak et al., ICML 2025, arXiv:2502.04959)",
            "the sum's common subspace completed by task-specific directions, with a flat spectrum",
            level="matrix", parameters=(_ALPHA, Parameter("common", 0.8, help="fraction of the sum's rank kept as "
-           "the common subspace")), exact_rank=True, dense=False),
+           "the common subspace", check=_positive_fraction)), exact_rank=True, dense=False),
+    Method("robustmerge", "loramerge.lowrank.robust:robust_merge",
+           "RobustMerge (Zeng et al., NeurIPS 2025, arXiv:2502.17159)",
+           "each task's factors pruned, rescaled per component by the mass pruned, normalised across tasks",
+           level="module", parameters=(
+               Parameter("density", 0.2, help="fraction of each factor's entries kept", check=_positive_fraction),
+               Parameter("floor", 0.8, help="quantile of a task's scales that the smaller ones are raised to",
+                         check=_fraction),
+               Parameter("alpha", 1.0, help="scale of the merged update (4: the authors' 2 on each factor)")),
+           exact_rank=True, dense=False, adapter_density=0.2),
     Method("model_stock", _K + "model_stock", "Model Stock (Jang et al., ECCV 2024, arXiv:2403.19522)",
            "the mean moved towards the base by the inputs' angle",
            parameters=(Parameter("filter_wise", False, help="one ratio per row instead of per tensor"),),

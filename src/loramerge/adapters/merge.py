@@ -131,7 +131,9 @@ def _plan_warnings(options: MergeOptions) -> list[str]:
     if "density" in given and not options.uses_density:
         notes.append(f"`density` is ignored by method {options.method}")
     if "space" in given and options.strategy in ("concat", "module"):
-        notes.append(f"`space` is ignored by method {options.method} (its result is exact in any space)")
+        module = options.strategy == "module"
+        why = "it works on the factors themselves" if module else "its result is exact in any space"
+        notes.append(f"`space` is ignored by method {options.method} ({why})")
     return notes
 
 
@@ -225,7 +227,7 @@ def merge_module(plan: MergePlan, module: ModulePlan) -> LowRank:
     rank = module.output_rank
     strategy = options.strategy
     if strategy == "module":
-        result = catalogue.get(options.method).fn(terms, weights, rank=rank)
+        result = catalogue.get(options.method).fn(terms, weights, rank=rank, **options.module_params)
     elif strategy in ("concat", "factors"):
         result = concat(terms, weights) if strategy == "concat" else _factor_space(plan, module, pieces, weights)
         if options.rank is not None and options.rank < result.rank:

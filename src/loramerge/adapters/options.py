@@ -47,10 +47,14 @@ class MergeOptions(BaseModel):
     def _method_fits(self) -> MergeOptions:
         method = catalogue.get(self.method)
         own = method.adapter_parameters - set(type(self).model_fields)
-        for name in self.params:
+        checks = {parameter.name: parameter.check for parameter in method.parameters}
+        for name, value in self.params.items():
             if name not in own:
                 known = ", ".join(sorted(own)) or "none"
                 raise ValueError(f"method {self.method} has no parameter {name!r} (its parameters: {known})")
+            problem = checks[name](value) if checks[name] else None
+            if problem:
+                raise ValueError(f"method {self.method}: parameter {name}={value!r} {problem}")
         if method.level == "matrix" and self.space == "factors":
             raise ValueError(f"method {self.method} needs whole matrices: use `space='core'` or `space='full'`")
         return self
@@ -76,8 +80,15 @@ class MergeOptions(BaseModel):
         return DEFAULT_DENSITY if own is None else own
 
     @property
+    def module_params(self) -> dict[str, object]:
+        """A module-level method's keywords: the catalogue's defaults, the density, the given parameters."""
+        method = catalogue.get(self.method)
+        given = {"density": self.effective_density, **self.params}
+        return {**method.kernel_defaults, **{k: v for k, v in given.items() if k in method.params}}
+
+    @property
     def uses_density(self) -> bool:
-        return self.kernel is not None and "density" in self.kernel.params
+        return "density" in catalogue.get(self.method).params
 
     @property
     def elementwise(self) -> bool:
