@@ -3,7 +3,8 @@
     python benchmarks/dense_vs_mergekit.py [--sizes 0.5,1,2] [--methods ties,linear] [--skip-mergekit]
 
 For each size, three sharded float16 models (vocab 32000, hidden 2048, intermediate 5504, layers to
-reach the size). ``ties`` merges models 1 and 2 onto model 0 as the base; ``linear`` averages all three.
+reach the size). ``ties`` merges models 1 and 2 onto model 0 as the base; ``linear`` averages all three;
+``sce`` (top 50 % of varying entries) and ``nuslerp`` (equal weights, task vectors) merge 1 and 2 onto 0.
 Each job runs in a fresh process; wall time and that process's peak RSS are printed, with the ratios
 to mergekit and to a plain pass that reads every input tensor and writes the output's bytes.
 """
@@ -114,6 +115,12 @@ def recipe(method: str, models: list[Path]) -> dict:
     if method == "linear":
         return {"merge_method": "linear", "dtype": "float16",
                 "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models]}  # fmt: skip
+    if method == "sce":
+        return {"merge_method": "sce", "base_model": str(models[0]), "dtype": "float16",
+                "parameters": {"select_topk": 0.5}, "models": [{"model": str(m)} for m in models[1:]]}  # fmt: skip
+    if method == "nuslerp":
+        return {"merge_method": "nuslerp", "base_model": str(models[0]), "dtype": "float16",
+                "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in models[1:]]}  # fmt: skip
     return {"merge_method": "ties", "base_model": str(models[0]), "dtype": "float16",
             "parameters": {"normalize": True},
             "models": [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.5}}

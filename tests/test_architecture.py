@@ -84,6 +84,7 @@ MAY_IMPORT = {  # package -> the packages it may use (docs/architecture.md); the
     "folding": {"adapters", "lowrank", "io"},
     "dense": {"adapters", "folding", "kernels", "lowrank", "io"},
     "evaluate": {"io"},
+    "moe": {"adapters", "dense", "io"},
     "workflows": {"adapters", "dense", "folding", "evaluate", "io"},
 }  # fmt: skip
 

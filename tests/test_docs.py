@@ -33,3 +33,13 @@ def test_readme_method_list_is_the_catalogue():
     row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `--method`"))
     listed = set(re.findall(r"`(\w+)`", row)) - {"method"}
     assert listed == set(catalogue.adapter_methods())
+
+
+def test_readme_dense_method_table_is_the_catalogue():
+    """The README's dense method table lists every method a recipe accepts."""
+    from loramerge import catalogue
+
+    rows = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `") and "|" in line]
+    first_cells = [line.split("|")[1] for line in rows if line.count("|") == 6]
+    listed = {name for cell in first_cells for name in re.findall(r"`(\w+)`", cell)}
+    assert set(catalogue.dense_methods()) <= listed

@@ -48,6 +48,9 @@ def recipes(m) -> dict[str, dict]:
         "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": m["base"], "dtype": "float32", "models": [
             {"model": m["m1"], "parameters": {"weight": 0.5, "density": 0.8, "gamma": 0.02}},
             {"model": m["m2"], "parameters": {"weight": 0.5, "density": 0.6}}]},
+        "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": m["base"], "dtype": "float32",
+            "models": [{"model": m["m1"], "parameters": {"weight": 0.5, "density": 0.8, "gamma": 0.02}},
+                       {"model": m["m3"], "parameters": {"weight": 0.7, "density": 0.6}}]},
         "model_stock": {"merge_method": "model_stock", "base_model": m["base"], "dtype": "float32",
             "models": [{"model": m["m1"]}, {"model": m["m2"]}, {"model": m["m3"]}]},
         "passthrough": {"merge_method": "passthrough", "dtype": "float32", "slices": [
@@ -56,8 +59,8 @@ def recipes(m) -> dict[str, dict]:
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "slerp", "breadcrumbs", "model_stock",
-                                    "passthrough"])  # fmt: skip
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "slerp", "breadcrumbs", "breadcrumbs_ties",
+                                    "model_stock", "passthrough"])  # fmt: skip
 def test_same_tensors_as_mergekit(method, models, tmp_path):
     recipe = recipes(models)[method]
     path = write_recipe(tmp_path / "recipe.yml", recipe)

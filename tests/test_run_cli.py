@@ -110,7 +110,14 @@ BAD = {
     "unknown key": (lambda d: _recipe(d, merge_methd="ties"), "merge_methd: unknown key"),
     "unknown parameter": (lambda d: _recipe(d, parameters={"densty": 0.5}), "parameters.densty: unknown parameter"),
     "wrong type": (lambda d: _recipe(d, models="m1"), "models"),
-    "tokenizer union": (lambda d: _recipe(d, tokenizer_source="union"), "tokenizer_source"),
+    "tokenizer union without tokenizer files": (
+        lambda d: _recipe(d, tokenizer_source="union"),
+        "has no tokenizer.json to align its vocabulary by",
+    ),
+    "tokenizer overrides": (
+        lambda d: _recipe(d, tokenizer={"source": "union", "tokens": {"<x>": {"source": {"kind": "zero"}}}}),
+        "per-token overrides (tokenizer.tokens) are not supported",
+    ),
     "two input kinds": (lambda d: _recipe(d, slices=[{"sources": []}]), "exactly one of models, slices or adapters"),
     "della epsilon": (lambda d: _recipe(d, merge_method="della", parameters={"epsilon": 0.6}), "della needs"),
 }

@@ -37,6 +37,7 @@ class Parameter:
     dense_only: bool = False
     # an adapter merge's value is checked when the options are built: None, or what is wrong with it
     check: Callable[[object], str | None] | None = None
+    required: bool = False  # a dense recipe must give it (mergekit: "Missing required parameter")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class Method:
     piecewise: bool = False
     cutoff: str | Callable[..., object] | None = None
     on_weights: bool = False  # dense recipes: merges the models' own tensors, not task vectors
+    base_optional: bool = False  # dense recipes: task vectors when a base is given, else the models' tensors
+    base_first: bool = False  # dense recipes: the base is the first input and required (slerp, nearswap, …)
     adapters: bool = True  # offered by ``loramerge merge``, adapter recipes and the live API
     dense: bool = True  # offered by dense recipes
     exact_rank: bool = False  # adapters: the output keeps the exact sum's rank (Σ r_i) unless --rank is given
@@ -145,6 +148,14 @@ _TIES = "TIES-Merging (Yadav et al., NeurIPS 2023, arXiv:2306.01708)"
 _DARE = "DARE (Yu et al., ICML 2024, arXiv:2311.03099)"
 _BREADCRUMBS = "Model Breadcrumbs (Davari & Belilovsky, ECCV 2024, arXiv:2312.06795)"
 _DELLA = "DELLA-Merging (Deep et al., 2024, arXiv:2406.11617)"
+_S = "loramerge.kernels.spherical:"
+_SEL = "loramerge.kernels.selective:"
+_REQUIRED_WEIGHT = Parameter("weight", per_input=True, help="the input's weight", dense_only=True, required=True)
+_IGNORED_WEIGHT = Parameter(
+    "weight", 1.0, per_input=True, help="accepted and ignored, as mergekit does", dense_only=True
+)
+_RAM = "RAM (Yuan et al., arXiv:2601.13572)"
+_RAM_EPSILON = Parameter("epsilon", 1e-5, help="changes this small do not count")
 
 _CATALOGUE: dict[str, Method] = {}
 
@@ -226,8 +237,43 @@ for _method in (
            parameters=(Parameter("filter_wise", False, help="one ratio per row instead of per tensor"),),
            adapters=False, min_inputs=2),
     Method("slerp", _K + "slerp", "Spherical interpolation (Shoemake, SIGGRAPH 1985)",
-           "spherical interpolation between two models", parameters=(Parameter("t", help="0: the base, 1: the other"),),
-           on_weights=True, adapters=False, min_inputs=2, max_inputs=2),
+           "spherical interpolation between two models",
+           parameters=(Parameter("t", help="0: the base, 1: the other", required=True),),
+           on_weights=True, base_first=True, adapters=False, min_inputs=2, max_inputs=2),
+    Method("nuslerp", _S + "nuslerp", "mergekit's NuSLERP (Shoemake's slerp, SIGGRAPH 1985, with weights)",
+           "slerp of two models (or their task vectors) at t = w_1 / (w_0 + w_1)",
+           parameters=(_REQUIRED_WEIGHT,
+                       Parameter("nuslerp_flatten", True, help="one vector per tensor (else per row or column)"),
+                       Parameter("nuslerp_row_wise", False, help="unflattened: vectors along the first dimension")),
+           base_optional=True, adapters=False, min_inputs=2, max_inputs=2),
+    Method("multislerp", _S + "multislerp", "mergekit's Multi-SLERP (C. Goddard)",
+           "the weighted mean direction on the sphere, at the weighted mean norm",
+           parameters=(_REQUIRED_WEIGHT, Parameter("normalize_weights", True, help="divide the weights by their sum"),
+                       Parameter("eps", 1e-8, help="numerical floor")),
+           base_optional=True, adapters=False),
+    Method("karcher", _S + "karcher", "Karcher mean (Karcher 1977; Wang et al., arXiv:2603.04972)",
+           "the Riemannian mean of the directions, at the mean norm (the base counts as an input)",
+           parameters=(_IGNORED_WEIGHT, Parameter("max_iter", 10, help="fixed-point iterations"),
+                       Parameter("tol", 1e-5, help="convergence and zero-norm tolerance")),
+           on_weights=True, adapters=False),
+    Method("sce", _SEL + "sce", "SCE, FuseChat (Wan et al., arXiv:2408.07990)",
+           "select the most varying entries, weight models by their squared change, erase minority signs",
+           parameters=(_IGNORED_WEIGHT, Parameter("select_topk", 1.0, help="fraction of varying entries kept"),
+                       Parameter("int8_mask", False, help="mergekit's memory option; no effect on the result",
+                                 dense_only=True)), adapters=False),
+    Method("nearswap", _SEL + "nearswap", "NearSwap (mergekit; alchemonaut/QuartetAnemoi-70B)",
+           "entries move from the base to the other model where the two are within t",
+           parameters=(Parameter("t", help="the distance under which an entry is swapped", required=True),),
+           on_weights=True, base_first=True, piecewise=True, adapters=False, min_inputs=2, max_inputs=2),
+    Method("arcee_fusion", _SEL + "arcee_fusion", "Arcee Fusion (mergekit v0.1, Arcee AI)",
+           "the other model's changes whose size × row KL divergence passes the Tukey fence",
+           on_weights=True, base_first=True, adapters=False, min_inputs=2, max_inputs=2),
+    Method("ram", _SEL + "ram", _RAM, "the mean of shared changes, unique changes kept",
+           parameters=(_IGNORED_WEIGHT, _RAM_EPSILON), piecewise=True, adapters=False),
+    Method("ramplus_tl", _SEL + "ramplus_tl", _RAM + ", RAM+ tensor-local",
+           "RAM with each model's unique changes scaled up by its overlap",
+           parameters=(_IGNORED_WEIGHT, Parameter("r", 0.1, help="strength of the unique-change boost"),
+                       Parameter("alpha", 0.2, help="cap of the overlap ratio"), _RAM_EPSILON), adapters=False),
     Method("passthrough", _K + "passthrough", "mergekit's passthrough (layer stacking)", "one input copied",
            parameters=(Parameter("scale", per_input=True, help="multiply the copied tensor"),), linear=True,
            piecewise=True, on_weights=True, adapters=False, max_inputs=1),

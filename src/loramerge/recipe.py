@@ -51,6 +51,20 @@ class Slice(Strict):
     parameters: Parameters | None = None
 
 
+class TokenizerSettings(Strict):
+    """mergekit's ``tokenizer:`` block: the vocabulary of the output (per-token overrides are refused)."""
+
+    source: str = "union"  # union, base, or a model of the recipe
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+    tokens: dict[str, object] | None = None
+
+    @model_validator(mode="after")
+    def _no_overrides(self) -> TokenizerSettings:
+        if self.tokens:
+            raise ValueError("per-token overrides (tokenizer.tokens) are not supported; leave them out")
+        return self
+
+
 class AdapterEntry(Strict):
     adapter: str
     weight: float = 1.0
@@ -84,6 +98,7 @@ class Recipe(Strict):
     dtype: Dtype | None = None
     out_dtype: Dtype | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None
     chat_template: str | None = None
     output: Output | None = None
     evaluate: Evaluate | None = None
@@ -93,8 +108,10 @@ class Recipe(Strict):
         given = [key for key in ("models", "slices", "adapters") if getattr(self, key)]
         if len(given) != 1:
             raise ValueError(f"give exactly one of models, slices or adapters (got {', '.join(given) or 'none'})")
-        if self.adapters and (self.base_model or self.tokenizer_source or self.chat_template):
-            raise ValueError("adapter recipes take no base_model, tokenizer_source or chat_template")
+        if self.adapters and (self.base_model or self.tokenizer_source or self.tokenizer or self.chat_template):
+            raise ValueError("adapter recipes take no base_model, tokenizer_source, tokenizer or chat_template")
+        if self.tokenizer_source and self.tokenizer:
+            raise ValueError("give tokenizer_source or a tokenizer block, not both")
         if not self.adapters and self.output and (self.output.format == "adapter" or self.output.base):
             raise ValueError("a dense recipe writes a full model; use `loramerge extract` for an adapter of it")
         return self

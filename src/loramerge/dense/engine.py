@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from loramerge.adapters.checks import check_finite
-from loramerge.dense.plan import CheckpointPlan, TensorPlan, on_deltas, plan_checkpoint_merge
+from loramerge.dense.plan import CheckpointPlan, TensorPlan, plan_checkpoint_merge
+from loramerge.dense.vocabulary import align_rows, read_tokenizer, tokenizer_json
 from loramerge.errors import BadInput
 from loramerge.io.atomic import check_output_target
 from loramerge.io.layers import is_vocabulary_tensor
@@ -49,26 +50,38 @@ def _read(plan: CheckpointPlan, ref: str, name: str, rows: int, device: str) -> 
 def _kernel_params(plan: CheckpointPlan, tensor: TensorPlan) -> dict[str, object]:
     spec = plan.spec
     params = dict(tensor.shared)
-    for key in ("density", "gamma", "epsilon"):
-        if key in spec.params:
-            params[key] = [float(p[key]) for p in tensor.per_input]
-    if spec.name == "passthrough":
-        params["scale"] = tensor.per_input[0].get("scale")
+    for key in spec.per_input_parameters:  # the weights are the kernel's own argument
+        if key != "weight" and key in spec.params:
+            params[key] = [p.get(key) for p in tensor.per_input]
     return params
+
+
+def _aligned(plan: CheckpointPlan, tensor: TensorPlan, device: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """A vocabulary tensor's base and inputs re-indexed to the merged vocabulary (the recipe's base model
+    lends its rows to tokens a model lacks, even where it is not an input)."""
+    pairs = [*tensor.inputs, *([tensor.base] if tensor.base else [])]
+    if plan.base is not None and plan.base not in {ref for ref, _ in pairs}:
+        pairs.append((plan.base, tensor.output))
+    raw = {ref: _read(plan, ref, name, 1 << 62, "cpu") for ref, name in pairs}
+    aligned = {ref: matrix.to(device) for ref, matrix in align_rows(plan.vocabulary, raw, plan.base).items()}
+    return (aligned[tensor.base[0]] if tensor.base else None), [aligned[ref] for ref, _ in tensor.inputs]
 
 
 def merge_tensor(plan: CheckpointPlan, tensor: TensorPlan, seed: int, device: str = "cpu") -> torch.Tensor:
     """One output tensor, in the output dtype, from its inputs and parameters."""
     rows = tensor.shape[0] if tensor.shape else 0
-    base = _read(plan, *tensor.base, rows, device) if tensor.base else None
-    inputs = [_read(plan, ref, name, rows, device) for ref, name in tensor.inputs]
+    if plan.vocabulary is not None and is_vocabulary_tensor(tensor.output):
+        base, inputs = _aligned(plan, tensor, device)
+    else:
+        base = _read(plan, *tensor.base, rows, device) if tensor.base else None
+        inputs = [_read(plan, ref, name, rows, device) for ref, name in tensor.inputs]
     if any(tuple(x.shape) != tensor.shape for x in inputs + ([base] if base is not None else [])):
         detail = ", ".join(f"{ref}: {tuple(x.shape)}" for (ref, _), x in zip(tensor.inputs, inputs, strict=True))
         raise BadInput(f"tensor {tensor.output}: shapes differ ({detail}; expected {tensor.shape})")
     spec, params = plan.spec, _kernel_params(plan, tensor)
     weights = torch.tensor([float(p.get("weight", 1.0)) for p in tensor.per_input], device=device)
     scale = float(tensor.shared.get("lambda", 1.0))
-    deltas = on_deltas(spec)
+    deltas = tensor.base is not None
 
     buffer: torch.Tensor | None = None
 
@@ -107,6 +120,8 @@ def _task(x: torch.Tensor, base: torch.Tensor | None, deltas: bool) -> torch.Ten
 
 
 def _side_file_source(plan: CheckpointPlan) -> Path:
+    if plan.vocabulary is not None:  # the core's files; its tokenizer.json is then replaced by the merged one
+        return plan.sources[plan.vocabulary.core].checkpoint.folder
     choice = plan.recipe.tokenizer_source
     if choice in (None, "base"):
         return plan.sources[plan.reference].checkpoint.folder
@@ -144,6 +159,10 @@ def write_checkpoint(
         folder.side_files(side_files)
         config = plan.sources[plan.reference].config
         updates = {"num_hidden_layers": plan.output_layers} if "num_hidden_layers" in config else {}
+        if plan.vocabulary is not None:
+            core = plan.sources[plan.vocabulary.core].checkpoint.folder
+            folder.text("tokenizer.json", tokenizer_json(plan.vocabulary, read_tokenizer(plan.vocabulary.core, core)))
+            updates["vocab_size"] = plan.vocabulary.padded_size
         if plan.recipe.out_dtype or plan.recipe.dtype:
             updates["dtype"] = plan.recipe.out_dtype or plan.recipe.dtype
         folder.model_config(config, **updates)

@@ -19,6 +19,7 @@ from loramerge.adapters.options import DTYPES
 from loramerge.catalogue import dense_methods
 from loramerge.dense.parameters import resolve
 from loramerge.dense.sources import ModelSource, open_source
+from loramerge.dense.vocabulary import Vocabulary, build_vocabulary, read_tokenizer
 from loramerge.errors import BadInput
 from loramerge.io.layers import count_layers, is_post_layer, is_vocabulary_tensor, layer_group, layer_index, with_layer
 from loramerge.io.model_card import DenseRecord
@@ -27,9 +28,9 @@ from loramerge.kernels.registry import mergekit_params
 from loramerge.recipe import Parameters, Recipe
 
 
-def on_deltas(spec: KernelSpec) -> bool:
+def on_deltas(spec: KernelSpec, base: str | None) -> bool:
     """Whether the method merges task vectors (model minus base) rather than the models' own tensors."""
-    return not spec.on_weights
+    return not spec.on_weights and (base is not None or not spec.base_optional)
 
 
 def _parameter_defaults(spec: KernelSpec) -> dict[str, object]:
@@ -96,6 +97,7 @@ class CheckpointPlan:
     output_layers: int
     warnings: list[str] = field(default_factory=list)
     allow_nonfinite: bool = False  # else a NaN or Inf in any input tensor stops the merge, naming it
+    vocabulary: Vocabulary | None = None  # tokenizer_source union/base/model: vocabulary rows aligned by token
 
     def describe(self) -> list[str]:
         """One line per tensor group (layer index as ``*``): count, inputs, parameters over the layers."""
@@ -189,12 +191,12 @@ def _check_method(recipe: Recipe, spec: KernelSpec, slices) -> None:
     for i, piece in enumerate(slices):
         where = "models" if recipe.models else f"slices[{i}]"
         refs, base = [s.ref for s in piece.sources], piece.base
-        needs_base = on_deltas(spec) or spec.name == "slerp"
+        needs_base = spec.base_first or not (spec.on_weights or spec.base_optional)
         if needs_base and not base:
             raise BadInput(f"base_model: merge_method {spec.name} needs a base_model")
         if needs_base and base not in refs and recipe.slices:
             raise BadInput(f"{where}.sources: the base_model {base} must be one of the sources")
-        inputs = len(refs) - (1 if on_deltas(spec) and base in refs else 0)
+        inputs = len(refs) - (1 if on_deltas(spec, base) and base in refs else 0)
         if inputs < spec.min_inputs or (spec.max_inputs is not None and inputs > spec.max_inputs):
             most = spec.max_inputs if spec.max_inputs is not None else "any"
             raise BadInput(f"{where}: {spec.name} takes {spec.min_inputs} to {most} inputs, got {inputs}")
@@ -235,27 +237,33 @@ def _plan_tensor(
         value = resolve(key, piece.scopes(recipe), output, t, defaults[key])
         if value is not None:
             shared[key] = value
-    if spec.name == "slerp" and "t" not in shared:
-        raise BadInput(f"tensor {output}: slerp needs parameter t")
+    required = {parameter.name for parameter in spec.parameters if parameter.required}
+    for key in sorted(required - set(shared) - set(spec.per_input_parameters)):
+        raise BadInput(f"tensor {output}: {spec.name} needs parameter {key}")
     base = piece.base
+    deltas = on_deltas(spec, base)
     inputs, per_input = [], []
     base_input = None
     for source in piece.sources:
         name = name_for(source)
-        if on_deltas(spec) and source.ref == base:
+        if deltas and source.ref == base:
             base_input = (source.ref, name)
             continue
+        own = {key: resolve(key, piece.scopes(recipe, source), name, t, defaults[key])
+               for key in spec.per_input_parameters}  # fmt: skip
+        for key in sorted(required & {k for k, v in own.items() if v is None}):
+            raise BadInput(f"{source.where}: {spec.name} needs parameter {key} for model {source.ref}")
         inputs.append((source.ref, name))
-        per_input.append({key: resolve(key, piece.scopes(recipe, source), name, t, defaults[key])
-                          for key in spec.per_input_parameters})  # fmt: skip
-    if on_deltas(spec) and base_input is None:
+        per_input.append(own)
+    if deltas and base_input is None:
         base_input = (base, name_for(Source(base, piece.sources[0].layers, None, "base_model")))
     for (ref, _), params in zip(inputs, per_input, strict=True):
         _check_fractions(output, ref, params)
     divides_by_sum = bool(shared.get("normalize")) and not spec.consensus  # consensus divides per entry
     _check_weights(output, [params.get("weight") for params in per_input], divides_by_sum)
-    if spec.name == "slerp":  # the base first: t = 0 is the base, t = 1 the other model
-        inputs.sort(key=lambda item: item[0] != base)
+    if spec.base_first:  # slerp: t = 0 is the base; nearswap, arcee_fusion: the base and the other model
+        order = sorted(range(len(inputs)), key=lambda i: inputs[i][0] != base)
+        inputs, per_input = [inputs[i] for i in order], [per_input[i] for i in order]
     return TensorPlan(output, inputs, base_input, per_input, {**shared, **_kernel_params(spec, shared)}, t)
 
 
@@ -285,19 +293,44 @@ def plan_checkpoint_merge(recipe: Recipe, allow_nonfinite: bool = False) -> Chec
                 tensors.append(_plan_tensor(with_layer(name, out_layer), in_layer, piece, recipe, t, spec))
             out_layer += 1
     tensors += [_plan_tensor(n, lambda s, n=n: n, slices[-1], recipe, 0.0, spec) for n in non_layer if is_post_layer(n)]
-    _set_layouts(recipe, sources, reference, tensors)
+    vocabulary = _vocabulary(recipe, sources, reference)
+    _set_layouts(recipe, sources, reference, tensors, vocabulary)
     return CheckpointPlan(recipe, spec, sources, tensors, recipe.base_model, reference, out_layer,
-                          allow_nonfinite=allow_nonfinite)  # fmt: skip
+                          allow_nonfinite=allow_nonfinite, vocabulary=vocabulary)  # fmt: skip
 
 
-def _set_layouts(recipe: Recipe, sources: dict[str, ModelSource], reference: str, tensors: list[TensorPlan]) -> None:
+def _vocabulary(recipe: Recipe, sources: dict[str, ModelSource], reference: str) -> Vocabulary | None:
+    """mergekit's vocabulary alignment, when the recipe asks for it: ``union`` always; ``base`` or a model
+    of the recipe when every model has a tokenizer.json (else the core's rows are kept, as before)."""
+    settings = recipe.tokenizer
+    choice = settings.source if settings else recipe.tokenizer_source
+    if choice is None or (choice not in ("union", "base") and choice not in sources):
+        return None  # the reference's tokenizer (or a folder's) is copied, vocabulary rows cut to its size
+    lacking = any(not (source.checkpoint.folder / "tokenizer.json").is_file() for source in sources.values())
+    if choice != "union" and settings is None and lacking:
+        return None
+    core = choice if choice in sources else reference
+    tokenizers = {ref: read_tokenizer(ref, source.checkpoint.folder) for ref, source in sources.items()}
+    return build_vocabulary(tokenizers, core, choice == "union", settings.pad_to_multiple_of if settings else None)
+
+
+def _set_layouts(
+    recipe: Recipe,
+    sources: dict[str, ModelSource],
+    reference: str,
+    tensors: list[TensorPlan],
+    vocabulary: Vocabulary | None,
+) -> None:
     """Output shape and dtype of every tensor, from file headers only: vocabulary tensors take the
-    reference model's rows; the dtype is ``out_dtype``, else ``dtype``, else the inputs'."""
+    aligned vocabulary's rows, else the reference model's; the dtype is ``out_dtype``, else ``dtype``,
+    else the inputs'."""
     chosen = recipe.out_dtype or recipe.dtype
     for tensor in tensors:
         ref, name = tensor.base or tensor.inputs[0]
         shape, dtype = sources[ref].checkpoint.layout(name)
-        if is_vocabulary_tensor(tensor.output) and tensor.output in sources[reference].checkpoint.files:
+        if vocabulary is not None and is_vocabulary_tensor(tensor.output):
+            shape = (vocabulary.padded_size, *shape[1:])
+        elif is_vocabulary_tensor(tensor.output) and tensor.output in sources[reference].checkpoint.files:
             rows = sources[reference].checkpoint.layout(tensor.output)[0][0]
             shape = (min(rows, shape[0]), *shape[1:])
         tensor.shape, tensor.dtype = shape, DTYPES[chosen] if chosen else dtype

@@ -119,3 +119,27 @@ Mean captured energy ‖ΔK‖²/‖Δ‖²: {mean:.4f} (lowest {min(energy.valu
 Load it with `PeftModel.from_pretrained(base, this_folder)` on `{base_ref}`.
 """
     return str(ModelCard(content))
+
+
+def moe_model_card(base_ref: str, experts: list[str], gate_mode: str, config_yaml: str) -> str:
+    data = ModelCardData(base_model=base_ref, library_name="transformers", tags=["moe", "merge", "loramerge"])
+    listed = "\n".join(f"{i}. `{ref}`" for i, ref in enumerate(experts))
+    content = f"""---
+{data.to_yaml()}
+---
+
+# Mixture of experts
+
+Built with [loramerge](https://github.com/loramerge/loramerge) `moe` from a mergekit-moe config:
+attention, norms and embeddings of `{base_ref}`, one expert MLP per model, routers from
+`gate_mode: {gate_mode}`. Experts:
+
+{listed}
+
+Load it with `AutoModelForCausalLM.from_pretrained(this_folder)` (Mixtral architecture).
+
+```yaml
+{config_yaml.rstrip()}
+```
+"""
+    return str(ModelCard(content))

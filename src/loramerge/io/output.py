@@ -47,6 +47,10 @@ class OutputFolder:
         """The tokenizer files and generation config that exist in ``source``."""
         return copy_side_files(source, self.staging)
 
+    def tokenizer(self, tokenizer: Any) -> None:
+        """A transformers tokenizer, with ``save_pretrained``."""
+        tokenizer.save_pretrained(self.staging)
+
     def chat_template(self, template: str) -> None:
         write_chat_template(self.staging, template)
 

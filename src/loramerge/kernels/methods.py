@@ -230,6 +230,9 @@ def slerp(tasks: torch.Tensor, weights: torch.Tensor, *, t: float, dot_threshold
     return result.reshape(tasks[0].shape)
 
 
-def passthrough(tasks: torch.Tensor, weights: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+def passthrough(
+    tasks: torch.Tensor, weights: torch.Tensor, *, scale: float | Sequence[float | None] | None = None
+) -> torch.Tensor:
     """One input copied (optionally scaled): the building block of layer stacking ("frankenmerges")."""
-    return tasks[0] if scale is None else tasks[0] * scale
+    own = scale if scale is None or isinstance(scale, (int, float)) else scale[0]
+    return tasks[0] if own is None else tasks[0] * own

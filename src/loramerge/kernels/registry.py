@@ -93,11 +93,11 @@ def runs_by_rows(spec: KernelSpec, params: dict[str, object]) -> bool:
     return spec.piecewise and params.get("rescale", "none") == "none"
 
 
-def input_params(params: dict[str, object], index: int) -> dict[str, float]:
-    """Input ``index``'s own values of the per-input parameters (given once or once per input)."""
+def input_params(spec: KernelSpec, params: dict[str, object], index: int) -> dict[str, float]:
+    """Input ``index``'s own values of the method's per-input parameters (given once or once per input)."""
     values = {}
-    for key in ("density", "gamma", "epsilon"):
-        if key in params:
+    for key in spec.per_input_parameters:
+        if key in params and key != "weight":
             value = params[key]
             values[key] = float(value if isinstance(value, (int, float)) else value[index])  # type: ignore[index]
     return values
@@ -109,7 +109,7 @@ def with_cutoffs(spec: KernelSpec, params: dict[str, object], tasks: Iterable[to
     if spec.cutoff is None:
         return params
     given = {**spec.kernel_defaults, **params}
-    return {**params, "cutoffs": [spec.cutoff_fn(task, input_params(given, i)) for i, task in enumerate(tasks)]}
+    return {**params, "cutoffs": [spec.cutoff_fn(task, input_params(spec, given, i)) for i, task in enumerate(tasks)]}
 
 
 def run_kernel(

@@ -10,7 +10,7 @@ The authors' release sums the pruned factors, ``(Σ_i c_i ⊙ B̃_i)(Σ_j Ã_j)`
 ``A`` (one initialisation that training barely moved). Here each task keeps its own product,
 ``α Σ_i w_i (c_i ⊙ B̃_i) Ã_i``, exact for adapters of any ranks and initialisations, and the same as the
 authors' merge when the ``A``'s are shared (tests/test_robustmerge.py checks both). ``α = 4`` is their
-fuse coefficient, 2 on each factor; the default ``α = 1`` makes weights of 1 mean a sum, as for every
+fuse coefficient, 2 on each factor; the catalogue's default ``α = 1`` makes weights of 1 mean a sum, as for every
 other method (the quality benchmark measured α = 4 far too strong for independently trained adapters).
 """
 
@@ -59,9 +59,9 @@ def robust_merge(
     weights: Sequence[float],
     *,
     rank: int | None = None,
-    density: float = 0.2,
-    floor: float = 0.8,
-    alpha: float = 1.0,
+    density: float,
+    floor: float,
+    alpha: float,
 ) -> LowRank:
     """The ``robustmerge`` method: ``α Σ_i w_i (c_i ⊙ B̃_i) Ã_i`` as concatenated factors (rank Σ r_i),
     truncated only when ``rank`` is smaller."""

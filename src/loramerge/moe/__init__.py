@@ -1,0 +1,1 @@
+"""Mixture of experts from dense models or ``model+adapter`` references, from mergekit-moe configs."""
