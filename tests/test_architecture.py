@@ -85,6 +85,7 @@ MAY_IMPORT = {  # package -> the packages it may use (docs/architecture.md); the
     "dense": {"adapters", "folding", "kernels", "lowrank", "io"},
     "evaluate": {"io"},
     "moe": {"adapters", "dense", "io"},
+    "train": {"evaluate", "io"},
     "workflows": {"adapters", "dense", "folding", "evaluate", "io"},
 }  # fmt: skip
 

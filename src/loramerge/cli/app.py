@@ -11,7 +11,7 @@ import warnings
 
 import typer
 
-from loramerge.cli import eval_cmd, fold_cmd, inspect_cmd, merge_cmd, moe_cmd, run_cmd
+from loramerge.cli import eval_cmd, finetune_cmd, fold_cmd, inspect_cmd, merge_cmd, moe_cmd, run_cmd
 from loramerge.cli.present import set_debug
 
 app = typer.Typer(
@@ -30,6 +30,7 @@ def _global(debug: bool = typer.Option(False, "--debug", help="Show tracebacks o
 app.command("merge")(merge_cmd.merge)
 app.command("run")(run_cmd.run)
 app.command("moe")(moe_cmd.moe)
+app.command("finetune")(finetune_cmd.finetune)
 app.command("fold")(fold_cmd.fold_command)
 app.command("extract")(fold_cmd.extract_command)
 app.command("inspect")(inspect_cmd.inspect)
@@ -41,4 +42,6 @@ def main() -> None:
     # bitsandbytes warns on import that an optional CPU speed-up package is missing; it changes no result
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecations, not results
+    # PEFT looks for a config.json beside a GGUF base reference when saving; the vocabulary is unchanged
+    warnings.filterwarnings("ignore", message="Could not find a config file", module="peft")
     app()

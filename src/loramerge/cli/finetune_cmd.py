@@ -1,0 +1,49 @@
+"""``loramerge finetune``: continue training a (merged) LoRA adapter on a few examples."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from loramerge.cli.present import out, progress_bar, reports_errors
+
+
+@reports_errors
+def finetune(
+    adapter: Path = typer.Argument(..., help="The LoRA adapter to train further (a merged one, say)."),
+    base: str = typer.Option(None, help="Its base model (default: the adapter's base_model_name_or_path)."),
+    data: list[Path] = typer.Option(..., "--data", help="Training file (repeatable: the files are mixed)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder to write the trained adapter to."),
+    prompt_field: str = typer.Option("prompt", help="The prompt column of the data."),
+    completion_field: str = typer.Option("completion", help="The completion column of the data."),
+    max_samples: int = typer.Option(None, help="At most this many examples from each file."),
+    steps: int = typer.Option(100, help="Optimizer steps."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, warm-up, cosine decay)."),
+    batch_size: int = typer.Option(16, help="Examples per step."),
+    seed: int = typer.Option(0, help="Seed of the shuffling and of the training."),
+    device: str = typer.Option("cpu", help="cpu | cuda."),
+    load_in_4bit: bool = typer.Option(False, help="Quantize the base to nf4 at load (QLoRA-style)."),
+    force: bool = typer.Option(False, help="Replace an existing output folder."),
+) -> None:
+    """Train a LoRA adapter further with PEFT on a little data (labels on the completions only)."""
+    from loramerge.adapters.files import load_adapter
+    from loramerge.errors import BadInput
+    from loramerge.evaluate.data import load_samples
+    from loramerge.train.finetune import FinetuneOptions, mixed
+    from loramerge.train.finetune import finetune as run_finetune
+
+    options = FinetuneOptions(steps=steps, learning_rate=lr, batch_size=batch_size, seed=seed, device=device,
+                              load_in_4bit=load_in_4bit)  # fmt: skip
+    base = base or load_adapter(adapter).base_model
+    if not base:
+        raise BadInput(f"adapter {adapter}: it names no base model; give --base")
+    sets = [load_samples(path, prompt_field=prompt_field, completion_field=completion_field, max_samples=max_samples)
+            for path in data]  # fmt: skip
+    samples = mixed(sets, seed)
+    started = time.perf_counter()
+    with progress_bar(steps, label="training") as update:
+        target, losses = run_finetune(str(adapter), base, samples, output, options, force=force, progress=update)
+    out.print(f"{steps} steps on {len(samples)} examples from {len(data)} files, loss {losses[0]:.4f} -> "
+              f"{losses[-1]:.4f}, in {time.perf_counter() - started:.1f} s -> {target.absolute()}")  # fmt: skip

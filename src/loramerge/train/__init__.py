@@ -1,0 +1,1 @@
+"""Steps after a merge: continue training a (merged) LoRA adapter on a little data."""

@@ -1,0 +1,135 @@
+"""Continue training a LoRA adapter with PEFT and transformers' ``Trainer`` on a few examples (several
+files mixed), as users "heal" a merge: labels on the completion and end-of-sequence tokens only (prompt
+and completion tokenized apart, exactly as ``loramerge eval`` scores them), AdamW with warm-up and
+cosine decay, a seed; the adapter keeps its ranks and target modules."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from loramerge.errors import BadInput
+from loramerge.evaluate.data import Sample
+from loramerge.evaluate.models import load_model
+from loramerge.io.atomic import check_output_target
+from loramerge.io.output import output_folder
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    steps: int = 100
+    learning_rate: float = 1e-3
+    batch_size: int = 16
+    seed: int = 0
+    warmup_ratio: float = 0.1  # transformers 5: a float below 1 in `warmup_steps` is a fraction of the steps
+    load_in_4bit: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or not self.learning_rate > 0:
+            raise BadInput("`steps`, `batch_size` and `learning_rate` must be positive")
+
+
+def completion_examples(tokenizer, samples: Sequence[Sample]) -> list[dict[str, list[int]]]:
+    """Token ids with labels on the completion and the end-of-sequence token (-100 on the prompt)."""
+    examples = []
+    for sample in samples:
+        if not sample.prompt:
+            raise BadInput("finetune needs prompt/completion pairs (give `prompt_field` and `completion_field`)")
+        prompt = tokenizer(sample.prompt)["input_ids"]
+        answer = tokenizer(sample.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        examples.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    return examples
+
+
+def mixed(sets: Sequence[Sequence[Sample]], seed: int) -> list[Sample]:
+    """Every file's samples in one list, shuffled with ``seed``."""
+    rows = [sample for samples in sets for sample in samples]
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def finetune(
+    adapter: str,
+    base: str,
+    samples: Sequence[Sample],
+    output: str | Path,
+    options: FinetuneOptions = FinetuneOptions(),
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> tuple[Path, list[float]]:
+    """Train ``adapter`` (on ``base``) for ``options.steps`` steps on ``samples``; write the result to
+    ``output`` atomically. Returns the output folder and the training loss at each step."""
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        set_seed,
+    )
+
+    target = check_output_target(Path(output), force, [Path(adapter)])
+    if not samples:
+        raise BadInput("finetune: the data holds no examples")
+    set_seed(options.seed)
+    model, tokenizer = load_model(base, load_in_4bit=options.load_in_4bit, device=options.device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise BadInput(f"adapter {adapter}: cannot load it on {base} ({str(error).splitlines()[0]})") from error
+    losses: list[float] = []
+
+    class Report(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+                if progress is not None:
+                    progress(state.global_step, options.steps, f"loss {logs['loss']:.4f}")
+
+    with tempfile.TemporaryDirectory(prefix="loramerge-finetune-") as scratch:
+        arguments = TrainingArguments(
+            output_dir=scratch, max_steps=options.steps, per_device_train_batch_size=options.batch_size,
+            learning_rate=options.learning_rate, lr_scheduler_type="cosine", warmup_steps=options.warmup_ratio,
+            weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[],
+            seed=options.seed, data_seed=options.seed, use_cpu=options.device == "cpu", disable_tqdm=True,
+            dataloader_num_workers=0, remove_unused_columns=False,
+        )  # fmt: skip
+        trainer = Trainer(
+            model=model, args=arguments, train_dataset=Dataset.from_list(completion_examples(tokenizer, samples)),
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+            callbacks=[Report()],
+        )  # fmt: skip
+        trainer.remove_callback(PrinterCallback)  # the library never prints; the progress callback reports
+        trainer.train()
+    model.eval()
+    with output_folder(target, force=force) as folder:
+        model.save_pretrained(folder.staging)
+        folder.card(_card(adapter, base, len(samples), options, losses))
+    return target, losses
+
+
+def _card(adapter: str, base: str, count: int, options: FinetuneOptions, losses: list[float]) -> str:
+    """The input adapter's card (its merge record, say) under a section recording the fine-tune."""
+    from huggingface_hub import ModelCard
+
+    source = Path(adapter) / "README.md"
+    card = ModelCard.load(source) if source.is_file() else ModelCard("")
+    first, last = (f"{losses[0]:.4f}", f"{losses[-1]:.4f}") if losses else ("-", "-")
+    card.text = (
+        f"# Fine-tuned LoRA adapter\n\n`{adapter}` (on `{base}`) trained further by loramerge `finetune`: "
+        f"{options.steps} steps of AdamW (learning rate {options.learning_rate:g}, cosine decay, warm-up "
+        f"{options.warmup_ratio:g}), batches of {options.batch_size} from {count} examples, seed {options.seed}; "
+        f"training loss {first} -> {last}.\n\n## The adapter before fine-tuning\n\n{card.text}"
+    )
+    return str(card)

@@ -1,0 +1,76 @@
+"""``loramerge finetune``: a real PEFT adapter on a tiny Llama trained further on two mixed files; the
+result loads with PEFT, learnt (its loss fell), keeps its ranks, is reproducible, and records the run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cli_helpers import assert_clean_failure, run
+from conftest import build_adapter
+from dense_helpers import WORDS, save_llama, save_tokenizer
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    base = save_llama(root / "base", 0)
+    save_tokenizer(base)
+    adapter = build_adapter(base, root / "adapter", seed=3, r=4)
+    words = WORDS[3:]
+    # two skills a random tiny model can learn in a few steps: a fixed answer per file
+    first = write_jsonl(root / "a.jsonl", [{"prompt": f"{words[i]} {words[i + 1]}", "completion": "w50"}
+                                          for i in range(0, 40, 2)])  # fmt: skip
+    second = write_jsonl(root / "b.jsonl", [{"prompt": words[i], "completion": "w60 w61"} for i in range(60, 80)])
+    return root, base, adapter, [first, second]
+
+
+def finetune(setup, out: Path, *extra):
+    _, base, adapter, data = setup
+    args = ["finetune", adapter, "--base", base, "-o", out, "--steps", "40", "--lr", "1e-2", "--batch-size", "8"]
+    for path in data:
+        args += ["--data", path]
+    return run(*args, *extra)
+
+
+def test_finetune_learns_and_writes_a_peft_adapter(setup, tmp_path):
+    _, base, adapter, _ = setup
+    result = finetune(setup, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    losses = [float(x) for x in result.output.split("loss ")[1].split(",")[0].split(" -> ")]
+    assert losses[1] < 0.9 * losses[0]  # it learnt (a random tiny model learns slowly; the demo run is in the README)
+    before, after = (
+        load_file(adapter / "adapter_model.safetensors"),
+        load_file(tmp_path / "out" / "adapter_model.safetensors"),
+    )
+    assert sorted(before) == sorted(after)  # same modules and ranks
+    assert all(before[k].shape == after[k].shape for k in before)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "40 steps of AdamW" in card and "The adapter before fine-tuning" in card
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "out")
+    assert model(torch.tensor([[3, 4, 5]])).logits.shape == (1, 3, 128)
+    again = finetune(setup, tmp_path / "again")
+    assert again.exit_code == 0
+    repeat = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert all(torch.equal(after[k], repeat[k]) for k in after)  # same seed, same adapter
+
+
+def test_bad_finetune_inputs_are_one_line(setup, tmp_path):
+    root, base, adapter, _ = setup
+    missing = run("finetune", adapter, "--base", base, "--data", root / "nope.jsonl", "-o", tmp_path / "out")
+    assert_clean_failure(missing, "no such file", tmp_path / "out")
+    steps = finetune(setup, tmp_path / "out2", "--steps", "0")
+    assert_clean_failure(steps, "must be positive", tmp_path / "out2")
