@@ -83,8 +83,7 @@ class MergeOptions(BaseModel):
     def module_params(self) -> dict[str, object]:
         """A module-level method's keywords: the catalogue's defaults, the density, the given parameters."""
         method = catalogue.get(self.method)
-        given = {"density": self.effective_density, **self.params}
-        return {**method.kernel_defaults, **{k: v for k, v in given.items() if k in method.params}}
+        return {**method.kernel_defaults, **{k: v for k, v in self.kernel_params.items() if k in method.params}}
 
     @property
     def uses_density(self) -> bool:

@@ -15,7 +15,7 @@ import yaml
 
 from loramerge.adapters.checks import check_finite
 from loramerge.dense.plan import CheckpointPlan, TensorPlan, plan_checkpoint_merge
-from loramerge.dense.vocabulary import align_rows, read_tokenizer, tokenizer_json
+from loramerge.dense.vocabulary import align_rows
 from loramerge.errors import BadInput
 from loramerge.io.atomic import check_output_target
 from loramerge.io.layers import is_vocabulary_tensor
@@ -31,15 +31,16 @@ Progress = Callable[[int, int, str], None]
 DEFAULT_SHARD_SIZE = "5GB"
 
 
-def _read(plan: CheckpointPlan, ref: str, name: str, rows: int, device: str) -> torch.Tensor:
-    """An input tensor as stored (no float32 copy yet), vocabulary rows cut to the output's."""
+def _read(plan: CheckpointPlan, ref: str, name: str, rows: int | None, device: str) -> torch.Tensor:
+    """An input tensor as stored (no float32 copy yet), vocabulary rows cut to the output's ``rows``
+    (None: kept whole, for the vocabulary alignment)."""
     source = plan.sources[ref]
     if name not in source.checkpoint.files:
         raise BadInput(f"tensor {name}: missing from model {ref}")
     tensor = source.get(name)
     if not plan.allow_nonfinite:
         check_finite({name: tensor}, f"model {ref}")
-    if tensor.dim() and tensor.shape[0] > rows and is_vocabulary_tensor(name):
+    if rows is not None and tensor.dim() and tensor.shape[0] > rows and is_vocabulary_tensor(name):
         note = f"model {ref}: vocabulary rows of {name} cut from {tensor.shape[0]} to the base's {rows}"
         if note not in plan.warnings:
             plan.warnings.append(note)
@@ -62,7 +63,7 @@ def _aligned(plan: CheckpointPlan, tensor: TensorPlan, device: str) -> tuple[tor
     pairs = [*tensor.inputs, *([tensor.base] if tensor.base else [])]
     if plan.base is not None and plan.base not in {ref for ref, _ in pairs}:
         pairs.append((plan.base, tensor.output))
-    raw = {ref: _read(plan, ref, name, 1 << 62, "cpu") for ref, name in pairs}
+    raw = {ref: _read(plan, ref, name, None, "cpu") for ref, name in pairs}
     aligned = {ref: matrix.to(device) for ref, matrix in align_rows(plan.vocabulary, raw, plan.base).items()}
     return (aligned[tensor.base[0]] if tensor.base else None), [aligned[ref] for ref, _ in tensor.inputs]
 
@@ -160,8 +161,7 @@ def write_checkpoint(
         config = plan.sources[plan.reference].config
         updates = {"num_hidden_layers": plan.output_layers} if "num_hidden_layers" in config else {}
         if plan.vocabulary is not None:
-            core = plan.sources[plan.vocabulary.core].checkpoint.folder
-            folder.text("tokenizer.json", tokenizer_json(plan.vocabulary, read_tokenizer(plan.vocabulary.core, core)))
+            folder.text("tokenizer.json", plan.vocabulary.tokenizer_json)
             updates["vocab_size"] = plan.vocabulary.padded_size
         if plan.recipe.out_dtype or plan.recipe.dtype:
             updates["dtype"] = plan.recipe.out_dtype or plan.recipe.dtype

@@ -26,8 +26,8 @@ class Vocabulary:
     tokens: list[str]  # output id -> token
     ids: dict[str, dict[str, int]]  # model ref -> its token -> its row
     core: str  # the model whose tokenizer the output extends
-    appended: list[AddedToken]  # the tokens added to the core tokenizer, in output order
     padded_size: int  # rows of the output's vocabulary tensors
+    tokenizer_json: str  # the core tokenizer with the appended tokens: the output's tokenizer.json
 
     @property
     def size(self) -> int:
@@ -51,7 +51,8 @@ def _by_id(vocabulary: dict[str, int]) -> list[str]:
 def build_vocabulary(
     tokenizers: dict[str, Tokenizer], core: str, union: bool, pad_to_multiple_of: int | None = None
 ) -> Vocabulary:
-    """The output vocabulary: the core's tokens, then (``union``) every other model's missing tokens."""
+    """The output vocabulary: the core's tokens, then (``union``) every other model's missing tokens, added
+    to the core tokenizer (which this changes) for the output's tokenizer.json."""
     ids = {ref: tokenizer.get_vocab(with_added_tokens=True) for ref, tokenizer in tokenizers.items()}
     tokens = _by_id(ids[core])
     if sorted(ids[core].values()) != list(range(len(tokens))):
@@ -68,8 +69,12 @@ def build_vocabulary(
                     added = flags.get(token)
                     appended.append(AddedToken(token, special=added.special if added else False,
                                                normalized=added.normalized if added else False))  # fmt: skip
+    merged = tokenizers[core]
+    if appended and (merged.add_tokens(appended) != len(appended)
+                     or merged.get_vocab_size(with_added_tokens=True) != len(tokens)):  # fmt: skip
+        raise BadInput("tokenizer_source: union: the merged tokenizer did not take every appended token")
     multiple = pad_to_multiple_of or 1
-    return Vocabulary(tokens, ids, core, appended, math.ceil(len(tokens) / multiple) * multiple)
+    return Vocabulary(tokens, ids, core, math.ceil(len(tokens) / multiple) * multiple, merged.to_str(pretty=True))
 
 
 def align_rows(vocabulary: Vocabulary, matrices: dict[str, torch.Tensor], base: str | None) -> dict[str, torch.Tensor]:
@@ -96,12 +101,3 @@ def align_rows(vocabulary: Vocabulary, matrices: dict[str, torch.Tensor], base: 
             out[vocabulary.size :] = out[: vocabulary.size].mean(dim=0)
         aligned[ref] = out
     return aligned
-
-
-def tokenizer_json(vocabulary: Vocabulary, core: Tokenizer) -> str:
-    """The core tokenizer with the appended tokens, as the text of a ``tokenizer.json``."""
-    if vocabulary.appended:
-        added = core.add_tokens(list(vocabulary.appended))
-        if added != len(vocabulary.appended) or core.get_vocab_size(with_added_tokens=True) != vocabulary.size:
-            raise BadInput("tokenizer_source: union: the merged tokenizer did not take every appended token")
-    return core.to_str(pretty=True)

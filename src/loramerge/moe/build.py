@@ -55,12 +55,12 @@ def _check_experts(base: ModelSource, experts: list[ModelSource]) -> None:
                                f"the base's is {base.checkpoint.layout(name)[0]}")  # fmt: skip
 
 
-def _prompt_tokenizer(base_ref: str):
+def _base_tokenizer(model_folder: Path):
+    """The base's tokenizer with pad = BOS (EOS without one): mergekit-moe pads prompts with it and saves it."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(split_reference(base_ref)[0]))
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
     tokenizer.pad_token = tokenizer.bos_token or tokenizer.eos_token
-    tokenizer.padding_side = "left"
     return tokenizer
 
 
@@ -80,14 +80,13 @@ def _left_padded(tokenizer, prompts: list[str], device: str) -> dict[str, torch.
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def _hidden_routers(config: MoeConfig, layers: int, device: str) -> list[torch.Tensor]:
+def _hidden_routers(config: MoeConfig, tokenizer, layers: int, device: str) -> list[torch.Tensor]:
     """Per layer, each expert's prompt direction in the base's residual stream (bfloat16, as mergekit)."""
     from transformers import AutoModelForCausalLM
 
     model_ref, adapter = split_reference(config.base_model)
     if adapter:
         raise BadInput(f"base_model: gate_mode {config.gate_mode} runs the base model, which cannot be a model+adapter")
-    tokenizer = _prompt_tokenizer(config.base_model)
     model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(model_ref), dtype=torch.bfloat16).to(device).eval()
 
     def states(prompts: list[str]) -> list[torch.Tensor] | None:
@@ -107,8 +106,7 @@ def _hidden_routers(config: MoeConfig, layers: int, device: str) -> list[torch.T
     return [torch.stack(layer) for layer in rows]
 
 
-def _cheap_embed_routers(config: MoeConfig, base: ModelSource, layers: int) -> list[torch.Tensor]:
-    tokenizer = _prompt_tokenizer(config.base_model)
+def _cheap_embed_routers(config: MoeConfig, tokenizer, base: ModelSource, layers: int) -> list[torch.Tensor]:
     embeddings = base.get("model.embed_tokens.weight")
 
     def tokens(prompts: list[str]) -> list[int]:
@@ -153,13 +151,15 @@ def build_moe(
     _check_experts(base, experts)
     target = check_output_target(Path(output), force, [base.checkpoint.folder, *(e.checkpoint.folder for e in experts)])
     layers, hidden = base.config["num_hidden_layers"], base.config["hidden_size"]
+    model_folder = resolve_model_dir(split_reference(config.base_model)[0])
+    tokenizer = _base_tokenizer(model_folder)
     generator = torch.Generator().manual_seed(seed)
     if config.gate_mode in ("random", "uniform_random"):
         routers = random_rows(layers, len(experts), hidden, generator, config.gate_mode == "uniform_random")
     elif config.gate_mode == "cheap_embed":
-        routers = _cheap_embed_routers(config, base, layers)
+        routers = _cheap_embed_routers(config, tokenizer, base, layers)
     else:
-        routers = _hidden_routers(config, layers, device)
+        routers = _hidden_routers(config, tokenizer, layers, device)
     dtype = DTYPES[config.dtype] if config.dtype else None
     layout = _layout(base, config, dtype)
     dtypes = {item.name: item.dtype for item in layout}
@@ -171,12 +171,17 @@ def build_moe(
 
     with output_folder(target, force=force) as folder:
         writer = folder.shards(layout, parse_size(shard_size))
-        done = 0
-        for name in (item.name for item in layout if ".mlp." not in item.name):  # the base's own tensors
-            writer.write(name, base.get(name).to(dtypes[name]))
-            done += 1
+        written = 0
+
+        def write(name: str, tensor: torch.Tensor) -> None:
+            nonlocal written
+            writer.write(name, tensor.to(dtypes[name]))
+            written += 1
             if progress:
-                progress(done, len(layout), name)
+                progress(written, len(layout), name)
+
+        for name in (item.name for item in layout if ".mlp." not in item.name):  # the base's own tensors
+            write(name, base.get(name))
         for layer in range(layers):
             parts = [{part: mlp(e, layer, part) for part in ("gate_proj", "down_proj", "up_proj")}
                      for e in range(len(experts))]  # fmt: skip
@@ -186,18 +191,9 @@ def build_moe(
                 "experts.down_proj": torch.stack([p["down_proj"] for p in parts]),
             }
             for suffix, tensor in fused.items():
-                name = f"model.layers.{layer}.mlp.{suffix}"
-                writer.write(name, tensor.to(dtypes[name]))
-                done += 1
-                if progress:
-                    progress(done, len(layout), name)
+                write(f"model.layers.{layer}.mlp.{suffix}", tensor)
         writer.close()
-        model_folder = resolve_model_dir(split_reference(config.base_model)[0])
         folder.side_files(model_folder)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_folder)
-        tokenizer.pad_token = tokenizer.bos_token or tokenizer.eos_token
         folder.tokenizer(tokenizer)
         updates = {**MIXTRAL, "num_local_experts": len(experts), "num_experts_per_tok": config.experts_per_token}
         if config.dtype:
