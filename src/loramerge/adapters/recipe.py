@@ -13,10 +13,9 @@ from loramerge.recipe import Recipe
 OPTION_KEYS = set(MergeOptions.model_fields) - {"method", "dtype", "device", "params"}
 
 
-def adapter_merge_inputs(
-    recipe: Recipe, allow_nonfinite: bool = False, **overrides: object
-) -> tuple[list[LoraAdapter], list[float], MergeOptions]:
-    """Load the recipe's adapters and turn its parameters into merge options (``overrides`` win)."""
+def recipe_option_values(recipe: Recipe) -> dict[str, object]:
+    """The merge options a recipe's method and ``parameters`` spell, as ``parse_options`` keywords
+    (the method's own parameters under ``params``)."""
     values: dict[str, object] = {"method": recipe.merge_method, "dtype": recipe.out_dtype or recipe.dtype}
     method = catalogue.get(recipe.merge_method)
     own = method.adapter_parameters - OPTION_KEYS if method else set()
@@ -30,6 +29,14 @@ def adapter_merge_inputs(
         (method_params if key in own else values)[key] = value
     if method_params:
         values["params"] = method_params
+    return values
+
+
+def adapter_merge_inputs(
+    recipe: Recipe, allow_nonfinite: bool = False, **overrides: object
+) -> tuple[list[LoraAdapter], list[float], MergeOptions]:
+    """Load the recipe's adapters and turn its parameters into merge options (``overrides`` win)."""
+    values = recipe_option_values(recipe)
     values.update({key: value for key, value in overrides.items() if value is not None})
     options = parse_options(**values)
     adapters = []

@@ -11,7 +11,7 @@ import warnings
 
 import typer
 
-from loramerge.cli import eval_cmd, finetune_cmd, fold_cmd, inspect_cmd, merge_cmd, moe_cmd, run_cmd
+from loramerge.cli import eval_cmd, finetune_cmd, fold_cmd, inspect_cmd, merge_cmd, moe_cmd, run_cmd, search_cmd
 from loramerge.cli.present import set_debug
 
 app = typer.Typer(
@@ -31,6 +31,7 @@ app.command("merge")(merge_cmd.merge)
 app.command("run")(run_cmd.run)
 app.command("moe")(moe_cmd.moe)
 app.command("finetune")(finetune_cmd.finetune)
+app.command("search")(search_cmd.search)
 app.command("fold")(fold_cmd.fold_command)
 app.command("extract")(fold_cmd.extract_command)
 app.command("inspect")(inspect_cmd.inspect)

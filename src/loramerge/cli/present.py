@@ -215,9 +215,7 @@ def skills_table(results) -> Table:
 def retention(score, model: str, adapters: list[str], sets: list[str]) -> float | None:
     """Mean over sets of ``model``'s exact match divided by the best adapter's (sets no adapter solves are
     left out)."""
-    ratios = []
-    for name in sets:
-        best = max(score[(a, name)].exact_match for a in adapters)
-        if best > 0:
-            ratios.append(score[(model, name)].exact_match / best)
-    return sum(ratios) / len(ratios) if ratios else None
+    from loramerge.evaluate.suite import retention as kept
+
+    best = {name: max(score[(a, name)].exact_match for a in adapters) for name in sets}
+    return kept({name: score[(model, name)].exact_match for name in sets}, best)

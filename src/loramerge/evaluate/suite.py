@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from loramerge.errors import BadInput
@@ -34,6 +35,13 @@ def evaluate_models(
         for data, samples in datasets.items():
             results.append(evaluate(model, tokenizer, samples, name, progress, data=data))
     return results
+
+
+def retention(exact_match: Mapping[str, float | None], best: Mapping[str, float]) -> float | None:
+    """Mean over sets of an exact match divided by the best input adapter's (``kept vs. adapters``);
+    sets no adapter solves are left out."""
+    ratios = [(exact_match[name] or 0.0) / best[name] for name in exact_match if best.get(name, 0.0) > 0]
+    return sum(ratios) / len(ratios) if ratios else None
 
 
 def _short(ref: str) -> str:

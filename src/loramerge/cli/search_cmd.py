@@ -1,0 +1,71 @@
+"""``loramerge search``: look for better merge weights (and parameters) than a recipe's on dev sets."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from loramerge.cli.present import out, progress_bar, reports_errors
+
+
+@reports_errors
+def search(
+    recipe: Path = typer.Argument(..., help="An adapter recipe (an adapters: list); its values start the search."),
+    dev: list[Path] = typer.Option(..., "--dev", help="Dev file (repeatable; one score per file)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for best.yml, history.csv/png, search.json."),
+    budget: int = typer.Option(32, help="Candidate merges to score (the recipe's own values are the first)."),
+    batch: int = typer.Option(4, help="Candidates asked of the optimiser at once (its parallelism; not --workers)."),
+    workers: int = typer.Option(1, help="Parallel evaluators: local processes, or Ray actors with --ray-address."),
+    ray_address: str = typer.Option(None, help="A Ray cluster (auto, ray://HOST:10001, HOST:6379), or 'local'."),
+    weights: str = typer.Option("0:2", help="Bounds of every adapter weight, LOW:HIGH."),
+    tune: list[str] = typer.Option([], "--tune", help="Also search a parameter: NAME=LOW:HIGH (alpha, density…)."),
+    objective: str = typer.Option("exact_match", help="exact_match (kept vs. adapters) | loss (mean dev loss)."),
+    optimizer: str = typer.Option("CMA", help="A nevergrad optimiser: CMA, TwoPointsDE, OnePlusOne, NGOpt, …"),
+    base: str = typer.Option(None, help="The base model (default: evaluate.base, else the adapters' base)."),
+    prompt_field: str = typer.Option("prompt", help="The prompt column of the dev data."),
+    completion_field: str = typer.Option("completion", help="The completion column of the dev data."),
+    max_samples: int = typer.Option(None, help="At most this many examples from each dev file."),
+    write_adapter: bool = typer.Option(False, help="Also write the best merge as a PEFT adapter (OUTPUT/adapter)."),
+    seed: int = typer.Option(0, help="Seed of the optimiser and of random methods."),
+    threads: int = typer.Option(None, help="Torch threads per worker (default: the CPUs / --workers)."),
+    device: str = typer.Option("cpu", help="cpu | cuda."),
+    load_in_4bit: bool = typer.Option(False, help="Quantize the base to nf4 at load."),
+    force: bool = typer.Option(False, help="Replace an existing output folder."),
+) -> None:
+    """Gradient-free search of adapter weights (nevergrad), candidates scored in parallel."""
+    from loramerge.errors import BadInput
+    from loramerge.io.atomic import check_output_target
+    from loramerge.recipe import load_recipe
+    from loramerge.search.job import build_job
+    from loramerge.search.optimise import nevergrad_module
+    from loramerge.search.optimise import search as run_search
+    from loramerge.search.pools import evaluator_pool
+    from loramerge.search.report import write_search
+
+    if objective not in ("exact_match", "loss"):
+        raise BadInput(f"--objective {objective}: choose exact_match or loss")
+    nevergrad_module()
+    parsed = load_recipe(recipe)
+    target = check_output_target(output, force, [recipe, *dev])
+    job = build_job(parsed, [str(p) for p in dev], base=base, weights=weights, tune=tune, prompt_field=prompt_field,
+                    completion_field=completion_field, max_samples=max_samples, seed=seed, device=device,
+                    load_in_4bit=load_in_4bit, workers=workers, threads=threads)  # fmt: skip
+    where = f"Ray at {ray_address}" if ray_address else ("this process" if workers == 1 else "local processes")
+    out.print(f"searching {len(job.space.dimensions)} values ({', '.join(job.space.names)}) over "
+              f"{budget} candidates, {workers} worker(s) in {where}, {job.threads} thread(s) each")  # fmt: skip
+    started = time.perf_counter()
+    with evaluator_pool(job, workers, ray_address) as pool, progress_bar(None, label="scoring") as update:
+        result = run_search(job, pool, budget=budget, batch=batch, optimizer=optimizer, objective=objective,
+                            progress=update)  # fmt: skip
+    settings = {"recipe": str(recipe), "dev": [str(p) for p in dev], "budget": budget, "batch": batch,
+                "optimizer": optimizer, "objective": objective, "seed": seed, "weights": weights, "tune": tune,
+                "max_samples": max_samples, "base": job.base}  # fmt: skip
+    written = write_search(target, job, result, settings, force=force, with_adapter=write_adapter)
+    best, start = result.best, result.start
+    values = ", ".join(f"{n}={v:.3f}" for n, v in zip(job.space.names, best.point, strict=True))
+    out.print(f"recipe's own values: score {start.score:.4f}; best: candidate {best.index}, score {best.score:.4f} "
+              f"({values})")  # fmt: skip
+    out.print(f"{budget} candidates in {time.perf_counter() - started:.1f} s -> {target.absolute()} "
+              f"({', '.join(written)})")  # fmt: skip

@@ -1,0 +1,102 @@
+"""The worker side of a search: one base model loaded once with a LoRA slot wide enough for every
+candidate; each task puts a merge (or one input adapter) into that slot and scores the dev sets.
+
+A worker gets everything but the base model by value (``SearchJob``: the adapters' tensors, the dev
+samples, the search space), so local processes and Ray actors need no access to the adapter or data
+files; the base model is loaded by reference (a path, a Hub id in the cache, a ``pkg:`` file)."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loramerge.adapters.files import adapter_state_dict, save_adapter
+from loramerge.adapters.merge import execute_plan
+from loramerge.adapters.model import LoraAdapter, LoraModule
+from loramerge.evaluate.exact_match import evaluate
+from loramerge.evaluate.models import load_model
+from loramerge.io.peft_config import merged_lora_config
+from loramerge.search.job import SearchJob
+
+
+@dataclass(frozen=True)
+class Task:
+    """Score the merge at ``point``, or (``reference``) that input adapter alone."""
+
+    index: int
+    point: tuple[float, ...] = ()
+    reference: int | None = None
+
+
+@dataclass(frozen=True)
+class Scores:
+    index: int
+    exact_match: dict[str, float | None] = field(default_factory=dict)  # per dev set
+    loss: dict[str, float] = field(default_factory=dict)
+
+
+def slot_ranks(job: SearchJob) -> dict[str, int]:
+    """Per module, a rank that holds any candidate merge and every input adapter: the searched values
+    (weights, density, alpha, …) never change a merge's output ranks, which the plan fixes."""
+    plan = job.plan(job.space.start)
+    return {m.name: max(m.output_rank, *m.input_ranks) for m in plan.modules}
+
+
+def padded(modules: dict[str, LoraModule], ranks: dict[str, int], like: dict[str, LoraModule]) -> dict:
+    """``modules`` (scale folded in) widened with zero rank components to ``ranks``; absent ones zero."""
+    result = {}
+    for name, rank in ranks.items():
+        shape, embedding = like[name].shape, like[name].embedding
+        A, B = torch.zeros(rank, shape[1]), torch.zeros(shape[0], rank)
+        if name in modules:
+            factors = modules[name].factors()
+            A[: factors.rank], B[:, : factors.rank] = factors.A, factors.B
+        result[name] = LoraModule(A=A, B=B, scale=1.0, embedding=embedding)
+    return result
+
+
+class Evaluator:
+    """Loads the base once (in a worker process or Ray actor) and scores tasks on it."""
+
+    def __init__(self, job: SearchJob) -> None:
+        from peft import set_peft_model_state_dict
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+        torch.set_num_threads(job.threads)
+        self.job = job
+        self.ranks = slot_ranks(job)
+        self.shapes = {name: m for adapter in job.adapters for name, m in adapter.modules.items()}
+        start = execute_plan(job.plan(job.space.start))
+        self.dense = start.dense
+        configs = [adapter.config for adapter in job.adapters]
+        self.config = merged_lora_config(configs[0], configs, self.ranks, start.base_model,
+                                         start.config.get("modules_to_save") or [])  # fmt: skip
+        self.load_state = set_peft_model_state_dict
+        with tempfile.TemporaryDirectory(prefix="loramerge-search-") as scratch:
+            slot = save_adapter(self._adapter({}, self.dense), Path(scratch) / "slot")
+            self.model, self.tokenizer = load_model(job.base, adapter=str(slot), load_in_4bit=job.load_in_4bit,
+                                                    device=job.device)  # fmt: skip
+
+    def _adapter(self, modules: dict[str, LoraModule], dense: dict[str, torch.Tensor]) -> LoraAdapter:
+        return LoraAdapter(modules=padded(modules, self.ranks, self.shapes), config=self.config, dense=dense)
+
+    def score(self, task: Task) -> Scores:
+        if task.reference is not None:
+            adapter = self.job.adapters[task.reference]
+            candidate = self._adapter(adapter.modules, {**self.dense, **adapter.dense})
+        else:
+            merged = execute_plan(self.job.plan(task.point))
+            candidate = self._adapter(merged.modules, merged.dense)
+        state = {key: value.to(torch.float32) for key, value in adapter_state_dict(candidate).items()}
+        loaded = self.load_state(self.model, state)
+        if loaded.unexpected_keys:
+            raise AssertionError(f"the LoRA slot lacks {loaded.unexpected_keys[:3]}")
+        results = {name: evaluate(self.model, self.tokenizer, samples, f"task {task.index}", data=name)
+                   for name, samples in self.job.dev.items()}  # fmt: skip
+        return Scores(task.index, {k: r.exact_match for k, r in results.items()},
+                      {k: r.loss for k, r in results.items()})  # fmt: skip

@@ -1,0 +1,72 @@
+"""A search job: everything a worker needs, and how it is put together from a recipe and dev files."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from loramerge.adapters.merge import MergePlan, plan_merge
+from loramerge.adapters.model import LoraAdapter
+from loramerge.adapters.recipe import adapter_merge_inputs
+from loramerge.errors import BadInput
+from loramerge.evaluate.data import Sample
+from loramerge.evaluate.suite import load_datasets
+from loramerge.recipe import Recipe
+from loramerge.search.space import SearchSpace, search_space
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    """What every worker needs, shipped by value (pickled to processes, put in Ray's object store)."""
+
+    base: str
+    adapters: list[LoraAdapter]
+    space: SearchSpace
+    dev: dict[str, list[Sample]]  # {set name: samples}
+    seed: int = 0
+    device: str = "cpu"
+    load_in_4bit: bool = False
+    threads: int = 1  # torch threads of each worker, set explicitly (Ray and spawned processes would pick their own)
+
+    def plan(self, point) -> MergePlan:
+        options = self.space.options(point, seed=self.seed, device=self.device)
+        return plan_merge(self.adapters, self.space.weights(point), options)
+
+
+def build_job(
+    recipe: Recipe,
+    dev: Sequence[str],
+    *,
+    base: str | None = None,
+    weights: str = "0:2",
+    tune: Sequence[str] = (),
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
+    max_samples: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    load_in_4bit: bool = False,
+    workers: int = 1,
+    threads: int | None = None,
+) -> SearchJob:
+    """Read the recipe's adapters and the dev files, and check that the merge plans, in the driver:
+    a bad input is reported here, once, before any worker starts."""
+    space = search_space(recipe, weights, tune)
+    adapters, _, _ = adapter_merge_inputs(recipe)
+    base = base or (recipe.evaluate.base if recipe.evaluate else None) or adapters[0].base_model
+    if not base:
+        raise BadInput("search: the adapters name no base model; give --base")
+    if not dev:
+        raise BadInput("search: give at least one --dev file")
+    if workers < 1:
+        raise BadInput(f"--workers must be at least 1, got {workers}")
+    if threads is None:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    if threads < 1:
+        raise BadInput(f"--threads must be at least 1, got {threads}")
+    samples = load_datasets(dev, prompt_field=prompt_field, completion_field=completion_field,
+                            max_samples=max_samples)  # fmt: skip
+    job = SearchJob(base, adapters, space, samples, seed, device, load_in_4bit, threads)
+    job.plan(space.start)
+    return job

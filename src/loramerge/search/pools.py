@@ -1,0 +1,106 @@
+"""Where candidates are scored: in this process (one worker), in local worker processes, or on Ray
+actors (a cluster, or a Ray instance started on this machine). Every pool returns scores in task
+order, whatever order they finish in, so the search sees the same sequence with any parallelism."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+from loramerge.errors import BadInput
+from loramerge.search.evaluator import Evaluator, Scores, Task
+from loramerge.search.job import SearchJob
+
+Pool = Callable[[Iterable[Task]], Iterator[Scores]]
+LOCAL_RAY = "local"  # --ray-address local: start a Ray instance on this machine (as the tests do)
+
+_worker: Evaluator | None = None
+_worker_error: BaseException | None = None
+
+
+def _start_worker(job: SearchJob) -> None:
+    """A worker process's initializer: a failure is kept and re-raised by its first task, so the driver
+    reports the error itself instead of a broken pool."""
+    global _worker, _worker_error
+    try:
+        _worker = Evaluator(job)
+    except BaseException as error:  # re-raised in the driver by _score
+        _worker_error = error
+
+
+def _score(task: Task) -> Scores:
+    if _worker is None:
+        raise _worker_error or RuntimeError("the search worker did not start")
+    return _worker.score(task)
+
+
+@contextmanager
+def in_process(job: SearchJob) -> Iterator[Pool]:
+    evaluator = Evaluator(job)
+    yield lambda tasks: (evaluator.score(task) for task in tasks)
+
+
+@contextmanager
+def local_processes(job: SearchJob, workers: int) -> Iterator[Pool]:
+    """``workers`` spawned processes (a fresh interpreter each: no forked torch thread pools), each
+    loading the base once."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(job,)) as executor:
+        yield lambda tasks: executor.map(_score, tasks)
+
+
+def ray_module():
+    try:
+        import ray
+    except ImportError:
+        raise BadInput("--ray-address needs Ray: pip install 'loramerge[ray]'") from None
+    return ray
+
+
+@contextmanager
+def ray_actors(job: SearchJob, workers: int, address: str) -> Iterator[Pool]:
+    """``workers`` Ray actors of ``job.threads`` CPUs (or one GPU each with ``device='cuda'``) on the
+    cluster at ``address`` (``local``: a Ray instance started here). The job goes to the object store
+    once; each actor loads the base model itself."""
+    ray = ray_module()
+    from ray.util import ActorPool
+
+    try:
+        if address == LOCAL_RAY:
+            ray.init(num_cpus=workers * job.threads, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    except (ConnectionError, ValueError, RuntimeError) as error:
+        raise BadInput(f"--ray-address {address}: cannot connect to Ray ({str(error).splitlines()[0]})") from None
+    actors = []
+    try:
+        resources = {"num_gpus": 1} if job.device.startswith("cuda") else {"num_cpus": job.threads}
+        remote = ray.remote(**resources)(Evaluator)
+        shipped = ray.put(job)
+        actors = [remote.remote(shipped) for _ in range(workers)]
+        pool = ActorPool(actors)
+
+        def scores(tasks: Iterable[Task]) -> Iterator[Scores]:
+            try:
+                yield from pool.map(lambda actor, task: actor.score.remote(task), tasks)
+            except ray.exceptions.RayError as error:
+                cause = getattr(error, "cause", None)
+                if isinstance(cause, BadInput):
+                    raise BadInput(str(cause)) from None
+                raise
+
+        yield scores
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        ray.shutdown()
+
+
+def evaluator_pool(job: SearchJob, workers: int = 1, ray_address: str | None = None):
+    """The pool the options ask for: Ray with an address, else local processes, else this process."""
+    if ray_address:
+        return ray_actors(job, workers, ray_address)
+    return local_processes(job, workers) if workers > 1 else in_process(job)

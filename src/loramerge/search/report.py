@@ -1,0 +1,125 @@
+"""A search's output folder: the best recipe, the history (CSV and a plot), a summary, and optionally
+the best merged adapter; written atomically. Nothing in it depends on timing or on the worker count."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import yaml
+
+from loramerge.adapters.merge import execute_plan
+from loramerge.io.output import OutputFolder, output_folder
+from loramerge.search.job import SearchJob
+from loramerge.search.optimise import SearchResult
+
+
+def history_rows(job: SearchJob, result: SearchResult) -> list[dict[str, object]]:
+    """One row per candidate: its values, score, best score so far, and exact match and loss per dev set."""
+    rows, top = [], float("-inf")
+    for candidate in result.candidates:
+        top = max(top, candidate.score)
+        row: dict[str, object] = {"candidate": candidate.index, "batch": candidate.batch}
+        row.update(zip(job.space.names, (repr(v) for v in candidate.point), strict=True))
+        row.update(score=repr(candidate.score), best_so_far=repr(top))
+        for name in job.dev:
+            match = candidate.scores.exact_match[name]
+            row[f"exact_match:{name}"] = "" if match is None else repr(match)
+            row[f"loss:{name}"] = repr(candidate.scores.loss[name])
+        rows.append(row)
+    return rows
+
+
+def history_csv(job: SearchJob, result: SearchResult) -> str:
+    rows = history_rows(job, result)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def summary(job: SearchJob, result: SearchResult, settings: dict[str, object]) -> dict[str, object]:
+    best, start = result.best, result.start
+    references = {
+        Path(entry.adapter).name: scores.exact_match
+        for entry, scores in zip(job.space.recipe.adapters or [], result.references, strict=True)
+    }
+    return {
+        "settings": settings,
+        "dimensions": [{"name": d.name, "low": d.low, "high": d.high, "start": d.start} for d in job.space.dimensions],
+        "start": {"candidate": 0, "score": start.score, "values": dict(zip(job.space.names, start.point, strict=True))},
+        "best": {
+            "candidate": best.index,
+            "score": best.score,
+            "values": dict(zip(job.space.names, best.point, strict=True)),
+            "exact_match": best.scores.exact_match,
+            "loss": best.scores.loss,
+        },
+        "adapters_alone": references,
+        "best_adapter_exact_match": result.best_exact_match,
+    }
+
+
+def plot_history(job: SearchJob, result: SearchResult, path: Path, objective: str) -> bool:
+    """Score per candidate and the best so far (PNG); False when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    indices = [c.index for c in result.candidates]
+    scores = [c.score for c in result.candidates]
+    best = [max(scores[: i + 1]) for i in range(len(scores))]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.scatter(indices, scores, s=12, label="candidate")
+    axes.plot(indices, best, color="C1", label="best so far")
+    axes.axhline(scores[0], color="grey", linestyle=":", label="recipe's own values")
+    axes.set_xlabel("candidate")
+    axes.set_ylabel("kept vs. adapters (dev)" if objective == "exact_match" else "negative mean loss (dev)")
+    axes.set_title(f"loramerge search: {job.space.recipe.merge_method}, {len(job.dev)} dev sets")
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def write_search(
+    target: Path,
+    job: SearchJob,
+    result: SearchResult,
+    settings: dict[str, object],
+    *,
+    force: bool = False,
+    with_adapter: bool = False,
+) -> list[str]:
+    """Write ``best.yml``, ``history.csv``, ``history.png``, ``search.json`` (and ``adapter/``)."""
+    best = result.best
+    recipe = job.space.recipe_at(best.point)
+    with output_folder(target, force=force) as folder:
+        folder.text("best.yml", _recipe_text(recipe, best.index, best.score))
+        folder.text("history.csv", history_csv(job, result))
+        folder.json("search.json", summary(job, result, settings))
+        written = ["best.yml", "history.csv", "search.json"]
+        if plot_history(job, result, folder.staging / "history.png", str(settings.get("objective"))):
+            written.append("history.png")
+        if with_adapter:
+            _write_adapter(folder, job, best.point)
+            written.append("adapter/")
+    return written
+
+
+def _write_adapter(folder: OutputFolder, job: SearchJob, point) -> None:
+    from loramerge.adapters.files import save_adapter
+
+    plan = job.plan(point)
+    save_adapter(execute_plan(plan), folder.staging / "adapter", dtype=plan.out_dtype)
+
+
+def _recipe_text(recipe, index: int, score: float) -> str:
+    head = f"# found by loramerge search: candidate {index}, score {score:.4f} on the dev sets\n"
+    return head + yaml.safe_dump(recipe.model_dump(exclude_none=True), sort_keys=False)

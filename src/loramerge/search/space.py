@@ -1,0 +1,126 @@
+"""What a search varies: each adapter's weight and, optionally, numeric merge parameters (density, a
+method's own alpha, keep, …), each within bounds; and how a point of that space becomes merge options
+and a recipe."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from loramerge import catalogue
+from loramerge.adapters.options import MergeOptions, parse_options
+from loramerge.adapters.recipe import recipe_option_values
+from loramerge.errors import BadInput
+from loramerge.recipe import AdapterEntry, Recipe
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched value: an adapter's weight (``weight:<folder name>``) or a merge parameter, and its bounds."""
+
+    name: str
+    start: float  # the recipe's own value: the search's first candidate
+    low: float
+    high: float
+    adapter: int | None = None  # the adapter whose weight this is; None for a merge parameter
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    recipe: Recipe
+    dimensions: tuple[Dimension, ...]
+    option_values: dict[str, object]  # the recipe's merge options (``parse_options`` keywords)
+
+    @property
+    def names(self) -> list[str]:
+        return [dimension.name for dimension in self.dimensions]
+
+    @property
+    def start(self) -> list[float]:
+        return [dimension.start for dimension in self.dimensions]
+
+    def weights(self, point: Sequence[float]) -> list[float]:
+        weights = [entry.weight for entry in self.recipe.adapters or []]
+        for dimension, value in zip(self.dimensions, point, strict=True):
+            if dimension.adapter is not None:
+                weights[dimension.adapter] = float(value)
+        return weights
+
+    def options(self, point: Sequence[float], **overrides: object) -> MergeOptions:
+        """The merge options at ``point`` (``overrides``: seed, device)."""
+        values = {**self.option_values, "params": dict(self.option_values.get("params") or {}), **overrides}
+        for dimension, value in zip(self.dimensions, point, strict=True):
+            if dimension.adapter is None:
+                target = values if dimension.name in MergeOptions.model_fields else values["params"]
+                target[dimension.name] = float(value)
+        return parse_options(**values)
+
+    def recipe_at(self, point: Sequence[float]) -> Recipe:
+        """The recipe with the weights and parameters of ``point`` (its other keys as they were)."""
+        entries = [AdapterEntry(adapter=entry.adapter, weight=round(weight, 6))
+                   for entry, weight in zip(self.recipe.adapters or [], self.weights(point), strict=True)]  # fmt: skip
+        parameters = dict(self.recipe.parameters or {})
+        for dimension, value in zip(self.dimensions, point, strict=True):
+            if dimension.adapter is None:
+                parameters[dimension.name] = round(float(value), 6)
+        return self.recipe.model_copy(update={"adapters": entries, "parameters": parameters or None})
+
+
+def parse_bounds(text: str, what: str) -> tuple[float, float]:
+    """``LOW:HIGH`` as two floats, LOW < HIGH."""
+    try:
+        low, high = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise BadInput(f"{what}: expected LOW:HIGH (two numbers), got {text!r}") from None
+    if not low < high:
+        raise BadInput(f"{what}: LOW must be below HIGH, got {text!r}")
+    return low, high
+
+
+def tunable_parameters(options: MergeOptions) -> dict[str, float]:
+    """The numeric merge parameters a search may vary, with their values in ``options``."""
+    method = catalogue.get(options.method)
+    values = {"density": options.effective_density} if options.uses_density else {}
+    for parameter in method.parameters:
+        value = options.params.get(parameter.name, parameter.default)
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if numeric and parameter.name != "density" and not parameter.dense_only:
+            values[parameter.name] = float(value)
+    return values
+
+
+def search_space(recipe: Recipe, weight_bounds: str = "0:2", tune: Sequence[str] = ()) -> SearchSpace:
+    """The space of an adapter recipe: every adapter's weight within ``weight_bounds``, and each
+    ``NAME=LOW:HIGH`` of ``tune``. The recipe's own values, clipped into the bounds, start the search."""
+    if not recipe.is_adapter_recipe:
+        raise BadInput("search: the recipe must be an adapter recipe (an `adapters:` list)")
+    if recipe.output and recipe.output.format == "dense":
+        raise BadInput("search: the recipe folds its merge (output.format: dense); search the adapter merge")
+    values = recipe_option_values(recipe)
+    options = parse_options(**values)
+    low, high = parse_bounds(weight_bounds, "--weights")
+    names = [Path(entry.adapter).name for entry in recipe.adapters or []]
+    if len(set(names)) < len(names):
+        names = [str(i) for i in range(len(names))]
+    dimensions = [
+        Dimension(f"weight:{name}", min(max(entry.weight, low), high), low, high, adapter=i)
+        for i, (name, entry) in enumerate(zip(names, recipe.adapters or [], strict=True))
+    ]
+    tunable = tunable_parameters(options)
+    for item in tune:
+        name, _, bounds = item.partition("=")
+        if name not in tunable:
+            known = ", ".join(sorted(tunable)) or "none"
+            raise BadInput(f"--tune {item}: method {options.method} has no numeric parameter {name!r} ({known})")
+        if any(d.name == name for d in dimensions):
+            raise BadInput(f"--tune {item}: {name} is tuned twice")
+        p_low, p_high = parse_bounds(bounds, f"--tune {name}")
+        dimensions.append(Dimension(name, min(max(tunable[name], p_low), p_high), p_low, p_high))
+    space = SearchSpace(recipe, tuple(dimensions), values)
+    for corner in ([d.low for d in dimensions], [d.high for d in dimensions]):
+        try:  # an impossible bound (density 1.5, say) is refused now, not in a worker
+            space.options(corner)
+        except BadInput as error:
+            raise BadInput(f"--tune: a bound is out of range: {error}") from None
+    return space

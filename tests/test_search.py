@@ -1,0 +1,151 @@
+"""``loramerge search``: the LoRA slot a worker scores candidates in gives what PEFT gives for the saved
+merge; the ask/tell loop finds the optimum of a known function; 1 worker, 2 local processes and Ray give
+identical files; the best recipe reproduces the best merge; bad inputs are one line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cli_helpers import assert_clean_failure, run
+from conftest import CHARDEMO
+from dense_helpers import write_recipe
+from loramerge.adapters.files import save_adapter
+from loramerge.adapters.merge import execute_plan
+from loramerge.evaluate.data import Sample
+from loramerge.evaluate.exact_match import evaluate
+from loramerge.evaluate.models import load_model
+from loramerge.recipe import load_recipe
+from loramerge.search.evaluator import Evaluator, Scores, Task
+from loramerge.search.job import SearchJob, build_job
+from loramerge.search.optimise import search
+from loramerge.search.space import search_space
+
+BASE = CHARDEMO / "base"
+DEV = [CHARDEMO / "data" / "add.eval.jsonl", CHARDEMO / "data" / "reverse.eval.jsonl"]
+
+
+@pytest.fixture
+def recipe(tmp_path) -> Path:
+    return write_recipe(tmp_path / "recipe.yml", {
+        "merge_method": "ties",
+        "adapters": [{"adapter": str(CHARDEMO / "add"), "weight": 0.8}, {"adapter": str(CHARDEMO / "reverse")}],
+        "parameters": {"density": 0.7},
+    })  # fmt: skip
+
+
+def test_the_slot_scores_what_peft_gives_for_the_saved_merge(recipe, tmp_path):
+    job = build_job(load_recipe(recipe), [str(p) for p in DEV], base=str(BASE), tune=["density=0.3:1"],
+                    max_samples=12, threads=2)  # fmt: skip
+    evaluator = Evaluator(job)
+    point = (1.3, 0.6, 0.5)  # ranks 16 and 8 in slots of 16: padding must not change the update
+    merged = execute_plan(job.plan(point))
+    assert merged.modules and job.plan(point).options.density == 0.5
+    for task, adapter in [(Task(0, point), save_adapter(merged, tmp_path / "merged")), (Task(-1, reference=1), None)]:
+        scores = evaluator.score(task)
+        model, tokenizer = load_model(str(BASE), adapter=str(adapter or CHARDEMO / "reverse"))
+        ids = torch.tensor([[1, 5, 9, 12, 40, 7]])
+        with torch.no_grad():
+            expected, got = model(input_ids=ids).logits, evaluator.model(input_ids=ids).logits
+        assert torch.allclose(expected, got, atol=1e-5), (expected - got).abs().max()
+        for name, samples in job.dev.items():
+            reference = evaluate(model, tokenizer, samples, "peft", data=name)
+            assert scores.exact_match[name] == reference.exact_match
+            assert scores.loss[name] == pytest.approx(reference.loss, rel=1e-5)
+    assert scores.exact_match["reverse"] > 0.5  # the reverse adapter alone solves its dev set
+
+
+class QuadraticPool:
+    """Scores without a model: exact match 1 - |x - target|² / 4 on one set, 1 for the adapters alone."""
+
+    target = (0.4, 1.7)
+
+    def __call__(self, tasks):
+        for task in tasks:
+            if task.reference is not None:
+                yield Scores(task.index, {"set": 1.0}, {"set": 0.0})
+            else:
+                miss = sum((x - t) ** 2 for x, t in zip(task.point, self.target, strict=True))
+                yield Scores(task.index, {"set": 1 - miss / 4}, {"set": miss})
+
+
+def test_the_loop_finds_the_optimum_of_a_known_function(recipe):
+    space = search_space(load_recipe(recipe))
+    job = SearchJob("unused", [None, None], space, {"set": [Sample("prompt", "answer")]}, seed=3)
+    result = search(job, QuadraticPool(), budget=60, batch=4)
+    assert [c.index for c in result.candidates] == list(range(60))
+    assert [c.batch for c in result.candidates] == [i // 4 for i in range(60)]
+    assert result.start.point == (0.8, 1.0)  # the recipe's own weights come first
+    best = result.best
+    assert best.score == max(c.score for c in result.candidates) and best.score > 0.99
+    assert all(abs(x - t) < 0.1 for x, t in zip(best.point, QuadraticPool.target, strict=True)), best.point
+    assert all(0 <= x <= 2 for c in result.candidates for x in c.point)  # inside the --weights box
+    again = search(job, QuadraticPool(), budget=60, batch=4)
+    assert [c.point for c in again.candidates] == [c.point for c in result.candidates]  # seeded
+
+
+def search_cli(recipe, out, *extra, tune=("--tune", "density=0.3:1")):
+    args = ["search", recipe, "--base", BASE, "-o", out, "--budget", "6", "--batch", "3", "--max-samples", "8",
+            *tune, "--seed", "1"]  # fmt: skip
+    for path in DEV:
+        args += ["--dev", path]
+    return run(*args, *extra)
+
+
+def test_one_worker_two_processes_and_ray_write_identical_files(recipe, tmp_path):
+    runs = {"one": [], "two": ["--workers", "2"], "ray": ["--workers", "2", "--ray-address", "local"]}
+    for name, extra in runs.items():
+        result = search_cli(recipe, tmp_path / name, *extra, *(["--write-adapter"] if name == "one" else []))
+        assert result.exit_code == 0, result.output
+    for file in ("history.csv", "best.yml", "search.json"):
+        texts = {name: (tmp_path / name / file).read_text() for name in runs}
+        assert texts["one"] == texts["two"] == texts["ray"], file
+    history = (tmp_path / "one" / "history.csv").read_text().splitlines()
+    assert len(history) == 7 and history[0].startswith("candidate,batch,weight:add,weight:reverse,density,score")
+    assert history[1].startswith("0,0,0.8,1.0,0.7,")  # the recipe's own values first
+    assert (tmp_path / "one" / "history.png").stat().st_size > 1000
+    summary = json.loads((tmp_path / "one" / "search.json").read_text())
+    assert summary["best"]["score"] == max(float(line.split(",")[5]) for line in history[1:])
+    # the best recipe, run, gives the best merge (its values rounded to 6 decimals)
+    rerun = run("run", tmp_path / "one" / "best.yml", "-o", tmp_path / "rerun")
+    assert rerun.exit_code == 0, rerun.output
+    written = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    again = load_file(tmp_path / "rerun" / "adapter_model.safetensors")
+    assert sorted(written) == sorted(again)
+    assert all(torch.allclose(written[k], again[k], atol=1e-4) for k in written)
+
+
+def test_bad_search_inputs_are_one_line(recipe, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    for tune, message in [
+        (["--tune", "gamma=0:1"], "no numeric parameter 'gamma'"),
+        (["--tune", "density=1:0.5"], "LOW must be below HIGH"),
+        (["--tune", "density=0.5:1.5"], "a bound is out of range"),
+        (["--tune", "density=0.5:1", "--tune", "density=0.2:1"], "density is tuned twice"),
+    ]:
+        assert_clean_failure(search_cli(recipe, out, tune=tune), message, out)
+    cases = [
+        (["--weights", "zero:two"], "expected LOW:HIGH"),
+        (["--objective", "accuracy"], "choose exact_match or loss"),
+        (["--optimizer", "Nope"], "not a nevergrad optimiser"),
+        (["--workers", "0"], "--workers must be at least 1"),
+        (["--dev", tmp_path / "missing.jsonl"], "no such file"),
+    ]
+    for extra, message in cases:
+        assert_clean_failure(search_cli(recipe, out, *extra), message, out)
+    dense = write_recipe(tmp_path / "dense.yml", {"merge_method": "linear", "models": [{"model": str(BASE)}]})
+    assert_clean_failure(search_cli(dense, out), "must be an adapter recipe", out)
+    text = tmp_path / "plain.txt"
+    text.write_text("add 1+2=3\n")
+    plain = run("search", recipe, "--base", BASE, "-o", out, "--dev", text, "--prompt-field", "", "--budget", "2")
+    assert_clean_failure(plain, "needs prompt/completion dev data", out)
+    monkeypatch.setitem(sys.modules, "nevergrad", None)
+    assert_clean_failure(search_cli(recipe, out), "pip install 'loramerge[search]'", out)
+    monkeypatch.delitem(sys.modules, "nevergrad")
+    monkeypatch.setitem(sys.modules, "ray", None)
+    assert_clean_failure(search_cli(recipe, out, "--ray-address", "local"), "pip install 'loramerge[ray]'", out)
