@@ -85,7 +85,8 @@ MAY_IMPORT = {  # package -> the packages it may use (docs/architecture.md); the
     "dense": {"adapters", "folding", "kernels", "lowrank", "io"},
     "evaluate": {"io"},
     "moe": {"adapters", "dense", "io"},
-    "train": {"evaluate", "io"},
+    "train": {"adapters", "evaluate", "io"},
+    "search": {"adapters", "evaluate", "io"},
     "workflows": {"adapters", "dense", "folding", "evaluate", "io"},
 }  # fmt: skip
 

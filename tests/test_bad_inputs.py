@@ -3,7 +3,7 @@ module at fault, no traceback, no output folder (nor staging leftovers), and inp
 
 Each case builds its broken input inside its own test folder from the character demo's fixtures (or, for
 GGUF files, from ``gguf_helpers``), then runs one command (``merge``, ``run``, ``fold``, ``extract``,
-``eval``) in-process.
+``eval``, ``search``, ``finetune``) in-process.
 """
 
 from __future__ import annotations
@@ -412,7 +412,44 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         lambda w: ["eval", "pkg:not_installed_models/model.gguf", "--data", w.data],
         "pkg:not_installed_models/model.gguf: Python package 'not_installed_models' is not installed",
     ),
+    # search
+    "search: a parameter the method lacks": (
+        lambda w: _search(w, "--tune", "gamma=0:1"),
+        "method ties has no numeric parameter 'gamma'",
+    ),
+    "search: a density bound above 1": (lambda w: _search(w, "--tune", "density=0.5:1.5"), "a bound is out of range"),
+    "search: bounds the wrong way round": (lambda w: _search(w, "--weights", "2:0"), "LOW must be below HIGH"),
+    "search: missing dev file": (lambda w: _search(w, "--dev", w.root / "none.jsonl"), "none.jsonl: no such file"),
+    "search: a dense recipe": (
+        lambda w: ["search", _dense(w), "--dev", w.data, "-o", w.out],
+        "the recipe must be an adapter recipe",
+    ),
+    "search: exact match on plain text": (
+        lambda w: _search(w, "--dev", _file(w, "plain.txt", "reverse abc=cba\n"), "--prompt-field", ""),
+        "needs prompt/completion dev data",
+    ),
+    # finetune
+    "finetune: missing data": (
+        lambda w: ["finetune", w.a, "--base", w.base, "--data", w.root / "none.jsonl", "-o", w.out],
+        "none.jsonl: no such file",
+    ),
+    "finetune: zero steps": (
+        lambda w: ["finetune", w.a, "--base", w.base, "--data", w.data, "--steps", "0", "-o", w.out],
+        "must be positive",
+    ),
+    "finetune: output is the adapter": (
+        lambda w: ["finetune", w.a, "--base", w.base, "--data", w.data, "-o", w.a, "--force"],
+        "overlaps the input",
+    ),
 }
+
+
+def _search(w: Workspace, *extra) -> list:
+    """``search`` of a TIES recipe of both adapters on the workspace's data (with ``extra`` options)."""
+    recipe = {"merge_method": "ties", "adapters": [{"adapter": str(w.a)}, {"adapter": str(w.b)}]}
+    path = _file(w, "search.yml", yaml.safe_dump(recipe))
+    dev = [] if "--dev" in extra else ["--dev", w.data]
+    return ["search", path, "--base", w.base, *dev, *extra, "-o", w.out, "--budget", "2"]
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -423,7 +460,7 @@ def _digest(folder: Path) -> dict[str, str]:
 
 def test_the_catalogue_is_large():
     assert len(CASES) >= 40
-    assert {name.split(":")[0] for name in CASES} == {"merge", "run", "fold", "extract", "eval"}
+    assert {name.split(":")[0] for name in CASES} == {"merge", "run", "fold", "extract", "eval", "search", "finetune"}
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -74,3 +74,20 @@ def test_bad_finetune_inputs_are_one_line(setup, tmp_path):
     assert_clean_failure(missing, "no such file", tmp_path / "out")
     steps = finetune(setup, tmp_path / "out2", "--steps", "0")
     assert_clean_failure(steps, "must be positive", tmp_path / "out2")
+
+
+def test_finetune_can_cut_the_rank_first_and_train_on_a_4bit_base(setup, tmp_path):
+    """``--rank 2``: every module starts as the adapter's best rank-2 approximation (a merged adapter's
+    Σ r_i shrinks); ``--load-in-4bit``: QLoRA-style, the base quantized to nf4 at load."""
+    _, _, adapter, _ = setup
+    result = finetune(setup, tmp_path / "out", "--rank", "2", "--load-in-4bit", "--steps", "10")
+    assert result.exit_code == 0, result.output
+    trained = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    before = load_file(adapter / "adapter_model.safetensors")
+    assert sorted(trained) == sorted(before)
+    assert all(t.shape[0] == 2 for k, t in trained.items() if "lora_A" in k)
+    assert all(t.shape[1] == 2 for k, t in trained.items() if "lora_B" in k)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and "at most rank 2" in (tmp_path / "out" / "README.md").read_text()
+    losses = [float(x) for x in result.output.split("loss ")[1].split(",")[0].split(" -> ")]
+    assert losses[1] < losses[0]

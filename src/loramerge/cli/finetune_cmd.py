@@ -25,6 +25,7 @@ def finetune(
     seed: int = typer.Option(0, help="Seed of the shuffling and of the training."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
     load_in_4bit: bool = typer.Option(False, help="Quantize the base to nf4 at load (QLoRA-style)."),
+    rank: int = typer.Option(None, help="First cut every module to at most this rank (default: keep the ranks)."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
 ) -> None:
     """Train a LoRA adapter further with PEFT on a little data (labels on the completions only)."""
@@ -35,7 +36,7 @@ def finetune(
     from loramerge.train.finetune import finetune as run_finetune
 
     options = FinetuneOptions(steps=steps, learning_rate=lr, batch_size=batch_size, seed=seed, device=device,
-                              load_in_4bit=load_in_4bit)  # fmt: skip
+                              load_in_4bit=load_in_4bit, rank=rank)  # fmt: skip
     base = base or load_adapter(adapter).base_model
     if not base:
         raise BadInput(f"adapter {adapter}: it names no base model; give --base")

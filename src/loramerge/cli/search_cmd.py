@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import typer
 
-from loramerge.cli.present import out, progress_bar, reports_errors
+from loramerge.cli.present import out, print_warnings, progress_bar, reports_errors
 
 
 @reports_errors
@@ -17,7 +18,11 @@ def search(
     output: Path = typer.Option(..., "-o", "--output", help="Folder for best.yml, history.csv/png, search.json."),
     budget: int = typer.Option(32, help="Candidate merges to score (the recipe's own values are the first)."),
     batch: int = typer.Option(4, help="Candidates asked of the optimiser at once (its parallelism; not --workers)."),
-    workers: int = typer.Option(1, help="Parallel evaluators: local processes, or Ray actors with --ray-address."),
+    workers: int = typer.Option(
+        None,
+        help="Parallel evaluators: local processes, or Ray actors with --ray-address "
+        "(default: one per CPU of this machine).",
+    ),
     ray_address: str = typer.Option(None, help="A Ray cluster (auto, ray://HOST:10001, HOST:6379), or 'local'."),
     weights: str = typer.Option("0:2", help="Bounds of every adapter weight, LOW:HIGH."),
     tune: list[str] = typer.Option([], "--tune", help="Also search a parameter: NAME=LOW:HIGH (alpha, density…)."),
@@ -29,29 +34,29 @@ def search(
     max_samples: int = typer.Option(None, help="At most this many examples from each dev file."),
     write_adapter: bool = typer.Option(False, help="Also write the best merge as a PEFT adapter (OUTPUT/adapter)."),
     seed: int = typer.Option(0, help="Seed of the optimiser and of random methods."),
-    threads: int = typer.Option(None, help="Torch threads per worker (default: the CPUs / --workers)."),
+    threads: int = typer.Option(1, help="Torch threads per worker (the same for any --workers, so results match)."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
     load_in_4bit: bool = typer.Option(False, help="Quantize the base to nf4 at load."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
 ) -> None:
     """Gradient-free search of adapter weights (nevergrad), candidates scored in parallel."""
-    from loramerge.errors import BadInput
     from loramerge.io.atomic import check_output_target
     from loramerge.recipe import load_recipe
     from loramerge.search.job import build_job
-    from loramerge.search.optimise import nevergrad_module
+    from loramerge.search.optimise import check_objective, nevergrad_module
     from loramerge.search.optimise import search as run_search
     from loramerge.search.pools import evaluator_pool
     from loramerge.search.report import write_search
 
-    if objective not in ("exact_match", "loss"):
-        raise BadInput(f"--objective {objective}: choose exact_match or loss")
     nevergrad_module()
     parsed = load_recipe(recipe)
     target = check_output_target(output, force, [recipe, *dev])
     job = build_job(parsed, [str(p) for p in dev], base=base, weights=weights, tune=tune, prompt_field=prompt_field,
                     completion_field=completion_field, max_samples=max_samples, seed=seed, device=device,
-                    load_in_4bit=load_in_4bit, workers=workers, threads=threads)  # fmt: skip
+                    load_in_4bit=load_in_4bit, threads=threads)  # fmt: skip
+    workers = len(os.sched_getaffinity(0)) if workers is None else workers
+    check_objective(job, objective)
+    print_warnings(job.plan(job.space.start).warnings)
     where = f"Ray at {ray_address}" if ray_address else ("this process" if workers == 1 else "local processes")
     out.print(f"searching {len(job.space.dimensions)} values ({', '.join(job.space.names)}) over "
               f"{budget} candidates, {workers} worker(s) in {where}, {job.threads} thread(s) each")  # fmt: skip

@@ -72,6 +72,14 @@ def make_optimizer(job: SearchJob, name: str, budget: int, batch: int):
     return optimizer
 
 
+def check_objective(job: SearchJob, objective: str) -> None:
+    """Refuse, before any worker starts, an objective the dev data cannot give."""
+    if objective not in ("exact_match", "loss"):
+        raise BadInput(f"--objective {objective}: choose exact_match or loss")
+    if objective == "exact_match" and not all(any(s.prompt for s in samples) for samples in job.dev.values()):
+        raise BadInput("--objective exact_match needs prompt/completion dev data; use --objective loss")
+
+
 def objective_score(scores: Scores, objective: Objective, best: dict[str, float]) -> float:
     if objective == "loss":
         return -sum(scores.loss.values()) / len(scores.loss)
@@ -101,8 +109,7 @@ def search(
     """Score the input adapters, then ``budget`` candidate merges, ``batch`` at a time."""
     if budget < 1 or batch < 1:
         raise BadInput(f"--budget and --batch must be at least 1 (got {budget} and {batch})")
-    if objective == "exact_match" and not all(any(s.prompt for s in samples) for samples in job.dev.values()):
-        raise BadInput("--objective exact_match needs prompt/completion dev data; use --objective loss")
+    check_objective(job, objective)
     chooser = make_optimizer(job, optimizer, budget, batch)
     total = len(job.adapters) + budget
     references = []

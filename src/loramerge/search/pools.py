@@ -18,12 +18,21 @@ _worker: Evaluator | None = None
 _worker_error: BaseException | None = None
 
 
-def _start_worker(job: SearchJob) -> None:
-    """A worker process's initializer: a failure is kept and re-raised by its first task, so the driver
-    reports the error itself instead of a broken pool."""
+def _start_worker(pickled_job: bytes) -> None:
+    """A worker process's initializer. The job comes pickled so that the warning and logging settings
+    are made before unpickling imports the libraries. A failure is kept and re-raised by the first task,
+    so the driver reports the error itself instead of a broken pool."""
     global _worker, _worker_error
+    import logging
+    import pickle
+    import warnings
+
+    # a worker's library warnings (deprecations, bitsandbytes' optional speed-ups) would interleave with the
+    # driver's progress bar; the merge's own warnings are the plan's, which the driver reports
+    warnings.simplefilter("ignore")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
-        _worker = Evaluator(job)
+        _worker = Evaluator(pickle.loads(pickled_job))
     except BaseException as error:  # re-raised in the driver by _score
         _worker_error = error
 
@@ -45,10 +54,12 @@ def local_processes(job: SearchJob, workers: int) -> Iterator[Pool]:
     """``workers`` spawned processes (a fresh interpreter each: no forked torch thread pools), each
     loading the base once."""
     import multiprocessing
+    import pickle
     from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(job,)) as executor:
+    start = {"initializer": _start_worker, "initargs": (pickle.dumps(job),)}
+    with ProcessPoolExecutor(workers, mp_context=context, **start) as executor:
         yield lambda tasks: executor.map(_score, tasks)
 
 
@@ -68,11 +79,12 @@ def ray_actors(job: SearchJob, workers: int, address: str) -> Iterator[Pool]:
     ray = ray_module()
     from ray.util import ActorPool
 
+    quiet = {"log_to_driver": False, "logging_level": "ERROR"}  # workers' output would break the progress bar
     try:
         if address == LOCAL_RAY:
-            ray.init(num_cpus=workers * job.threads, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=workers * job.threads, include_dashboard=False, **quiet)
         else:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, **quiet)
     except (ConnectionError, ValueError, RuntimeError) as error:
         raise BadInput(f"--ray-address {address}: cannot connect to Ray ({str(error).splitlines()[0]})") from None
     actors = []
@@ -101,6 +113,8 @@ def ray_actors(job: SearchJob, workers: int, address: str) -> Iterator[Pool]:
 
 def evaluator_pool(job: SearchJob, workers: int = 1, ray_address: str | None = None):
     """The pool the options ask for: Ray with an address, else local processes, else this process."""
+    if workers < 1:
+        raise BadInput(f"--workers must be at least 1, got {workers}")
     if ray_address:
         return ray_actors(job, workers, ray_address)
     return local_processes(job, workers) if workers > 1 else in_process(job)

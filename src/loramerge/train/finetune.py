@@ -1,7 +1,8 @@
 """Continue training a LoRA adapter with PEFT and transformers' ``Trainer`` on a few examples (several
 files mixed), as users "heal" a merge: labels on the completion and end-of-sequence tokens only (prompt
 and completion tokenized apart, exactly as ``loramerge eval`` scores them), AdamW with warm-up and
-cosine decay, a seed; the adapter keeps its ranks and target modules."""
+cosine decay, a seed; the adapter keeps its target modules and its ranks (or, with ``rank``, is first cut
+to its best approximation of at most that rank)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from loramerge.adapters.files import load_adapter, save_adapter
+from loramerge.adapters.merge import merge_adapters
 from loramerge.errors import BadInput
 from loramerge.evaluate.data import Sample
 from loramerge.evaluate.models import load_model
@@ -29,10 +32,13 @@ class FinetuneOptions:
     warmup_ratio: float = 0.1  # transformers 5: a float below 1 in `warmup_steps` is a fraction of the steps
     load_in_4bit: bool = False
     device: str = "cpu"
+    rank: int | None = None  # truncate every module to at most this rank first (default: keep the ranks)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or not self.learning_rate > 0:
             raise BadInput("`steps`, `batch_size` and `learning_rate` must be positive")
+        if self.rank is not None and self.rank < 1:
+            raise BadInput(f"`rank` must be positive, got {self.rank}")
 
 
 def completion_examples(tokenizer, samples: Sequence[Sample]) -> list[dict[str, list[int]]]:
@@ -67,7 +73,6 @@ def finetune(
     """Train ``adapter`` (on ``base``) for ``options.steps`` steps on ``samples``; write the result to
     ``output`` atomically. Returns the output folder and the training loss at each step."""
     from datasets import Dataset
-    from peft import PeftModel
     from transformers import (
         DataCollatorForSeq2Seq,
         PrinterCallback,
@@ -84,10 +89,6 @@ def finetune(
     model, tokenizer = load_model(base, load_in_4bit=options.load_in_4bit, device=options.device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    try:
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise BadInput(f"adapter {adapter}: cannot load it on {base} ({str(error).splitlines()[0]})") from error
     losses: list[float] = []
 
     class Report(TrainerCallback):
@@ -98,6 +99,7 @@ def finetune(
                     progress(state.global_step, options.steps, f"loss {logs['loss']:.4f}")
 
     with tempfile.TemporaryDirectory(prefix="loramerge-finetune-") as scratch:
+        model = _with_adapter(model, adapter, base, options.rank, Path(scratch))
         arguments = TrainingArguments(
             output_dir=scratch, max_steps=options.steps, per_device_train_batch_size=options.batch_size,
             learning_rate=options.learning_rate, lr_scheduler_type="cosine", warmup_steps=options.warmup_ratio,
@@ -119,6 +121,21 @@ def finetune(
     return target, losses
 
 
+def _with_adapter(model, adapter: str, base: str, rank: int | None, scratch: Path):
+    """``model`` with ``adapter`` on top, trainable; with ``rank``, the adapter's best rank-``rank``
+    approximation (module by module, from its factors: a merged adapter's Σ r_i shrinks before training)."""
+    from peft import PeftModel
+
+    if rank is not None:
+        adapter = str(
+            save_adapter(merge_adapters([load_adapter(adapter)], [1.0], "linear", rank=rank), scratch / "start")
+        )
+    try:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise BadInput(f"adapter {adapter}: cannot load it on {base} ({str(error).splitlines()[0]})") from error
+
+
 def _card(adapter: str, base: str, count: int, options: FinetuneOptions, losses: list[float]) -> str:
     """The input adapter's card (its merge record, say) under a section recording the fine-tune."""
     from huggingface_hub import ModelCard
@@ -129,7 +146,8 @@ def _card(adapter: str, base: str, count: int, options: FinetuneOptions, losses:
     card.text = (
         f"# Fine-tuned LoRA adapter\n\n`{adapter}` (on `{base}`) trained further by loramerge `finetune`: "
         f"{options.steps} steps of AdamW (learning rate {options.learning_rate:g}, cosine decay, warm-up "
-        f"{options.warmup_ratio:g}), batches of {options.batch_size} from {count} examples, seed {options.seed}; "
+        f"{options.warmup_ratio:g}), batches of {options.batch_size} from {count} examples, seed {options.seed}"
+        f"{'' if options.rank is None else f', every module first cut to at most rank {options.rank}'}; "
         f"training loss {first} -> {last}.\n\n## The adapter before fine-tuning\n\n{card.text}"
     )
     return str(card)
