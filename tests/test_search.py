@@ -134,10 +134,15 @@ def test_bad_search_inputs_are_one_line(recipe, tmp_path, monkeypatch):
         (["--objective", "accuracy"], "choose exact_match or loss"),
         (["--optimizer", "Nope"], "not a nevergrad optimiser"),
         (["--workers", "0"], "--workers must be at least 1"),
+        (["--budget", "0"], "--budget and --batch must be at least 1"),
         (["--dev", tmp_path / "missing.jsonl"], "no such file"),
     ]
     for extra, message in cases:
         assert_clean_failure(search_cli(recipe, out, *extra), message, out)
+    # the base fails to load in this process, in each worker process, in each Ray actor
+    for where in (["--workers", "1"], ["--workers", "2"], ["--workers", "2", "--ray-address", "local"]):
+        missing = run("search", recipe, "--base", tmp_path / "nope", "-o", out, "--dev", DEV[0], *where)
+        assert_clean_failure(missing, "nope: no such folder", out)
     dense = write_recipe(tmp_path / "dense.yml", {"merge_method": "linear", "models": [{"model": str(BASE)}]})
     assert_clean_failure(search_cli(dense, out), "must be an adapter recipe", out)
     text = tmp_path / "plain.txt"

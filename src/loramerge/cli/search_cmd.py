@@ -43,19 +43,18 @@ def search(
     from loramerge.io.atomic import check_output_target
     from loramerge.recipe import load_recipe
     from loramerge.search.job import build_job
-    from loramerge.search.optimise import check_objective, nevergrad_module
+    from loramerge.search.optimise import check_settings
     from loramerge.search.optimise import search as run_search
     from loramerge.search.pools import evaluator_pool
     from loramerge.search.report import write_search
 
-    nevergrad_module()
     parsed = load_recipe(recipe)
     target = check_output_target(output, force, [recipe, *dev])
     job = build_job(parsed, [str(p) for p in dev], base=base, weights=weights, tune=tune, prompt_field=prompt_field,
                     completion_field=completion_field, max_samples=max_samples, seed=seed, device=device,
                     load_in_4bit=load_in_4bit, threads=threads)  # fmt: skip
     workers = len(os.sched_getaffinity(0)) if workers is None else workers
-    check_objective(job, objective)
+    check_settings(job, objective, optimizer, budget, batch)
     print_warnings(job.plan(job.space.start).warnings)
     where = f"Ray at {ray_address}" if ray_address else ("this process" if workers == 1 else "local processes")
     out.print(f"searching {len(job.space.dimensions)} values ({', '.join(job.space.names)}) over "

@@ -70,7 +70,7 @@ class Evaluator:
         torch.set_num_threads(job.threads)
         self.job = job
         self.ranks = slot_ranks(job)
-        self.shapes = {name: m for adapter in job.adapters for name, m in adapter.modules.items()}
+        self.like = {name: m for adapter in job.adapters for name, m in adapter.modules.items()}  # shapes, kinds
         start = execute_plan(job.plan(job.space.start))
         self.dense = start.dense
         configs = [adapter.config for adapter in job.adapters]
@@ -83,7 +83,7 @@ class Evaluator:
                                                     device=job.device)  # fmt: skip
 
     def _adapter(self, modules: dict[str, LoraModule], dense: dict[str, torch.Tensor]) -> LoraAdapter:
-        return LoraAdapter(modules=padded(modules, self.ranks, self.shapes), config=self.config, dense=dense)
+        return LoraAdapter(modules=padded(modules, self.ranks, self.like), config=self.config, dense=dense)
 
     def score(self, task: Task) -> Scores:
         if task.reference is not None:

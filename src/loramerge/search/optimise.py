@@ -61,8 +61,6 @@ def make_optimizer(job: SearchJob, name: str, budget: int, batch: int):
     import numpy as np
 
     ng = nevergrad_module()
-    if name not in ng.optimizers.registry:
-        raise BadInput(f"--optimizer {name}: not a nevergrad optimiser (e.g. NGOpt, CMA, TwoPointsDE, OnePlusOne)")
     dimensions = job.space.dimensions
     lows, highs = np.array([d.low for d in dimensions]), np.array([d.high for d in dimensions])
     box = ng.p.Array(init=np.array(job.space.start, dtype=float), lower=lows, upper=highs)  # step: a 6th of the box
@@ -72,8 +70,12 @@ def make_optimizer(job: SearchJob, name: str, budget: int, batch: int):
     return optimizer
 
 
-def check_objective(job: SearchJob, objective: str) -> None:
-    """Refuse, before any worker starts, an objective the dev data cannot give."""
+def check_settings(job: SearchJob, objective: str, optimizer: str, budget: int, batch: int) -> None:
+    """Refuse, before any worker starts, settings that cannot run (an objective the dev data cannot give)."""
+    if budget < 1 or batch < 1:
+        raise BadInput(f"--budget and --batch must be at least 1 (got {budget} and {batch})")
+    if optimizer not in nevergrad_module().optimizers.registry:
+        raise BadInput(f"--optimizer {optimizer}: not a nevergrad optimiser (e.g. CMA, TwoPointsDE, OnePlusOne, NGOpt)")
     if objective not in ("exact_match", "loss"):
         raise BadInput(f"--objective {objective}: choose exact_match or loss")
     if objective == "exact_match" and not all(any(s.prompt for s in samples) for samples in job.dev.values()):
@@ -107,9 +109,7 @@ def search(
     progress: Progress | None = None,
 ) -> SearchResult:
     """Score the input adapters, then ``budget`` candidate merges, ``batch`` at a time."""
-    if budget < 1 or batch < 1:
-        raise BadInput(f"--budget and --batch must be at least 1 (got {budget} and {batch})")
-    check_objective(job, objective)
+    check_settings(job, objective, optimizer, budget, batch)
     chooser = make_optimizer(job, optimizer, budget, batch)
     total = len(job.adapters) + budget
     references = []

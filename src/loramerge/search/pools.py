@@ -14,15 +14,30 @@ from loramerge.search.job import SearchJob
 Pool = Callable[[Iterable[Task]], Iterator[Scores]]
 LOCAL_RAY = "local"  # --ray-address local: start a Ray instance on this machine (as the tests do)
 
-_worker: Evaluator | None = None
-_worker_error: BaseException | None = None
+class Worker:
+    """An evaluator whose start-up failure (a base that does not load on that machine, say) is raised by
+    its first task, so the driver gets the error itself, not a broken pool or a dead actor."""
+
+    def __init__(self, job: SearchJob) -> None:
+        self.evaluator, self.error = None, None
+        try:
+            self.evaluator = Evaluator(job)
+        except Exception as error:  # re-raised by score(), in the driver's task order
+            self.error = error
+
+    def score(self, task: Task) -> Scores:
+        if self.evaluator is None:
+            raise self.error or RuntimeError("the search worker did not start")
+        return self.evaluator.score(task)
+
+
+_worker: Worker | None = None
 
 
 def _start_worker(pickled_job: bytes) -> None:
     """A worker process's initializer. The job comes pickled so that the warning and logging settings
-    are made before unpickling imports the libraries. A failure is kept and re-raised by the first task,
-    so the driver reports the error itself instead of a broken pool."""
-    global _worker, _worker_error
+    are made before unpickling imports the libraries."""
+    global _worker
     import logging
     import pickle
     import warnings
@@ -31,15 +46,12 @@ def _start_worker(pickled_job: bytes) -> None:
     # driver's progress bar; the merge's own warnings are the plan's, which the driver reports
     warnings.simplefilter("ignore")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    try:
-        _worker = Evaluator(pickle.loads(pickled_job))
-    except BaseException as error:  # re-raised in the driver by _score
-        _worker_error = error
+    _worker = Worker(pickle.loads(pickled_job))
 
 
 def _score(task: Task) -> Scores:
     if _worker is None:
-        raise _worker_error or RuntimeError("the search worker did not start")
+        raise RuntimeError("the search worker did not start")
     return _worker.score(task)
 
 
@@ -90,7 +102,7 @@ def ray_actors(job: SearchJob, workers: int, address: str) -> Iterator[Pool]:
     actors = []
     try:
         resources = {"num_gpus": 1} if job.device.startswith("cuda") else {"num_cpus": job.threads}
-        remote = ray.remote(**resources)(Evaluator)
+        remote = ray.remote(**resources)(Worker)
         shipped = ray.put(job)
         actors = [remote.remote(shipped) for _ in range(workers)]
         pool = ActorPool(actors)
@@ -98,10 +110,9 @@ def ray_actors(job: SearchJob, workers: int, address: str) -> Iterator[Pool]:
         def scores(tasks: Iterable[Task]) -> Iterator[Scores]:
             try:
                 yield from pool.map(lambda actor, task: actor.score.remote(task), tasks)
-            except ray.exceptions.RayError as error:
-                cause = getattr(error, "cause", None)
-                if isinstance(cause, BadInput):
-                    raise BadInput(str(cause)) from None
+            except ray.exceptions.RayTaskError as error:
+                if isinstance(error.cause, BadInput):  # one line, not the remote traceback
+                    raise BadInput(str(error.cause)) from None
                 raise
 
         yield scores
