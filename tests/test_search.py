@@ -58,6 +58,9 @@ def test_the_slot_scores_what_peft_gives_for_the_saved_merge(recipe, tmp_path):
             assert scores.exact_match[name] == reference.exact_match
             assert scores.loss[name] == pytest.approx(reference.loss, rel=1e-5)
     assert scores.exact_match["reverse"] > 0.5  # the reverse adapter alone solves its dev set
+    empty = evaluator.score(Task(1, (0.0, 0.0, 0.5)))  # all weights 0: the base model, not a refusal
+    base_model, tokenizer = load_model(str(BASE))
+    assert empty.loss["add"] == pytest.approx(evaluate(base_model, tokenizer, job.dev["add"], "base").loss, rel=1e-5)
 
 
 class QuadraticPool:

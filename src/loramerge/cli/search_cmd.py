@@ -65,7 +65,7 @@ def search(
                             progress=update)  # fmt: skip
     settings = {"recipe": str(recipe), "dev": [str(p) for p in dev], "budget": budget, "batch": batch,
                 "optimizer": optimizer, "objective": objective, "seed": seed, "weights": weights, "tune": tune,
-                "max_samples": max_samples, "base": job.base}  # fmt: skip
+                "max_samples": max_samples, "base": job.base, "threads": job.threads}  # fmt: skip
     written = write_search(target, job, result, settings, force=force, with_adapter=write_adapter)
     best, start = result.best, result.start
     values = ", ".join(f"{n}={v:.3f}" for n, v in zip(job.space.names, best.point, strict=True))

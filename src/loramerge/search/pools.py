@@ -14,6 +14,7 @@ from loramerge.search.job import SearchJob
 Pool = Callable[[Iterable[Task]], Iterator[Scores]]
 LOCAL_RAY = "local"  # --ray-address local: start a Ray instance on this machine (as the tests do)
 
+
 class Worker:
     """An evaluator whose start-up failure (a base that does not load on that machine, say) is raised by
     its first task, so the driver gets the error itself, not a broken pool or a dead actor."""
