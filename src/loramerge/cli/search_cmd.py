@@ -45,7 +45,7 @@ def search(
     from loramerge.search.job import build_job
     from loramerge.search.optimise import check_settings
     from loramerge.search.optimise import search as run_search
-    from loramerge.search.pools import evaluator_pool
+    from loramerge.search.pools import evaluator_pool, ray_module
     from loramerge.search.report import write_search
 
     parsed = load_recipe(recipe)
@@ -55,6 +55,8 @@ def search(
                     load_in_4bit=load_in_4bit, threads=threads)  # fmt: skip
     workers = len(os.sched_getaffinity(0)) if workers is None else workers
     check_settings(job, objective, optimizer, budget, batch)
+    if ray_address:
+        ray_module()  # a missing extra is reported before the search starts
     print_warnings(job.plan(job.space.start).warnings)
     where = f"Ray at {ray_address}" if ray_address else ("this process" if workers == 1 else "local processes")
     out.print(f"searching {len(job.space.dimensions)} values ({', '.join(job.space.names)}) over "
