@@ -17,6 +17,7 @@ from conftest import CHARDEMO
 from dense_helpers import write_recipe
 from loramerge.adapters.files import save_adapter
 from loramerge.adapters.merge import execute_plan
+from loramerge.errors import BadInput
 from loramerge.evaluate.data import Sample
 from loramerge.evaluate.exact_match import evaluate
 from loramerge.evaluate.models import load_model
@@ -24,6 +25,7 @@ from loramerge.recipe import load_recipe
 from loramerge.search.evaluator import Evaluator, Scores, Task
 from loramerge.search.job import SearchJob, build_job
 from loramerge.search.optimise import search
+from loramerge.search.pools import check_capacity
 from loramerge.search.space import search_space
 
 BASE = CHARDEMO / "base"
@@ -146,6 +148,8 @@ def test_bad_search_inputs_are_one_line(recipe, tmp_path, monkeypatch):
     for where in (["--workers", "1"], ["--workers", "2"], ["--workers", "2", "--ray-address", "local"]):
         missing = run("search", recipe, "--base", tmp_path / "nope", "-o", out, "--dev", DEV[0], *where)
         assert_clean_failure(missing, "nope: no such folder", out)
+    with pytest.raises(BadInput, match="the cluster offers 2 CPUs, and --workers 3 need 3"):
+        check_capacity({"CPU": 2.0}, {"num_cpus": 1}, 3, "auto")  # actors Ray could never place
     dense = write_recipe(tmp_path / "dense.yml", {"merge_method": "linear", "models": [{"model": str(BASE)}]})
     assert_clean_failure(search_cli(dense, out), "must be an adapter recipe", out)
     text = tmp_path / "plain.txt"

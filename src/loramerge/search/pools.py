@@ -103,6 +103,7 @@ def ray_actors(job: SearchJob, workers: int, address: str) -> Iterator[Pool]:
     actors = []
     try:
         resources = {"num_gpus": 1} if job.device.startswith("cuda") else {"num_cpus": job.threads}
+        check_capacity(ray.cluster_resources(), resources, workers, address)
         remote = ray.remote(**resources)(Worker)
         shipped = ray.put(job)
         actors = [remote.remote(shipped) for _ in range(workers)]
@@ -121,6 +122,15 @@ def ray_actors(job: SearchJob, workers: int, address: str) -> Iterator[Pool]:
         for actor in actors:
             ray.kill(actor)
         ray.shutdown()
+
+
+def check_capacity(offered: dict, each: dict, workers: int, address: str) -> None:
+    """Actors the cluster cannot place would wait forever: refuse a request larger than the cluster."""
+    for name, amount in each.items():
+        kind = {"num_cpus": "CPU", "num_gpus": "GPU"}[name]
+        if offered.get(kind, 0) < workers * amount:
+            raise BadInput(f"--ray-address {address}: the cluster offers {offered.get(kind, 0):g} {kind}s, and "
+                           f"--workers {workers} need {workers * amount:g}; lower --workers or --threads")  # fmt: skip
 
 
 def evaluator_pool(job: SearchJob, workers: int = 1, ray_address: str | None = None):
