@@ -418,7 +418,8 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         "method ties has no numeric parameter 'gamma'",
     ),
     "search: a density bound above 1": (lambda w: _search(w, "--tune", "density=0.5:1.5"), "a bound is out of range"),
-    "search: bounds the wrong way round": (lambda w: _search(w, "--weights", "2:0"), "LOW must be below HIGH"),
+    "search: bounds the wrong way round": (lambda w: _search(w, "--weight-range", "2:0"), "LOW must be below HIGH"),
+    "search: output is an input adapter": (lambda w: _search(w, "--force", output=w.a), "overlaps the input"),
     "search: missing dev file": (lambda w: _search(w, "--dev", w.root / "none.jsonl"), "none.jsonl: no such file"),
     "search: a dense recipe": (
         lambda w: ["search", _dense(w), "--dev", w.data, "-o", w.out],
@@ -444,12 +445,12 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
 }
 
 
-def _search(w: Workspace, *extra) -> list:
+def _search(w: Workspace, *extra, output: Path | None = None) -> list:
     """``search`` of a TIES recipe of both adapters on the workspace's data (with ``extra`` options)."""
     recipe = {"merge_method": "ties", "adapters": [{"adapter": str(w.a)}, {"adapter": str(w.b)}]}
     path = _file(w, "search.yml", yaml.safe_dump(recipe))
     dev = [] if "--dev" in extra else ["--dev", w.data]
-    return ["search", path, "--base", w.base, *dev, *extra, "-o", w.out, "--budget", "2"]
+    return ["search", path, "--base", w.base, *dev, *extra, "-o", output or w.out, "--budget", "2"]
 
 
 def _digest(folder: Path) -> dict[str, str]:

@@ -91,3 +91,21 @@ def test_finetune_can_cut_the_rank_first_and_train_on_a_4bit_base(setup, tmp_pat
     assert config["r"] == 2 and "at most rank 2" in (tmp_path / "out" / "README.md").read_text()
     losses = [float(x) for x in result.output.split("loss ")[1].split(",")[0].split(" -> ")]
     assert losses[1] < losses[0]
+
+
+def test_the_rank_cut_starts_from_the_best_low_rank_approximation(setup, tmp_path):
+    """One step at a learning rate of 1e-12 leaves the start: each module's update is the best rank-2
+    approximation of the adapter's (torch.linalg.svd of the dense delta)."""
+    _, _, adapter, _ = setup
+    result = finetune(setup, tmp_path / "out", "--rank", "2", "--steps", "1", "--lr", "1e-12")
+    assert result.exit_code == 0, result.output
+    before = load_file(adapter / "adapter_model.safetensors")
+    after = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    scale = json.loads((adapter / "adapter_config.json").read_text())["lora_alpha"] / 4
+    modules = [k.removesuffix(".lora_A.weight") for k in before if k.endswith(".lora_A.weight")]
+    for name in modules:
+        delta = scale * before[f"{name}.lora_B.weight"] @ before[f"{name}.lora_A.weight"]
+        U, S, Vh = torch.linalg.svd(delta.double())
+        best = (U[:, :2] * S[:2]) @ Vh[:2]
+        cut = after[f"{name}.lora_B.weight"].double() @ after[f"{name}.lora_A.weight"].double()  # scale 1
+        assert torch.allclose(cut, best, atol=1e-5 * best.abs().max()), name

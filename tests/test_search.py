@@ -26,6 +26,7 @@ from loramerge.search.evaluator import Evaluator, Scores, Task
 from loramerge.search.job import SearchJob, build_job
 from loramerge.search.optimise import search
 from loramerge.search.pools import check_capacity
+from loramerge.search.report import history_rows, write_search
 from loramerge.search.space import search_space
 
 BASE = CHARDEMO / "base"
@@ -60,9 +61,37 @@ def test_the_slot_scores_what_peft_gives_for_the_saved_merge(recipe, tmp_path):
             assert scores.exact_match[name] == reference.exact_match
             assert scores.loss[name] == pytest.approx(reference.loss, rel=1e-5)
     assert scores.exact_match["reverse"] > 0.5  # the reverse adapter alone solves its dev set
-    empty = evaluator.score(Task(1, (0.0, 0.0, 0.5)))  # all weights 0: the base model, not a refusal
-    base_model, tokenizer = load_model(str(BASE))
-    assert empty.loss["add"] == pytest.approx(evaluate(base_model, tokenizer, job.dev["add"], "base").loss, rel=1e-5)
+    empty = evaluator.score(Task(1, (0.0, 0.0, 0.5)))  # a point the merge refuses is recorded, not fatal
+    assert "weights are all zero" in empty.refused and not empty.loss
+
+
+def test_a_refused_point_is_recorded_and_the_search_goes_on(tmp_path):
+    """DELLA takes density ± epsilon: with --tune density=0.5:1, the points past 0.85 cannot be merged."""
+    adapters = [{"adapter": str(CHARDEMO / "add")}, {"adapter": str(CHARDEMO / "reverse")}]
+    della = write_recipe(tmp_path / "della.yml", {"merge_method": "della", "adapters": adapters})
+    job = build_job(load_recipe(della), [str(DEV[0])], base=str(BASE), tune=["density=0.5:1"], max_samples=4)
+    refused = Evaluator(job).score(Task(0, (1.0, 1.0, 0.95)))
+    assert "della" in refused.refused or "epsilon" in refused.refused, refused.refused
+    result = search(job, RefusingPool(), budget=24, batch=4)
+    rows = history_rows(job, result)
+    marked = [row for row in rows if row["refused"]]
+    assert marked and all(row["score"] == "" for row in marked)  # recorded, without a score
+    assert all(float(row["density"]) > 0.85 for row in marked) and not result.best.scores.refused
+    write_search(tmp_path / "out", job, result, {"objective": "exact_match"})
+    assert (tmp_path / "out" / "history.png").is_file()
+
+
+class RefusingPool:
+    """Refuses what DELLA would (density past 0.85), scores the rest by a smooth function."""
+
+    def __call__(self, tasks):
+        for task in tasks:
+            if task.reference is not None:
+                yield Scores(task.index, {"add": 1.0}, {"add": 0.0})
+            elif task.point[-1] > 0.85:
+                yield Scores(task.index, refused="della: density + epsilon must stay in (0, 1]")
+            else:
+                yield Scores(task.index, {"add": task.point[-1]}, {"add": 1 - task.point[-1]})
 
 
 class QuadraticPool:
@@ -89,7 +118,7 @@ def test_the_loop_finds_the_optimum_of_a_known_function(recipe):
     best = result.best
     assert best.score == max(c.score for c in result.candidates) and best.score > 0.99
     assert all(abs(x - t) < 0.1 for x, t in zip(best.point, QuadraticPool.target, strict=True)), best.point
-    assert all(0 <= x <= 2 for c in result.candidates for x in c.point)  # inside the --weights box
+    assert all(0 <= x <= 2 for c in result.candidates for x in c.point)  # inside the --weight-range box
     again = search(job, QuadraticPool(), budget=60, batch=4)
     assert [c.point for c in again.candidates] == [c.point for c in result.candidates]  # seeded
 
@@ -127,20 +156,17 @@ def test_one_worker_two_processes_and_ray_write_identical_files(recipe, tmp_path
 
 def test_bad_search_inputs_are_one_line(recipe, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    for tune, message in [
-        (["--tune", "gamma=0:1"], "no numeric parameter 'gamma'"),
-        (["--tune", "density=1:0.5"], "LOW must be below HIGH"),
-        (["--tune", "density=0.5:1.5"], "a bound is out of range"),
-        (["--tune", "density=0.5:1", "--tune", "density=0.2:1"], "density is tuned twice"),
-    ]:
-        assert_clean_failure(search_cli(recipe, out, tune=tune), message, out)
+    # more cases (unknown and impossible --tune values, missing dev files, dense recipes, plain-text dev data,
+    # an output over an input) are in test_bad_inputs.py, which also checks that inputs stay unchanged
+    tuned_twice = ["--tune", "density=0.5:1", "--tune", "density=0.2:1"]
+    assert_clean_failure(search_cli(recipe, out, tune=tuned_twice), "density is tuned twice", out)
     cases = [
-        (["--weights", "zero:two"], "expected LOW:HIGH"),
+        (["--weight-range", "zero:two"], "expected LOW:HIGH"),
         (["--objective", "accuracy"], "choose exact_match or loss"),
         (["--optimizer", "Nope"], "not a nevergrad optimiser"),
+        (["--optimizer", "Powell"], "does not support parallelization (try --batch 1)"),
         (["--workers", "0"], "--workers must be at least 1"),
         (["--budget", "0"], "--budget and --batch must be at least 1"),
-        (["--dev", tmp_path / "missing.jsonl"], "no such file"),
     ]
     for extra, message in cases:
         assert_clean_failure(search_cli(recipe, out, *extra), message, out)
@@ -150,12 +176,6 @@ def test_bad_search_inputs_are_one_line(recipe, tmp_path, monkeypatch):
         assert_clean_failure(missing, "nope: no such folder", out)
     with pytest.raises(BadInput, match="the cluster offers 2 CPUs, and --workers 3 need 3"):
         check_capacity({"CPU": 2.0}, {"num_cpus": 1}, 3, "auto")  # actors Ray could never place
-    dense = write_recipe(tmp_path / "dense.yml", {"merge_method": "linear", "models": [{"model": str(BASE)}]})
-    assert_clean_failure(search_cli(dense, out), "must be an adapter recipe", out)
-    text = tmp_path / "plain.txt"
-    text.write_text("add 1+2=3\n")
-    plain = run("search", recipe, "--base", BASE, "-o", out, "--dev", text, "--prompt-field", "", "--budget", "2")
-    assert_clean_failure(plain, "needs prompt/completion dev data", out)
     monkeypatch.setitem(sys.modules, "nevergrad", None)
     assert_clean_failure(search_cli(recipe, out), "pip install 'loramerge[search]'", out)
     monkeypatch.delitem(sys.modules, "nevergrad")

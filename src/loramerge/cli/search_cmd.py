@@ -24,10 +24,10 @@ def search(
         "(default: one per CPU of this machine).",
     ),
     ray_address: str = typer.Option(None, help="A Ray cluster (auto, ray://HOST:10001, HOST:6379), or 'local'."),
-    weights: str = typer.Option("0:2", help="Bounds of every adapter weight, LOW:HIGH."),
+    weight_range: str = typer.Option("0:2", help="Bounds of every adapter weight, LOW:HIGH."),
     tune: list[str] = typer.Option([], "--tune", help="Also search a parameter: NAME=LOW:HIGH (alpha, density…)."),
     objective: str = typer.Option("exact_match", help="exact_match (kept vs. adapters) | loss (mean dev loss)."),
-    optimizer: str = typer.Option("CMA", help="A nevergrad optimiser: CMA, TwoPointsDE, OnePlusOne, NGOpt, …"),
+    optimizer: str = typer.Option("CMA", help="A nevergrad optimiser: CMA, TwoPointsDE, DE, OnePlusOne, …"),
     base: str = typer.Option(None, help="The base model (default: evaluate.base, else the adapters' base)."),
     prompt_field: str = typer.Option("prompt", help="The prompt column of the dev data."),
     completion_field: str = typer.Option("completion", help="The completion column of the dev data."),
@@ -49,25 +49,30 @@ def search(
     from loramerge.search.report import write_search
 
     parsed = load_recipe(recipe)
-    target = check_output_target(output, force, [recipe, *dev])
-    job = build_job(parsed, [str(p) for p in dev], base=base, weights=weights, tune=tune, prompt_field=prompt_field,
-                    completion_field=completion_field, max_samples=max_samples, seed=seed, device=device,
-                    load_in_4bit=load_in_4bit, threads=threads)  # fmt: skip
-    workers = len(os.sched_getaffinity(0)) if workers is None else workers
+    job = build_job(parsed, [str(p) for p in dev], base=base, weight_range=weight_range, tune=tune,
+                    prompt_field=prompt_field, completion_field=completion_field, max_samples=max_samples, seed=seed,
+                    device=device, load_in_4bit=load_in_4bit, threads=threads)  # fmt: skip
+    inputs = [recipe, *dev, *(Path(a.source) for a in job.adapters), Path(job.base)]
+    target = check_output_target(output, force, [path for path in inputs if path.exists()])
     check_settings(job, objective, optimizer, budget, batch)
     if ray_address:
         ray_module()  # a missing extra is reported before the search starts
-    print_warnings(job.plan(job.space.start).warnings)
-    where = f"Ray at {ray_address}" if ray_address else ("this process" if workers == 1 else "local processes")
-    out.print(f"searching {len(job.space.dimensions)} values ({', '.join(job.space.names)}) over "
-              f"{budget} candidates, {workers} worker(s) in {where}, {job.threads} thread(s) each")  # fmt: skip
+    busy = max(batch, len(job.adapters))  # tasks in flight at most: more workers would only hold a base each
+    workers = min(len(os.sched_getaffinity(0)), busy) if workers is None else workers
+    print_warnings(job.space.warnings + job.plan(job.space.start).warnings)
+    if workers > busy:
+        print_warnings([f"`workers={workers}`: at most {busy} candidates are scored at once (`batch={batch}`)"])
     started = time.perf_counter()
-    with evaluator_pool(job, workers, ray_address) as pool, progress_bar(None, label="scoring") as update:
-        result = run_search(job, pool, budget=budget, batch=batch, optimizer=optimizer, objective=objective,
-                            progress=update)  # fmt: skip
+    with evaluator_pool(job, workers, ray_address) as pool:
+        where = f"Ray at {ray_address}" if ray_address else ("this process" if workers == 1 else "local processes")
+        out.print(f"searching {len(job.space.dimensions)} values ({', '.join(job.space.names)}) over {budget} "
+                  f"candidates, {workers} worker(s) in {where}, {job.threads} thread(s) each")  # fmt: skip
+        with progress_bar(None, label="scoring") as update:
+            result = run_search(job, pool, budget=budget, batch=batch, optimizer=optimizer, objective=objective,
+                                progress=update)  # fmt: skip
     settings = {"recipe": str(recipe), "dev": [str(p) for p in dev], "budget": budget, "batch": batch,
-                "optimizer": optimizer, "objective": objective, "seed": seed, "weights": weights, "tune": tune,
-                "max_samples": max_samples, "base": job.base, "threads": job.threads}  # fmt: skip
+                "optimizer": optimizer, "objective": objective, "seed": seed, "weight_range": weight_range,
+                "tune": tune, "max_samples": max_samples, "base": job.base, "threads": job.threads}  # fmt: skip
     written = write_search(target, job, result, settings, force=force, with_adapter=write_adapter)
     best, start = result.best, result.start
     values = ", ".join(f"{n}={v:.3f}" for n, v in zip(job.space.names, best.point, strict=True))

@@ -16,6 +16,7 @@ import torch
 from loramerge.adapters.files import adapter_state_dict, save_adapter
 from loramerge.adapters.merge import execute_plan
 from loramerge.adapters.model import LoraAdapter, LoraModule
+from loramerge.errors import BadInput
 from loramerge.evaluate.exact_match import evaluate
 from loramerge.evaluate.models import load_model
 from loramerge.io.peft_config import merged_lora_config
@@ -36,6 +37,7 @@ class Scores:
     index: int
     exact_match: dict[str, float | None] = field(default_factory=dict)  # per dev set
     loss: dict[str, float] = field(default_factory=dict)
+    refused: str = ""  # why the merge at this point cannot be made (all weights 0, a kernel's limit): no scores
 
 
 def slot_ranks(job: SearchJob) -> dict[str, int]:
@@ -89,10 +91,11 @@ class Evaluator:
         if task.reference is not None:
             adapter = self.job.adapters[task.reference]
             candidate = self._adapter(adapter.modules, {**self.dense, **adapter.dense})
-        elif not any(self.job.space.weights(task.point)):  # the box's corner: an empty merge is the base itself
-            candidate = self._adapter({}, self.dense)
         else:
-            merged = execute_plan(self.job.plan(task.point))
+            try:  # a point the merge refuses (all weights 0, DELLA's density + epsilon past 1) is not fatal
+                merged = execute_plan(self.job.plan(task.point))
+            except BadInput as error:
+                return Scores(task.index, refused=str(error))
             candidate = self._adapter(merged.modules, merged.dense)
         state = {key: value.to(torch.float32) for key, value in adapter_state_dict(candidate).items()}
         loaded = self.load_state(self.model, state)

@@ -30,7 +30,7 @@ class SearchJob:
     # with another thread count (the demo's dev losses move in the 5th digit between 1 and 2 threads)
     threads: int = 1
 
-    def plan(self, point) -> MergePlan:
+    def plan(self, point: Sequence[float]) -> MergePlan:
         options = self.space.options(point, seed=self.seed, device=self.device)
         return plan_merge(self.adapters, self.space.weights(point), options)
 
@@ -40,7 +40,7 @@ def build_job(
     dev: Sequence[str],
     *,
     base: str | None = None,
-    weights: str = "0:2",
+    weight_range: str = "0:2",
     tune: Sequence[str] = (),
     prompt_field: str = "prompt",
     completion_field: str = "completion",
@@ -52,7 +52,7 @@ def build_job(
 ) -> SearchJob:
     """Read the recipe's adapters and the dev files, and check that the merge plans, in the driver:
     a bad input is reported here, once, before any worker starts."""
-    space = search_space(recipe, weights, tune)
+    space = search_space(recipe, weight_range, tune)
     adapters, _, _ = adapter_merge_inputs(recipe)
     base = base or (recipe.evaluate.base if recipe.evaluate else None) or adapters[0].base_model
     if not base:

@@ -28,7 +28,7 @@ class Candidate:
     index: int
     batch: int
     point: tuple[float, ...]
-    score: float  # higher is better: retention, or the negative mean loss
+    score: float  # higher is better: retention, or the negative mean loss; -inf when the merge was refused
     scores: Scores
 
 
@@ -41,7 +41,10 @@ class SearchResult:
     @property
     def best(self) -> Candidate:
         """The highest score; the earliest candidate among equals."""
-        return max(self.candidates, key=lambda c: (c.score, -c.index))
+        best = max(self.candidates, key=lambda c: (c.score, -c.index))
+        if best.scores.refused:
+            raise BadInput(f"search: every candidate was refused, the first: {self.candidates[0].scores.refused}")
+        return best
 
     @property
     def start(self) -> Candidate:
@@ -75,7 +78,9 @@ def check_settings(job: SearchJob, objective: str, optimizer: str, budget: int, 
     if budget < 1 or batch < 1:
         raise BadInput(f"--budget and --batch must be at least 1 (got {budget} and {batch})")
     if optimizer not in nevergrad_module().optimizers.registry:
-        raise BadInput(f"--optimizer {optimizer}: not a nevergrad optimiser (e.g. CMA, TwoPointsDE, OnePlusOne, NGOpt)")
+        raise BadInput(f"--optimizer {optimizer}: not a nevergrad optimiser (e.g. CMA, TwoPointsDE, DE, OnePlusOne)")
+    if batch > 1 and getattr(nevergrad_module().optimizers.registry[optimizer], "no_parallelization", False):
+        raise BadInput(f"--optimizer {optimizer}: does not support parallelization (try --batch 1)")
     if objective not in ("exact_match", "loss"):
         raise BadInput(f"--objective {objective}: choose exact_match or loss")
     if objective == "exact_match" and not all(any(s.prompt for s in samples) for samples in job.dev.values()):
@@ -83,6 +88,8 @@ def check_settings(job: SearchJob, objective: str, optimizer: str, budget: int, 
 
 
 def objective_score(scores: Scores, objective: Objective, best: dict[str, float]) -> float:
+    if scores.refused:
+        return float("-inf")
     if objective == "loss":
         return -sum(scores.loss.values()) / len(scores.loss)
     kept = retention(scores.exact_match, best)
@@ -96,6 +103,12 @@ def best_exact_match(references: Sequence[Scores], objective: Objective) -> dict
         raise BadInput("no input adapter gets any dev example right: exact match cannot guide the search; "
                        "use --objective loss")  # fmt: skip
     return best
+
+
+def _penalty(candidates: Sequence[Candidate]) -> float:
+    """What the optimiser is told for a refused point: worse than every score so far."""
+    scores = [c.score for c in candidates if c.score > float("-inf")]
+    return min(scores, default=0.0) - 1.0
 
 
 def search(
@@ -126,7 +139,7 @@ def search(
         for ask, task, scores in zip(asked, tasks, pool(tasks), strict=True):
             candidate = Candidate(task.index, number, task.point, objective_score(scores, objective, best), scores)
             candidates.append(candidate)
-            chooser.tell(ask, -candidate.score)
+            chooser.tell(ask, -candidate.score if candidate.score > float("-inf") else -_penalty(candidates))
             if progress is not None:
                 top = max(c.score for c in candidates)
                 progress(len(references) + len(candidates), total, f"best {top:.4f}")

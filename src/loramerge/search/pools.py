@@ -41,7 +41,10 @@ def _start_worker(pickled_job: bytes) -> None:
     global _worker
     import logging
     import pickle
+    import signal
     import warnings
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it stops the pool
 
     # a worker's library warnings (deprecations, bitsandbytes' optional speed-ups) would interleave with the
     # driver's progress bar; the merge's own warnings are the plan's, which the driver reports
@@ -51,8 +54,7 @@ def _start_worker(pickled_job: bytes) -> None:
 
 
 def _score(task: Task) -> Scores:
-    if _worker is None:
-        raise RuntimeError("the search worker did not start")
+    assert _worker is not None, "_start_worker runs first in every worker process"
     return _worker.score(task)
 
 
@@ -72,8 +74,11 @@ def local_processes(job: SearchJob, workers: int) -> Iterator[Pool]:
 
     context = multiprocessing.get_context("spawn")
     start = {"initializer": _start_worker, "initargs": (pickle.dumps(job),)}
-    with ProcessPoolExecutor(workers, mp_context=context, **start) as executor:
+    executor = ProcessPoolExecutor(workers, mp_context=context, **start)
+    try:
         yield lambda tasks: executor.map(_score, tasks)
+    finally:  # on an error or Ctrl-C, the tasks not yet started are dropped, not run to the end
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def ray_module():
@@ -93,10 +98,11 @@ def ray_actors(job: SearchJob, workers: int, address: str) -> Iterator[Pool]:
     from ray.util import ActorPool
 
     quiet = {"log_to_driver": False, "logging_level": "ERROR"}  # workers' output would break the progress bar
+    connected = not ray.is_initialized()  # a caller's own Ray session is used as it is, and left open
     try:
-        if address == LOCAL_RAY:
+        if connected and address == LOCAL_RAY:
             ray.init(num_cpus=workers * job.threads, include_dashboard=False, **quiet)
-        else:
+        elif connected:
             ray.init(address=address, **quiet)
     except (ConnectionError, ValueError, RuntimeError) as error:
         raise BadInput(f"--ray-address {address}: cannot connect to Ray ({str(error).splitlines()[0]})") from None
@@ -121,7 +127,8 @@ def ray_actors(job: SearchJob, workers: int, address: str) -> Iterator[Pool]:
     finally:
         for actor in actors:
             ray.kill(actor)
-        ray.shutdown()
+        if connected:
+            ray.shutdown()
 
 
 def check_capacity(offered: dict, each: dict, workers: int, address: str) -> None:

@@ -22,13 +22,18 @@ def history_rows(job: SearchJob, result: SearchResult) -> list[dict[str, object]
         top = max(top, candidate.score)
         row: dict[str, object] = {"candidate": candidate.index, "batch": candidate.batch}
         row.update(zip(job.space.names, (repr(v) for v in candidate.point), strict=True))
-        row.update(score=repr(candidate.score), best_so_far=repr(top))
+        row.update(score=_number(candidate.score), best_so_far=_number(top))
         for name in job.dev:
-            match = candidate.scores.exact_match[name]
-            row[f"exact_match:{name}"] = "" if match is None else repr(match)
-            row[f"loss:{name}"] = repr(candidate.scores.loss[name])
+            row[f"exact_match:{name}"] = _number(candidate.scores.exact_match.get(name))
+            row[f"loss:{name}"] = _number(candidate.scores.loss.get(name))
+        row["refused"] = candidate.scores.refused
         rows.append(row)
     return rows
+
+
+def _number(value: float | None) -> str:
+    """Full precision (the files are compared byte for byte); empty for none or a refused merge."""
+    return "" if value is None or value == float("-inf") else repr(value)
 
 
 def history_csv(job: SearchJob, result: SearchResult) -> str:
@@ -42,10 +47,8 @@ def history_csv(job: SearchJob, result: SearchResult) -> str:
 
 def summary(job: SearchJob, result: SearchResult, settings: dict[str, object]) -> dict[str, object]:
     best, start = result.best, result.start
-    references = {
-        Path(entry.adapter).name: scores.exact_match
-        for entry, scores in zip(job.space.recipe.adapters or [], result.references, strict=True)
-    }
+    names = [d.name.removeprefix("weight:") for d in job.space.dimensions if d.adapter is not None]
+    references = {name: scores.exact_match for name, scores in zip(names, result.references, strict=True)}
     return {
         "settings": settings,
         "dimensions": [{"name": d.name, "low": d.low, "high": d.high, "start": d.start} for d in job.space.dimensions],
@@ -65,26 +68,26 @@ def summary(job: SearchJob, result: SearchResult, settings: dict[str, object]) -
 def plot_history(job: SearchJob, result: SearchResult, path: Path, objective: str) -> bool:
     """Score per candidate and the best so far (PNG); False when matplotlib is missing."""
     try:
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    indices = [c.index for c in result.candidates]
-    scores = [c.score for c in result.candidates]
-    best = [max(scores[: i + 1]) for i in range(len(scores))]
-    figure, axes = plt.subplots(figsize=(7, 4))
-    axes.scatter(indices, scores, s=12, label="candidate")
-    axes.plot(indices, best, color="C1", label="best so far")
-    axes.axhline(scores[0], color="grey", linestyle=":", label="recipe's own values")
+    scored = [c for c in result.candidates if c.score > float("-inf")]  # refused merges have no score
+    scores = [c.score for c in scored]
+    figure = Figure(figsize=(7, 4))
+    FigureCanvasAgg(figure)  # a figure of its own: the caller's pyplot backend and state are left alone
+    axes = figure.add_subplot()
+    axes.scatter([c.index for c in scored], scores, s=12, label="candidate")
+    axes.plot([c.index for c in scored], [max(scores[: i + 1]) for i in range(len(scores))], color="C1",
+              label="best so far")  # fmt: skip
+    if result.start.score > float("-inf"):
+        axes.axhline(result.start.score, color="grey", linestyle=":", label="recipe's own values")
     axes.set_xlabel("candidate")
     axes.set_ylabel("kept vs. adapters (dev)" if objective == "exact_match" else "negative mean loss (dev)")
     axes.set_title(f"loramerge search: {job.space.recipe.merge_method}, {len(job.dev)} dev sets")
     axes.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
     return True
 
 

@@ -20,10 +20,15 @@ class Dimension:
     """One searched value: an adapter's weight (``weight:<folder name>``) or a merge parameter, and its bounds."""
 
     name: str
-    start: float  # the recipe's own value: the search's first candidate
+    given: float  # the recipe's own value
     low: float
     high: float
     adapter: int | None = None  # the adapter whose weight this is; None for a merge parameter
+
+    @property
+    def start(self) -> float:
+        """The search's first value: the recipe's own, clipped into the bounds."""
+        return min(max(self.given, self.low), self.high)
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,11 @@ class SearchSpace:
     @property
     def start(self) -> list[float]:
         return [dimension.start for dimension in self.dimensions]
+
+    @property
+    def warnings(self) -> list[str]:
+        return [f"{d.name} = {d.given:g} is outside its bounds {d.low:g}:{d.high:g}; the search starts from {d.start:g}"
+                for d in self.dimensions if d.start != d.given]  # fmt: skip
 
     def weights(self, point: Sequence[float]) -> list[float]:
         weights = [entry.weight for entry in self.recipe.adapters or []]
@@ -92,19 +102,20 @@ def tunable_parameters(options: MergeOptions) -> dict[str, float]:
 
 def search_space(recipe: Recipe, weight_bounds: str = "0:2", tune: Sequence[str] = ()) -> SearchSpace:
     """The space of an adapter recipe: every adapter's weight within ``weight_bounds``, and each
-    ``NAME=LOW:HIGH`` of ``tune``. The recipe's own values, clipped into the bounds, start the search."""
+    ``NAME=LOW:HIGH`` of ``tune``. The recipe's own values, clipped into the bounds (``warnings`` say
+    so), start the search."""
     if not recipe.is_adapter_recipe:
         raise BadInput("search: the recipe must be an adapter recipe (an `adapters:` list)")
     if recipe.output and recipe.output.format == "dense":
         raise BadInput("search: the recipe folds its merge (output.format: dense); search the adapter merge")
     values = recipe_option_values(recipe)
     options = parse_options(**values)
-    low, high = parse_bounds(weight_bounds, "--weights")
+    low, high = parse_bounds(weight_bounds, "--weight-range")
     names = [Path(entry.adapter).name for entry in recipe.adapters or []]
     if len(set(names)) < len(names):
         names = [str(i) for i in range(len(names))]
     dimensions = [
-        Dimension(f"weight:{name}", min(max(entry.weight, low), high), low, high, adapter=i)
+        Dimension(f"weight:{name}", entry.weight, low, high, adapter=i)
         for i, (name, entry) in enumerate(zip(names, recipe.adapters or [], strict=True))
     ]
     tunable = tunable_parameters(options)
@@ -116,7 +127,7 @@ def search_space(recipe: Recipe, weight_bounds: str = "0:2", tune: Sequence[str]
         if any(d.name == name for d in dimensions):
             raise BadInput(f"--tune {item}: {name} is tuned twice")
         p_low, p_high = parse_bounds(bounds, f"--tune {name}")
-        dimensions.append(Dimension(name, min(max(tunable[name], p_low), p_high), p_low, p_high))
+        dimensions.append(Dimension(name, tunable[name], p_low, p_high))
     space = SearchSpace(recipe, tuple(dimensions), values)
     for corner in ([d.low for d in dimensions], [d.high for d in dimensions]):
         try:  # an impossible bound (density 1.5, say) is refused now, not in a worker

@@ -123,15 +123,16 @@ def finetune(
 
 def _with_adapter(model, adapter: str, base: str, rank: int | None, scratch: Path):
     """``model`` with ``adapter`` on top, trainable; with ``rank``, the adapter's best rank-``rank``
-    approximation (module by module, from its factors: a merged adapter's Σ r_i shrinks before training)."""
+    approximation (module by module, from its factors: a merged adapter's Σ r_i shrinks before training),
+    saved with scale 1 as every merged adapter is."""
     from peft import PeftModel
 
+    start = adapter
     if rank is not None:
-        adapter = str(
-            save_adapter(merge_adapters([load_adapter(adapter)], [1.0], "linear", rank=rank), scratch / "start")
-        )
+        cut = merge_adapters([load_adapter(adapter)], [1.0], "linear", rank=rank)
+        start = str(save_adapter(cut, scratch / "start"))
     try:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        return PeftModel.from_pretrained(model, start, is_trainable=True)
     except (OSError, ValueError, RuntimeError) as error:
         raise BadInput(f"adapter {adapter}: cannot load it on {base} ({str(error).splitlines()[0]})") from error
 
