@@ -77,9 +77,10 @@ def check_settings(job: SearchJob, objective: str, optimizer: str, budget: int, 
     """Refuse, before any worker starts, settings that cannot run (an objective the dev data cannot give)."""
     if budget < 1 or batch < 1:
         raise BadInput(f"--budget and --batch must be at least 1 (got {budget} and {batch})")
-    if optimizer not in nevergrad_module().optimizers.registry:
+    registry = nevergrad_module().optimizers.registry
+    if optimizer not in registry:
         raise BadInput(f"--optimizer {optimizer}: not a nevergrad optimiser (e.g. CMA, TwoPointsDE, DE, OnePlusOne)")
-    if batch > 1 and getattr(nevergrad_module().optimizers.registry[optimizer], "no_parallelization", False):
+    if batch > 1 and getattr(registry[optimizer], "no_parallelization", False):
         raise BadInput(f"--optimizer {optimizer}: does not support parallelization (try --batch 1)")
     if objective not in ("exact_match", "loss"):
         raise BadInput(f"--objective {objective}: choose exact_match or loss")
