@@ -426,9 +426,12 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         "the recipe must be an adapter recipe",
     ),
     "search: exact match on plain text": (
-        lambda w: _search(w, "--dev", _file(w, "plain.txt", "reverse abc=cba\n"), "--prompt-field", ""),
+        lambda w: _search(w, "--dev", _file(w, "plain.txt", "reverse abc=cba\n"), "--text-field", "text"),
         "needs prompt/completion dev data",
     ),
+    "search: an empty dev file": (lambda w: _search(w, "--dev", _file(w, "empty.jsonl", "")), "the file is empty"),
+    "search: no dev examples asked for": (lambda w: _search(w, "--max-samples", "0"), "--max-samples must be at least"),
+    "search: an unknown device": (lambda w: _search(w, "--device", "tpu"), "--device tpu: choose cpu, cuda or cuda:N"),
     # finetune
     "finetune: missing data": (
         lambda w: ["finetune", w.a, "--base", w.base, "--data", w.root / "none.jsonl", "-o", w.out],
@@ -441,6 +444,14 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
     "finetune: output is the adapter": (
         lambda w: ["finetune", w.a, "--base", w.base, "--data", w.data, "-o", w.a, "--force"],
         "overlaps the input",
+    ),
+    "finetune: output is the base": (
+        lambda w: ["finetune", w.a, "--base", w.base, "--data", w.data, "-o", w.base, "--force"],
+        "overlaps the input",
+    ),
+    "finetune: an unknown device": (
+        lambda w: ["finetune", w.a, "--base", w.base, "--data", w.data, "--device", "cuda:x", "-o", w.out],
+        "--device cuda:x: choose cpu, cuda or cuda:N",
     ),
 }
 

@@ -44,3 +44,19 @@ def test_example_runs(script, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout.strip()
+
+
+def test_the_demo_sets_are_disjoint():
+    """The fine-tune and search demos tune on ``<skill>.dev.jsonl`` and report ``<skill>.eval.jsonl``: no
+    prompt may be in two of a skill's training, dev and held-out files."""
+    import json
+
+    data = ROOT / "adapters" / "data"
+    skills = sorted(p.name.split(".")[0] for p in data.glob("*.eval.jsonl"))
+    assert skills == ["arithmetic", "dates", "orders", "sentiment"]
+    for skill in skills:
+        prompts = {part: [json.loads(line)["prompt"] for line in (data / f"{skill}.{part}.jsonl").open()]
+                   for part in ("train", "dev", "eval")}  # fmt: skip
+        assert [len(prompts[p]) for p in ("train", "dev", "eval")] == [4000, 64, 200], skill
+        for first, second in (("train", "dev"), ("train", "eval"), ("dev", "eval")):
+            assert not set(prompts[first]) & set(prompts[second]), (skill, first, second)

@@ -74,6 +74,13 @@ def test_bad_finetune_inputs_are_one_line(setup, tmp_path):
     assert_clean_failure(missing, "no such file", tmp_path / "out")
     steps = finetune(setup, tmp_path / "out2", "--steps", "0")
     assert_clean_failure(steps, "must be positive", tmp_path / "out2")
+    # an output over a data file would delete it (with --force): refused, the file kept
+    folder = tmp_path / "data"
+    folder.mkdir()
+    kept = write_jsonl(folder / "train.jsonl", [{"prompt": "w3", "completion": "w4"}])
+    over = run("finetune", adapter, "--base", base, "--data", kept, "-o", folder, "--force")
+    assert over.exit_code == 2 and "overlaps the input" in over.stderr and "Traceback" not in over.output
+    assert kept.read_text() == '{"prompt": "w3", "completion": "w4"}\n'
 
 
 def test_finetune_can_cut_the_rank_first_and_train_on_a_4bit_base(setup, tmp_path):

@@ -165,6 +165,7 @@ def test_bad_search_inputs_are_one_line(recipe, tmp_path, monkeypatch):
         (["--objective", "accuracy"], "choose exact_match or loss"),
         (["--optimizer", "Nope"], "not a nevergrad optimiser"),
         (["--optimizer", "Powell"], "does not support parallelization (try --batch 1)"),
+        (["--optimizer", "DS9"], "--optimizer DS9: _NonObjectMinimizeBase does not support parallelization"),
         (["--workers", "0"], "--workers must be at least 1"),
         (["--budget", "0"], "--budget and --batch must be at least 1"),
     ]
@@ -181,3 +182,32 @@ def test_bad_search_inputs_are_one_line(recipe, tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "nevergrad")
     monkeypatch.setitem(sys.modules, "ray", None)
     assert_clean_failure(search_cli(recipe, out, "--ray-address", "local"), "pip install 'loramerge[ray]'", out)
+
+
+def test_the_recipe_seed_drives_the_merges_and_best_yml_keeps_it(tmp_path):
+    """DARE draws masks from the seed: the search merges with the recipe's own ``parameters.seed`` (not
+    ``--seed``, the optimiser's), and the recipe it writes carries the seed, so ``loramerge run`` rebuilds
+    exactly the merge that was scored."""
+    import yaml
+
+    from loramerge.search.report import _recipe_text
+
+    adapters = [{"adapter": str(CHARDEMO / "add")}, {"adapter": str(CHARDEMO / "reverse")}]
+    path = write_recipe(tmp_path / "dare.yml", {"merge_method": "dare_ties", "adapters": adapters,
+                                                "parameters": {"density": 0.5, "seed": 5}})  # fmt: skip
+    job = build_job(load_recipe(path), [str(DEV[0])], base=str(BASE), seed=1, max_samples=2)
+    plan = job.plan(job.space.start)
+    assert job.merge_seed == 5 and plan.options.seed == 5
+    save_adapter(execute_plan(plan), tmp_path / "scored", dtype=plan.out_dtype)
+    written = job.space.recipe_at(job.space.start, job.merge_seed)
+    (tmp_path / "best.yml").write_text(_recipe_text(written, 0, 1.0))
+    assert yaml.safe_load((tmp_path / "best.yml").read_text())["parameters"]["seed"] == 5
+    assert run("run", tmp_path / "best.yml", "-o", tmp_path / "rerun").exit_code == 0
+    scored = load_file(tmp_path / "scored" / "adapter_model.safetensors")
+    rerun = load_file(tmp_path / "rerun" / "adapter_model.safetensors")
+    assert all(torch.equal(scored[k], rerun[k]) for k in scored)
+    other = job.space.recipe_at(job.space.start, 6)  # another seed draws other masks: the check can fail
+    (tmp_path / "other.yml").write_text(_recipe_text(other, 0, 1.0))
+    assert run("run", tmp_path / "other.yml", "-o", tmp_path / "other").exit_code == 0
+    drawn = load_file(tmp_path / "other" / "adapter_model.safetensors")
+    assert any(not torch.equal(scored[k], drawn[k]) for k in scored)

@@ -38,7 +38,7 @@ def write_merged_adapter(
 
 
 def adapter_recipe_plan(
-    recipe: Recipe, output: Path, *, seed: int, device: str, force: bool, allow_nonfinite: bool
+    recipe: Recipe, output: Path, *, seed: int | None, device: str, force: bool, allow_nonfinite: bool
 ) -> tuple[MergePlan, Path, str | None]:
     """An adapter recipe's plan, its checked output target and the base to fold into (``output.base``)."""
     adapters, weights, options = adapter_merge_inputs(recipe, allow_nonfinite, seed=seed, device=device)

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from loramerge import catalogue
 from loramerge.catalogue import DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_SPACE
+from loramerge.devices import check_device
 from loramerge.errors import BadInput
 from loramerge.kernels import preset_params
 
@@ -108,6 +109,8 @@ class MergeOptions(BaseModel):
 
 def parse_options(**values: object) -> MergeOptions:
     """Build options from keywords, turning validation errors into one clear line."""
+    if isinstance(values.get("device"), str):
+        check_device(values["device"])
     try:
         return MergeOptions(**{key: value for key, value in values.items() if value is not None})
     except ValidationError as error:

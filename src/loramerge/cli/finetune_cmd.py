@@ -45,6 +45,7 @@ def finetune(
     samples = mixed(sets, seed)
     started = time.perf_counter()
     with progress_bar(steps, label="training") as update:
-        target, losses = run_finetune(str(adapter), base, samples, output, options, force=force, progress=update)
+        target, losses = run_finetune(str(adapter), base, samples, output, options, force=force, inputs=data,
+                                         progress=update)  # fmt: skip
     out.print(f"{steps} steps on {len(samples)} examples from {len(data)} files, loss {losses[0]:.4f} -> "
               f"{losses[-1]:.4f}, in {time.perf_counter() - started:.1f} s -> {target.absolute()}")  # fmt: skip

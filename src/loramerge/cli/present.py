@@ -32,10 +32,10 @@ def set_debug(debug: bool) -> None:
     _state["debug"] = debug
 
 
-console = Console(stderr=True, highlight=False, markup=False)
+console = Console(stderr=True, highlight=False, markup=False, emoji=False)  # paths and ids may hold ":x:"
 
 
-out = Console(highlight=False, markup=False)
+out = Console(highlight=False, markup=False, emoji=False)
 
 
 _state = {"debug": False}

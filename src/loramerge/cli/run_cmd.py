@@ -25,7 +25,9 @@ def run(
     recipe: Path = typer.Argument(..., help="YAML recipe (mergekit's format, or an adapters: list)."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder to write the merged model or adapter to."),
     out_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB or 500MB."),
-    seed: int = typer.Option(0, help="Seed of the random methods (DARE, DELLA)."),
+    seed: int = typer.Option(
+        None, help="Seed of the random methods (DARE, DELLA); default: the recipe's parameters.seed, else 0."
+    ),
     device: str = typer.Option("cpu", help="Where to compute: cpu | cuda."),
     dry_run: bool = typer.Option(False, help="Print the plan and write nothing."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
@@ -61,7 +63,7 @@ def _evaluate(parsed, output: Path, device: str) -> None:
 
 
 def _run_adapters(
-    parsed, output: Path, seed: int, device: str, dry_run: bool, force: bool, allow_nonfinite: bool
+    parsed, output: Path, seed: int | None, device: str, dry_run: bool, force: bool, allow_nonfinite: bool
 ) -> None:
     from loramerge.workflows import adapter_recipe_plan
 
@@ -72,8 +74,9 @@ def _run_adapters(
 
 
 def _run_dense(
-    parsed, output: Path, shard_size: str, seed: int, device: str, dry_run: bool, force: bool, allow_nonfinite: bool
-) -> None:
+    parsed, output: Path, shard_size: str, seed: int | None, device: str, dry_run: bool, force: bool,
+    allow_nonfinite: bool,
+) -> None:  # fmt: skip
     from loramerge.dense.engine import write_checkpoint
     from loramerge.dense.plan import plan_checkpoint_merge
     from loramerge.io.shard_writer import parse_size
@@ -88,6 +91,7 @@ def _run_dense(
         out.print(f"dry run: {plan.spec.name} of {inputs}; output {human_bytes(plan.output_bytes)}")
         return
     with progress_bar(len(plan.tensors), label="merging tensors") as update:
-        write_checkpoint(plan, output, force=force, shard_size=shard_size, seed=seed, device=device, progress=update)
+        write_checkpoint(plan, output, force=force, shard_size=shard_size, seed=seed or 0, device=device,
+                         progress=update)  # fmt: skip
     print_warnings(plan.warnings)
     out.print(f"merged {len(plan.tensors)} tensors, {plan.output_layers} layers with {plan.spec.name}")

@@ -31,9 +31,10 @@ def search(
     base: str = typer.Option(None, help="The base model (default: evaluate.base, else the adapters' base)."),
     prompt_field: str = typer.Option("prompt", help="The prompt column of the dev data."),
     completion_field: str = typer.Option("completion", help="The completion column of the dev data."),
+    text_field: str = typer.Option(None, help="Plain-text dev data: this column (with --objective loss)."),
     max_samples: int = typer.Option(None, help="At most this many examples from each dev file."),
     write_adapter: bool = typer.Option(False, help="Also write the best merge as a PEFT adapter (OUTPUT/adapter)."),
-    seed: int = typer.Option(0, help="Seed of the optimiser and of random methods."),
+    seed: int = typer.Option(0, help="Seed of the optimiser (and of random methods, unless the recipe sets one)."),
     threads: int = typer.Option(1, help="Torch threads per worker (the same for any --workers, so results match)."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
     load_in_4bit: bool = typer.Option(False, help="Quantize the base to nf4 at load."),
@@ -49,19 +50,23 @@ def search(
     from loramerge.search.report import write_search
 
     parsed = load_recipe(recipe)
-    job = build_job(parsed, [str(p) for p in dev], base=base, weight_range=weight_range, tune=tune,
-                    prompt_field=prompt_field, completion_field=completion_field, max_samples=max_samples, seed=seed,
-                    device=device, load_in_4bit=load_in_4bit, threads=threads)  # fmt: skip
+    fields = {"text_field": text_field} if text_field else {"prompt_field": prompt_field,
+                                                            "completion_field": completion_field}  # fmt: skip
+    job = build_job(parsed, [str(p) for p in dev], base=base, weight_range=weight_range, tune=tune, **fields,
+                    max_samples=max_samples, seed=seed, device=device, load_in_4bit=load_in_4bit,
+                    threads=threads)  # fmt: skip
     inputs = [recipe, *dev, *(Path(a.source) for a in job.adapters), Path(job.base)]
     target = check_output_target(output, force, [path for path in inputs if path.exists()])
     check_settings(job, objective, optimizer, budget, batch)
     if ray_address:
         ray_module()  # a missing extra is reported before the search starts
     busy = max(batch, len(job.adapters))  # tasks in flight at most: more workers would only hold a base each
-    workers = min(len(os.sched_getaffinity(0)), busy) if workers is None else workers
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(cpus, busy) if workers is None else workers
     print_warnings(job.space.warnings + job.plan(job.space.start).warnings)
     if workers > busy:
-        print_warnings([f"`workers={workers}`: at most {busy} candidates are scored at once (`batch={batch}`)"])
+        print_warnings([f"`workers={workers}`: at most {busy} tasks are scored at once (`batch={batch}`, "
+                        f"{len(job.adapters)} adapters alone first)"])  # fmt: skip
     started = time.perf_counter()
     with evaluator_pool(job, workers, ray_address) as pool:
         where = f"Ray at {ray_address}" if ray_address else ("this process" if workers == 1 else "local processes")
@@ -72,8 +77,11 @@ def search(
                                 progress=update)  # fmt: skip
     settings = {"recipe": str(recipe), "dev": [str(p) for p in dev], "budget": budget, "batch": batch,
                 "optimizer": optimizer, "objective": objective, "seed": seed, "weight_range": weight_range,
-                "tune": tune, "max_samples": max_samples, "base": job.base, "threads": job.threads}  # fmt: skip
+                "tune": tune, "max_samples": max_samples, "base": job.base, "threads": job.threads,
+                "merge_seed": job.merge_seed}  # fmt: skip
     written = write_search(target, job, result, settings, force=force, with_adapter=write_adapter)
+    if "history.png" not in written:
+        print_warnings(["no history.png: the plot needs matplotlib (pip install 'loramerge[search]')"])
     best, start = result.best, result.start
     values = ", ".join(f"{n}={v:.3f}" for n, v in zip(job.space.names, best.point, strict=True))
     out.print(f"recipe's own values: score {start.score:.4f}; best: candidate {best.index}, score {best.score:.4f} "

@@ -28,6 +28,8 @@ def load_samples(
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"`data` {path}: no such file")
+    if path.stat().st_size == 0:
+        raise BadInput(f"`data` {path}: the file is empty")
     kind = _FORMATS.get(path.suffix.lower())
     if kind is None:
         raise BadInput(f"`data` {path}: unknown format {path.suffix!r}; use {', '.join(_FORMATS)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from loramerge.devices import check_device
 from loramerge.errors import BadInput, brief
 from loramerge.io.checkpoint import resolve_model_dir
 
@@ -14,6 +15,7 @@ def load_model(base: str, *, adapter: str | None = None, load_in_4bit: bool = Fa
     top. ``base`` may itself be a merged full model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_device(device)
     kwargs: dict[str, object] = {"dtype": torch.float32}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -21,6 +23,7 @@ def load_model(base: str, *, adapter: str | None = None, load_in_4bit: bool = Fa
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
         )
+        kwargs["device_map"] = {"": device}  # else bitsandbytes puts it on the first GPU whenever there is one
     folder = resolve_model_dir(base)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from loramerge.adapters.merge import MergePlan, plan_merge
+from loramerge.adapters.merge import MergePlan, execute_plan, plan_merge
 from loramerge.adapters.model import LoraAdapter
 from loramerge.adapters.recipe import adapter_merge_inputs
+from loramerge.devices import check_device
 from loramerge.errors import BadInput
 from loramerge.evaluate.data import Sample
 from loramerge.evaluate.suite import load_datasets
@@ -30,8 +31,13 @@ class SearchJob:
     # with another thread count (the demo's dev losses move in the 5th digit between 1 and 2 threads)
     threads: int = 1
 
+    @property
+    def merge_seed(self) -> int:
+        """The random methods' seed: the recipe's own (``parameters.seed``), else the search's."""
+        return int(self.space.option_values.get("seed", self.seed))
+
     def plan(self, point: Sequence[float]) -> MergePlan:
-        options = self.space.options(point, seed=self.seed, device=self.device)
+        options = self.space.options(point, seed=self.merge_seed, device=self.device)
         return plan_merge(self.adapters, self.space.weights(point), options)
 
 
@@ -42,8 +48,9 @@ def build_job(
     base: str | None = None,
     weight_range: str = "0:2",
     tune: Sequence[str] = (),
-    prompt_field: str = "prompt",
-    completion_field: str = "completion",
+    prompt_field: str | None = "prompt",
+    completion_field: str | None = "completion",
+    text_field: str | None = None,
     max_samples: int | None = None,
     seed: int = 0,
     device: str = "cpu",
@@ -61,8 +68,15 @@ def build_job(
         raise BadInput("search: give at least one --dev file")
     if threads < 1:
         raise BadInput(f"--threads must be at least 1, got {threads}")
-    samples = load_datasets(dev, prompt_field=prompt_field, completion_field=completion_field,
-                            max_samples=max_samples)  # fmt: skip
+    if max_samples is not None and max_samples < 1:
+        raise BadInput(f"--max-samples must be at least 1, got {max_samples}")
+    check_device(device)
+    fields = {"text_field": text_field} if text_field else {"prompt_field": prompt_field,
+                                                            "completion_field": completion_field}  # fmt: skip
+    samples = load_datasets(dev, **fields, max_samples=max_samples)
+    for name, rows in samples.items():
+        if not rows:
+            raise BadInput(f"--dev {name}: the file holds no examples")
     job = SearchJob(base, adapters, space, samples, seed, device, load_in_4bit, threads)
-    job.plan(space.start)
+    execute_plan(job.plan(space.start))  # the recipe's own merge must run: it is the first candidate
     return job

@@ -82,10 +82,32 @@ def check_settings(job: SearchJob, objective: str, optimizer: str, budget: int, 
         raise BadInput(f"--optimizer {optimizer}: not a nevergrad optimiser (e.g. CMA, TwoPointsDE, DE, OnePlusOne)")
     if batch > 1 and getattr(registry[optimizer], "no_parallelization", False):
         raise BadInput(f"--optimizer {optimizer}: does not support parallelization (try --batch 1)")
+    refusal = _build_refusal(job, optimizer, budget, batch)
+    if refusal:
+        raise BadInput(f"--optimizer {optimizer}: {refusal}")
     if objective not in ("exact_match", "loss"):
         raise BadInput(f"--objective {objective}: choose exact_match or loss")
     if objective == "exact_match" and not all(any(s.prompt for s in samples) for samples in job.dev.values()):
         raise BadInput("--objective exact_match needs prompt/completion dev data; use --objective loss")
+
+
+def _build_refusal(job: SearchJob, optimizer: str, budget: int, batch: int) -> str:
+    """Why the optimiser cannot be built with these settings ("" when it can): some refuse parallel asks
+    only when built. The half-built object's ``__del__`` then fails too (nevergrad 1.0); that report
+    would print a traceback, so it is silenced while the object goes."""
+    import sys
+
+    hook, sys.unraisablehook = sys.unraisablehook, lambda _: None
+    try:
+        make_optimizer(job, optimizer, budget, batch)
+    except ValueError as error:
+        return str(error).splitlines()[0]
+    finally:
+        import gc
+
+        gc.collect()
+        sys.unraisablehook = hook
+    return ""
 
 
 def objective_score(scores: Scores, objective: Objective, best: dict[str, float]) -> float:

@@ -60,8 +60,16 @@ def _score(task: Task) -> Scores:
 
 @contextmanager
 def in_process(job: SearchJob) -> Iterator[Pool]:
-    evaluator = Evaluator(job)
-    yield lambda tasks: (evaluator.score(task) for task in tasks)
+    """The evaluator in this process, on ``job.threads`` threads while the search runs (the caller's
+    thread count is put back after it)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        evaluator = Evaluator(job)
+        yield lambda tasks: (evaluator.score(task) for task in tasks)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextmanager

@@ -102,7 +102,7 @@ def write_search(
 ) -> list[str]:
     """Write ``best.yml``, ``history.csv``, ``history.png``, ``search.json`` (and ``adapter/``)."""
     best = result.best
-    recipe = job.space.recipe_at(best.point)
+    recipe = job.space.recipe_at(best.point, job.merge_seed)
     with output_folder(target, force=force) as folder:
         folder.text("best.yml", _recipe_text(recipe, best.index, best.score))
         folder.text("history.csv", history_csv(job, result))

