@@ -50,9 +50,8 @@ def search(
     from loramerge.search.report import write_search
 
     parsed = load_recipe(recipe)
-    fields = {"text_field": text_field} if text_field else {"prompt_field": prompt_field,
-                                                            "completion_field": completion_field}  # fmt: skip
-    job = build_job(parsed, [str(p) for p in dev], base=base, weight_range=weight_range, tune=tune, **fields,
+    job = build_job(parsed, [str(p) for p in dev], base=base, weight_range=weight_range, tune=tune,
+                    prompt_field=prompt_field, completion_field=completion_field, text_field=text_field,
                     max_samples=max_samples, seed=seed, device=device, load_in_4bit=load_in_4bit,
                     threads=threads)  # fmt: skip
     inputs = [recipe, *dev, *(Path(a.source) for a in job.adapters), Path(job.base)]

@@ -71,6 +71,7 @@ def build_job(
     if max_samples is not None and max_samples < 1:
         raise BadInput(f"--max-samples must be at least 1, got {max_samples}")
     check_device(device)
+    # plain text (``text_field``) or prompt/completion pairs
     fields = {"text_field": text_field} if text_field else {"prompt_field": prompt_field,
                                                             "completion_field": completion_field}  # fmt: skip
     samples = load_datasets(dev, **fields, max_samples=max_samples)
