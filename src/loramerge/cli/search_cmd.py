@@ -55,7 +55,7 @@ def search(
                     max_samples=max_samples, seed=seed, device=device, load_in_4bit=load_in_4bit,
                     threads=threads)  # fmt: skip
     inputs = [recipe, *dev, *(Path(a.source) for a in job.adapters), Path(job.base)]
-    target = check_output_target(output, force, [path for path in inputs if path.exists()])
+    target = check_output_target(output, force, inputs)
     check_settings(job, objective, optimizer, budget, batch)
     if ray_address:
         ray_module()  # a missing extra is reported before the search starts

@@ -19,10 +19,13 @@ TMP_SUFFIX = ".loramerge-tmp"
 
 
 def check_output_target(target: Path, force: bool, inputs: list[Path] = ()) -> Path:
-    """Refuse an output that exists (without ``force``), is a file, or would overwrite an input."""
+    """Refuse an output that exists (without ``force``), is a file, or would overwrite an input. Inputs
+    that are no local path (a Hub id, a ``pkg:`` reference) cannot be overwritten and are passed over."""
     target = Path(target).absolute()
     for source in inputs:
         source = Path(source).absolute()
+        if not source.exists():
+            continue
         if target == source or source in target.parents or target in source.parents:
             raise BadInput(f"output {target} overlaps the input {source}; choose another output folder")
     if target.exists() and not target.is_dir():

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from loramerge.adapters.merge import MergePlan, execute_plan, plan_merge
 from loramerge.adapters.model import LoraAdapter
 from loramerge.adapters.recipe import adapter_merge_inputs
-from loramerge.devices import check_device
 from loramerge.errors import BadInput
 from loramerge.evaluate.data import Sample
 from loramerge.evaluate.suite import load_datasets
@@ -70,14 +69,10 @@ def build_job(
         raise BadInput(f"--threads must be at least 1, got {threads}")
     if max_samples is not None and max_samples < 1:
         raise BadInput(f"--max-samples must be at least 1, got {max_samples}")
-    check_device(device)
     # plain text (``text_field``) or prompt/completion pairs
     fields = {"text_field": text_field} if text_field else {"prompt_field": prompt_field,
                                                             "completion_field": completion_field}  # fmt: skip
-    samples = load_datasets(dev, **fields, max_samples=max_samples)
-    for name, rows in samples.items():
-        if not rows:
-            raise BadInput(f"--dev {name}: the file holds no examples")
+    samples = load_datasets(dev, **fields, max_samples=max_samples)  # an empty file is refused there
     job = SearchJob(base, adapters, space, samples, seed, device, load_in_4bit, threads)
     execute_plan(job.plan(space.start))  # the recipe's own merge must run: it is the first candidate
     return job

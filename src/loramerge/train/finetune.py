@@ -85,8 +85,7 @@ def finetune(
         set_seed,
     )
 
-    sources = [Path(adapter), *map(Path, inputs), *([Path(base)] if Path(base).exists() else [])]
-    target = check_output_target(Path(output), force, sources)
+    target = check_output_target(Path(output), force, [Path(adapter), Path(base), *map(Path, inputs)])
     if not samples:
         raise BadInput("finetune: the data holds no examples")
     set_seed(options.seed)
