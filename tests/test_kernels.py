@@ -6,12 +6,12 @@ import pytest
 import torch
 from peft.utils import merge_utils
 
-from loramerge.kernels import KERNELS, PRESETS, get_kernel, run_kernel
+from loramerge.kernels import KERNELS, get_kernel, preset_params, run_kernel
 from loramerge.kernels.consensus import disjoint_merge, elect_sign_mask
 from loramerge.kernels.sparsify import magnitude_trim, random_drop
 from loramerge.seeding import tensor_generators, tensor_seed
 
-PEFT = PRESETS["peft"]
+PEFT = preset_params("peft", get_kernel("ties"))  # the conventions as kernel parameters
 
 
 @pytest.fixture
@@ -78,8 +78,8 @@ def test_mergekit_preset_elects_on_weighted_tasks():
     stack = torch.tensor([[1.0], [-0.6]])
     weights = torch.tensor([0.1, 1.0])
     spec = get_kernel("ties")
-    peft = run_kernel(spec, stack, weights, {**PRESETS["peft"], "density": 1.0})
-    mergekit = run_kernel(spec, stack, weights, {**PRESETS["mergekit"], "density": 1.0})
+    peft = run_kernel(spec, stack, weights, {**preset_params("peft", spec), "density": 1.0})
+    mergekit = run_kernel(spec, stack, weights, {**preset_params("mergekit", spec), "density": 1.0})
     assert peft.item() == pytest.approx(0.1)  # unweighted sum +0.4 elects +
     assert mergekit.item() == pytest.approx(-0.6)  # weighted sum -0.5 elects -; divided by weight 1.0
 
@@ -87,7 +87,7 @@ def test_mergekit_preset_elects_on_weighted_tasks():
 @pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
 def test_random_kernels_use_one_generator_per_input(tasks, name):
     spec = get_kernel(name)
-    params = {**PEFT, "density": 0.5, "majority_sign": "total"}
+    params = {**preset_params("peft", spec), "density": 0.5, "majority_sign": "total"}
     first = run_kernel(spec, tasks, WEIGHTS, params, tensor_generators(3, "t", [0, 1, 2]))
     second = run_kernel(spec, tasks, WEIGHTS, params, tensor_generators(3, "t", [0, 1, 2]))
     other = run_kernel(spec, tasks, WEIGHTS, params, tensor_generators(4, "t", [0, 1, 2]))
@@ -128,3 +128,14 @@ def test_fused_consensus_equals_elect_then_disjoint_merge(majority_sign, weighte
     fused = consensus_merge(tasks, weights, majority_sign, weighted_vote, divisor)
     torch.testing.assert_close(fused, expected, rtol=1e-6, atol=0)
     assert fused[0, 0] == 0 and (fused != 0).any()
+
+
+def test_a_misspelt_parameter_reaching_a_kernel_is_refused():
+    from loramerge.errors import BadInput
+    from loramerge.kernels import get_kernel, run_kernel
+
+    tasks, weights = torch.randn(2, 8), torch.ones(2)
+    spec = get_kernel("ties")
+    run_kernel(spec, tasks, weights, {"density": 0.5, "rescale": "none"})  # another kernel's convention: not an error
+    with pytest.raises(BadInput, match=r"ties: unknown parameter 'densty'"):
+        run_kernel(spec, tasks, weights, {"densty": 0.5})

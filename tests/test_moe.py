@@ -79,3 +79,23 @@ def test_cli_writes_a_model_card_and_refuses_bad_configs(models, tmp_path):
     too_many = write_recipe(tmp_path / "k.yml", config(models, "random", str(models["e0"]), experts_per_token=4))
     with pytest.raises(BadInput, match="experts_per_token is 4 but there are 3 experts"):
         load_moe_config(too_many)
+
+
+def test_a_nan_in_an_expert_is_refused_unless_allowed(models, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(models["e1"], poisoned)
+    weights = next(poisoned.glob("*.safetensors"))
+    state = load_file(weights)
+    state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(state, weights, metadata={"format": "pt"})
+    path = write_recipe(tmp_path / "moe.yml", config(models, "random", str(poisoned)))
+    result = run("moe", path, "-o", tmp_path / "out")
+    message = (
+        f"model {poisoned}: tensor model.layers.1.mlp.up_proj.weight holds NaN or Inf values; pass --allow-nonfinite"
+    )
+    assert_clean_failure(result, message, tmp_path / "out")
+    assert run("moe", path, "-o", tmp_path / "out", "--allow-nonfinite").exit_code == 0

@@ -62,9 +62,14 @@ def test_a_model_asking_for_remote_code_does_not_run_it(tmp_path):
     (model / "config.json").write_text(json.dumps(config))
     data = tmp_path / "data.jsonl"
     data.write_text('{"prompt": "copy ab=", "completion": "ab"}\n')
-    run("eval", model, "--data", data, "--prompt-field", "prompt", "--completion-field", "completion")
-    run("fold", CHARDEMO / "add", "--base", model, "-o", tmp_path / "folded")
-    run("generate", model, "--prompt", "copy ab=")
+    commands = [
+        ("eval", model, "--data", data, "--prompt-field", "prompt", "--completion-field", "completion"),
+        ("fold", CHARDEMO / "add", "--base", model, "-o", tmp_path / "folded"),
+        ("generate", model, "--prompt", "copy ab="),
+    ]
+    for command in commands:  # each must run to the end (a refusal would prove nothing about remote code)
+        result = run(*command)
+        assert result.exit_code == 0, (command[0], result.output)
     assert not marker.exists()
 
 
@@ -72,13 +77,14 @@ def test_a_token_in_the_environment_never_reaches_output_or_files(tmp_path):
     env = {**os.environ, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "merged"
     commands = [
-        ["merge", str(CHARDEMO / "add"), str(CHARDEMO / "sort"), "-o", str(out)],
-        ["merge", "someone/private-adapter", "-o", str(tmp_path / "missing")],  # a Hub miss: the error names the id
-        ["fold", str(out), "--base", str(CHARDEMO / "base"), "-o", str(tmp_path / "folded")],
+        (0, ["merge", str(CHARDEMO / "add"), str(CHARDEMO / "sort"), "-o", str(out)]),
+        (2, ["merge", "someone/private-adapter", "-o", str(tmp_path / "missing")]),  # a Hub miss: names the id
+        (0, ["fold", str(out), "--base", str(CHARDEMO / "base"), "-o", str(tmp_path / "folded")]),
     ]
-    for command in commands:
+    for code, command in commands:
         result = subprocess.run([sys.executable, "-m", "loramerge.cli", *command], env=env, capture_output=True,
                                 text=True, cwd=ROOT)  # fmt: skip
+        assert result.returncode == code, (command, result.stderr)
         assert TOKEN not in result.stdout + result.stderr
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert files and all(TOKEN.encode() not in p.read_bytes() for p in files)

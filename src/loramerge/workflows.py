@@ -3,8 +3,11 @@ folded into its base, and a recipe's ``evaluate:`` section. The CLI calls these 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from loramerge.adapters.files import load_adapter, save_adapter
 from loramerge.adapters.merge import MergePlan, plan_merge
@@ -20,6 +23,12 @@ from loramerge.recipe import Recipe
 Progress = Callable[[int, int, str], None]
 
 
+def executed_plan(plan: MergePlan, fold_into: str | None) -> MergePlan:
+    """The plan to execute: a merge folded into a base keeps its factors in float32 (the fold adds them in
+    float32), and the dtype asked for is then the folded model's."""
+    return dataclasses.replace(plan, out_dtype=torch.float32) if fold_into else plan
+
+
 def write_merged_adapter(
     merged: LoraAdapter,
     plan: MergePlan,
@@ -30,9 +39,10 @@ def write_merged_adapter(
     card_note: str = "",
     progress: Progress | None = None,
 ) -> None:
-    """Write a merged adapter, or (``fold_into``) that base with the merge folded in (``progress``: the fold)."""
+    """Write a merged adapter, or (``fold_into``) that base with the merge folded in (``progress``: the fold),
+    in the dtype the plan asks for (default: the adapters' or the base's)."""
     if fold_into:
-        fold(merged, fold_into, target, force=force, progress=progress, card_note=card_note)
+        fold(merged, fold_into, target, dtype=plan.options.dtype, force=force, progress=progress, card_note=card_note)
     else:
         save_adapter(merged, target, force=force, dtype=plan.out_dtype)
 
@@ -42,12 +52,13 @@ def adapter_recipe_plan(
 ) -> tuple[MergePlan, Path, str | None]:
     """An adapter recipe's plan, its checked output target and the base to fold into (``output.base``)."""
     adapters, weights, options = adapter_merge_inputs(recipe, allow_nonfinite, seed=seed, device=device)
-    target = check_output_target(output, force, [Path(a.source) for a in adapters])
     fold_into = None
     if recipe.folds_adapters:
         fold_into = recipe.output.base or next((a.base_model for a in adapters if a.base_model), None)
         if not fold_into:
             raise BadInput("output.base: name the base to fold into (the adapters record none)")
+    inputs = [a.path for a in adapters if a.path] + ([Path(fold_into)] if fold_into else [])
+    target = check_output_target(output, force, inputs)
     return plan_merge(adapters, weights, options), target, fold_into
 
 

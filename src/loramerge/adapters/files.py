@@ -119,7 +119,7 @@ def load_adapter(ref: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapt
     if not factors:
         raise BadInput(f"adapter {source}: holds no LoRA tensors")
     modules = {name: _build_module(name, parts, config, source) for name, parts in sorted(factors.items())}
-    return LoraAdapter(modules=modules, config=config, dense=dense, source=source)
+    return LoraAdapter(modules=modules, config=config, dense=dense, source=source, path=folder)
 
 
 def adapter_state_dict(adapter: LoraAdapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -24,6 +24,23 @@ def _lora_layers(model) -> list[tuple[str, Any]]:
     return [(name, layer) for name, layer in model.base_model.model.named_modules() if isinstance(layer, LoraLayer)]
 
 
+def _saved_copies(model) -> list[tuple[str, Any]]:
+    """PEFT's ``modules_to_save`` wrappers, by their name in the model."""
+    from peft.utils import ModulesToSaveWrapper
+
+    return [(n, m) for n, m in model.base_model.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+
+
+def _dense_copies(model, adapter_name: str) -> dict[str, Any]:
+    """The adapter's ``modules_to_save`` parameters under the names a saved adapter gives them."""
+    return {
+        f"{name}.{key}": value
+        for name, wrapper in _saved_copies(model)
+        if adapter_name in wrapper.modules_to_save
+        for key, value in wrapper.modules_to_save[adapter_name].named_parameters()
+    }
+
+
 def adapter_from_model(model, adapter_name: str) -> LoraAdapter:
     """The factors and scales of one adapter of a live ``PeftModel``, as a ``LoraAdapter``."""
     if adapter_name not in model.peft_config:
@@ -47,7 +64,8 @@ def adapter_from_model(model, adapter_name: str) -> LoraAdapter:
         )
     if not modules:
         raise BadInput(f"adapter {adapter_name}: no LoRA layers hold it")
-    return LoraAdapter(modules=modules, config=config, source=adapter_name)
+    dense = {name: value.detach() for name, value in _dense_copies(model, adapter_name).items()}
+    return LoraAdapter(modules=modules, config=config, dense=dense, source=adapter_name)
 
 
 def add_weighted_adapter(
@@ -90,8 +108,10 @@ def add_weighted_adapter(
         majority_sign=majority_sign or majority_sign_method, seed=seed, full_svd=full_svd, device=str(device),
         params=params,
     )  # fmt: skip
-    fields = {key: merged.config[key] for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "fan_in_fan_out")}
+    keys = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "modules_to_save")
+    fields = {key: merged.config.get(key) for key in keys}
     model.add_adapter(adapter_name, LoraConfig(target_modules=sorted(merged.modules), **fields))
+    _set_dense_copies(model, adapter_name, merged.dense)
     layers = dict(_lora_layers(model))
     for name, module in merged.modules.items():
         layer = layers[name]
@@ -103,3 +123,13 @@ def add_weighted_adapter(
         target_b.data = module.B.to(target_b.device, target_b.dtype)
         layer.scaling[adapter_name] = 1.0
     return merged
+
+
+def _set_dense_copies(model, adapter_name: str, dense: dict[str, Any]) -> None:
+    """Put the merged ``modules_to_save`` weights into the new adapter's copies (PEFT made them from the base)."""
+    copies = {name: value for name, value in _dense_copies(model, adapter_name).items() if name in dense}
+    missing = sorted(set(dense) - set(copies))
+    if missing:
+        raise BadInput(f"the merged modules_to_save tensors {missing} have no copy in the model")
+    for name, target in copies.items():
+        target.data = dense[name].to(target.device, target.dtype)

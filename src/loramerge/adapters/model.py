@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,7 +46,9 @@ class LoraAdapter:
     """A PEFT LoRA adapter: its modules, its ``adapter_config.json`` and any dense tensors it carries.
 
     ``dense`` holds ``modules_to_save`` copies and saved embedding base layers, keyed by their name in
-    the model (``lm_head.weight``).
+    the model (``lm_head.weight``). ``source`` is a label for messages and cards (a path, a Hub id, a live
+    adapter's name, "merged"); ``path`` is the local folder it was read from, the only thing an output may
+    not overlap.
     """
 
     modules: dict[str, LoraModule]
@@ -53,6 +56,7 @@ class LoraAdapter:
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
     source: str = ""
     card: str | None = None
+    path: Path | None = None
 
     @property
     def base_model(self) -> str | None:

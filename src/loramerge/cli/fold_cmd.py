@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from loramerge.cli.present import out, print_warnings, progress_bar, publish, reports_errors
+from loramerge.cli.present import mark_written, out, print_warnings, progress_bar, publish, reports_errors
 from loramerge.errors import BadInput
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -56,6 +56,7 @@ def fold_command(
             from_dequantized=quant_type if from_dequantized else None, shard_size=out_shard_size, force=force,
             progress=update,
         )  # fmt: skip
+    mark_written(target)
     kind = f"{quantize} 4-bit" if quantize else (dtype or "the base's dtype")
     seconds = time.perf_counter() - started
     out.print(f"folded {len(loaded.modules)} modules into {base} ({kind}) in {seconds:.2f} s -> {target}")
@@ -83,6 +84,7 @@ def extract_command(
     with progress_bar(None, label="extracting") as update:
         result = extract_lora(model, base, rank, fast=fast, progress=update)
     save_adapter(result.adapter, target, force=force, dtype=DTYPES[dtype] if dtype else None)
+    mark_written(target)
     if result.skipped:
         print_warnings([f"{len(result.skipped)} changed tensors are not 2-D weights and were left out "
                         f"(e.g. {result.skipped[0]}); the adapter cannot carry them"])  # fmt: skip

@@ -84,7 +84,8 @@ def merge(
         method=method, density=density, rank=rank, space=space, majority_sign=majority_sign, full_svd=full_svd,
         preset=preset, seed=seed, dtype=dtype, device=device, strict=strict, params=parse_params(param),
     )  # fmt: skip
-    target = check_output_target(output, force or dry_run, [Path(ref) for ref in adapters])
+    inputs = [Path(ref) for ref in [*adapters, *([fold_into] if fold_into else [])]]
+    target = check_output_target(output, force or dry_run, inputs)
     with console.status("reading adapters"):
         loaded = [load_adapter(ref, allow_nonfinite=allow_nonfinite) for ref in adapters]
     plan = plan_merge(loaded, parse_weights(weights), options)

@@ -18,6 +18,7 @@ def moe(
     seed: int = typer.Option(0, help="Seed of random routers and expert noise (mergekit's --random-seed)."),
     device: str = typer.Option("cpu", help="Where the hidden gate modes run the base model: cpu | cuda."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
+    allow_nonfinite: bool = typer.Option(False, help="Use input tensors holding NaN or Inf (refused by default)."),
     push_to_hub: str = typer.Option(None, help="Upload the output to this Hub repo (REPO_ID)."),
     private: bool = typer.Option(False, help="With --push-to-hub: create the repo private."),
 ) -> None:
@@ -32,7 +33,8 @@ def moe(
     started = time.perf_counter()
     with progress_bar(None, label=f"routers ({parsed.gate_mode}), then tensors") as update:
         target = build_moe(parsed, output, config_yaml=config.read_text(), seed=seed, force=force,
-                           shard_size=out_shard_size, device=device, progress=update)  # fmt: skip
+                           shard_size=out_shard_size, device=device, allow_nonfinite=allow_nonfinite,
+                           progress=update)  # fmt: skip
     out.print(f"{len(parsed.experts)} experts, {parsed.experts_per_token} per token, gate_mode {parsed.gate_mode}: "
               f"done in {time.perf_counter() - started:.2f} s -> {target.absolute()}")  # fmt: skip
     publish(target, push_to_hub, private)

@@ -38,7 +38,27 @@ console = Console(stderr=True, highlight=False, markup=False, emoji=False)  # pa
 out = Console(highlight=False, markup=False, emoji=False)
 
 
-_state = {"debug": False}
+_state: dict[str, object] = {"debug": False, "written": None}
+
+
+def mark_written(folder: Path) -> None:
+    """The command's output is in place: an error after this point must not claim nothing was written."""
+    _state["written"] = folder
+
+
+def _what_was_written() -> str:
+    written = _state["written"]
+    return f"the output {written} was written before this error" if written else "nothing was written"
+
+
+def _save_traceback() -> str:
+    """The current exception's traceback in a new file of the temporary folder; returns its path."""
+    import tempfile
+
+    handle, path = tempfile.mkstemp(prefix="loramerge-traceback-", suffix=".txt")
+    with open(handle, "w") as file:
+        traceback.print_exc(file=file)
+    return path
 
 
 def reports_errors(command: F) -> F:
@@ -46,13 +66,15 @@ def reports_errors(command: F) -> F:
 
     @functools.wraps(command)
     def wrapper(*args: object, **kwargs: object) -> object:
+        _state["written"] = None
         try:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except BadInput as error:
             _show_traceback()
-            console.print(f"[bold red]error:[/] {escape(one_line(error))}", markup=True, soft_wrap=True)
+            after = f" ({_what_was_written()})" if _state["written"] else ""
+            console.print(f"[bold red]error:[/] {escape(one_line(error))}{after}", markup=True, soft_wrap=True)
             raise typer.Exit(2) from None
         except PushFailed as error:
             console.print(f"[bold red]error:[/] {escape(one_line(error))}", markup=True, soft_wrap=True)
@@ -61,16 +83,17 @@ def reports_errors(command: F) -> F:
             _show_traceback()
             where = f" ({error.filename})" if error.filename else ""
             reason = escape((error.strerror or one_line(error)) + where)
-            console.print(f"[bold red]error:[/] {reason}; nothing was written", markup=True, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {reason}; {_what_was_written()}", markup=True, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/]; no output was written", markup=True)
+            console.print(f"[bold red]interrupted[/]; {_what_was_written()}", markup=True)
             raise typer.Exit(130) from None
-        except Exception as error:
+        except Exception as error:  # not the input's fault: a bug in loramerge or in a library it calls
             _show_traceback()
+            where = escape(_save_traceback())
             console.print(
-                f"[bold red]unexpected error:[/] {type(error).__name__}: {escape(one_line(error))} "
-                "(rerun with --debug for details)",
+                f"[bold red]internal error (a bug; please report it):[/] {type(error).__name__}: "
+                f"{escape(one_line(error))}; {_what_was_written()}; the traceback is in {where}",
                 markup=True,
                 soft_wrap=True,
             )
@@ -152,7 +175,7 @@ def run_adapter_plan(
     """Print a plan's warnings, then either the plan (dry run) or merge with a progress bar and save
     the adapter (or, with ``fold_into``, the base with the merge folded in)."""
     from loramerge.adapters.merge import execute_plan
-    from loramerge.workflows import write_merged_adapter
+    from loramerge.workflows import executed_plan, write_merged_adapter
 
     print_warnings(plan.warnings)
     if dry_run:
@@ -161,10 +184,11 @@ def run_adapter_plan(
         return
     started = time.perf_counter()
     with progress_bar(len(plan.modules)) as update:
-        merged = execute_plan(plan, update)
+        merged = execute_plan(executed_plan(plan, fold_into), update)
     with progress_bar(None, label="folding") if fold_into else nullcontext() as update:
         note = f"Merge: {plan.describe()}."
         write_merged_adapter(merged, plan, target, force=force, fold_into=fold_into, card_note=note, progress=update)
+    mark_written(target)
     out.print(f"merged {plan.describe()} in {time.perf_counter() - started:.2f} s -> {target}")
 
 

@@ -10,6 +10,7 @@ import typer
 from loramerge.cli.present import (
     console,
     evaluation_table,
+    mark_written,
     out,
     print_warnings,
     progress_bar,
@@ -93,5 +94,6 @@ def _run_dense(
     with progress_bar(len(plan.tensors), label="merging tensors") as update:
         write_checkpoint(plan, output, force=force, shard_size=shard_size, seed=seed or 0, device=device,
                          progress=update)  # fmt: skip
+    mark_written(output.absolute())
     print_warnings(plan.warnings)
     out.print(f"merged {len(plan.tensors)} tensors, {plan.output_layers} layers with {plan.spec.name}")

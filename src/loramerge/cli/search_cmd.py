@@ -54,7 +54,7 @@ def search(
                     prompt_field=prompt_field, completion_field=completion_field, text_field=text_field,
                     max_samples=max_samples, seed=seed, device=device, load_in_4bit=load_in_4bit,
                     threads=threads)  # fmt: skip
-    inputs = [recipe, *dev, *(Path(a.source) for a in job.adapters), Path(job.base)]
+    inputs = [recipe, *dev, *(a.path for a in job.adapters if a.path), Path(job.base)]
     target = check_output_target(output, force, inputs)
     check_settings(job, objective, optimizer, budget, batch)
     if ray_address:

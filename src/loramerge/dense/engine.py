@@ -111,7 +111,7 @@ def merge_tensor(plan: CheckpointPlan, tensor: TensorPlan, seed: int, device: st
         for block in row_blocks(rows, out[0].numel()):
             out[block] = finish(block, run_kernel(spec, tasks_of(block), weights, params)).to(tensor.dtype)
         return out
-    except ValueError as error:
+    except BadInput as error:  # a kernel refusing its parameters or inputs (multislerp's zero weights, say)
         raise BadInput(f"tensor {tensor.output}: {error}") from None
 
 

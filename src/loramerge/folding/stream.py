@@ -86,9 +86,7 @@ def fold(
     out_dtype = DTYPES[dtype] if dtype else _float_dtype(base, names, quantized)
     # by default shards as large as the base's largest: the one shard held in memory costs no more than reading
     max_bytes = parse_size(shard_size) if shard_size else max(path.stat().st_size for path in set(base.files.values()))
-    target = check_output_target(
-        Path(output), force, [base.folder, *([Path(adapter.source)] if adapter.source else [])]
-    )
+    target = check_output_target(Path(output), force, [base.folder, *([adapter.path] if adapter.path else [])])
     written = [name for name in names if name not in companions]
     with output_folder(target, force=force) as folder:
         writer = folder.buffered_shards(max_bytes)

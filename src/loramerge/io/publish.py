@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from loramerge.errors import brief
+from loramerge.io.atomic import MARKER_NAME
 
 
 class PushFailed(RuntimeError):
@@ -29,7 +30,10 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False) -> s
     api = HfApi()
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload with loramerge")
+        api.upload_folder(
+            folder_path=str(folder), repo_id=repo_id, commit_message="Upload with loramerge",
+            ignore_patterns=[MARKER_NAME],  # local bookkeeping of `force`, not part of the model
+        )  # fmt: skip
     except Exception as error:  # network, auth and validation errors all mean "not published"
         raise PushFailed(_scrub(f"could not push {folder} to the Hub repo {repo_id}: {brief(error)}")) from None
     return str(url)

@@ -6,6 +6,8 @@ from typing import Literal
 
 import torch
 
+from loramerge.errors import BadInput
+
 MajoritySign = Literal["total", "frequency"]
 Divisor = Literal["count", "weight", "none"]
 
@@ -27,7 +29,7 @@ def elect_sign_mask(tasks: torch.Tensor, method: MajoritySign = "total") -> torc
     elif method == "frequency":
         strength = signs.sum(dim=0)
     else:
-        raise ValueError(f"unknown majority_sign {method!r}")
+        raise BadInput(f"unknown majority_sign {method!r}")
     elected = torch.where(strength >= 0, 1.0, -1.0).to(tasks.dtype)
     return signs == elected
 
@@ -58,7 +60,7 @@ def elected_sign(voters: torch.Tensor, method: MajoritySign = "total") -> torch.
     elif method == "frequency":
         strength = voters.sign().sum(dim=0)
     else:
-        raise ValueError(f"unknown majority_sign {method!r}")
+        raise BadInput(f"unknown majority_sign {method!r}")
     return strength.ge(0).to(voters.dtype).mul_(2).sub_(1)
 
 

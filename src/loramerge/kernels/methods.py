@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from loramerge.errors import BadInput
 from loramerge.kernels.consensus import Divisor, MajoritySign, consensus_merge
 from loramerge.kernels.sparsify import Rescale, magnitude_trim, outlier_trim, random_drop, ranked_drop
 
@@ -25,7 +26,7 @@ Cutoffs = Sequence[object] | None  # per input, from the whole tensor; lets a ca
 def _each(value: PerInput, count: int) -> list[float]:
     values = [float(value)] * count if isinstance(value, (int, float)) else [float(v) for v in value]
     if len(values) != count:
-        raise ValueError(f"expected {count} per-input values, got {len(values)}")
+        raise BadInput(f"expected {count} per-input values, got {len(values)}")
     return values
 
 

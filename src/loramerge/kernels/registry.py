@@ -112,6 +112,13 @@ def with_cutoffs(spec: KernelSpec, params: dict[str, object], tasks: Iterable[to
     return {**params, "cutoffs": [spec.cutoff_fn(task, input_params(spec, given, i)) for i, task in enumerate(tasks)]}
 
 
+def _kernel_parameter_names() -> set[str]:
+    """Every name a kernel or a recipe may pass: the kernels' arguments and the methods' recipe parameters
+    (mergekit's ``int8_mask``, ``lambda``, … applied around the kernel)."""
+    methods = catalogue.methods()
+    return {name for m in methods for name in m.params | m.recipe_parameters} | {"cutoffs"}
+
+
 def run_kernel(
     spec: KernelSpec,
     tasks: torch.Tensor,
@@ -119,7 +126,13 @@ def run_kernel(
     params: dict[str, object],
     generators: Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Call a kernel with the parameters it accepts; the others (a preset's, say) do not apply to it."""
+    """Call a kernel with the parameters it accepts. The others must be some kernel's (a preset's
+    conventions apply to the consensus methods only, say); a name no kernel takes is a misspelling."""
+    unknown = sorted(set(params) - _kernel_parameter_names())
+    if unknown:
+        raise BadInput(
+            f"{spec.name}: unknown parameter {', '.join(map(repr, unknown))} (it takes {sorted(spec.params)})"
+        )
     accepted = {**spec.kernel_defaults}
     accepted.update((key, value) for key, value in params.items() if key in spec.params or key == "cutoffs")
     if spec.random:

@@ -7,6 +7,8 @@ from typing import Literal
 
 import torch
 
+from loramerge.errors import BadInput
+
 Rescale = Literal["density", "l1", "none"]
 
 
@@ -119,7 +121,7 @@ def ranked_drop(
     if density >= 1.0:
         return tensor
     if density - epsilon <= 0 or density + epsilon >= 1:
-        raise ValueError(f"della needs 0 < density - epsilon and density + epsilon < 1 (got {density}, {epsilon})")
+        raise BadInput(f"della needs 0 < density - epsilon and density + epsilon < 1 (got {density}, {epsilon})")
     rows = tensor.reshape(1, -1) if tensor.dim() < 2 else tensor.reshape(tensor.shape[0], -1)
     ranks = rows.abs().float().argsort(dim=1, stable=True).argsort(dim=1).float()
     spread = ranks.max(dim=1, keepdim=True).values.clamp(min=1)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from loramerge.errors import BadInput
+
 _UNIT_FLOOR = 1e-7  # NuSLERP's smallest norm a vector is divided by
 
 
@@ -33,7 +35,7 @@ def nuslerp(
     (0.5 when the weights sum to about zero; not clamped), over the whole tensor (``nuslerp_flatten``),
     each vector along the last dimension, or along the first (``nuslerp_row_wise``)."""
     if len(tasks) != 2:
-        raise ValueError(f"nuslerp takes exactly 2 models, got {len(tasks)}")
+        raise BadInput(f"nuslerp takes exactly 2 models, got {len(tasks)}")
     w0, w1 = (float(w) for w in weights)
     t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
     v0, v1 = tasks[0], tasks[1]
@@ -51,7 +53,7 @@ def multislerp(tasks: torch.Tensor, weights: torch.Tensor, *, normalize_weights:
     if len(tasks) == 1:
         return tasks[0].clone()
     if normalize_weights and abs(float(weights.sum())) < 1e-12:
-        raise ValueError(f"multislerp: the weights {weights.tolist()} sum to zero, so they cannot be normalised")
+        raise BadInput(f"multislerp: the weights {weights.tolist()} sum to zero, so they cannot be normalised")
     w = weights / weights.sum() if normalize_weights else weights
     flat = tasks.reshape(len(tasks), -1)
     norms = flat.norm(dim=1)
@@ -59,7 +61,7 @@ def multislerp(tasks: torch.Tensor, weights: torch.Tensor, *, normalize_weights:
     length = mean_direction.norm()
     if length < eps:
         if len(tasks) > 2:
-            raise ValueError("multislerp: the weighted mean of the directions is zero")
+            raise BadInput("multislerp: the weighted mean of the directions is zero")
         return (w[:, None] * flat).sum(dim=0).reshape(tasks[0].shape)
     scale = torch.cos(torch.tensor(eps)) * (w * norms).sum() / length
     return (mean_direction * scale).reshape(tasks[0].shape)

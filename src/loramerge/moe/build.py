@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from loramerge.adapters.checks import check_finite
 from loramerge.adapters.options import DTYPES
 from loramerge.dense.sources import ModelSource, open_source, split_reference
 from loramerge.errors import BadInput
@@ -32,9 +33,9 @@ MIXTRAL = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "ou
            "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0, "sliding_window": None}  # fmt: skip
 
 
-def _open(ref: str, where: str) -> ModelSource:
+def _open(ref: str, where: str, allow_nonfinite: bool) -> ModelSource:
     try:
-        source = open_source(ref)
+        source = open_source(ref, allow_nonfinite)
     except BadInput as error:
         raise BadInput(f"{where}: {error}") from None
     architectures = source.config.get("architectures") or []
@@ -143,11 +144,15 @@ def build_moe(
     force: bool = False,
     shard_size: str | int = "5GB",
     device: str = "cpu",
+    allow_nonfinite: bool = False,
     progress: Progress | None = None,
 ) -> Path:
-    """Write the mixture of experts ``config`` describes to ``output`` (atomically)."""
-    base = _open(config.base_model, "base_model")
-    experts = [_open(e.source_model, f"experts[{i}].source_model") for i, e in enumerate(config.experts)]
+    """Write the mixture of experts ``config`` describes to ``output`` (atomically); a NaN or Inf in any
+    tensor read stops it, naming the tensor, unless ``allow_nonfinite``."""
+    base = _open(config.base_model, "base_model", allow_nonfinite)
+    experts = [
+        _open(e.source_model, f"experts[{i}].source_model", allow_nonfinite) for i, e in enumerate(config.experts)
+    ]
     _check_experts(base, experts)
     target = check_output_target(Path(output), force, [base.checkpoint.folder, *(e.checkpoint.folder for e in experts)])
     layers, hidden = base.config["num_hidden_layers"], base.config["hidden_size"]
@@ -164,8 +169,14 @@ def build_moe(
     layout = _layout(base, config, dtype)
     dtypes = {item.name: item.dtype for item in layout}
 
+    def read(source: ModelSource, name: str) -> torch.Tensor:
+        tensor = source.get(name)
+        if not allow_nonfinite:
+            check_finite({name: tensor}, f"model {source.ref}")
+        return tensor
+
     def mlp(expert: int, layer: int, part: str) -> torch.Tensor:
-        weight = experts[expert].get(f"model.layers.{layer}.mlp.{part}.weight").to(torch.float32)
+        weight = read(experts[expert], f"model.layers.{layer}.mlp.{part}.weight").to(torch.float32)
         scale = config.experts[expert].noise_scale
         return weight + scale * torch.randn(weight.shape, generator=generator) if scale else weight
 
@@ -181,7 +192,7 @@ def build_moe(
                 progress(written, len(layout), name)
 
         for name in (item.name for item in layout if ".mlp." not in item.name):  # the base's own tensors
-            write(name, base.get(name))
+            write(name, read(base, name))
         for layer in range(layers):
             parts = [{part: mlp(e, layer, part) for part in ("gate_proj", "down_proj", "up_proj")}
                      for e in range(len(experts))]  # fmt: skip
