@@ -4,6 +4,7 @@ sizes, and the tables and summaries of plans and evaluations. The library never 
 from __future__ import annotations
 
 import functools
+import json
 import re
 import sys
 import time
@@ -175,6 +176,7 @@ def run_adapter_plan(
     """Print a plan's warnings, then either the plan (dry run) or merge with a progress bar and save
     the adapter (or, with ``fold_into``, the base with the merge folded in)."""
     from loramerge.adapters.merge import execute_plan
+    from loramerge.io.shard_writer import human_bytes
     from loramerge.workflows import executed_plan, write_merged_adapter
 
     print_warnings(plan.warnings)
@@ -189,7 +191,15 @@ def run_adapter_plan(
         note = f"Merge: {plan.describe()}."
         write_merged_adapter(merged, plan, target, force=force, fold_into=fold_into, card_note=note, progress=update)
     mark_written(target)
-    out.print(f"merged {plan.describe()} in {time.perf_counter() - started:.2f} s -> {target}")
+    seconds = time.perf_counter() - started
+    if fold_into:  # the output is the full model, not the adapter the plan describes
+        dtype = json.loads((target / "config.json").read_text()).get("dtype", "")
+        size = human_bytes(sum(path.stat().st_size for path in target.glob("*.safetensors")))
+        out.print(
+            f"merged {plan.describe_merge()}, folded into {fold_into}: {dtype}, {size} in {seconds:.2f} s -> {target}"
+        )
+    else:
+        out.print(f"merged {plan.describe()} in {seconds:.2f} s -> {target}")
 
 
 def evaluation_table(results) -> Table:
