@@ -1,5 +1,6 @@
 """One method catalogue: a method registered in one place is offered by the CLI, validated in recipes and
-mapped in the live API; the derived tables agree with the catalogue."""
+mapped in the live API; the derived tables are the hand-written ones, and each entry's claimed facts
+(linear, piecewise, random, consensus) hold when the method runs."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from loramerge import catalogue, load_adapter
 from loramerge.catalogue import Method, Parameter
 from loramerge.dense.engine import merge_checkpoints
 from loramerge.errors import BadInput
-from loramerge.kernels import KERNELS
+from loramerge.kernels import KERNELS, get_kernel, run_kernel, with_cutoffs
+from loramerge.lowrank import LowRank
 
 
 def halved_sum(tasks: torch.Tensor, weights: torch.Tensor, *, factor: float) -> torch.Tensor:
@@ -77,16 +79,136 @@ def test_an_unregistered_method_is_refused_everywhere(mixed_adapters, tmp_path):
     assert result.exit_code == 2 and "unknown method 'halved_sum'" in result.stderr
 
 
-def test_the_derived_tables_follow_the_catalogue():
-    assert set(KERNELS) == {m.name for m in catalogue.methods() if m.level == "element"}
-    assert catalogue.peft_combination_types()["ties_svd"] == ("ties", "full")
-    assert "cat" in catalogue.adapter_methods() and "cat" not in catalogue.dense_methods()
-    assert "slerp" in catalogue.dense_methods() and "slerp" not in catalogue.adapter_methods()
+# The tables written out by hand (README, "Methods"; mergekit's method list; PEFT's add_weighted_adapter
+# combination types): a method added to the catalogue must be added here too, and its claimed facts are
+# then checked below by running it.
+ADAPTER_METHODS = {
+    "cat", "svd", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs",
+    "breadcrumbs_ties", "della", "della_linear", "knots", "tsv_m", "iso_c", "iso_cts", "robustmerge",
+}  # fmt: skip
+DENSE_METHODS = {
+    "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs",
+    "breadcrumbs_ties", "della", "della_linear", "model_stock", "slerp", "nuslerp", "multislerp", "karcher", "sce",
+    "nearswap", "arcee_fusion", "ram", "ramplus_tl", "passthrough",
+}  # fmt: skip
+WHOLE_MATRIX = {"knots", "tsv_m", "iso_c", "iso_cts"}  # need SVDs of whole task matrices
+ON_FACTORS = {"cat", "svd", "robustmerge"}  # computed from the factors themselves
+PEFT_COMBINATION_TYPES = {
+    "cat": ("cat", None), "svd": ("svd", None), "linear": ("linear", None), "ties": ("ties", None),
+    "ties_svd": ("ties", "full"), "dare_linear": ("dare_linear", None), "dare_linear_svd": ("dare_linear", "full"),
+    "dare_ties": ("dare_ties", None), "dare_ties_svd": ("dare_ties", "full"),
+    "magnitude_prune": ("magnitude_prune", None), "magnitude_prune_svd": ("magnitude_prune", "full"),
+}  # fmt: skip
+
+
+def test_the_derived_tables_are_the_hand_written_ones():
+    assert set(catalogue.adapter_methods()) == ADAPTER_METHODS
+    assert set(catalogue.dense_methods()) == DENSE_METHODS
+    assert set(KERNELS) == (ADAPTER_METHODS | DENSE_METHODS) - WHOLE_MATRIX - ON_FACTORS
+    assert set(catalogue.matrix_kernels()) == WHOLE_MATRIX
+    assert catalogue.peft_combination_types() == PEFT_COMBINATION_TYPES
     for method in catalogue.methods():
-        if method.level == "element":  # every catalogued parameter the kernel takes has one default, here
-            signature_defaults = {name for name in method.params if name in method.recipe_parameters}
-            assert signature_defaults <= method.recipe_parameters
-        assert method.paper and method.summary
+        assert method.paper and method.summary, method.name
+
+
+def tensor_methods() -> list[str]:
+    return [method.name for method in catalogue.methods() if method.level != "module"]
+
+
+def stack(seed: int, count: int) -> torch.Tensor:
+    return torch.randn(count, 12, 10, generator=torch.Generator().manual_seed(seed))
+
+
+def inputs_of(method: Method) -> int:
+    return max(method.min_inputs, min(3, method.max_inputs or 3))
+
+
+def call(method: Method, tasks: torch.Tensor, seed: int = 0, **params) -> torch.Tensor:
+    """The method on ``tasks`` with its catalogue defaults, the values it requires (``t``) and ``params``."""
+    given = {p.name: 0.3 for p in method.parameters if p.required and not p.per_input} | params
+    weights = torch.tensor([0.6, 0.3, 0.8][: len(tasks)])
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(tasks))]
+    return run_kernel(get_kernel(method.name), tasks, weights, given, generators)
+
+
+@pytest.mark.parametrize("name", tensor_methods())
+def test_every_method_runs_on_its_catalogue_defaults_alone(name):
+    """Every parameter the function takes without a default of its own has one in the catalogue (or is
+    one the user must give: ``required``)."""
+    method = catalogue.get(name)
+    tasks = stack(0, inputs_of(method))
+    merged = call(method, tasks)
+    assert merged.shape == tasks.shape[1:] and torch.isfinite(merged).all()
+
+
+@pytest.mark.parametrize("name", [m.name for m in catalogue.methods() if m.linear and m.level != "module"])
+def test_the_linear_methods_are_linear_and_basis_equivariant(name):
+    """``linear``: f(X + 2Y) = f(X) + 2 f(Y), and f(P X Q) = P f(X) Q for orthogonal P, Q (merging in any
+    shared basis is exact)."""
+    method = catalogue.get(name)
+    x, y = stack(1, inputs_of(method)), stack(2, inputs_of(method))
+    params = {"density": 0.5} if "density" in method.params else {}  # a pruning method would show here
+    torch.testing.assert_close(
+        call(method, x + 2 * y, **params), call(method, x, **params) + 2 * call(method, y, **params)
+    )
+    P, _ = torch.linalg.qr(torch.randn(12, 12, generator=torch.Generator().manual_seed(3)))
+    Q, _ = torch.linalg.qr(torch.randn(10, 10, generator=torch.Generator().manual_seed(4)))
+    torch.testing.assert_close(call(method, P @ x @ Q, **params), P @ call(method, x, **params) @ Q)
+
+
+@pytest.mark.parametrize("name", [m.name for m in catalogue.methods() if m.linear and m.level == "module"])
+def test_the_linear_factor_methods_are_linear_in_the_weights(name):
+    method = catalogue.get(name)
+    generator = torch.Generator().manual_seed(5)
+    terms = [LowRank(torch.randn(12, r, generator=generator), torch.randn(r, 10, generator=generator)) for r in (2, 3)]
+    exact = 5  # Σ r_i: nothing truncated
+
+    def dense(weights):
+        return method.fn(terms, weights, rank=exact).dense()
+
+    torch.testing.assert_close(dense([1.0, -2.0]), dense([1.0, 0.0]) - 2 * dense([0.0, 1.0]))
+    torch.testing.assert_close(dense([0.7, 0.4]), 0.7 * terms[0].dense() + 0.4 * terms[1].dense())
+
+
+@pytest.mark.parametrize("name", [m.name for m in catalogue.methods() if m.piecewise])
+def test_the_piecewise_methods_give_the_whole_tensor_result_on_row_blocks(name):
+    """``piecewise``: with each whole task's cutoff known, the method on blocks of rows is the method on the
+    whole tensor (the full space and dense merges rely on it)."""
+    method = catalogue.get(name)
+    tasks = stack(6, inputs_of(method))
+    params = {"density": 0.5} if "density" in method.params else {}
+    whole = call(method, tasks, **params)
+    cut = with_cutoffs(method, params, tasks)
+    blocks = [call(method, tasks[:, rows], **cut) for rows in (slice(0, 5), slice(5, 10), slice(10, 12))]
+    assert torch.equal(torch.cat(blocks), whole)
+
+
+@pytest.mark.parametrize("name", tensor_methods())
+def test_the_random_methods_and_only_they_draw_from_their_generators(name):
+    """``random``: the result follows the per-input generators (another seed, another result) and nothing
+    else; every other method ignores the global random state. (KnOTS draws through its inner method.)"""
+    method = catalogue.get(name)
+    tasks = stack(7, inputs_of(method))
+    params = {"density": 0.5} if "density" in method.params else {}
+    params |= {"inner": "dare_ties"} if "inner" in method.params else {}
+    torch.manual_seed(1)
+    first = call(method, tasks, seed=10, **params)
+    torch.manual_seed(2)
+    assert torch.equal(call(method, tasks, seed=10, **params), first)
+    assert torch.equal(call(method, tasks, seed=20, **params), first) != method.random
+
+
+@pytest.mark.parametrize("name", [m.name for m in catalogue.methods() if m.consensus])
+def test_the_consensus_methods_elect_a_sign(name):
+    """``consensus``: with nothing dropped (density 1), tasks ``[a, a, -1.5 a]`` elect the sign of ``a`` (the
+    sign of their sum) and the disjoint mean of the two agreeing tasks is ``a`` — a weighted sum would give
+    ``0.5 a`` (TIES-Merging, Yadav et al., NeurIPS 2023)."""
+    method = catalogue.get(name)
+    a = stack(8, 1)[0]
+    params = {"density": 1.0} | ({"epsilon": 0.0} if "epsilon" in method.params else {})
+    got = run_kernel(get_kernel(name), torch.stack([a, a, -1.5 * a]), torch.ones(3), params,
+                     [torch.Generator().manual_seed(i) for i in range(3)])  # fmt: skip
+    torch.testing.assert_close(got, a, rtol=1e-5, atol=1e-5)
 
 
 def test_a_method_can_carry_its_own_default_density(mixed_adapters, tmp_path):

@@ -10,19 +10,20 @@ import pytest
 import torch
 
 from dense_helpers import save_llama, write_recipe
-from loramerge import load_adapter, save_adapter
+from loramerge import catalogue, load_adapter, save_adapter
 from loramerge.adapters.merge import execute_plan, plan_merge
 from loramerge.adapters.options import parse_options
-from loramerge.catalogue import adapter_methods
+from loramerge.catalogue import Method
 from loramerge.dense.engine import merge_checkpoints, merge_tensor
 from loramerge.dense.plan import plan_checkpoint_merge
-from loramerge.kernels import KERNELS
 from loramerge.recipe import load_recipe
 
-ADAPTER_CASES = [(method, "core") for method in adapter_methods()] + [
+# Every method of the catalogue, read from it: a method added there is covered here, or (if the recipe
+# below cannot run it) fails here.
+ADAPTER_CASES = [(method, "core") for method in catalogue.adapter_methods()] + [
     (method, space) for method in ("ties", "dare_ties", "della") for space in ("full", "factors")
 ]
-DENSE_METHODS = ["linear", "ties", "dare_linear", "dare_ties", "breadcrumbs", "della", "della_linear", "model_stock"]
+DENSE_METHODS = catalogue.dense_methods()
 
 
 def _digest(folder: Path) -> str:
@@ -59,19 +60,34 @@ def test_adapter_merges_are_bit_identical(method, space, equal_rank_adapters, tm
 @pytest.fixture(scope="module")
 def dense_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("determinism")
-    base = save_llama(root / "base", 0)
-    return root, base, [save_llama(root / f"m{i}", i, like=base) for i in (1, 2, 3)]
+    base = save_llama(root / "base", 0, layers=1, hidden=32)
+    return root, base, [save_llama(root / f"m{i}", i, layers=1, hidden=32, like=base) for i in (1, 2, 3)]
+
+
+def dense_recipe(method: Method, base: Path, models: list[Path]) -> dict:
+    """A recipe the method accepts, from its catalogue entry: as many inputs as it takes (the base counts as
+    the first input of ``base_first`` methods; a one-input method has no base), a weight and a density per
+    model where it has them, and a value for each parameter it requires."""
+    limit = method.max_inputs or len(models)
+    count = limit - 1 if method.base_first else min(limit, len(models))
+    per_model = {"weight": (1.0, 0.5, 0.8), "density": (0.5, 0.5, 0.5)}
+    recipe: dict = {"merge_method": method.name, "dtype": "float32"}
+    if limit > 1:
+        recipe["base_model"] = str(base)
+    recipe["models"] = [
+        {"model": str(model), "parameters": {k: v[i] for k, v in per_model.items() if k in method.recipe_parameters}}
+        for i, model in enumerate(models[:count])
+    ]
+    required = {p.name: 0.4 for p in method.parameters if p.required and not p.per_input}
+    if required:
+        recipe["parameters"] = required
+    return recipe
 
 
 @pytest.mark.parametrize("method", DENSE_METHODS)
 def test_dense_merges_are_bit_identical(method, dense_models, tmp_path):
     _, base, models = dense_models
-    known = KERNELS[method].recipe_parameters
-    recipe = write_recipe(tmp_path / "recipe.yml", {
-        "merge_method": method, "base_model": str(base), "dtype": "float32",
-        "models": [{"model": str(m), "parameters": {k: v for k, v in (("weight", w), ("density", 0.5)) if k in known}}
-                   for m, w in zip(models, (1.0, 0.5, 0.8), strict=True)],
-    })  # fmt: skip
+    recipe = write_recipe(tmp_path / "recipe.yml", dense_recipe(catalogue.get(method), base, models))
     digests = []
     for threads in (2, 2, 1):
         out = tmp_path / f"out-{len(digests)}"

@@ -160,6 +160,56 @@ def test_extract_full_rank_and_truncated(fast, llama, tmp_path):
     assert ((got - best).norm() / best.norm()).item() < 1e-5
 
 
+def best_residual(delta: torch.Tensor, rank: int) -> float:
+    """‖Δ − Δ_k‖_F / ‖Δ‖_F of the best rank-k approximation (Eckart–Young–Mirsky), by ``torch.linalg.svd``."""
+    values = torch.linalg.svdvals(delta.double())
+    return (values[rank:].norm() / values.norm()).item()
+
+
+def test_extract_fast_is_seeded_and_near_the_best_rank_k(llama, tmp_path):
+    """Two ``extract --fast`` runs write the same bytes whatever the process drew before (the sketch was
+    unseeded), and each module's randomized truncation is within 2 % of the best residual."""
+    _, base, _ = llama
+    tuned = save_llama(tmp_path / "tuned", 7, like=base)
+    written = []
+    for run_index, earlier_seed in enumerate((1, 2)):
+        torch.manual_seed(earlier_seed)  # what the process drew before must not matter
+        torch.rand(5)
+        out = tmp_path / f"fast{run_index}"
+        result = run("extract", tuned, "--base", base, "-o", out, "--rank", "4", "--fast")
+        assert result.exit_code == 0, result.output
+        written.append((out / "adapter_model.safetensors").read_bytes())
+    assert written[0] == written[1]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "fast0")
+    tuned_state, base_state = load_weights(tuned), load_weights(base)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.mlp.up_proj"):
+        delta = tuned_state[f"{name}.weight"] - base_state[f"{name}.weight"]
+        got = model.base_model.model.get_submodule(name).get_delta_weight("default")
+        best = best_residual(delta, 4)
+        residual = ((delta - got).norm() / delta.norm()).item()
+        assert best <= residual * (1 + 1e-5) and residual <= 1.02 * best, (name, residual, best)
+
+
+def test_extract_reports_the_energy_the_svd_captures(llama, tmp_path):
+    from loramerge.folding.extract import extract_lora
+
+    _, base, _ = llama
+    tuned = save_llama(tmp_path / "tuned", 8, like=base)
+    tuned_state, base_state = load_weights(tuned), load_weights(base)
+    for fast in (False, True):
+        result = extract_lora(str(tuned), str(base), 4, fast=fast)
+        name = "model.layers.0.mlp.gate_proj"
+        delta = tuned_state[f"{name}.weight"] - base_state[f"{name}.weight"]
+        values = torch.linalg.svdvals(delta.double())
+        best = (values[:4].pow(2).sum() / values.pow(2).sum()).item()
+        kept = (result.adapter.modules[name].delta().double().norm() / delta.double().norm()).item() ** 2
+        assert result.energy[name] == pytest.approx(kept, rel=1e-4)  # the energy of what was written
+        if fast:  # the range finder keeps at most the best rank-4 subspace's energy
+            assert result.energy[name] <= best * (1 + 1e-5)
+        else:
+            assert result.energy[name] == pytest.approx(best, rel=1e-5)
+
+
 def test_fold_bad_inputs(llama, tmp_path):
     _, base, adapters = llama
     other = save_llama(tmp_path / "other", 6, hidden=32)

@@ -3,6 +3,8 @@ two coincide (a shared ``A``), its identities, and real rsLoRA adapters read thr
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -30,19 +32,26 @@ def delta(merged: LoraAdapter, name: str = NAME) -> torch.Tensor:
     return merged.modules[name].delta()
 
 
+def paper_prune(x: torch.Tensor, density: float) -> torch.Tensor:
+    """RobustMerge's mask ``M(k)`` (Zeng et al., NeurIPS 2025, arXiv:2502.17159, "Ã = M_A(k) ⊙ A"): keep the
+    top-k parameters by magnitude, k = density · n counted exactly (a fraction, not a float), in float64
+    with a sort of the indices. (The authors' release keeps one entry more: see ``lowrank/robust.py``.)"""
+    flat = x.double().flatten()
+    count = max(1, int(Fraction(str(density)) * flat.numel()))
+    order = sorted(range(flat.numel()), key=lambda i: -abs(flat[i].item()))
+    mask = torch.zeros_like(flat)
+    mask[order[:count]] = 1.0
+    return (flat * mask).reshape(x.shape)
+
+
 def robust_reference(pairs, weights, density, floor, alpha) -> torch.Tensor:
-    """The paper's steps one by one, in float64 with loops: prune each factor to its largest entries
-    (sorted magnitudes), a scale per component of the row mass pruning removed from ``A``, floored at the
+    """The paper's steps one by one, in float64 with loops: prune each factor to its top-k entries
+    (``paper_prune``), a scale per component of the row mass pruning removed from ``A``, floored at the
     task's ``floor`` order statistic, divided by the component's mean scale over the tasks that have it;
     then ``α Σ_t w_t Σ_k c_tk B̃_t[:, k] ⊗ Ã_t[k]``."""
 
     def prune(x):
-        x = x.double()
-        dropped = int(x.numel() * (1 - density))
-        if dropped < 1:
-            return x
-        threshold = sorted(x.abs().flatten().tolist())[dropped - 1]
-        return x * (x.abs() >= threshold)
+        return x.double() if density >= 1 else paper_prune(x, density)
 
     pruned, scales = [], []
     for B, A in pairs:
@@ -70,18 +79,30 @@ def test_robustmerge_against_the_paper(density, floor, alpha):
 
 def test_with_a_shared_A_it_is_the_authors_factor_wise_merge():
     """The authors sum the pruned factors: B = Σ 2 s_t ⊙ B̃_t / Σ s_t and A = Σ 2 Ã_t. With one A for all
-    tasks their cross terms collapse, and α = 4 (2 on each factor) gives the same update."""
+    tasks their cross terms collapse, and α = 4 (2 on each factor) gives the same update. (Pruned with the
+    paper's top-k mask; the authors' release keeps one entry more per factor.)"""
     shared = torch.rand(5, 30, generator=torch.Generator().manual_seed(7)) * 2 - 1
     adapters = [adapter(seed, 5, A=shared) for seed in range(3)]
     merged = merge_adapters(adapters, [1.0, 1.0, 1.0], "robustmerge", params={"alpha": 4.0})
     Bs, As, scales = [], [], []
     for B, A in factors(adapters):
-        Bp, Ap = (x * (x.abs() >= x.abs().flatten().kthvalue(int(x.numel() * 0.8)).values) for x in (B, A))
+        Bp, Ap = paper_prune(B, 0.2).float(), paper_prune(A, 0.2).float()
         s = A.abs().sum(1) / Ap.abs().sum(1)
         Bs.append(Bp), As.append(Ap), scales.append(s.clamp_min(s.sort().values[int(0.8 * 5)]))
     B_merged = sum(2.0 * s * Bp for s, Bp in zip(scales, Bs, strict=True)) / sum(scales)
     A_merged = sum(2.0 * Ap for Ap in As)
     assert rel_err(delta(merged), B_merged @ A_merged) < 1e-5
+
+
+@pytest.mark.parametrize(("density", "kept_a", "kept_b"), [(0.2, 30, 40), (0.5, 75, 100), (0.29, 43, 58)])
+def test_pruning_keeps_exactly_the_density_fraction(density, kept_a, kept_b):
+    """The paper's M(k) keeps the top-k parameters: at density 0.2 a 5 x 30 ``A`` keeps 30 of its 150 entries
+    and a 40 x 5 ``B`` 40 of 200 (the authors' release, and loramerge before, kept 31 and 41). The counts are
+    written out by hand: ⌊density · n⌋."""
+    merged = merge_adapters([adapter(4, 5)], [1.0], "robustmerge", density=density)
+    module = merged.modules[NAME]
+    assert int((module.A != 0).sum()) == kept_a
+    assert int((module.B != 0).sum()) == kept_b
 
 
 def test_without_pruning_it_is_task_arithmetic_times_alpha():

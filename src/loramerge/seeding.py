@@ -25,6 +25,23 @@ def tensor_generators(
 
 
 @contextmanager
+def default_generator_seeded(device: torch.device, seed: int) -> Iterator[None]:
+    """Within: ``device``'s default generator starts from ``seed``. After: every generator as it was before.
+
+    For library calls that draw from the default generator and take no ``generator=`` (``torch.svd_lowrank``).
+    Only that one generator is seeded: ``torch.manual_seed`` would also reseed every CUDA device, which
+    ``fork_rng`` restores only for the devices it is given, and so change a caller's CUDA stream."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if device.type == "cuda":
+            index = torch.cuda.current_device() if device.index is None else device.index
+            torch.cuda.default_generators[index].manual_seed(seed)
+        else:
+            torch.random.default_generator.manual_seed(seed)
+        yield
+
+
+@contextmanager
 def thread_independent(tensor: torch.Tensor) -> Iterator[None]:
     """Run a CPU decomposition on one thread: LAPACK splits its blocked SVD by thread count, so the bits of
     the result would otherwise depend on the machine's cores (tests/test_determinism.py)."""

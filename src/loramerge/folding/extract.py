@@ -1,8 +1,9 @@
 """``loramerge extract``: the best rank-K LoRA of ``MODEL - BASE``, module by module (Eckart–Young–Mirsky).
 
-So a dense merge can be shipped as a merged adapter. Exact SVD by default; ``fast`` uses
-``torch.svd_lowrank`` (Halko, Martinsson & Tropp 2011). Reports each module's captured energy
-``Σ_{i≤K} σ_i² / ‖Δ‖_F²``.
+So a dense merge can be shipped as a merged adapter. Exact SVD by default; ``fast`` uses the seeded
+randomized range finder (Halko, Martinsson & Tropp 2011). Both are the full space's own truncations
+(``lowrank.svd``), so an extracted adapter and a full-space merge are cut the same way, and two runs
+write the same bits. Reports each module's captured energy ``Σ_{i≤K} σ_i² / ‖Δ‖_F²``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from loramerge.errors import BadInput
 from loramerge.io.checkpoint import open_checkpoint
 from loramerge.io.model_card import extracted_adapter_card
 from loramerge.io.peft_config import extracted_lora_config
+from loramerge.lowrank.factored import LowRank
+from loramerge.lowrank.svd import truncate_dense, truncate_dense_randomized
+from loramerge.seeding import tensor_seed
 
 Progress = Callable[[int, int, str], None]
 _EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in")
@@ -30,22 +34,32 @@ class Extraction:
     skipped: list[str] = field(default_factory=list)  # changed tensors a LoRA cannot hold (norms, biases)
 
 
-def low_rank_factors(delta: torch.Tensor, rank: int, fast: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``B`` (out x k), ``A`` (k x in) with ``B A`` the best rank-k approximation, and the energy kept."""
-    k = min(rank, *delta.shape)
-    if fast:
-        left, values, right = torch.svd_lowrank(delta, q=min(k + 8, min(delta.shape)), niter=4)
-        right_t = right.T
-    else:
-        left, values, right_t = torch.linalg.svd(delta, full_matrices=False)
+def captured_energy(factors: LowRank, delta: torch.Tensor) -> float:
+    """``‖B A‖_F² / ‖Δ‖_F²`` of a truncation: ``A`` has orthonormal rows, so ``‖B A‖_F = ‖B‖_F`` (for the
+    exact SVD, ``Σ_{i≤k} σ_i²``; for the range finder, the energy of the projection it keeps)."""
     total = delta.pow(2).sum().item()
-    captured = values[:k].pow(2).sum().item() / total if total > 0 else 1.0
-    return left[:, :k] * values[:k], right_t[:k], min(captured, 1.0)
+    return min(factors.B.pow(2).sum().item() / total, 1.0) if total > 0 else 1.0
+
+
+def low_rank_factors(delta: torch.Tensor, rank: int, fast: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``B`` (out x k), ``A`` (k x in) with ``B A`` the best rank-k approximation (near-best with ``fast``,
+    drawn from ``seed``), and the energy kept."""
+    factors = truncate_dense_randomized(delta, rank, seed) if fast else truncate_dense(delta, rank)
+    return factors.B, factors.A, captured_energy(factors, delta)
 
 
 def extract_lora(
-    model_ref: str, base_ref: str, rank: int, *, fast: bool = False, progress: Progress | None = None
+    model_ref: str,
+    base_ref: str,
+    rank: int,
+    *,
+    fast: bool = False,
+    seed: int = 0,
+    progress: Progress | None = None,
 ) -> Extraction:
+    """``seed`` draws ``fast``'s sketches, one per module from (seed, module name) alone, as a full-space
+    merge draws its own (``seeding.tensor_seed``): the result depends on neither the module order nor
+    anything drawn before."""
     if rank < 1:
         raise BadInput(f"`rank` must be at least 1, got {rank}")
     model, base = open_checkpoint(model_ref), open_checkpoint(base_ref)
@@ -68,7 +82,9 @@ def extract_lora(
                 if len(shape) == 2 and name.endswith(".weight"):
                     module = name.removesuffix(".weight")
                     embedding = any(part in module for part in _EMBEDDINGS)
-                    B, A, energy[module] = low_rank_factors(delta.T if embedding or conv1d else delta, rank, fast)
+                    oriented = delta.T if embedding or conv1d else delta
+                    module_seed = tensor_seed(seed, f"{module}/svd", 0)
+                    B, A, energy[module] = low_rank_factors(oriented, rank, fast, module_seed)
                     modules[module] = LoraModule(A=A.contiguous(), B=B.contiguous(), scale=1.0, embedding=embedding)
                 else:
                     skipped.append(name)

@@ -16,20 +16,36 @@ other method (the quality benchmark measured α = 4 far too strong for independe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
+from loramerge.errors import BadInput
 from loramerge.lowrank.factored import LowRank, concat
 from loramerge.lowrank.svd import truncate_rank
 
 
+def kept_count(numel: int, density: float) -> int:
+    """How many entries RobustMerge's mask ``M(k)`` keeps: the top ``k = density`` fraction, ``⌊density · n⌋``
+    (at least one, so no task vanishes from a small factor). The product is rounded to 9 decimals first
+    so that a density written in decimal keeps the count it names (``0.29 · 100`` is ``28.999…`` in binary).
+
+    Zeng et al., "RobustMerge: Parameter-Efficient Model Merging for MLLMs with Direction Robustness",
+    NeurIPS 2025 (arXiv:2502.17159): ``Ã = M_A(k) ⊙ A``, ``B̃ = M_B(k) ⊙ B``, where ``M(k)`` keeps the top-k
+    parameters by magnitude. The authors' release computes the mask as ``|x| ≥ kthvalue(int(n (1 − k)))``,
+    which also keeps the ``int(n (1 − k))``-th smallest entry: one more than the paper's top-k (31 of 150 at
+    k = 0.2). loramerge follows the paper."""
+    return max(1, math.floor(round(density * numel, 9)))
+
+
 def keep_largest(x: torch.Tensor, density: float) -> torch.Tensor:
-    """``x`` with all but (about) its ``density`` fraction of largest-magnitude entries zeroed; ties kept."""
-    smallest_dropped = int(x.numel() * (1.0 - density))
-    if smallest_dropped < 1:
+    """``x`` with all but its ``kept_count`` largest-magnitude entries zeroed (RobustMerge's pruning);
+    entries tied with the smallest kept magnitude are kept too."""
+    keep = kept_count(x.numel(), density)
+    if keep >= x.numel():
         return x.clone()
-    threshold = x.abs().flatten().kthvalue(smallest_dropped).values
+    threshold = x.abs().flatten().topk(keep).values[-1]
     return torch.where(x.abs() >= threshold, x, torch.zeros_like(x))
 
 
@@ -66,9 +82,9 @@ def robust_merge(
     """The ``robustmerge`` method: ``α Σ_i w_i (c_i ⊙ B̃_i) Ã_i`` as concatenated factors (rank Σ r_i),
     truncated only when ``rank`` is smaller."""
     if not 0.0 < density <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density}")
+        raise BadInput(f"density must be in (0, 1], got {density}")
     if not 0.0 <= floor <= 1.0:
-        raise ValueError(f"floor must be in [0, 1], got {floor}")
+        raise BadInput(f"floor must be in [0, 1], got {floor}")
     pruned = [LowRank(keep_largest(term.B, density), keep_largest(term.A, density)) for term in terms]
     scales = [complementary_scales(t.A, p.A, floor) for t, p in zip(terms, pruned, strict=True)]
     normalised = normalise_across_tasks(scales)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from loramerge.lowrank.factored import LowRank, concat
-from loramerge.seeding import reproducible_qr, reproducible_svd, thread_independent
+from loramerge.seeding import default_generator_seeded, reproducible_qr, reproducible_svd, thread_independent
 
 
 def core_basis(terms: Sequence[LowRank]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,20 +61,23 @@ def use_randomized(choice: str, shape: tuple[int, int], rank: int) -> bool:
 def truncate_dense_randomized(delta: torch.Tensor, rank: int, seed: int) -> LowRank:
     """A near-best rank-``rank`` factorisation of a dense matrix by the randomized range finder with
     power iterations (Halko, Martinsson & Tropp, SIAM Review 2011, Alg. 4.4 + 5.1), via
-    ``torch.svd_lowrank``: a few products with a thin random matrix instead of a full SVD. Seeded, so
-    the same inputs give the same bits; ``benchmarks/llama8b_shaped.py`` reports its error against the
-    exact truncation."""
+    ``torch.svd_lowrank``: a few products with a thin random matrix instead of a full SVD.
+
+    The one randomized truncation of the package: the full space's ``--full-svd randomized`` and
+    ``extract --fast`` both call it. Seeded (the sketch is drawn from ``seed`` alone, on a forked
+    generator, so the caller's random stream is untouched): the same inputs give the same bits.
+    ``benchmarks/llama8b_shaped.py`` reports its error against the exact truncation."""
     sketch = min(rank + OVERSAMPLE, *delta.shape)
-    devices = [delta.device] if delta.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), thread_independent(delta):  # bits independent of the cores
-        torch.manual_seed(seed)
+    # the sketch from the seed alone, and bits independent of the cores
+    with default_generator_seeded(delta.device, seed), thread_independent(delta):
         left, values, right = torch.svd_lowrank(delta, q=sketch, niter=POWER_ITERATIONS)
     keep = min(rank, values.shape[0])
     return LowRank(B=left[:, :keep] * values[:keep], A=right[:, :keep].T)
 
 
 def truncate_dense(delta: torch.Tensor, rank: int) -> LowRank:
-    """The best rank-``rank`` factorisation of a dense matrix (``torch.linalg.svd``): the ``full`` space."""
+    """The best rank-``rank`` factorisation of a dense matrix (``torch.linalg.svd``; Eckart–Young–Mirsky):
+    the ``full`` space's exact truncation and ``extract``'s."""
     left, values, right_t = reproducible_svd(delta)
     keep = min(rank, values.shape[0])
     return LowRank(B=left[:, :keep] * values[:keep], A=right_t[:keep])
