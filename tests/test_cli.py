@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from cli_helpers import run
+from loramerge import catalogue
 
 
 def test_inspect_reports_ranks_scales_and_agreement(mixed_adapters):
@@ -35,7 +36,12 @@ def test_merge_writes_a_peft_folder(mixed_adapters, tmp_path):
         "merge", *mixed_adapters, "--weights", "0.5,0.3,0.2", "--method", "ties", "--density", "0.5", "-o", out
     )
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".loramerge.json",
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["lora_alpha"] == config["r"] == 4 and config["use_rslora"] is False
     assert set(config["target_modules"]) >= {"q_proj", "down_proj", "embed_tokens"}
@@ -85,3 +91,56 @@ def test_console_script_end_to_end(mixed_adapters, tmp_path):
         [*exe, "merge", str(tmp_path / "nope"), "-o", str(tmp_path / "o")], capture_output=True, text=True
     )
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr
+
+
+def test_one_adapter_is_one_adapter_and_iso_c_says_it_changes_it(mixed_adapters, tmp_path):
+    """A lone adapter is not "1 adapters"; and the default method reshapes even a lone adapter, which a user
+    merging one (to change its dtype, say) must be told, with the method that copies it."""
+    default = run("merge", mixed_adapters[0], "-o", tmp_path / "iso_c")
+    assert default.exit_code == 0, default.output
+    assert default.stdout.startswith("merged 1 adapter, 14 modules, method=iso_c ")
+    assert default.stderr.splitlines() == [
+        "warning: one adapter: iso_c flattens its singular values, so the output differs from the input; "
+        "use --method linear to copy it"
+    ]
+    copy = run("merge", mixed_adapters[0], "--method", "linear", "-o", tmp_path / "linear")
+    assert copy.exit_code == 0 and copy.stderr == "", copy.output
+    assert copy.stdout.startswith("merged 1 adapter, 14 modules, method=linear ")
+
+
+def _one_adapter_merge(adapter, **options):
+    from loramerge.adapters.merge import execute_plan, plan_merge
+    from loramerge.adapters.options import parse_options
+
+    plan = plan_merge([adapter], None, parse_options(**options))
+    warned = [warning for warning in plan.warnings if warning.startswith("one adapter:")]
+    merged = execute_plan(plan)
+    change = max(
+        (torch.linalg.norm(merged.modules[name].delta() - module.delta()) / torch.linalg.norm(module.delta())).item()
+        for name, module in adapter.modules.items()
+    )
+    return change, warned
+
+
+@pytest.mark.parametrize("method", catalogue.adapter_methods())
+def test_the_one_adapter_warning_comes_exactly_when_the_method_changes_it(method, mixed_adapters):
+    """Measured, not assumed: every adapter method on one adapter, at its defaults and at density 1 (where the
+    trimming and dropping methods keep every entry), warns if and only if the output differs from the input."""
+    from loramerge import load_adapter
+
+    adapter = load_adapter(mixed_adapters[0])
+    for density in (None, 1.0):
+        change, warned = _one_adapter_merge(adapter, method=method, density=density)
+        assert bool(warned) == (change > 1e-4), (method, density, change, warned)
+
+
+def test_fold_leaves_no_blank_line_on_stderr(mixed_adapters, llama_base, tmp_path):
+    """Where stderr is no terminal (a log, a pipe) the progress bar draws nothing, and must not leave the
+    empty line rich ends a bar with there either: a refusal is its one line, a success prints nothing."""
+    missing = tmp_path / "nope"
+    refused = run("fold", mixed_adapters[0], "--base", missing, "-o", tmp_path / "refused")
+    assert refused.exit_code == 2
+    assert refused.stderr == f"error: model {missing}: no such folder\n"
+    folded = run("fold", mixed_adapters[0], "--base", llama_base, "-o", tmp_path / "folded")
+    assert folded.exit_code == 0, folded.output
+    assert folded.stderr == ""

@@ -113,3 +113,51 @@ def test_a_recipe_runs_as_shipped_on_the_demo_base(tmp_path, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
+
+
+# A recipe's problem -> the one line that reports it (read as ``recipe.yml``).
+RECIPE_PROBLEMS = {
+    "top-level typo": (
+        {"merge_methd": "ties", "adapters": [{"adapter": "a"}]},
+        "recipe.yml: unknown key 'merge_methd' (did you mean 'merge_method'?)",
+    ),
+    "nested typo": (
+        {"merge_method": "ties", "adapters": [{"adapter": "a", "wieght": 1}]},
+        "recipe.yml: adapters[0]: unknown key 'wieght' (did you mean 'weight'?)",
+    ),
+    "typo in a conditional": (
+        {"merge_method": "ties", "adapters": [{"adapter": "a"}], "parameters": {"density": {"valeu": 0.5}}},
+        "recipe.yml: parameters.density: unknown key 'valeu' (did you mean 'value'?)",
+    ),
+    "unknown key": (
+        {"merge_method": "ties", "adapters": [{"adapter": "a"}], "zzz": 1},
+        "recipe.yml: unknown key 'zzz'",
+    ),
+    "literal": (
+        {"merge_method": "ties", "dtype": "float8", "adapters": [{"adapter": "a"}]},
+        "recipe.yml: dtype: must be 'float32', 'float16' or 'bfloat16' (got 'float8')",
+    ),
+    "number": (
+        {"merge_method": "ties", "adapters": [{"adapter": "a", "weight": "heavy"}]},
+        "recipe.yml: adapters[0].weight: must be a valid number (got 'heavy')",
+    ),
+    "validator": (
+        {"merge_method": "ties", "models": [{"model": "m"}], "tokenizer": {"tokens": {"<x>": {}}}},
+        "recipe.yml: tokenizer: per-token overrides (tokenizer.tokens) are not supported; leave them out",
+    ),
+    "missing": ({"adapters": [{"adapter": "a"}]}, "recipe.yml: merge_method: a required key is missing"),
+    "model check": ({"merge_method": "ties"}, "recipe.yml: give exactly one of models, slices or adapters (got none)"),
+}
+
+
+@pytest.mark.parametrize("problem", list(RECIPE_PROBLEMS))
+def test_recipe_problems_read_as_one_line_of_ours(problem):
+    """A misspelt key is named (not reported as its intended key "missing"), and pydantic's own wording
+    ("Value error, …", "Input should be …", "Field required") stays out of the message."""
+    from loramerge.errors import BadInput
+    from loramerge.recipe import parse_recipe
+
+    recipe, line = RECIPE_PROBLEMS[problem]
+    with pytest.raises(BadInput) as refused:
+        parse_recipe(recipe, "recipe.yml")
+    assert str(refused.value) == line

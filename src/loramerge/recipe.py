@@ -6,11 +6,13 @@ recipes ``merge_adapters``. Problems are reported with their YAML path (``slices
 
 from __future__ import annotations
 
+from difflib import get_close_matches
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from loramerge.errors import BadInput
 
@@ -128,20 +130,59 @@ class Recipe(Strict):
 _UNION_LABELS = {"Conditional", "str", "int", "float", "bool"}
 
 
-def _location(loc: tuple) -> str:
-    path = ""
+def _is_union_label(part: object) -> bool:
+    """pydantic names the branch of a union it tried (``list[Conditional]``, ``int``): not part of the YAML path."""
+    return isinstance(part, str) and (part in _UNION_LABELS or "[" in part)
+
+
+def _model_in(annotation: object) -> type[BaseModel] | None:
+    """The model a field holds, looking inside ``X | None``, ``list[X]``, ``dict[str, X]`` and unions."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next(filter(None, (_model_in(arg) for arg in get_args(annotation))), None)
+
+
+def _walk(loc: tuple, model: type[BaseModel]) -> tuple[str, type[BaseModel] | None]:
+    """The YAML path of pydantic's location, and the model found there (whose keys a typo is matched to)."""
+    path, current = "", model
     for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif (
-            part in {"list[Conditional]", "Conditional"}
-            or "[" in str(part)
-            or str(part) in {"str", "int", "float", "bool"}
-        ):
-            continue  # pydantic's union-branch labels are not part of the YAML path
-        else:
-            path += f".{part}" if path else str(part)
-    return path or "recipe"
+        if _is_union_label(part):
+            continue
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        if current is not None and isinstance(part, str) and part in current.model_fields:
+            current = _model_in(current.model_fields[part].annotation)
+    return path, current
+
+
+def _did_you_mean(key: str, model: type[BaseModel] | None) -> str:
+    close = get_close_matches(key, list(model.model_fields) if model else [], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _wording(detail: ErrorDetails) -> str:
+    """pydantic's message in our words: a validator's own sentence without pydantic's "Value error, ", and
+    "must be …" with the value given instead of "Input should be …"."""
+    if detail["type"] in ("value_error", "assertion_error"):
+        return str(detail.get("ctx", {}).get("error", detail["msg"]))
+    if detail["type"] == "missing":
+        return "a required key is missing"
+    text = detail["msg"].replace("Input should be", "must be").split(", unable to parse")[0]
+    given = detail.get("input")
+    return f"{text} (got {given!r})" if isinstance(given, (bool, int, float, str)) else text
+
+
+def validation_problem(error: ValidationError, model: type[BaseModel]) -> str:
+    """The first problem pydantic found in data for ``model``, as one line: the YAML path, then what is wrong.
+    An unknown key is named first, with the key it was probably meant to be: a misspelt key otherwise
+    shows up as the intended one "missing"."""
+    details = error.errors()
+    first = next((d for d in details if d["type"] == "extra_forbidden"), details[0])
+    if first["type"] == "extra_forbidden":
+        where, parent = _walk(first["loc"][:-1], model)
+        key = str(first["loc"][-1])
+        return f"{where + ': ' if where else ''}unknown key {key!r}{_did_you_mean(key, parent)}"
+    where, _ = _walk(first["loc"], model)
+    return f"{where + ': ' if where else ''}{_wording(first)}"
 
 
 def parse_recipe(data: object, source: str = "recipe") -> Recipe:
@@ -150,11 +191,7 @@ def parse_recipe(data: object, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            message = "unknown key"
-        raise BadInput(f"{source}: {_location(first['loc'])}: {message}") from None
+        raise BadInput(f"{source}: {validation_problem(error, Recipe)}") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:

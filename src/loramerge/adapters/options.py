@@ -12,6 +12,7 @@ from loramerge.catalogue import DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_SPACE
 from loramerge.devices import check_device
 from loramerge.errors import BadInput
 from loramerge.kernels import preset_params
+from loramerge.recipe import validation_problem
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Space = Literal["core", "full", "factors"]
@@ -114,8 +115,4 @@ def parse_options(**values: object) -> MergeOptions:
     try:
         return MergeOptions(**{key: value for key, value in values.items() if value is not None})
     except ValidationError as error:
-        first = error.errors()[0]
-        if not first["loc"]:  # a check of the options together: its message names what is wrong
-            raise BadInput(str(first["msg"]).removeprefix("Value error, ")) from None
-        where = ".".join(str(part) for part in first["loc"])
-        raise BadInput(f"{where}: {first['msg']} (got {first.get('input')!r})") from None
+        raise BadInput(validation_problem(error, MergeOptions)) from None

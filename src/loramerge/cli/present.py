@@ -159,7 +159,8 @@ def progress_bar(total: int | None, label: str = "merging modules") -> Iterator[
     and the callback that advances it."""
     columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     columns += (TextColumn("{task.description}"),)
-    hidden = total is not None and total < PROGRESS_MIN_ITEMS
+    # rich draws nothing where stderr is no terminal (a log, a pipe), but ends the bar with an empty line there
+    hidden = (total is not None and total < PROGRESS_MIN_ITEMS) or not console.is_interactive
     with Progress(*columns, console=console, transient=True, disable=hidden) as bar:
         task = bar.add_task("", total=total)
         yield lambda done, count, name: bar.update(task, completed=done, total=count, description=name)

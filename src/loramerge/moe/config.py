@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from loramerge.errors import BadInput
+from loramerge.recipe import validation_problem
 
 GateMode = Literal["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random"]
 
@@ -55,7 +56,4 @@ def load_moe_config(path: str | Path) -> MoeConfig:
     try:
         return MoeConfig.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]).lstrip(".")
-        message = str(first["msg"]).removeprefix("Value error, ")
-        raise BadInput(f"{path}: {where + ': ' if where else ''}{message}") from None
+        raise BadInput(f"{path}: {validation_problem(error, MoeConfig)}") from None
