@@ -99,6 +99,15 @@ def _merge_broken(edit: Callable[[Path], Path]) -> Callable[[Workspace], list]:
     return lambda w: ["merge", w.a, edit(w.broken()), "-o", w.out]
 
 
+def _foreign(w: Workspace) -> Path:
+    """A folder holding a user's own files, which ``--force`` must not replace."""
+    folder = w.root / "scratch"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "important.txt").write_text("not loramerge's")
+    (folder / "sub" / "thesis.tex").write_text("\\documentclass{article}")
+    return folder
+
+
 def _file(w: Workspace, name: str, text: str) -> Path:
     (w.root / name).write_text(text)
     return w.root / name
@@ -178,113 +187,266 @@ def _merge(ws: Workspace, *extra) -> list:
     return ["merge", ws.a, ws.b, *extra, "-o", ws.out]
 
 
-# name -> (argv built from the workspace, text the one line must contain)
+# name -> (argv built from the workspace, the one line it must print after "error: "; <in> and <out> stand for
+# the workspace's input and output folders, "(…)" for a library's own words, which differ between versions)
 CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
     # merge: unreadable or wrong adapters
-    "merge: missing folder": (lambda w: ["merge", w.root / "nope", w.b, "-o", w.out], "no such folder"),
+    "merge: missing folder": (
+        lambda w: ["merge", w.root / "nope", w.b, "-o", w.out],
+        "adapter <in>/nope: no such folder",
+    ),
     "merge: Hub id not available offline": (
         lambda w: ["merge", "someone/not-here", w.b, "-o", w.out],  # HF_HUB_OFFLINE=1 in the tests
-        "not fetched from the Hub",
+        ("adapter someone/not-here: no such folder, and not fetched from the Hub (…)"),
     ),
-    "merge: missing config": (_merge_broken(_delete("adapter_config.json")), "missing adapter_config.json"),
-    "merge: config not JSON": (_merge_broken(_overwrite("adapter_config.json", b"{r: 8")), "not valid JSON"),
-    "merge: config is a list": (_merge_broken(_overwrite("adapter_config.json", b"[1, 2]")), "a JSON object"),
-    "merge: r is a string": (lambda w: ["merge", w.a, _edit_config(w.broken(), r="8"), "-o", w.out], "'r'"),
+    "merge: missing config": (
+        _merge_broken(_delete("adapter_config.json")),
+        "adapter <in>/broken: missing adapter_config.json",
+    ),
+    "merge: config not JSON": (
+        _merge_broken(_overwrite("adapter_config.json", b"{r: 8")),
+        (
+            "adapter <in>/broken: adapter_config.json is not valid JSON (Expecting property name "
+            "enclosed in double quotes: line 1 column 2 (char 1))"
+        ),
+    ),
+    "merge: config is a list": (
+        _merge_broken(_overwrite("adapter_config.json", b"[1, 2]")),
+        "adapter <in>/broken: adapter_config.json must hold a JSON object",
+    ),
+    "merge: r is a string": (
+        lambda w: ["merge", w.a, _edit_config(w.broken(), r="8"), "-o", w.out],
+        "adapter <in>/broken: field 'r' must be a positive number, got '8'",
+    ),
     "merge: lora_alpha is a list": (
         lambda w: ["merge", w.a, _edit_config(w.broken(), lora_alpha=[16]), "-o", w.out],
-        "lora_alpha",
+        "adapter <in>/broken: field 'lora_alpha' must be a positive number, got [16]",
     ),
     "merge: not a LoRA adapter": (
         lambda w: ["merge", w.a, _edit_config(w.broken(), peft_type="IA3"), "-o", w.out],
-        "peft_type is 'IA3'",
+        "adapter <in>/broken: peft_type is 'IA3'; only LORA can be merged",
     ),
-    "merge: DoRA adapter": (lambda w: ["merge", w.a, _edit_config(w.broken(), use_dora=True), "-o", w.out], "use_dora"),
+    "merge: DoRA adapter": (
+        lambda w: ["merge", w.a, _edit_config(w.broken(), use_dora=True), "-o", w.out],
+        (
+            "adapter <in>/broken: DoRA (use_dora) adapters carry a magnitude vector and are not a "
+            "low-rank delta (field 'use_dora')"
+        ),
+    ),
     "merge: rank disagrees with config": (
         lambda w: ["merge", w.a, _edit_config(w.broken(), r=5), "-o", w.out],
-        "the config gives r=5",
+        ("adapter <in>/broken: module model.layers.0.mlp.down_proj has rank 8 but the config gives r=5"),
     ),
     "merge: missing weights": (
         _merge_broken(_delete("adapter_model.safetensors")),
-        "missing adapter_model.safetensors",
+        "adapter <in>/broken: missing adapter_model.safetensors (or adapter_model.bin)",
     ),
-    "merge: truncated safetensors": (_merge_broken(_truncate("adapter_model.safetensors")), "cannot read"),
+    "merge: truncated safetensors": (
+        _merge_broken(_truncate("adapter_model.safetensors")),
+        "adapter <in>/broken: cannot read adapter_model.safetensors (…)",
+    ),
     "merge: corrupt safetensors header": (
         _merge_broken(_overwrite("adapter_model.safetensors", b"\x10" + b"\x00" * 7 + b"{garbage}")),
-        "adapter_model.safetensors",
+        "adapter <in>/broken: cannot read adapter_model.safetensors (…)",
     ),
     "merge: .bin holding objects": (
         lambda w: ["merge", w.a, _bin(w.broken(), {"x": _NotATensor()}), "-o", w.out],
-        "plain state dict",
+        ("adapter <in>/broken: cannot read adapter_model.bin as a plain state dict (it holds Python objects)"),
     ),
     "merge: .bin holding a list": (
         lambda w: ["merge", w.a, _bin(w.broken(), [torch.zeros(2)]), "-o", w.out],
-        "adapter_model.bin",
+        "adapter <in>/broken: adapter_model.bin is not a state dict of tensors",
     ),
     "merge: unexpected tensor": (
         _merge_broken(lambda f: _edit_tensors(f, lambda state: state.update({"extra.weight": torch.zeros(2)}))),
-        "unexpected tensor 'extra.weight'",
+        "adapter <in>/broken: unexpected tensor 'extra.weight' (not LoRA A/B nor modules_to_save)",
     ),
-    "merge: different architecture": (lambda w: ["merge", w.a, _other_architecture(w), "-o", w.out], "delta shape"),
+    "merge: different architecture": (
+        lambda w: ["merge", w.a, _other_architecture(w), "-o", w.out],
+        ("module model.layers.0.mlp.down_proj: <in>/other has delta shape (64, 128) but <in>/reverse has (128, 256)"),
+    ),
     "merge: NaN in an adapter": (
         lambda w: ["merge", w.a, _edit_tensors(w.broken(), _poison(float("nan"))), "-o", w.out],
-        "NaN or Inf",
+        (
+            "adapter <in>/broken: tensor base_model.model.model.layers.0.mlp.gate_proj.lora_B.weight "
+            "holds NaN or Inf values; pass --allow-nonfinite to use it anyway"
+        ),
     ),
     "merge: Inf in an adapter": (
         lambda w: ["merge", w.a, _edit_tensors(w.broken(), _poison(float("inf"))), "-o", w.out],
-        "NaN or Inf",
+        (
+            "adapter <in>/broken: tensor base_model.model.model.layers.0.mlp.gate_proj.lora_B.weight "
+            "holds NaN or Inf values; pass --allow-nonfinite to use it anyway"
+        ),
     ),
     # merge: impossible parameters
-    "merge: too few weights": (lambda w: _merge(w, "--weights", "1"), "got 1 weights for 2 adapters"),
-    "merge: weights not numbers": (lambda w: _merge(w, "--weights", "1,x"), "--weights"),
-    "merge: infinite weight": (lambda w: _merge(w, "--weights", "1,inf"), "finite"),
-    "merge: all weights zero": (lambda w: _merge(w, "--weights", "0,0"), "all zero"),
-    "merge: density zero": (lambda w: _merge(w, "--method", "ties", "--density", "0"), "density"),
-    "merge: density above one": (lambda w: _merge(w, "--method", "ties", "--density", "1.5"), "density"),
+    "merge: too few weights": (
+        lambda w: _merge(w, "--weights", "1"),
+        "got 1 weights for 2 adapters; give one weight per adapter",
+    ),
+    "merge: weights not numbers": (
+        lambda w: _merge(w, "--weights", "1,x"),
+        "--weights must be comma-separated numbers, got '1,x'",
+    ),
+    "merge: infinite weight": (
+        lambda w: _merge(w, "--weights", "1,inf"),
+        "weights must be finite numbers, got [1.0, inf]",
+    ),
+    "merge: all weights zero": (
+        lambda w: _merge(w, "--weights", "0,0"),
+        "weights are all zero ([0.0, 0.0]): the merge would be empty",
+    ),
+    "merge: density zero": (
+        lambda w: _merge(w, "--method", "ties", "--density", "0"),
+        "density: must be greater than 0 (got 0.0)",
+    ),
+    "merge: density above one": (
+        lambda w: _merge(w, "--method", "ties", "--density", "1.5"),
+        "density: must be less than or equal to 1 (got 1.5)",
+    ),
     "merge: della's density + epsilon reaches one": (
         lambda w: _merge(w, "--method", "della", "--density", "0.9"),
-        "della needs",
+        (
+            "module model.layers.0.mlp.down_proj: della needs 0 < density - epsilon and density + "
+            "epsilon < 1 (got 0.9, 0.15)"
+        ),
     ),
-    "merge: negative density": (lambda w: _merge(w, "--method", "dare_ties", "--density", "-0.2"), "density"),
-    "merge: rank zero": (lambda w: _merge(w, "--rank", "0"), "rank"),
-    "merge: rank larger than possible": (lambda w: _merge(w, "--rank", "100000"), "--rank 100000"),
-    "merge: unknown method": (lambda w: _merge(w, "--method", "average"), "unknown method 'average'"),
-    "merge: unknown space": (lambda w: _merge(w, "--method", "ties", "--space", "diagonal"), "space"),
+    "merge: negative density": (
+        lambda w: _merge(w, "--method", "dare_ties", "--density", "-0.2"),
+        "density: must be greater than 0 (got -0.2)",
+    ),
+    "merge: rank zero": (lambda w: _merge(w, "--rank", "0"), "rank: must be greater than or equal to 1 (got 0)"),
+    "merge: rank larger than possible": (
+        lambda w: _merge(w, "--rank", "100000"),
+        ("--rank 100000 is larger than any module allows: at most 128 (module model.layers.0.mlp.down_proj, 128x256)"),
+    ),
+    "merge: unknown method": (
+        lambda w: _merge(w, "--method", "average"),
+        (
+            "method: unknown method 'average'; choose one of cat, svd, linear, task_arithmetic, ties, "
+            "dare_linear, dare_ties, magnitude_prune, breadcrumbs, breadcrumbs_ties, della, "
+            "della_linear, knots, tsv_m, iso_c, iso_cts, robustmerge"
+        ),
+    ),
+    "merge: unknown space": (
+        lambda w: _merge(w, "--method", "ties", "--space", "diagonal"),
+        "space: must be 'core', 'full' or 'factors' (got 'diagonal')",
+    ),
     "merge: factors with unequal ranks": (
         lambda w: _merge(w, "--method", "ties", "--space", "factors"),
-        "needs equal ranks",
+        (
+            "module model.layers.0.mlp.down_proj: --space factors needs equal ranks, got [8, 4]; use "
+            "--space core or --space full"
+        ),
     ),
-    "merge: unknown dtype": (lambda w: _merge(w, "--dtype", "int8"), "dtype"),
+    "merge: unknown dtype": (
+        lambda w: _merge(w, "--dtype", "int8"),
+        "dtype: must be 'float32', 'float16' or 'bfloat16' (got 'int8')",
+    ),
     "merge: a method parameter out of range": (
         lambda w: _merge(w, "--method", "robustmerge", "--param", "floor=3"),
-        "parameter floor=3.0 must be a number in [0, 1]",
+        "method robustmerge: parameter floor=3.0 must be a number in [0, 1]",
     ),
     "merge: knots with a whole-matrix inner method": (
         lambda w: _merge(w, "--method", "knots", "--param", "inner=iso_c"),
-        "parameter inner='iso_c' must be an element-wise adapter method",
+        (
+            "method knots: parameter inner='iso_c' must be an element-wise adapter method: linear, "
+            "task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune, breadcrumbs, "
+            "breadcrumbs_ties, della, della_linear"
+        ),
     ),
     # merge: where the output goes
-    "merge: output is an input": (lambda w: ["merge", w.a, w.b, "-o", w.a, "--force"], "overlaps the input"),
-    "merge: output inside an input": (lambda w: ["merge", w.a, w.b, "-o", w.a / "merged"], "overlaps the input"),
-    "merge: output exists": (_existing_output, "pass --force"),
-    "merge: output is a file": (lambda w: ["merge", w.a, w.b, "-o", _file(w, "file", "x"), "--force"], "not a folder"),
+    "merge: output is an input": (
+        lambda w: ["merge", w.a, w.b, "-o", w.a, "--force"],
+        "output <in>/reverse overlaps the input <in>/reverse; choose another output folder",
+    ),
+    "merge: output inside an input": (
+        lambda w: ["merge", w.a, w.b, "-o", w.a / "merged"],
+        "output <in>/reverse/merged overlaps the input <in>/reverse; choose another output folder",
+    ),
+    "merge: output exists": (_existing_output, "output <out> already exists; pass --force to replace it"),
+    "merge: output is a file": (
+        lambda w: ["merge", w.a, w.b, "-o", _file(w, "file", "x"), "--force"],
+        "output <in>/file exists and is not a folder",
+    ),
+    "merge: --force over a folder loramerge did not write": (
+        lambda w: ["merge", w.a, w.b, "-o", _foreign(w), "--force"],
+        (
+            "output <in>/scratch holds files loramerge did not write (important.txt, sub, "
+            "sub/thesis.tex); --force only replaces an empty folder or one loramerge wrote: choose "
+            "another output folder or remove them yourself"
+        ),
+    ),
     # run: recipes
-    "run: missing recipe": (lambda w: ["run", w.root / "none.yml", "-o", w.out], "cannot read"),
-    "run: malformed YAML": (lambda w: ["run", _recipe(w, "merge_method: [ties\n"), "-o", w.out], "malformed YAML"),
-    "run: recipe is a list": (lambda w: ["run", _recipe(w, "- ties\n"), "-o", w.out], "a YAML mapping"),
-    "run: unknown key": (lambda w: ["run", _dense(w, merge_methd="ties"), "-o", w.out], "merge_methd: unknown key"),
-    "run: unknown method": (lambda w: ["run", _dense(w, merge_method="average"), "-o", w.out], "average"),
+    "run: missing recipe": (
+        lambda w: ["run", w.root / "none.yml", "-o", w.out],
+        "recipe <in>/none.yml: cannot read (No such file or directory)",
+    ),
+    "run: malformed YAML": (
+        lambda w: ["run", _recipe(w, "merge_method: [ties\n"), "-o", w.out],
+        ("recipe <in>/recipe.yml: malformed YAML at line 2, column 1 (expected ',' or ']', but got '<stream end>')"),
+    ),
+    "run: recipe is a list": (
+        lambda w: ["run", _recipe(w, "- ties\n"), "-o", w.out],
+        "recipe <in>/recipe.yml: a recipe is a YAML mapping, got list",
+    ),
+    "run: unknown key": (
+        lambda w: ["run", _dense(w, merge_methd="ties"), "-o", w.out],
+        "recipe <in>/recipe.yml: unknown key 'merge_methd' (did you mean 'merge_method'?)",
+    ),
+    "run: an unknown top-level recipe key": (
+        lambda w: ["run", _recipe(w, {"merge_methd": "ties", "adapters": [{"adapter": str(w.a)}]}), "-o", w.out],
+        "recipe <in>/recipe.yml: unknown key 'merge_methd' (did you mean 'merge_method'?)",
+    ),
+    "run: a misspelt key of an adapter entry": (
+        lambda w: [
+            "run",
+            _recipe(w, {"merge_method": "ties", "adapters": [{"adapter": str(w.a), "wieght": 2}]}),
+            "-o",
+            w.out,
+        ],
+        "recipe <in>/recipe.yml: adapters[0]: unknown key 'wieght' (did you mean 'weight'?)",
+    ),
+    "run: a recipe dtype that does not exist": (
+        lambda w: ["run", _dense(w, dtype="float8"), "-o", w.out],
+        "recipe <in>/recipe.yml: dtype: must be 'float32', 'float16' or 'bfloat16' (got 'float8')",
+    ),
+    "run: unknown method": (
+        lambda w: ["run", _dense(w, merge_method="average"), "-o", w.out],
+        (
+            "merge_method: unknown method 'average'; known: linear, task_arithmetic, ties, dare_linear, "
+            "dare_ties, magnitude_prune, breadcrumbs, breadcrumbs_ties, della, della_linear, "
+            "model_stock, slerp, nuslerp, multislerp, karcher, sce, nearswap, arcee_fusion, ram, "
+            "ramplus_tl, passthrough"
+        ),
+    ),
     "run: missing model": (
         lambda w: ["run", _dense(w, base_model=str(w.root / "nope")), "-o", w.out],
-        "base_model",
+        "base_model: model <in>/nope: no such folder",
     ),
     "run: density out of range": (
         lambda w: ["run", _dense(w, density=2.0), "-o", w.out],
-        "density",
+        ("tensor model.embed_tokens.weight: density of <in>/base+<in>/reverse is 2.0; it must be in (0, 1]"),
     ),
-    "run: layer_range past the model": (lambda w: ["run", _slices(w, [0, 9]), "-o", w.out], "layer_range"),
-    "run: layer_range reversed": (lambda w: ["run", _slices(w, [3, 1]), "-o", w.out], "layer_range"),
-    "run: absurd layer_range": (lambda w: ["run", _slices(w, [0, 10**9]), "-o", w.out], "layer_range"),
-    "run: NaN in a model": (lambda w: ["run", _nan_model(w), "-o", w.out], "NaN or Inf"),
+    "run: layer_range past the model": (
+        lambda w: ["run", _slices(w, [0, 9]), "-o", w.out],
+        "slices[0].sources[0].layer_range: [0, 9] is out of bounds; <in>/base has 4 layers",
+    ),
+    "run: layer_range reversed": (
+        lambda w: ["run", _slices(w, [3, 1]), "-o", w.out],
+        "slices[0].sources[0].layer_range: [3, 1] is out of bounds; <in>/base has 4 layers",
+    ),
+    "run: absurd layer_range": (
+        lambda w: ["run", _slices(w, [0, 10**9]), "-o", w.out],
+        "slices[0].sources[0].layer_range: [0, 1000000000] is out of bounds; <in>/base has 4 layers",
+    ),
+    "run: NaN in a model": (
+        lambda w: ["run", _nan_model(w), "-o", w.out],
+        (
+            "model <in>/nan_model: tensor model.layers.1.mlp.up_proj.weight holds NaN or Inf values; "
+            "pass --allow-nonfinite to use it anyway"
+        ),
+    ),
     "run: model weights all zero": (
         lambda w: [
             "run",
@@ -301,7 +463,7 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
             "-o",
             w.out,
         ],
-        "weights are all zero",
+        ("tensor model.embed_tokens.weight: the weights are all zero ([0.0, 0.0]); the merge would be empty"),
     ),
     "run: normalized weights summing to zero": (
         lambda w: [
@@ -320,11 +482,17 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
             "-o",
             w.out,
         ],
-        "sum to zero",
+        (
+            "tensor model.embed_tokens.weight: the weights [1.0, -1.0] sum to zero, so normalize: true "
+            "cannot divide by it"
+        ),
     ),
     "run: adapter recipe with unknown parameter": (
         lambda w: ["run", _adapter_recipe(w, lambda_=0.3), "-o", w.out],
-        "parameters.lambda_",
+        (
+            "parameters.lambda_: unknown parameter for adapter recipes (known: ['density', 'full_svd', "
+            "'majority_sign', 'preset', 'rank', 'seed', 'space', 'strict'])"
+        ),
     ),
     "run: adapter recipe with all weights zero": (
         lambda w: [
@@ -339,115 +507,209 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
             "-o",
             w.out,
         ],
-        "all zero",
+        "weights are all zero ([0.0, 0.0]): the merge would be empty",
     ),
-    "run: output is the base model": (lambda w: ["run", _dense(w), "-o", w.base, "--force"], "overlaps the input"),
-    "run: output inside the base model": (lambda w: ["run", _dense(w), "-o", w.base / "out"], "overlaps the input"),
+    "run: output is the base model": (
+        lambda w: ["run", _dense(w), "-o", w.base, "--force"],
+        "output <in>/base overlaps the input <in>/base; choose another output folder",
+    ),
+    "run: output inside the base model": (
+        lambda w: ["run", _dense(w), "-o", w.base / "out"],
+        "output <in>/base/out overlaps the input <in>/base; choose another output folder",
+    ),
+    "run: --force over a folder loramerge did not write": (
+        lambda w: ["run", _dense(w), "-o", _foreign(w), "--force"],
+        (
+            "output <in>/scratch holds files loramerge did not write (important.txt, sub, "
+            "sub/thesis.tex); --force only replaces an empty folder or one loramerge wrote: choose "
+            "another output folder or remove them yourself"
+        ),
+    ),
     # fold
     "fold: adapter of another architecture": (
         lambda w: ["fold", _other_architecture(w), "--base", w.base, "-o", w.out],
-        "the adapter needs a (64, 128) weight",
+        ("module model.layers.0.mlp.down_proj: the adapter needs a (64, 128) weight, the base has (128, 256)"),
     ),
-    "fold: missing base": (lambda w: ["fold", w.a, "--base", w.root / "nope", "-o", w.out], "nope"),
+    "fold: missing base": (
+        lambda w: ["fold", w.a, "--base", w.root / "nope", "-o", w.out],
+        "model <in>/nope: no such folder",
+    ),
     "fold: NaN in the adapter": (
         lambda w: ["fold", _edit_tensors(w.broken(), _poison(float("nan"))), "--base", w.base, "-o", w.out],
-        "NaN or Inf",
+        (
+            "adapter <in>/broken: tensor base_model.model.model.layers.0.mlp.gate_proj.lora_B.weight "
+            "holds NaN or Inf values; pass --allow-nonfinite to use it anyway"
+        ),
     ),
-    "fold: unknown dtype": (lambda w: ["fold", w.a, "--base", w.base, "-o", w.out, "--dtype", "fp8"], "dtype"),
-    "fold: unknown 4-bit type": (lambda w: ["fold", w.a, "--base", w.base, "-o", w.out, "--quantize", "int3"], "int3"),
-    "fold: output is the base": (lambda w: ["fold", w.a, "--base", w.base, "-o", w.base, "--force"], "overlaps"),
+    "fold: unknown dtype": (
+        lambda w: ["fold", w.a, "--base", w.base, "-o", w.out, "--dtype", "fp8"],
+        "--dtype must be float32, float16 or bfloat16, got 'fp8'",
+    ),
+    "fold: unknown 4-bit type": (
+        lambda w: ["fold", w.a, "--base", w.base, "-o", w.out, "--quantize", "int3"],
+        "--quantize must be nf4 or fp4, got 'int3'",
+    ),
+    "fold: output is the base": (
+        lambda w: ["fold", w.a, "--base", w.base, "-o", w.base, "--force"],
+        "output <in>/base overlaps the input <in>/base; choose another output folder",
+    ),
+    "fold: --force over a folder loramerge did not write": (
+        lambda w: ["fold", w.a, "--base", w.base, "-o", _foreign(w), "--force"],
+        (
+            "output <in>/scratch holds files loramerge did not write (important.txt, sub, "
+            "sub/thesis.tex); --force only replaces an empty folder or one loramerge wrote: choose "
+            "another output folder or remove them yourself"
+        ),
+    ),
     # extract
     "extract: missing model": (
         lambda w: ["extract", w.root / "nope", "--base", w.base, "-o", w.out, "--rank", "4"],
-        "nope",
+        "model <in>/nope: no such folder",
     ),
     "extract: shapes differ": (
         lambda w: ["extract", save_llama(w.root / "small", 1, hidden=64), "--base", w.base, "-o", w.out, "--rank", "4"],
-        "shape",
+        "tensor lm_head.weight: <in>/small has shape (128, 64), the base (64, 128)",
     ),
-    "extract: rank zero": (lambda w: ["extract", w.base, "--base", w.base, "-o", w.out, "--rank", "0"], "rank"),
+    "extract: rank zero": (
+        lambda w: ["extract", w.base, "--base", w.base, "-o", w.out, "--rank", "0"],
+        "--rank must be at least 1, got 0",
+    ),
+    "extract: --force over a folder loramerge did not write": (
+        lambda w: ["extract", w.base, "--base", w.base, "-o", _foreign(w), "--force", "--rank", "4"],
+        (
+            "output <in>/scratch holds files loramerge did not write (important.txt, sub, "
+            "sub/thesis.tex); --force only replaces an empty folder or one loramerge wrote: choose "
+            "another output folder or remove them yourself"
+        ),
+    ),
     "extract: output is the model": (
         lambda w: ["extract", w.base, "--base", w.base, "-o", w.base, "--force", "--rank", "4"],
-        "overlaps",
+        "output <in>/base overlaps the input <in>/base; choose another output folder",
     ),
     # eval
-    "eval: missing data": (lambda w: ["eval", w.base, "--data", w.root / "none.jsonl"], "no such file"),
-    "eval: unknown data format": (lambda w: ["eval", w.base, "--data", _file(w, "data.xml", "x")], "unknown format"),
+    "eval: missing data": (
+        lambda w: ["eval", w.base, "--data", w.root / "none.jsonl"],
+        "--data <in>/none.jsonl: no such file",
+    ),
+    "eval: unknown data format": (
+        lambda w: ["eval", w.base, "--data", _file(w, "data.xml", "x")],
+        "--data <in>/data.xml: unknown format '.xml'; use .jsonl, .json, .csv, .parquet, .txt",
+    ),
     "eval: unknown field": (
         lambda w: ["eval", w.base, "--data", w.data, "--prompt-field", "question", "--completion-field", "completion"],
-        "no field 'question'",
+        "--data <in>/data.jsonl: no field 'question' (fields: prompt, completion, text)",
     ),
-    "eval: prompt field alone": (lambda w: ["eval", w.base, "--data", w.data, "--prompt-field", "prompt"], "give both"),
-    "eval: corrupt JSONL": (lambda w: ["eval", w.base, "--data", _file(w, "bad.jsonl", '{"text": ')], "bad.jsonl"),
+    "eval: prompt field alone": (
+        lambda w: ["eval", w.base, "--data", w.data, "--prompt-field", "prompt"],
+        "give both --prompt-field and --completion-field, or neither",
+    ),
+    "eval: corrupt JSONL": (
+        lambda w: ["eval", w.base, "--data", _file(w, "bad.jsonl", '{"text": ')],
+        "--data <in>/bad.jsonl: cannot read (…)",
+    ),
     "eval: base without tokenizer": (
         lambda w: ["eval", save_llama(w.root / "no_tokenizer", 2), "--data", w.data],
-        "no_tokenizer",
+        ("model <in>/no_tokenizer: cannot load it with its tokenizer (…)"),
     ),
     "eval: adapter for another base": (
         lambda w: ["eval", w.base, "--adapter", _other_architecture(w), "--data", w.data],
-        "cannot load it",
+        ("adapter <in>/other: cannot load it on <in>/base (…)"),
     ),
     # GGUF models (read through transformers, cached as safetensors): refused before anything is cached
     "fold: truncated GGUF base": (
         lambda w: ["fold", w.a, "--base", _gguf(w, "cut.gguf", cut=True), "-o", w.out],
-        "cut.gguf: truncated or corrupt GGUF file",
+        ("model <in>/cut.gguf: truncated or corrupt GGUF file (…)"),
     ),
     "eval: .gguf file that is not GGUF": (
         lambda w: ["eval", _file(w, "fake.gguf", "not a model"), "--data", w.data],
-        "fake.gguf: not a GGUF file",
+        "model <in>/fake.gguf: not a GGUF file (no GGUF magic number)",
     ),
     "run: GGUF base of an architecture transformers cannot load": (
         lambda w: ["run", _dense(w, base_model=str(_gguf(w, "odd.gguf", architecture="tinyarch"))), "-o", w.out],
-        "odd.gguf: cannot read this GGUF file (GGUF model with architecture tinyarch is not supported",
+        ("base_model: model <in>/odd.gguf: cannot read this GGUF file (…)"),
     ),
     "fold: GGUF base missing a tensor": (
         lambda w: ["fold", w.a, "--base", _gguf(w, "holed.gguf", skip=("blk.1.ffn_down.weight",)), "-o", w.out],
-        "holed.gguf: the GGUF file has no tensor for model.layers.1.mlp.down_proj.weight",
+        ("model <in>/holed.gguf: the GGUF file has no tensor for model.layers.1.mlp.down_proj.weight (1 missing)"),
     ),
     "extract: missing GGUF base": (
         lambda w: ["extract", w.base, "--base", w.root / "none.gguf", "-o", w.out, "--rank", "4"],
-        "none.gguf: no such GGUF file",
+        "model <in>/none.gguf: no such GGUF file",
     ),
     "eval: GGUF in a package that is not installed": (
         lambda w: ["eval", "pkg:not_installed_models/model.gguf", "--data", w.data],
-        "pkg:not_installed_models/model.gguf: Python package 'not_installed_models' is not installed",
+        ("model pkg:not_installed_models/model.gguf: Python package 'not_installed_models' is not installed"),
     ),
     # search
     "search: a parameter the method lacks": (
         lambda w: _search(w, "--tune", "gamma=0:1"),
-        "method ties has no numeric parameter 'gamma'",
+        "--tune gamma=0:1: method ties has no numeric parameter 'gamma' (density)",
     ),
-    "search: a density bound above 1": (lambda w: _search(w, "--tune", "density=0.5:1.5"), "a bound is out of range"),
-    "search: bounds the wrong way round": (lambda w: _search(w, "--weight-range", "2:0"), "LOW must be below HIGH"),
-    "search: output is an input adapter": (lambda w: _search(w, "--force", output=w.a), "overlaps the input"),
-    "search: missing dev file": (lambda w: _search(w, "--dev", w.root / "none.jsonl"), "none.jsonl: no such file"),
+    "search: a density bound above 1": (
+        lambda w: _search(w, "--tune", "density=0.5:1.5"),
+        "--tune: a bound is out of range: density: must be less than or equal to 1 (got 1.5)",
+    ),
+    "search: bounds the wrong way round": (
+        lambda w: _search(w, "--weight-range", "2:0"),
+        "--weight-range: LOW must be below HIGH, got '2:0'",
+    ),
+    "search: output is an input adapter": (
+        lambda w: _search(w, "--force", output=w.a),
+        "output <in>/reverse overlaps the input <in>/reverse; choose another output folder",
+    ),
+    "search: missing dev file": (
+        lambda w: _search(w, "--dev", w.root / "none.jsonl"),
+        "--data <in>/none.jsonl: no such file",
+    ),
     "search: a dense recipe": (
         lambda w: ["search", _dense(w), "--dev", w.data, "-o", w.out],
-        "the recipe must be an adapter recipe",
+        "search: the recipe must be an adapter recipe (an `adapters:` list)",
     ),
     "search: exact match on plain text": (
         lambda w: _search(w, "--dev", _file(w, "plain.txt", "reverse abc=cba\n"), "--text-field", "text"),
-        "needs prompt/completion dev data",
+        "--objective exact_match needs prompt/completion dev data; use --objective loss",
     ),
-    "search: an empty dev file": (lambda w: _search(w, "--dev", _file(w, "empty.jsonl", "")), "the file is empty"),
-    "search: no dev examples asked for": (lambda w: _search(w, "--max-samples", "0"), "--max-samples must be at least"),
+    "search: an empty dev file": (
+        lambda w: _search(w, "--dev", _file(w, "empty.jsonl", "")),
+        "--data <in>/empty.jsonl: the file is empty",
+    ),
+    "search: no dev examples asked for": (
+        lambda w: _search(w, "--max-samples", "0"),
+        "--max-samples must be at least 1, got 0",
+    ),
     "search: an unknown device": (lambda w: _search(w, "--device", "tpu"), "--device tpu: choose cpu, cuda or cuda:N"),
     # finetune
     "finetune: missing data": (
         lambda w: ["finetune", w.a, "--base", w.base, "--data", w.root / "none.jsonl", "-o", w.out],
-        "none.jsonl: no such file",
+        "--data <in>/none.jsonl: no such file",
     ),
     "finetune: zero steps": (
         lambda w: ["finetune", w.a, "--base", w.base, "--data", w.data, "--steps", "0", "-o", w.out],
-        "must be positive",
+        "--steps, --batch-size and --learning-rate must be positive",
     ),
     "finetune: output is the adapter": (
         lambda w: ["finetune", w.a, "--base", w.base, "--data", w.data, "-o", w.a, "--force"],
-        "overlaps the input",
+        "output <in>/reverse overlaps the input <in>/reverse; choose another output folder",
     ),
     "finetune: output is the base": (
         lambda w: ["finetune", w.a, "--base", w.base, "--data", w.data, "-o", w.base, "--force"],
-        "overlaps the input",
+        "output <in>/base overlaps the input <in>/base; choose another output folder",
+    ),
+    "finetune: --force over a folder loramerge did not write": (
+        lambda w: ["finetune", w.a, "--base", w.base, "--data", w.data, "-o", _foreign(w), "--force"],
+        (
+            "output <in>/scratch holds files loramerge did not write (important.txt, sub, "
+            "sub/thesis.tex); --force only replaces an empty folder or one loramerge wrote: choose "
+            "another output folder or remove them yourself"
+        ),
+    ),
+    "search: --force over a folder loramerge did not write": (
+        lambda w: _search(w, "--force", output=_foreign(w)),
+        (
+            "output <in>/scratch holds files loramerge did not write (important.txt, sub, "
+            "sub/thesis.tex); --force only replaces an empty folder or one loramerge wrote: choose "
+            "another output folder or remove them yourself"
+        ),
     ),
     "finetune: an unknown device": (
         lambda w: ["finetune", w.a, "--base", w.base, "--data", w.data, "--device", "cuda:x", "-o", w.out],
@@ -480,10 +742,12 @@ def test_bad_input_is_refused_cleanly(case, ws):
     build, message = CASES[case]
     argv = build(ws)
     before = _digest(ws.root)
-    result = run(*argv)
     output = Path(argv[argv.index("-o") + 1]) if "-o" in argv else ws.out
-    if (output.exists() and output in (ws.a, ws.b, ws.base, ws.out)) or output.is_file():
-        output = ws.root / "never-written"  # a case about an existing target: it must stay as it was
-    assert_clean_failure(result, message, output)
+    if output.exists():  # a case about an existing target: it must stay as it was (the digest checks it)
+        assert output == ws.out or ws.root in output.parents, output
+        output = ws.root / "never-written"
+    result = run(*argv)
+    expected = "error: " + message.replace("<in>", str(ws.root)).replace("<out>", str(ws.out))
+    assert_clean_failure(result, expected, output, whole_line=True)
     assert _digest(ws.root) == before, "an input changed"
     assert not (ws.root.parent / "cache").exists(), "a refused GGUF left a cached model"

@@ -107,7 +107,10 @@ BAD = {
         lambda d: _recipe(d, models=[{"model": str(d["root"] / "nope")}]),
         "models[0].model: model",
     ),
-    "unknown key": (lambda d: _recipe(d, merge_methd="ties"), "unknown key 'merge_methd' (did you mean 'merge_method'?)"),
+    "unknown key": (
+        lambda d: _recipe(d, merge_methd="ties"),
+        "unknown key 'merge_methd' (did you mean 'merge_method'?)",
+    ),
     "unknown parameter": (lambda d: _recipe(d, parameters={"densty": 0.5}), "parameters.densty: unknown parameter"),
     "wrong type": (lambda d: _recipe(d, models="m1"), "models"),
     "tokenizer union without tokenizer files": (
