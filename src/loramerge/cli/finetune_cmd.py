@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from loramerge.cli.present import out, progress_bar, reports_errors
+from loramerge.train.options import FinetuneOptions as Defaults  # the class attributes: the library's defaults
 
 
 @reports_errors
@@ -19,27 +20,33 @@ def finetune(
     prompt_field: str = typer.Option("prompt", help="The prompt column of the data."),
     completion_field: str = typer.Option("completion", help="The completion column of the data."),
     max_samples: int = typer.Option(None, help="At most this many examples from each file."),
-    steps: int = typer.Option(100, help="Optimizer steps."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, warm-up, cosine decay)."),
-    batch_size: int = typer.Option(16, help="Examples per step."),
-    seed: int = typer.Option(0, help="Seed of the shuffling and of the training."),
-    device: str = typer.Option("cpu", help="cpu | cuda."),
+    steps: int = typer.Option(Defaults.steps, help="Optimizer steps."),
+    lr: float = typer.Option(
+        Defaults.learning_rate, "--lr", help="Peak learning rate (AdamW, warm-up, cosine decay; docs/finetune.md)."
+    ),
+    batch_size: int = typer.Option(Defaults.batch_size, help="Examples per step."),
+    seed: int = typer.Option(Defaults.seed, help="Seed of the shuffling and of the training."),
+    device: str = typer.Option(Defaults.device, help="cpu | cuda."),
     load_in_4bit: bool = typer.Option(False, help="Quantize the base to nf4 at load (QLoRA-style)."),
     rank: int = typer.Option(None, help="First cut every module to at most this rank (default: keep the ranks)."),
+    dtype: str = typer.Option(None, help="Output dtype: float32 | float16 | bfloat16 (default: the adapter's)."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
 ) -> None:
     """Train a LoRA adapter further with PEFT on a little data (labels on the completions only)."""
+    import datasets
+
     from loramerge.adapters.files import load_adapter
     from loramerge.errors import BadInput
     from loramerge.evaluate.data import load_samples
-    from loramerge.train.finetune import FinetuneOptions, mixed
     from loramerge.train.finetune import finetune as run_finetune
+    from loramerge.train.finetune import mixed
 
-    options = FinetuneOptions(steps=steps, learning_rate=lr, batch_size=batch_size, seed=seed, device=device,
-                              load_in_4bit=load_in_4bit, rank=rank)  # fmt: skip
+    options = Defaults(steps=steps, learning_rate=lr, batch_size=batch_size, seed=seed, device=device,
+                       load_in_4bit=load_in_4bit, rank=rank, dtype=dtype)  # fmt: skip
     base = base or load_adapter(adapter).base_model
     if not base:
         raise BadInput(f"adapter {adapter}: it names no base model; give --base")
+    datasets.disable_progress_bars()  # a bar per data file would precede a refusal's one line on stderr
     sets = [load_samples(path, prompt_field=prompt_field, completion_field=completion_field, max_samples=max_samples)
             for path in data]  # fmt: skip
     samples = mixed(sets, seed)

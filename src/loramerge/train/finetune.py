@@ -10,36 +10,22 @@ import math
 import random
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from loramerge.adapters.files import load_adapter, save_adapter
 from loramerge.adapters.merge import merge_adapters
+from loramerge.adapters.model import LoraAdapter
+from loramerge.adapters.options import DTYPES
 from loramerge.errors import BadInput
 from loramerge.evaluate.data import Sample
 from loramerge.evaluate.models import load_model
 from loramerge.io.atomic import check_output_target
 from loramerge.io.output import output_folder
+from loramerge.train.options import FinetuneOptions
 
 Progress = Callable[[int, int, str], None]
-
-
-@dataclass(frozen=True)
-class FinetuneOptions:
-    steps: int = 100
-    learning_rate: float = 1e-3
-    batch_size: int = 16
-    seed: int = 0
-    warmup_ratio: float = 0.1  # of the steps, given to transformers as a step count (its fraction form is 5.x only)
-    load_in_4bit: bool = False
-    device: str = "cpu"
-    rank: int | None = None  # truncate every module to at most this rank first (default: keep the ranks)
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or not self.learning_rate > 0:
-            raise BadInput("`steps`, `batch_size` and `learning_rate` must be positive")
-        if self.rank is not None and self.rank < 1:
-            raise BadInput(f"`rank` must be positive, got {self.rank}")
 
 
 def completion_examples(tokenizer, samples: Sequence[Sample]) -> list[dict[str, list[int]]]:
@@ -74,7 +60,8 @@ def finetune(
 ) -> tuple[Path, list[float]]:
     """Train ``adapter`` (on ``base``) for ``options.steps`` steps on ``samples``; write the result to
     ``output`` atomically, refusing an output over the adapter, a local base or any of ``inputs`` (the
-    data files). Returns the output folder and the training loss at each step."""
+    data files), in ``options.dtype`` or else the adapter's own dtype. Returns the output folder and the
+    training loss at each step."""
     from datasets import Dataset
     from transformers import (
         DataCollatorForSeq2Seq,
@@ -88,6 +75,8 @@ def finetune(
     target = check_output_target(Path(output), force, [Path(adapter), Path(base), *map(Path, inputs)])
     if not samples:
         raise BadInput("finetune: the data holds no examples")
+    start = load_adapter(adapter)  # read up front: a bad adapter is refused before the model loads
+    dtype = DTYPES[options.dtype] if options.dtype else start.dtype
     set_seed(options.seed)
     model, tokenizer = load_model(base, load_in_4bit=options.load_in_4bit, device=options.device)
     if tokenizer.eos_token_id is None:
@@ -104,7 +93,7 @@ def finetune(
                     progress(state.global_step, options.steps, f"loss {logs['loss']:.4f}")
 
     with tempfile.TemporaryDirectory(prefix="loramerge-finetune-") as scratch:
-        model = _with_adapter(model, adapter, base, options.rank, Path(scratch))
+        model = _with_adapter(model, adapter, start, base, options.rank, Path(scratch))
         arguments = TrainingArguments(
             output_dir=scratch, max_steps=options.steps, per_device_train_batch_size=options.batch_size,
             learning_rate=options.learning_rate, lr_scheduler_type="cosine",
@@ -121,22 +110,23 @@ def finetune(
         trainer.remove_callback(PrinterCallback)  # the library never prints; the progress callback reports
         trainer.train()
     model.eval()
+    _cast_trained(model, dtype)
     model.peft_config["default"].base_model_name_or_path = base  # trained on this base, whatever it said before
     with output_folder(target, force=force) as folder:
         model.save_pretrained(folder.staging)
-        folder.card(_card(adapter, base, len(samples), options, losses))
+        folder.card(_card(adapter, base, len(samples), options, losses, dtype))
     return target, losses
 
 
-def _with_adapter(model, adapter: str, base: str, rank: int | None, scratch: Path):
-    """``model`` with ``adapter`` on top, trainable; with ``rank``, the adapter's best rank-``rank``
-    approximation (module by module, from its factors: a merged adapter's Σ r_i shrinks before training),
-    saved with scale 1 as every merged adapter is."""
+def _with_adapter(model, adapter: str, loaded: LoraAdapter, base: str, rank: int | None, scratch: Path):
+    """``model`` with ``adapter`` (read as ``loaded``) on top, trainable; with ``rank``, the adapter's best
+    rank-``rank`` approximation (module by module, from its factors: a merged adapter's Σ r_i shrinks before
+    training), saved with scale 1 as every merged adapter is."""
     from peft import PeftModel
 
     start = adapter
     if rank is not None:
-        cut = merge_adapters([load_adapter(adapter)], [1.0], "linear", rank=rank)
+        cut = merge_adapters([loaded], [1.0], "linear", rank=rank)
         start = str(save_adapter(cut, scratch / "start"))
     try:
         return PeftModel.from_pretrained(model, start, is_trainable=True)
@@ -144,7 +134,18 @@ def _with_adapter(model, adapter: str, base: str, rank: int | None, scratch: Pat
         raise BadInput(f"adapter {adapter}: cannot load it on {base} ({str(error).splitlines()[0]})") from error
 
 
-def _card(adapter: str, base: str, count: int, options: FinetuneOptions, losses: list[float]) -> str:
+def _cast_trained(model, dtype: torch.dtype) -> None:
+    """Cast what training changed (the LoRA factors and any ``modules_to_save`` copies, the trainable
+    parameters PEFT saves) to ``dtype``: PEFT trains a bfloat16 adapter in float32 and would otherwise
+    write it at twice its size."""
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.to(dtype)
+
+
+def _card(
+    adapter: str, base: str, count: int, options: FinetuneOptions, losses: list[float], dtype: torch.dtype
+) -> str:
     """The input adapter's card (its merge record, say) under a section recording the fine-tune."""
     from huggingface_hub import ModelCard
 
@@ -156,6 +157,7 @@ def _card(adapter: str, base: str, count: int, options: FinetuneOptions, losses:
         f"{options.steps} steps of AdamW (learning rate {options.learning_rate:g}, cosine decay, warm-up "
         f"{options.warmup_ratio:g}), batches of {options.batch_size} from {count} examples, seed {options.seed}"
         f"{'' if options.rank is None else f', every module first cut to at most rank {options.rank}'}; "
-        f"training loss {first} -> {last}.\n\n## The adapter before fine-tuning\n\n{card.text}"
+        f"training loss {first} -> {last}; written in {str(dtype).removeprefix('torch.')}.\n\n"
+        f"## The adapter before fine-tuning\n\n{card.text}"
     )
     return str(card)
