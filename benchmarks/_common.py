@@ -1,13 +1,17 @@
-"""Shared helpers of the benchmarks: synthetic PEFT adapters, timing, peak memory."""
+"""Shared helpers of the benchmarks: synthetic PEFT adapters, timing, peak memory, results files."""
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -57,3 +61,77 @@ def run_measured(command: Sequence[str]) -> tuple[float, float, int]:
     output = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True, check=True)
     seconds, rss, code = output.stdout.split()[-3:]
     return float(seconds), float(rss), int(code)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; elsewhere what ``platform`` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine() -> dict[str, object]:
+    """Where a benchmark ran: figures mean little without the CPU, the cores it could use and the versions."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": cpu_model(),
+        "cores": usable,  # those this process may run on (a container's share), not the host's count
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def this_command() -> str:
+    """The command line that ran this script, as typed from the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    return shlex.join(["python", str(shown), *sys.argv[1:]])
+
+
+def write_results(
+    name: str, figures: dict, markdown: str, command: str | None = None, folder: Path = RESULTS
+) -> tuple[Path, Path]:
+    """Write ``folder/NAME.json`` (the figures, the command, the machine) and ``folder/NAME.md`` (``markdown``,
+    then the command and the machine), so that every figure quoted elsewhere can be traced to a file and a
+    run. ``command`` defaults to this process's command line. Returns both paths."""
+    command = command or this_command()
+    where = machine()
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"figures": figures, "command": command, "machine": where}
+    json_path, md_path = folder / f"{name}.json", folder / f"{name}.md"
+    json_path.write_text(json.dumps(data, indent=2) + "\n")
+    footer = (
+        f"Command: `{command}`  \nMachine: {where['cpu']}, {where['cores']} cores ({where['torch_threads']} torch "
+        f"threads), torch {where['torch']}, Python {where['python']}, {where['date']}."
+    )
+    md_path.write_text(f"{markdown.rstrip()}\n\n{footer}\n")
+    return json_path, md_path
+
+
+def load_averages() -> list[float]:
+    """The 1-, 5- and 15-minute load averages: on a shared machine, how busy it was while timing."""
+    return [round(value, 2) for value in os.getloadavg()]
+
+
+NOT_RECORDED = "not recorded (earlier run)"
+
+
+def write_earlier_results(name: str, figures: dict, markdown: str, derived_by: str, folder: Path = RESULTS) -> None:
+    """``write_results`` for the figures of an earlier run whose files did not record the machine or the command:
+    both are said to be unknown, never guessed; ``derived_by`` is the command that rewrote them here."""
+    data = {"figures": figures, "command": NOT_RECORDED, "machine": NOT_RECORDED, "derived_by": derived_by}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    footer = f"Command: {NOT_RECORDED}  \nMachine: {NOT_RECORDED}  \nDerived from that run's files by `{derived_by}`."
+    (folder / f"{name}.md").write_text(f"{markdown.rstrip()}\n\n{footer}\n")

@@ -12,8 +12,9 @@ fine-tune nor the search ever sees (they use the ``<skill>.dev.jsonl`` files, di
     python benchmarks/after_merge.py                 # about 22 minutes on 2 CPU cores
     python benchmarks/after_merge.py --skip-search   # the fine-tune alone, about 11 minutes
 
-Writes ``benchmarks/results/after_merge.md`` (the table pasted into the README) and ``after_merge.json``,
-and the search's own files to ``benchmarks/results/search/``.
+Writes ``benchmarks/results/after_merge.md`` (the table pasted into the README) and ``after_merge.json``
+(the figures, the command, the machine), and the search's own files to ``benchmarks/results/search/``.
+``--from-json`` redoes the table from an earlier ``after_merge.json``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import NOT_RECORDED, this_command, write_earlier_results, write_results
 
 from loramerge.evaluate import evaluate, load_model
 from loramerge.evaluate.suite import load_datasets, retention
@@ -75,7 +78,11 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=64, help="Search candidates.")
     parser.add_argument("--skip-search", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
+    parser.add_argument("--from-json", type=Path, help="Only redo the table from an earlier after_merge.json.")
     args = parser.parse_args()
+    if args.from_json:
+        rewrite_earlier(args.from_json, args.out)
+        return
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # one bar per model load would bury the commands' output
@@ -117,9 +124,21 @@ def main() -> None:
             shutil.copytree(found, target, ignore=shutil.ignore_patterns("adapter"))
 
     text = table(rows, own, seconds)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "after_merge.md").write_text(text + "\n")
-    (args.out / "after_merge.json").write_text(json.dumps({"held_out": rows, "seconds": seconds}, indent=2) + "\n")
+    write_results("after_merge", {"held_out": rows, "seconds": seconds}, text, folder=args.out)
+    print(text)
+
+
+def rewrite_earlier(path: Path, out: Path) -> None:
+    """The table and JSON again from an earlier run's ``after_merge.json`` whose machine was not recorded (the
+    bare figures that runs wrote before the results files recorded it)."""
+    data = json.loads(path.read_text())
+    if data.get("machine", NOT_RECORDED) != NOT_RECORDED:
+        raise SystemExit(f"{path} records its command and machine already: nothing to redo")
+    figures = data.get("figures", data)
+    rows, seconds = figures["held_out"], figures["seconds"]
+    own = {skill: rows[f"adapter {skill}"][skill] for skill in SKILLS}
+    text = table(rows, own, seconds)
+    write_earlier_results("after_merge", figures, text, this_command(), folder=out)
     print(text)
 
 

@@ -6,12 +6,15 @@ For each size, three sharded float16 models (vocab 32000, hidden 2048, intermedi
 reach the size). ``ties`` merges models 1 and 2 onto model 0 as the base; ``linear`` averages all three;
 ``sce`` (top 50 % of varying entries) and ``nuslerp`` (equal weights, task vectors) merge 1 and 2 onto 0.
 Each job runs in a fresh process; wall time and that process's peak RSS are printed, with the ratios
-to mergekit and to a plain pass that reads every input tensor and writes the output's bytes.
+to mergekit and to a plain pass that reads every input tensor and writes the output's bytes, and written
+to ``benchmarks/results/dense_vs_mergekit.json`` and ``.md`` (``--name`` picks another name, for a second
+table).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import shutil
 import sys
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from _common import run_measured
+from _common import load_averages, run_measured, write_results
 from safetensors.torch import save_file
 
 VOCAB, HIDDEN, INTERMEDIATE = 32000, 2048, 5504
@@ -127,46 +130,84 @@ def recipe(method: str, models: list[Path]) -> dict:
                        for m in models[1:]]}  # fmt: skip
 
 
+def mergekit_version() -> str:
+    try:
+        return importlib.metadata.version("mergekit")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def markdown(rows: list[dict[str, object]], version: str) -> str:
+    lines = ["Three synthetic Llama-shaped float16 models per size (500 MB shards); each job a fresh process; the "
+             "floor: a plain pass that reads every input tensor and writes the output's bytes.", "",
+             f"| model size | job | loramerge | mergekit-yaml {version} | time ratio | I/O floor | loramerge / floor |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        theirs, ratio = "–", "–"
+        if r.get("mergekit_s") is not None:
+            theirs = f"{r['mergekit_s']:.1f} s, {r['mergekit_rss_mib']:.0f} MiB"
+            ratio = f"**{r['ours_s'] / r['mergekit_s']:.2f}**"
+        lines.append(f"| {r['size_gb']:.2f} GB | {r['method']} | {r['ours_s']:.1f} s, {r['ours_rss_mib']:.0f} MiB | "
+                     f"{theirs} | {ratio} | {r['floor_s']:.1f} s | {r['ours_s'] / r['floor_s']:.2f}× |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="0.5,1,2")
     parser.add_argument("--methods", default="ties,linear")
     parser.add_argument("--skip-mergekit", action="store_true")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--name", default="dense_vs_mergekit", help="Results file name (benchmarks/results/NAME.*).")
     args = parser.parse_args()
     mergekit = shutil.which("mergekit-yaml", path=str(Path(sys.executable).parent)) or shutil.which("mergekit-yaml")
     work = Path(tempfile.mkdtemp(prefix="loramerge-dense-", dir=args.workdir))
+    rows: list[dict[str, object]] = []
+    load_before = load_averages()
     try:
         for gigabytes in (float(s) for s in args.sizes.split(",")):
-            layers = layers_for(gigabytes)
-            models = [work / f"{gigabytes}gb-m{i}" for i in range(3)]
-            size = write_model(models[0], layers, 0, None)
-            for i, folder in enumerate(models[1:], start=1):
-                write_model(folder, layers, i, models[0])
-            print(f"\n== 3 models x {size / 1e9:.2f} GB float16 ({layers} layers, sharded {SHARD_BYTES / 1e6:.0f} MB)")
-            floor_s, floor_rss, _ = run_measured([sys.executable, "-c", FLOOR, *map(str, models), str(work / "floor")])
-            shutil.rmtree(work / "floor")
-            print(f"  I/O floor (read 3 inputs, write 1): {floor_s:6.1f} s, peak RSS {floor_rss:6.0f} MiB")
-            for method in args.methods.split(","):
-                path = work / f"{method}.yml"
-                path.write_text(yaml.safe_dump(recipe(method, models)))
-                ours = [sys.executable, "-m", "loramerge.cli", "run", str(path), "-o", str(work / "ours"), "--force"]
-                ours_s, ours_rss, code = run_measured(ours)
-                assert code == 0, f"loramerge run failed ({code})"
-                shutil.rmtree(work / "ours")
-                line = f"  {method:6s} loramerge {ours_s:6.1f} s, peak RSS {ours_rss:6.0f} MiB"
-                line += f" ({ours_s / floor_s:.2f}x floor)"
-                if not args.skip_mergekit and mergekit:
-                    theirs = [mergekit, str(path), str(work / "theirs"), "--no-copy-tokenizer"]
-                    mk_s, mk_rss, code = run_measured(theirs)
-                    assert code == 0, f"mergekit-yaml failed ({code})"
-                    shutil.rmtree(work / "theirs")
-                    line += f" | mergekit {mk_s:6.1f} s, peak RSS {mk_rss:6.0f} MiB -> time ratio {ours_s / mk_s:.2f}"
-                print(line, flush=True)
-            for folder in models:
-                shutil.rmtree(folder)
+            rows += merge_size(gigabytes, args.methods.split(","), work, None if args.skip_mergekit else mergekit)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    version = mergekit_version()
+    figures = {"rows": rows, "mergekit": version, "load_average": {"start": load_before, "end": load_averages()}}
+    text = markdown(rows, version)
+    write_results(args.name, figures, text)
+    print(text)
+
+
+def merge_size(gigabytes: float, methods: list[str], work: Path, mergekit: str | None) -> list[dict[str, object]]:
+    """Three models of about ``gigabytes`` each; the floor, then each method by loramerge and mergekit."""
+    layers = layers_for(gigabytes)
+    models = [work / f"{gigabytes}gb-m{i}" for i in range(3)]
+    size = write_model(models[0], layers, 0, None)
+    for i, folder in enumerate(models[1:], start=1):
+        write_model(folder, layers, i, models[0])
+    print(f"\n== 3 models x {size / 1e9:.2f} GB float16 ({layers} layers, sharded {SHARD_BYTES / 1e6:.0f} MB)")
+    floor_s, floor_rss, _ = run_measured([sys.executable, "-c", FLOOR, *map(str, models), str(work / "floor")])
+    shutil.rmtree(work / "floor")
+    print(f"  I/O floor (read 3 inputs, write 1): {floor_s:6.1f} s, peak RSS {floor_rss:6.0f} MiB")
+    rows = []
+    for method in methods:
+        path = work / f"{method}.yml"
+        path.write_text(yaml.safe_dump(recipe(method, models)))
+        ours = [sys.executable, "-m", "loramerge.cli", "run", str(path), "-o", str(work / "ours"), "--force"]
+        ours_s, ours_rss, code = run_measured(ours)
+        assert code == 0, f"loramerge run failed ({code})"
+        shutil.rmtree(work / "ours")
+        row = {"size_gb": size / 1e9, "layers": layers, "method": method, "floor_s": floor_s,
+               "floor_rss_mib": floor_rss, "ours_s": ours_s, "ours_rss_mib": ours_rss}  # fmt: skip
+        if mergekit:
+            theirs = [mergekit, str(path), str(work / "theirs"), "--no-copy-tokenizer"]
+            row["mergekit_s"], row["mergekit_rss_mib"], code = run_measured(theirs)
+            assert code == 0, f"mergekit-yaml failed ({code})"
+            shutil.rmtree(work / "theirs")
+        print(f"  {method:6s} loramerge {ours_s:6.1f} s, {ours_rss:6.0f} MiB | mergekit "
+              f"{row.get('mergekit_s', float('nan')):6.1f} s", flush=True)  # fmt: skip
+        rows.append(row)
+    for folder in models:
+        shutil.rmtree(folder)
+    return rows
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@ unmerged full-precision base + adapter in float32.
 
     python benchmarks/fold_4bit_error.py
 
-Prints a markdown table (the README's). Every path is run for real: the 4-bit bases are saved by
-transformers with bitsandbytes' CPU backend, the folds by ``loramerge fold``.
+Prints a markdown table and writes it to ``benchmarks/results/fold_4bit_error.json`` and ``.md``. Every
+path is run for real: the 4-bit bases are saved by transformers with bitsandbytes' CPU backend, the folds
+by ``loramerge fold``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _common import write_results
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
@@ -73,12 +75,21 @@ def main() -> None:
         fold(adapter, "--base", base, "-o", str(work / "fd"), "--from-dequantized", "--quant-type", quant_type)
         from_dequantized = AutoModelForCausalLM.from_pretrained(work / "fd")
         record(f"fold --from-dequantized ({quant_type}) into the float32 base", from_dequantized, quant_type)
-    print(f"tiny Llama (hidden 256, 2 layers), rank-16 adapter on every linear layer; |logit| max {scale:.3f}\n")
-    print("| path | max abs logit error vs float32 base + adapter | relative | vs the unmerged 4-bit model |")
-    print("|---|---|---|---|")
+    text = markdown(rows, scale)
+    figures = {"logit_scale": scale, "rows": [dict(zip(("path", "max_abs_error", "relative", "vs_unmerged_4bit"), row,
+                                                     strict=True)) for row in rows]}  # fmt: skip
+    write_results("fold_4bit_error", figures, text)
+    print(text)
+
+
+def markdown(rows: list[tuple[str, float, float, float | None]], scale: float) -> str:
+    lines = [f"tiny Llama (hidden 256, 2 layers), rank-16 adapter on every linear layer; |logit| max {scale:.3f}", "",
+             "| path | max abs logit error vs float32 base + adapter | relative | vs the unmerged 4-bit model |",
+             "|---|---|---|---|"]  # fmt: skip
     for path, error, relative, versus_qlora in rows:
         other = "-" if versus_qlora is None else f"{versus_qlora:.2e}"
-        print(f"| {path} | {error:.2e} | {relative:.2e} | {other} |")
+        lines.append(f"| {path} | {error:.2e} | {relative:.2e} | {other} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ against a plain pass that reads every base tensor and writes it back out in shar
     python benchmarks/fold_speed.py [--sizes 0.5,1,2]
 
 Prints wall time and peak RSS of each (fresh processes), the time ratio, and the RSS budget
-(largest shard + 1 GiB).
+(largest shard + 1 GiB); writes them to ``benchmarks/results/fold_speed.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import run_measured, synthetic_adapter
+from _common import load_averages, run_measured, synthetic_adapter, write_results
 from dense_vs_mergekit import HIDDEN, INTERMEDIATE, SHARD_BYTES, layers_for, write_model
 
 COPY = """
@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="0.5,1,2")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="loramerge-fold-"))
+    rows = []
     try:
         for gigabytes in (float(s) for s in args.sizes.split(",")):
             layers = layers_for(gigabytes)
@@ -67,15 +68,36 @@ def main() -> None:
             fold_s, fold_rss, code = run_measured(fold)
             assert code == 0, f"fold failed ({code})"
             shutil.rmtree(work / "folded")
-            budget = largest + 1024
-            print(f"{size / 1e9:.2f} GB base ({layers} layers, largest shard {largest:.0f} MiB): "
-                  f"plain read+write {copy_s:.1f} s, {copy_rss:.0f} MiB | fold {fold_s:.1f} s, {fold_rss:.0f} MiB "
-                  f"-> {fold_s / copy_s:.2f}x time, RSS {fold_rss:.0f} of {budget:.0f} MiB budget",
-                  flush=True)  # fmt: skip
+            rows.append({"base_gb": size / 1e9, "layers": layers, "largest_shard_mib": largest, "copy_s": copy_s,
+                         "copy_rss_mib": copy_rss, "fold_s": fold_s, "fold_rss_mib": fold_rss,
+                         "budget_mib": largest + 1024})  # fmt: skip
+            print(row_line(rows[-1]), flush=True)
             shutil.rmtree(base)
             shutil.rmtree(work / "adapter")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    text = markdown(rows)
+    write_results("fold_speed", {"rows": rows, "load_average": load_averages()}, text)
+    print(text)
+
+
+def row_line(row: dict[str, float]) -> str:
+    return (f"{row['base_gb']:.2f} GB base ({row['layers']} layers, largest shard {row['largest_shard_mib']:.0f} MiB): "
+            f"plain read+write {row['copy_s']:.1f} s, {row['copy_rss_mib']:.0f} MiB | fold {row['fold_s']:.1f} s, "
+            f"{row['fold_rss_mib']:.0f} MiB")  # fmt: skip
+
+
+def markdown(rows: list[dict[str, float]]) -> str:
+    lines = ["Fold a rank-16 adapter (every linear module) into a synthetic Llama-shaped float16 base (500 MB "
+             "shards), against a plain pass that reads every base tensor and writes it back in shards of the same "
+             "size; each a fresh process.", "",
+             "| base | plain read+write | loramerge fold | time ratio | fold peak RSS (budget: largest shard + 1 GiB) "
+             "| plain pass peak RSS |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['base_gb']:.2f} GB | {r['copy_s']:.1f} s | {r['fold_s']:.1f} s | "
+                     f"{r['fold_s'] / r['copy_s']:.2f}× | {r['fold_rss_mib']:.0f} MiB ({r['budget_mib']:.0f}) | "
+                     f"{r['copy_rss_mib']:.0f} MiB |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

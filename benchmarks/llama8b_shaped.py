@@ -1,14 +1,15 @@
 """Three rank-16 bfloat16 adapters shaped like Llama-3-8B (32 layers; q,k,v,o,gate,up,down).
 
-    python benchmarks/llama8b_shaped.py [--layers 32] [--skip-peft] [--skip-error] [--skip-full]
+    python benchmarks/llama8b_shaped.py [--layers 32] [--repeats 3] [--skip-peft] [--skip-error] [--skip-full]
 
 Runs, as a user would and in fresh processes, ``loramerge merge`` with the defaults (no ``--method`` or
-``--space``), ``--method svd``, and ``--method ties --space full --density 0.5`` (whose rank-16
-truncation of each dense merged module uses the randomized range finder at this size): wall time and
+``--space``), with ``--method svd``, ``--method ties`` (core space, density 0.95), the whole-matrix methods,
+and ``--method ties --space full --density 0.5`` (whose rank-16 truncation of each dense merged module uses
+the randomized range finder at this size), each ``--repeats`` times: wall time (median and spread) and
 peak RSS against the adapters' bytes. The base model is never read (none exists). Then, for one module
 of each shape, the randomized truncation's error against the exact one (``torch.linalg.svd``). PEFT's
 time for the same jobs is extrapolated from its add_weighted_adapter (``svd`` and ``ties_svd``) measured
-here on one module of each distinct shape.
+here on one module of each distinct shape. Writes ``benchmarks/results/llama8b_shaped.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from __future__ import annotations
 import argparse
 import functools
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from _common import run_measured, synthetic_adapter, timed
+from _common import load_averages, run_measured, synthetic_adapter, timed, write_results
 from peft import LoraConfig, get_peft_model
 
 from loramerge import load_adapter
@@ -63,13 +65,14 @@ def peft_seconds_per_shape(combination_type: str) -> dict[tuple[int, int], float
         with torch.no_grad():
             took, _ = timed(merge)
         seconds[(out_features, in_features)] = took
-        print(f"  PEFT {combination_type:8s} one {out_features}x{in_features} module: {took:.1f} s")
+        print(f"  PEFT {combination_type:8s} one {out_features}x{in_features} module: {took:.1f} s", flush=True)
     return seconds
 
 
 RUNS = {  # label -> extra flags of `loramerge merge`
     "defaults": [],
     "svd": ["--method", "svd"],
+    "ties": ["--method", "ties"],
     "ties full 0.5": ["--method", "ties", "--space", "full", "--density", "0.5"],
     "knots": ["--method", "knots"],
     "tsv_m": ["--method", "tsv_m"],
@@ -77,14 +80,16 @@ RUNS = {  # label -> extra flags of `loramerge merge`
     "iso_cts": ["--method", "iso_cts"],
     "robustmerge": ["--method", "robustmerge"],
 }
+PEFT_PEERS = (("svd", "svd"), ("ties", "ties_svd"), ("ties full 0.5", "ties_svd"))  # ours -> PEFT's same job
 
 
-def truncation_errors(work: Path, shapes: dict[str, tuple[int, int]]) -> None:
+def truncation_errors(work: Path, shapes: dict[str, tuple[int, int]]) -> list[dict[str, object]]:
     """For one module of each shape: the dense ties merge (density 0.5) of the three adapters, its exact
-    rank-16 truncation and the randomized one; prints both residuals relative to the merged matrix."""
+    rank-16 truncation and the randomized one; both residuals relative to the merged matrix."""
     adapters = [load_adapter(str(work / name)) for name in "abc"]
     options = parse_options(method="ties", density=0.5)
     firsts = {shape: name for name, shape in reversed(list(shapes.items()))}
+    rows = []
     for shape, name in sorted(firsts.items()):
         deltas = torch.stack([a.modules[name].factors().dense() for a in adapters])
         gens = tensor_generators(0, name, range(3))
@@ -92,55 +97,122 @@ def truncation_errors(work: Path, shapes: dict[str, tuple[int, int]]) -> None:
         took_exact, exact = timed(lambda m=merged: truncate_dense(m, RANK))
         took_random, randomized = timed(lambda m=merged: truncate_dense_randomized(m, RANK, seed=0))
         norm = torch.linalg.matrix_norm(merged)
-        best = torch.linalg.matrix_norm(merged - exact.dense()) / norm
-        error = torch.linalg.matrix_norm(merged - randomized.dense()) / norm
+        best = (torch.linalg.matrix_norm(merged - exact.dense()) / norm).item()
+        error = (torch.linalg.matrix_norm(merged - randomized.dense()) / norm).item()
         gap = torch.linalg.matrix_norm(randomized.dense() - exact.dense()) / torch.linalg.matrix_norm(exact.dense())
-        print(f"  {shape[0]}x{shape[1]}: residual exact {best:.4f}, randomized {error:.4f} "
-              f"({error / best:.4f}x); |randomized - exact| / |exact| {gap:.3f}; "
-              f"SVD {took_exact:.1f} s, range finder {took_random:.2f} s")  # fmt: skip
+        rows.append({"shape": list(shape), "exact": best, "randomized": error, "ratio": error / best,
+                     "gap": gap.item(), "exact_s": took_exact, "randomized_s": took_random})  # fmt: skip
+        print(f"  {shape[0]}x{shape[1]}: residual exact {best:.4f}, randomized {error:.4f}", flush=True)
+    return rows
+
+
+def merge_runs(work: Path, repeats: int, skip_full: bool, full_repeats: int) -> dict[str, dict[str, object]]:
+    """Every ``RUNS`` entry, each in ``repeats`` fresh processes (the full-space one ``full_repeats`` times)."""
+    results = {}
+    for label, flags in RUNS.items():
+        if skip_full and "--space" in flags:
+            continue
+        command = [sys.executable, "-m", "loramerge.cli", "merge", *(str(work / n) for n in "abc"), *flags,
+                   "-o", str(work / "out"), "--force"]  # fmt: skip
+        seconds, rss = [], []
+        for _ in range(full_repeats if "--space" in flags else repeats):
+            took, peak, code = run_measured(command)
+            if code != 0:
+                raise SystemExit(f"loramerge merge {' '.join(flags)} failed with exit code {code}")
+            seconds.append(took)
+            rss.append(peak)
+            print(f"  loramerge merge {label:14s}: {took:6.1f} s, peak RSS {peak:6.0f} MiB", flush=True)
+        results[label] = {"flags": flags, "seconds": seconds, "rss_mib": rss}
+    return results
+
+
+def peft_extrapolation(results: dict[str, dict[str, object]], layers: int) -> list[dict[str, object]]:
+    """PEFT's time for each of our jobs that it can run, from one module of each shape times the layers."""
+    per_type = {theirs: peft_seconds_per_shape(theirs) for ours, theirs in PEFT_PEERS if ours in results}
+    rows = []
+    for ours, theirs in PEFT_PEERS:
+        if ours not in results:
+            continue
+        per_shape = per_type[theirs]
+        extrapolated = layers * sum(per_shape[shape] for shape in SHAPES.values())
+        rows.append({"ours": ours, "peft": theirs, "extrapolated_s": extrapolated,
+                     "per_shape_s": {f"{o}x{i}": s for (o, i), s in per_shape.items()},
+                     "speed_up": extrapolated / statistics.median(results[ours]["seconds"])})  # fmt: skip
+    return rows
+
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f} s"
+    return f"{statistics.median(values):.1f} s (median of {len(values)}; {min(values):.1f}–{max(values):.1f} s)"
+
+
+def markdown(figures: dict[str, object]) -> str:
+    runs, budget = figures["runs"], figures["budget_mib"]
+    lines = [f"{figures['modules']} modules x 3 adapters, rank {RANK}, bfloat16: {figures['adapters_mib']:.0f} MiB "
+             f"of adapters; memory budget (3x adapters + 1 GiB): {budget:.0f} MiB; base model: never read.", "",
+             "| run | flags | wall time | peak RSS (largest) | of budget |", "|---|---|---|---|---|"]  # fmt: skip
+    for label, run in runs.items():
+        peak = max(run["rss_mib"])
+        lines.append(f"| {label} | {' '.join(run['flags']) or '(no --method, no --space)'} | "
+                     f"{spread(run['seconds'])} | {peak:.0f} MiB | {peak / budget:.2f} |")  # fmt: skip
+    if "ties full 0.5" in runs and "defaults" in runs:
+        ratio = statistics.median(runs["ties full 0.5"]["seconds"]) / statistics.median(runs["defaults"]["seconds"])
+        lines += ["", f"The full-space ties run takes {ratio:.0f}× the defaults' time (medians)."]
+    if figures.get("truncation"):
+        lines += ["", "Rank-16 truncation of the dense ties merge (density 0.5), randomized range finder vs exact "
+                  "SVD, one module of each shape:", "",
+                  "| module | residual ‖M − M_k‖/‖M‖, exact SVD | randomized | ratio | ‖randomized − exact‖ / ‖exact‖ "
+                  "| exact SVD | range finder |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in figures["truncation"]:
+            lines.append(
+                f"| {r['shape'][0]}×{r['shape'][1]} | {r['exact']:.4f} | {r['randomized']:.4f} | "
+                f"{r['ratio']:.3f} | {r['gap']:.3f} | {r['exact_s']:.1f} s | {r['randomized_s']:.2f} s |"
+            )
+        worst = max(r["ratio"] for r in figures["truncation"])
+        lines += ["", f"Largest ratio: {worst:.3f}."]
+    if figures.get("peft"):
+        lines += ["", f"PEFT add_weighted_adapter, one module of each shape, extrapolated to {figures['modules']} "
+                  f"modules ({figures['layers']} layers x 7):", "",
+                  "| loramerge job | PEFT combination_type | PEFT per module, by shape | PEFT extrapolated | "
+                  "loramerge is faster by |", "|---|---|---|---|---|"]  # fmt: skip
+        for r in figures["peft"]:
+            shapes = ", ".join(f"{s:.1f} s ({shape})" for shape, s in r["per_shape_s"].items())
+            lines.append(
+                f"| {r['ours']} | {r['peft']} | {shapes} | ≈ {r['extrapolated_s']:.0f} s | ≈ {r['speed_up']:.0f}× |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="Fresh runs of each merge (the spread is reported).")
+    parser.add_argument("--full-repeats", type=int, default=3, help="Runs of the full-space ties merge (minutes).")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--skip-error", action="store_true", help="Skip the exact-SVD error check (minutes).")
     parser.add_argument("--skip-full", action="store_true", help="Skip the full-space ties run (minutes).")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="loramerge-bench-"))
+    load_before = load_averages()
     try:
         shapes = llama_shapes(args.layers)
         sizes = [synthetic_adapter(work / name, shapes, RANK, seed) for seed, name in enumerate("abc")]
         total_mib = sum(sizes) / 2**20
-        budget = 3 * total_mib + 1024
-        print(f"{len(shapes)} modules x 3 adapters, rank {RANK}, bfloat16: {total_mib:.0f} MiB of adapters")
-        print(f"memory budget (3x adapters + 1 GiB): {budget:.0f} MiB; base model: never read")
-        results = {}
-        for label, flags in RUNS.items():
-            if args.skip_full and "--space" in flags:
-                continue
-            command = [sys.executable, "-m", "loramerge.cli", "merge", *(str(work / n) for n in "abc"), *flags,
-                       "-o", str(work / "out"), "--force"]  # fmt: skip
-            seconds, rss, code = run_measured(command)
-            if code != 0:
-                raise SystemExit(f"loramerge merge {' '.join(flags)} failed with exit code {code}")
-            results[label] = seconds
-            print(f"loramerge merge {label:14s} {' '.join(flags) or '(no --method, no --space)':45s}: "
-                  f"{seconds:6.1f} s, peak RSS {rss:6.0f} MiB ({rss / budget:.2f} of budget)")  # fmt: skip
+        figures: dict[str, object] = {"layers": args.layers, "modules": len(shapes), "adapters_mib": total_mib,
+                                      "budget_mib": 3 * total_mib + 1024}  # fmt: skip
+        print(f"{len(shapes)} modules x 3 adapters: {total_mib:.0f} MiB of adapters", flush=True)
+        figures["runs"] = merge_runs(work, args.repeats, args.skip_full, args.full_repeats)
         if not args.skip_error:
-            print("rank-16 truncation of the dense ties merge, randomized range finder vs exact SVD:")
-            truncation_errors(work, shapes)
-        if args.skip_peft:
-            return
-        for ours, theirs in (("svd", "svd"), ("ties full 0.5", "ties_svd")):
-            if ours not in results:
-                continue
-            per_shape = peft_seconds_per_shape(theirs)
-            extrapolated = args.layers * sum(per_shape[shape] for shape in SHAPES.values())
-            print(f"PEFT add_weighted_adapter({theirs}) extrapolated to {len(shapes)} modules: {extrapolated:.0f} s "
-                  f"-> loramerge {ours} is {extrapolated / results[ours]:.0f}x faster")  # fmt: skip
+            figures["truncation"] = truncation_errors(work, shapes)
+        if not args.skip_peft:
+            figures["peft"] = peft_extrapolation(figures["runs"], args.layers)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    figures["load_average"] = {"start": load_before, "end": load_averages()}
+    text = markdown(figures)
+    write_results("llama8b_shaped", figures, text)
+    print(text)
 
 
 if __name__ == "__main__":

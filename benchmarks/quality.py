@@ -16,8 +16,9 @@ subsets of one size.
     python benchmarks/quality.py            # about 35 minutes on 2 CPU cores
     python benchmarks/quality.py --quick    # a subset in a few minutes
 
-Writes ``benchmarks/results/quality.csv`` (one row per merge and skill), ``quality.png`` and a
-Markdown summary (``quality.md``, pasted into the README).
+Writes ``benchmarks/results/quality.csv`` (one row per merge and skill), ``quality.png``, a Markdown
+summary (``quality.md``, pasted into the README) and ``quality.json`` (the summary, the command, the
+machine). ``--from-csv`` redoes the summary of an earlier CSV, whose machine is then "not recorded".
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _common import this_command, write_earlier_results, write_results
 
 from loramerge import catalogue, load_adapter, merge_adapters
 from loramerge.evaluate import evaluate, load_model, load_samples
@@ -229,6 +231,12 @@ def summarise(rows: list[dict[str, object]]) -> dict[tuple, dict[str, float]]:
     }
 
 
+def summary_rows(summary: dict[tuple, dict[str, float]]) -> list[dict[str, object]]:
+    """``summarise``'s result as JSON rows."""
+    return [{"size": size, "method": method, "space": space, "density": density, **stats}
+            for (size, method, space, density), stats in sorted(summary.items(), key=str)]  # fmt: skip
+
+
 def _cell(stats: dict[str, float] | None) -> str:
     if stats is None:
         return "–"
@@ -257,7 +265,7 @@ def overview(summary: dict[tuple, dict[str, float]], sizes: list[int]) -> str:
         rows.append((statistics.mean(means), method, space, density, cells, seconds))
     lines = ["| method | space | density | " + " | ".join(f"{n} adapters" for n in sizes) + " | mean | merge ms |",
              "|---|---|---|" + "---|" * len(sizes) + "---|---|"]  # fmt: skip
-    for mean, method, space, density, cells, seconds in sorted(rows, key=lambda row: -row[0]):
+    for mean, method, space, density, cells, seconds in sorted(rows, key=lambda row: (-row[0], *map(str, row[1:4]))):
         lines.append(f"| {method} | {SPACE_NAMES[space]} | {density or '–'} | " + " | ".join(map(_cell, cells))
                      + f" | **{mean:.3f}** | {seconds * 1000:.0f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -373,7 +381,12 @@ def main() -> None:
             writer.writerows(rows)
     summary = summarise(rows)
     table = overview(summary, args.sizes) + "\n" + markdown(summary, args.sizes)
-    (args.out / "quality.md").write_text(table)
+    figures: dict[str, object] = {"summary": summary_rows(summary), "scores": len(rows)}
+    if args.from_csv:  # the CSV records neither the machine nor the command of the run that scored it
+        write_earlier_results("quality", figures, table, this_command(), folder=args.out)
+    else:
+        figures["seconds"] = time.perf_counter() - started
+        write_results("quality", figures, table, folder=args.out)
     plot(summary, args.sizes, args.out / "quality.png")
     print(table)
     print(f"{len(rows)} scores in {time.perf_counter() - started:.0f} s -> {args.out}")

@@ -3,7 +3,8 @@
     python benchmarks/svd_vs_peft.py [--size 4096] [--rank 16]
 
 Both run in this process on the same factors; prints times, their ratio, the relative error between
-the two ``B @ A`` results and the peak RSS after each.
+the two ``B @ A`` results and the peak RSS after each, and writes them to ``benchmarks/results/svd_vs_peft.json``
+and ``.md``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import peak_rss_mib, timed
+from _common import load_averages, peak_rss_mib, timed, write_results
 from peft import LoraConfig, get_peft_model
 
 from loramerge import LoraAdapter, LoraModule, merge_adapters
@@ -55,10 +56,24 @@ def main() -> None:
     theirs = layer.lora_B["svd"].weight.detach() @ layer.lora_A["svd"].weight.detach()
     ours = merged.modules["proj"].delta()
     error = ((ours - theirs).norm() / theirs.norm()).item()
-    print(f"module {args.size}x{args.size}, three rank-{args.rank} adapters, svd to rank {args.rank}")
-    print(f"loramerge  {ours_s * 1000:9.1f} ms   peak RSS {ours_rss:7.0f} MiB")
-    print(f"PEFT       {peft_s * 1000:9.1f} ms   peak RSS {peft_rss:7.0f} MiB (after both)")
-    print(f"speed-up   {peft_s / ours_s:9.0f}x   relative error of B@A vs PEFT: {error:.2e}")
+    figures = {"size": args.size, "rank": args.rank, "loramerge_s": ours_s, "loramerge_rss_mib": ours_rss,
+               "peft_s": peft_s, "peft_rss_mib": peft_rss, "speed_up": peft_s / ours_s, "relative_error": error,
+               "load_average": load_averages()}  # fmt: skip
+    text = markdown(figures)
+    write_results("svd_vs_peft", figures, text)
+    print(text)
+
+
+def markdown(f: dict[str, float]) -> str:
+    return (
+        f"One {f['size']}×{f['size']} module, three rank-{f['rank']} adapters, `svd` to rank {f['rank']} "
+        "(loramerge: best of 3; PEFT: one call; peak RSS of this process after each).\n\n"
+        "| loramerge | PEFT add_weighted_adapter(svd) | speed-up | relative error of B@A vs PEFT |\n"
+        "|---|---|---|---|\n"
+        f"| {f['loramerge_s'] * 1000:.1f} ms, peak RSS {f['loramerge_rss_mib']:.0f} MiB "
+        f"| {f['peft_s']:.1f} s, peak RSS {f['peft_rss_mib']:.0f} MiB | {f['speed_up']:.0f}× "
+        f"| {f['relative_error']:.1e} |\n"
+    )
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from loramerge.lowrank import (
     use_randomized,
 )
 from loramerge.seeding import tensor_generators, tensor_seed
+from loramerge.threads import module_threads
 
 Progress = Callable[[int, int, str], None]
 
@@ -65,6 +66,12 @@ class MergePlan:
 
     def describe(self) -> str:
         """One line: inputs, method and parameters, output ranks, dtype and size (nothing is read)."""
+        return (
+            f"{self.describe_merge()}, {str(self.out_dtype).removeprefix('torch.')}, {human_bytes(self.output_bytes)}"
+        )
+
+    def describe_merge(self) -> str:
+        """Inputs, method and parameters, output ranks: what the merge does, whatever it is written as."""
         options = self.options
         ranks = sorted({m.output_rank for m in self.modules})
         parts = [f"method={options.method}"]
@@ -79,8 +86,8 @@ class MergePlan:
         parts += [f"{name}={value}" for name, value in sorted(options.params.items())]
         parts += [f"weights={','.join(f'{w:g}' for w in self.weights)}", f"seed={options.seed}"]
         return (
-            f"{len(self.adapters)} adapters, {len(self.modules)} modules, {' '.join(parts)}, output ranks {ranks}, "
-            f"{str(self.out_dtype).removeprefix('torch.')}, {human_bytes(self.output_bytes)}"
+            f"{_count(len(self.adapters), 'adapter')}, {_count(len(self.modules), 'module')}, {' '.join(parts)}, "
+            f"output ranks {ranks}"
         )
 
     def record(self) -> MergeRecord:
@@ -93,6 +100,10 @@ class MergePlan:
         }
         ranks = sorted({m.output_rank for m in self.modules})
         return MergeRecord(self.options.method, inputs, len(self.modules), ranks, parameters)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def output_rank(options: MergeOptions, shape: tuple[int, int], ranks: Sequence[int]) -> int:
@@ -125,9 +136,19 @@ def _plan_modules(adapters: Sequence[LoraAdapter], options: MergeOptions) -> lis
     return plans
 
 
-def _plan_warnings(options: MergeOptions) -> list[str]:
+def _lone_adapter_warning(count: int, options: MergeOptions) -> list[str]:
+    """A merge of one adapter is a copy for the linear methods; the others still transform it, which a user
+    merging one adapter (to convert its dtype, say) would not expect."""
+    effect = catalogue.get(options.method).lone
+    if count != 1 or effect is None or (options.uses_density and options.effective_density == 1):
+        return []
+    return [f"one adapter: {options.method} {effect}, so the output differs from the input; "
+            "use `method='linear'` to copy it"]  # fmt: skip
+
+
+def _plan_warnings(options: MergeOptions, count: int) -> list[str]:
     given = options.model_fields_set
-    notes = []
+    notes = _lone_adapter_warning(count, options)
     if "density" in given and not options.uses_density:
         notes.append(f"`density` is ignored by method {options.method}")
     if "space" in given and options.strategy in ("concat", "module"):
@@ -147,7 +168,7 @@ def plan_merge(
     weights = check_weights(adapters, [1.0] * len(adapters) if weights is None else weights)
     check_shapes(adapters)
     check_layouts(adapters)
-    warnings = check_base_models(adapters, options.strict) + _plan_warnings(options)
+    warnings = check_base_models(adapters, options.strict) + _plan_warnings(options, len(adapters))
     dense = {
         name: tuple(i for i, adapter in enumerate(adapters) if name in adapter.dense)
         for name in sorted({name for adapter in adapters for name in adapter.dense})
@@ -268,8 +289,9 @@ def execute_plan(plan: MergePlan, progress: Progress | None = None) -> LoraAdapt
     modules: dict[str, LoraModule] = {}
     for done, module in enumerate(plan.modules, start=1):
         try:
-            merged = merge_module(plan, module).to(plan.out_dtype)
-        except ValueError as error:  # a kernel refusing its parameters (della's density ± epsilon, say)
+            with module_threads(plan.options.strategy, module.shape, module.input_ranks, plan.options.device):
+                merged = merge_module(plan, module).to(plan.out_dtype)
+        except BadInput as error:  # a kernel refusing its parameters (della's density ± epsilon, say)
             raise BadInput(f"module {module.name}: {error}") from None
         modules[module.name] = LoraModule(A=merged.A.cpu(), B=merged.B.cpu(), scale=1.0, embedding=module.embedding)
         if progress is not None:
