@@ -9,13 +9,15 @@ the randomized range finder at this size), each ``--repeats`` times: wall time (
 peak RSS against the adapters' bytes. The base model is never read (none exists). Then, for one module
 of each shape, the randomized truncation's error against the exact one (``torch.linalg.svd``). PEFT's
 time for the same jobs is extrapolated from its add_weighted_adapter (``svd`` and ``ties_svd``) measured
-here on one module of each distinct shape. Writes ``benchmarks/results/llama8b_shaped.json`` and ``.md``.
+here on one module of each distinct shape (``--peft-only`` measures PEFT again against the merges already in
+the results file). Writes ``benchmarks/results/llama8b_shaped.json`` and ``.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import shutil
 import statistics
 import sys
@@ -23,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import load_averages, run_measured, synthetic_adapter, timed, write_results
+from _common import RESULTS, load_averages, run_measured, synthetic_adapter, this_command, timed, write_results
 from peft import LoraConfig, get_peft_model
 
 from loramerge import load_adapter
@@ -128,7 +130,8 @@ def merge_runs(work: Path, repeats: int, skip_full: bool, full_repeats: int) -> 
 
 def peft_extrapolation(results: dict[str, dict[str, object]], layers: int) -> list[dict[str, object]]:
     """PEFT's time for each of our jobs that it can run, from one module of each shape times the layers."""
-    per_type = {theirs: peft_seconds_per_shape(theirs) for ours, theirs in PEFT_PEERS if ours in results}
+    types = dict.fromkeys(theirs for ours, theirs in PEFT_PEERS if ours in results)  # each measured once
+    per_type = {theirs: peft_seconds_per_shape(theirs) for theirs in types}
     rows = []
     for ours, theirs in PEFT_PEERS:
         if ours not in results:
@@ -184,6 +187,16 @@ def markdown(figures: dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def remeasure_peft(layers: int) -> None:
+    """PEFT's extrapolation again, against the merges of the existing results file (the command records both)."""
+    data = json.loads((RESULTS / "llama8b_shaped.json").read_text())
+    figures = data["figures"]
+    figures["peft"] = peft_extrapolation(figures["runs"], layers)
+    text = markdown(figures)
+    write_results("llama8b_shaped", figures, text, command=f"{data['command']}; then {this_command()}")
+    print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=32)
@@ -192,7 +205,15 @@ def main() -> None:
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--skip-error", action="store_true", help="Skip the exact-SVD error check (minutes).")
     parser.add_argument("--skip-full", action="store_true", help="Skip the full-space ties run (minutes).")
+    parser.add_argument(
+        "--peft-only",
+        action="store_true",
+        help="Measure PEFT again against the runs already in benchmarks/results/llama8b_shaped.json.",
+    )
     args = parser.parse_args()
+    if args.peft_only:
+        remeasure_peft(args.layers)
+        return
     work = Path(tempfile.mkdtemp(prefix="loramerge-bench-"))
     load_before = load_averages()
     try:
