@@ -10,6 +10,7 @@ by ``loramerge fold``.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,14 @@ def fold(*args: str) -> None:
 
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="loramerge-4bit-"))
+    try:
+        measure(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(work: Path) -> None:
+    """Every serving path on a fresh tiny Llama in ``work``; writes the results files."""
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False)  # fmt: skip

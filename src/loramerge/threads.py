@@ -3,10 +3,11 @@
 torch splits every CPU op over its whole thread pool and waits for all the pool's threads at the end of
 each op. A core-space merge is thousands of small ops (QRs of stacked factors, R x R cores, thin
 products), each far shorter than a scheduler time slice: when another process holds a core, every op
-waits for a descheduled thread, and a 0.3 s merge took 7-10 s (``benchmarks/threads.py``). On one
-thread a small op never waits and, on a quiet machine, loses nothing, because it is too small to gain
-from a second core. The full space builds dense ``out x in`` deltas, which can gain from every core:
-a module is left on the caller's thread count when its largest matrix reaches ``SMALL_WORK`` entries.
+waits for a descheduled thread: the demo's 0.27 s merge took 3.28 s beside one busy process
+(``benchmarks/threads.py``), 7-10 s on a busier machine (issue 22). On one
+thread a small op never waits and, alone on the machine, loses little, because it is too small to gain
+much from a second core. The full space builds dense ``out x in`` deltas, which gain more from every
+core: a module is left on the caller's thread count when its largest matrix reaches ``SMALL_WORK`` entries.
 
 The thread count never changes a result's bits: the decompositions already run on one thread
 (``seeding.thread_independent``) and ``tests/test_determinism.py`` compares 1 and 2 threads.
@@ -20,9 +21,10 @@ from contextlib import AbstractContextManager, contextmanager
 import torch
 
 # Entries of a module's largest matrix below which it runs on one thread (4 M: a 2048 x 2048 dense delta).
-# Measured on 2 shared cores (benchmarks/results/threads.md): no low-rank module gained from a second thread,
-# up to four rank-64 adapters of a 14336 x 4096 module (3.7 M); the full-space modules of SmolLM2-135M
-# (at most 1536 x 576) ran faster on one, an 8B model's (4096 x 4096 and up) are left on every thread.
+# Measured on 2 cores (benchmarks/results/threads.md): alone, a second thread sped a low-rank module up by
+# 1.00-1.16x (up to four rank-64 adapters of a 14336 x 4096 module, 3.7 M entries) and a full-space one by
+# 1.11-1.31x; beside a busy process, every thread made whole merges 3.4-4.6x slower. Small work is not worth
+# that risk; an 8B model's full-space modules (4096 x 4096 and up) keep every thread.
 SMALL_WORK = 2**22
 
 
