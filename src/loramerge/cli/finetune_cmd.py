@@ -33,8 +33,6 @@ def finetune(
     force: bool = typer.Option(False, help="Replace an existing output folder."),
 ) -> None:
     """Train a LoRA adapter further with PEFT on a little data (labels on the completions only)."""
-    import datasets
-
     from loramerge.adapters.files import load_adapter
     from loramerge.errors import BadInput
     from loramerge.evaluate.data import load_samples
@@ -46,7 +44,6 @@ def finetune(
     base = base or load_adapter(adapter).base_model
     if not base:
         raise BadInput(f"adapter {adapter}: it names no base model; give --base")
-    datasets.disable_progress_bars()  # a bar per data file would precede a refusal's one line on stderr
     sets = [load_samples(path, prompt_field=prompt_field, completion_field=completion_field, max_samples=max_samples)
             for path in data]  # fmt: skip
     samples = mixed(sets, seed)

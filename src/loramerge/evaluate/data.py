@@ -35,10 +35,13 @@ def load_samples(
         raise BadInput(f"`data` {path}: unknown format {path.suffix!r}; use {', '.join(_FORMATS)}")
     if (prompt_field is None) != (completion_field is None):
         raise BadInput("give both `prompt_field` and `completion_field`, or neither")
-    from datasets import load_dataset
+    import datasets
 
+    # the library never prints: no bar per file, no log line before a caller's table or one-line refusal
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
-        rows = load_dataset(kind, data_files=str(path), split="train")
+        rows = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as error:  # datasets raises many types for unreadable files
         raise BadInput(f"`data` {path}: cannot read ({brief(error)})") from error
     fields = [prompt_field, completion_field] if prompt_field else [text_field or "text"]

@@ -51,11 +51,6 @@ def _short(ref: str) -> str:
 
 def load_datasets(paths, **fields) -> dict:
     """``{file stem: samples}`` for each evaluation file (``add.eval.jsonl`` is named ``add``)."""
-    import datasets
-
-    datasets.disable_progress_bars()  # the table is the output; a broken file is reported in one line
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-
     datasets = {}
     for path in paths:
         name = Path(path).name.split(".")[0]
