@@ -381,6 +381,12 @@ def main() -> None:
             writer.writerows(rows)
     summary = summarise(rows)
     table = overview(summary, args.sizes) + "\n" + markdown(summary, args.sizes)
+    if (args.only or args.methods) and args.keep_from and not args.from_csv:
+        rerun = " ".join([*(args.methods or []), *(args.only or [])])
+        table += (
+            f"\nOnly the rows of {rerun} were run now (machine below); the others are kept from "
+            f"{args.keep_from}, an earlier run, with that run's timings.\n"
+        )
     figures: dict[str, object] = {"summary": summary_rows(summary), "scores": len(rows)}
     if args.from_csv:  # the CSV records neither the machine nor the command of the run that scored it
         write_earlier_results("quality", figures, table, this_command(), folder=args.out)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
 from dense_helpers import save_llama, write_recipe
 from loramerge import catalogue, load_adapter, save_adapter
+from loramerge import threads as loramerge_threads
 from loramerge.adapters.merge import execute_plan, plan_merge
 from loramerge.adapters.options import parse_options
 from loramerge.catalogue import Method
@@ -46,11 +48,15 @@ def test_adapter_merges_are_bit_identical(method, space, equal_rank_adapters, tm
     options = parse_options(method=method, space=space, density=0.5, seed=7)
     weights = [0.6, 0.3, -0.4][: len(adapters)]
     digests = []
-    for threads, reverse in ((2, False), (2, False), (1, False), (2, True)):
+    # SMALL_WORK 0 keeps every module on the caller's threads, so 1 and 2 threads really differ on these
+    # small modules; the last run is the thread policy itself (every module of this size on one thread)
+    runs = ((2, False, 0), (2, False, 0), (1, False, 0), (2, True, 0), (2, False, loramerge_threads.SMALL_WORK))
+    for threads, reverse, small_work in runs:
         plan = plan_merge(adapters, weights, options)
         if reverse:  # visit the modules in the opposite order
             plan.modules.reverse()
-        merged = _with_threads(threads, lambda plan=plan: execute_plan(plan))
+        with mock.patch.object(loramerge_threads, "SMALL_WORK", small_work):
+            merged = _with_threads(threads, lambda plan=plan: execute_plan(plan))
         folder = tmp_path / f"{threads}-{reverse}-{len(digests)}"
         save_adapter(merged, folder)
         digests.append(_digest(folder))
@@ -89,9 +95,10 @@ def test_dense_merges_are_bit_identical(method, dense_models, tmp_path):
     _, base, models = dense_models
     recipe = write_recipe(tmp_path / "recipe.yml", dense_recipe(catalogue.get(method), base, models))
     digests = []
-    for threads in (2, 2, 1):
+    for threads, small_work in ((2, 0), (2, 0), (1, 0), (2, loramerge_threads.SMALL_WORK)):
         out = tmp_path / f"out-{len(digests)}"
-        _with_threads(threads, lambda out=out: merge_checkpoints(recipe, out, seed=11))
+        with mock.patch.object(loramerge_threads, "SMALL_WORK", small_work):
+            _with_threads(threads, lambda out=out: merge_checkpoints(recipe, out, seed=11))
         digests.append(_digest(out))
     assert len(set(digests)) == 1, digests
     plan = plan_checkpoint_merge(load_recipe(recipe))

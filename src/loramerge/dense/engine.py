@@ -26,6 +26,7 @@ from loramerge.io.shard_writer import TensorLayout, parse_size
 from loramerge.kernels import row_blocks, run_kernel, runs_by_rows, with_cutoffs
 from loramerge.recipe import Recipe, load_recipe
 from loramerge.seeding import tensor_generators
+from loramerge.threads import cpu_threads, threads_for
 
 Progress = Callable[[int, int, str], None]
 DEFAULT_SHARD_SIZE = "5GB"
@@ -153,7 +154,10 @@ def write_checkpoint(
     with output_folder(target, force=force) as folder:
         writer = folder.shards(layout, max_bytes)
         for done, tensor in enumerate(plan.tensors, start=1):
-            writer.write(tensor.output, merge_tensor(plan, tensor, seed, device))
+            # the adapter merge's thread policy (loramerge.threads): a tensor's element-wise work is the
+            # full space's dense delta, so small tensors run on one thread and never wait on a busy core
+            with cpu_threads(threads_for(tensor.numel), device):
+                writer.write(tensor.output, merge_tensor(plan, tensor, seed, device))
             if progress is not None:
                 progress(done, len(plan.tensors), tensor.output)
         writer.close()

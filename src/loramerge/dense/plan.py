@@ -85,6 +85,11 @@ class TensorPlan:
     shape: tuple[int, ...] = ()
     dtype: torch.dtype = torch.float32  # of the output tensor
 
+    @property
+    def numel(self) -> int:
+        """Entries of the output tensor."""
+        return math.prod(self.shape)
+
 
 @dataclass
 class CheckpointPlan:
