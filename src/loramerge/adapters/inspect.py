@@ -10,12 +10,14 @@ from dataclasses import dataclass, field
 from loramerge.adapters.checks import check_base_models, check_layouts, check_shapes
 from loramerge.adapters.model import LoraAdapter
 from loramerge.errors import BadInput
+from loramerge.io.peft_config import module_rank_and_alpha
 from loramerge.lowrank import frobenius_inner
 
 
 @dataclass
 class AdapterSummary:
     source: str
+    kind: str  # LoRA, DoRA, LoHa, LoKr (+bias)
     base_model: str | None
     modules: int
     ranks: dict[int, int]  # rank -> number of modules
@@ -59,9 +61,13 @@ def delta_norm(adapter: LoraAdapter, name: str) -> float:
 def summarize_adapter(adapter: LoraAdapter) -> AdapterSummary:
     config = adapter.config
     modules = adapter.modules.values()
-    alphas = sorted({m.scale * (math.sqrt(m.rank) if config.get("use_rslora") else m.rank) for m in modules})
+    if adapter.stored_dtype is None:  # LoRA and DoRA: the alpha the scale was made from
+        alphas = sorted({m.scale * (math.sqrt(m.rank) if config.get("use_rslora") else m.rank) for m in modules})
+    else:  # LoHa and LoKr: ranks here are the exact factors' (r², rank(W1)·rank(W2)), not the config's r
+        alphas = sorted({module_rank_and_alpha(config, name)[1] for name in adapter.modules})
     return AdapterSummary(
         source=adapter.name,
+        kind=adapter.kind,
         base_model=adapter.base_model,
         modules=len(adapter.modules),
         ranks=dict(sorted(Counter(m.rank for m in modules).items())),

@@ -12,10 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from loramerge.adapters.merge import merge_adapters
-from loramerge.adapters.model import LoraAdapter, LoraModule
+from loramerge.adapters.dora import BaseWeights
+from loramerge.adapters.files import adapter_from_state
+from loramerge.adapters.merge import execute_plan, plan_merge
+from loramerge.adapters.model import LoraAdapter
+from loramerge.adapters.options import parse_options
 from loramerge.catalogue import peft_combination_types
 from loramerge.errors import BadInput
+from loramerge.io.peft_config import validate_lora_config
 
 
 def _lora_layers(model) -> list[tuple[str, Any]]:
@@ -42,30 +46,45 @@ def _dense_copies(model, adapter_name: str) -> dict[str, Any]:
 
 
 def adapter_from_model(model, adapter_name: str) -> LoraAdapter:
-    """The factors and scales of one adapter of a live ``PeftModel``, as a ``LoraAdapter``."""
+    """One adapter of a live ``PeftModel`` (LoRA, DoRA, lora_bias, LoHa, LoKr), read from the tensors PEFT would
+    save for it, exactly as ``load_adapter`` reads a folder."""
+    from peft.utils import get_peft_model_state_dict
+
     if adapter_name not in model.peft_config:
         raise BadInput(f"adapter {adapter_name!r} is not loaded; the model has {sorted(model.peft_config)}")
     config = model.peft_config[adapter_name].to_dict()
-    config["peft_type"] = (
-        "LORA" if str(config.get("peft_type", "")).upper().endswith("LORA") else config.get("peft_type")
-    )
-    modules: dict[str, LoraModule] = {}
-    for name, layer in _lora_layers(model):
-        if getattr(layer, "use_dora", {}).get(adapter_name):
-            raise BadInput(f"adapter {adapter_name}: DoRA (use_dora) adapters cannot be merged as low-rank deltas")
-        if adapter_name in layer.lora_A:
-            A, B, embedding = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight, False
-        elif adapter_name in getattr(layer, "lora_embedding_A", {}):
-            A, B, embedding = layer.lora_embedding_A[adapter_name], layer.lora_embedding_B[adapter_name], True
-        else:
-            continue
-        modules[name] = LoraModule(
-            A=A.detach(), B=B.detach(), scale=float(layer.scaling[adapter_name]), embedding=embedding
-        )
-    if not modules:
-        raise BadInput(f"adapter {adapter_name}: no LoRA layers hold it")
-    dense = {name: value.detach() for name, value in _dense_copies(model, adapter_name).items()}
-    return LoraAdapter(modules=modules, config=config, dense=dense, source=adapter_name)
+    config["peft_type"] = str(getattr(config.get("peft_type"), "value", config.get("peft_type")))
+    validate_lora_config(config, adapter_name)
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+    state = {key: value.detach() for key, value in state.items()}
+    return adapter_from_state(state, config, adapter_name, allow_nonfinite=True)
+
+
+class LiveBaseWeights(BaseWeights):
+    """The base weights of a live ``PeftModel``, by module name (dequantized where 4-/8-bit): DoRA's row norms."""
+
+    def __init__(self, model, fan_in_fan_out: bool = False) -> None:
+        self.ref = "of the live model"
+        self.model = model.base_model.model
+        self.fan_in_fan_out = fan_in_fan_out
+
+    def _base_layer(self, module: str):
+        try:
+            layer = self.model.get_submodule(module)
+        except AttributeError:
+            raise BadInput(f"module {module}: the live model has no such layer") from None
+        return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+
+    def shape(self, module: str) -> tuple[int, ...]:
+        layer = self._base_layer(module)
+        shape = (layer.out_features, layer.in_features) if hasattr(layer, "out_features") else layer.weight.shape
+        return tuple(shape)
+
+    def weight(self, module: str):
+        from peft.utils.integrations import dequantize_module_weight
+
+        weight = dequantize_module_weight(self._base_layer(module)).detach().float()
+        return weight.T if self.fan_in_fan_out else weight
 
 
 def add_weighted_adapter(
@@ -95,6 +114,12 @@ def add_weighted_adapter(
 
     if adapter_name in model.peft_config:
         raise BadInput(f"adapter {adapter_name!r} already exists in the model")
+    kinds = {str(getattr(config.peft_type, "value", config.peft_type)) for config in model.peft_config.values()}
+    if kinds != {"LORA"}:
+        raise BadInput(
+            f"the model holds {', '.join(sorted(kinds))} adapters, and PEFT adds a LoRA adapter only beside LoRA "
+            "ones: merge the saved adapters with loramerge.merge_adapters (or loramerge merge) instead"
+        )
     if combination_type is not None:
         combination_types = peft_combination_types()
         if combination_type not in combination_types:
@@ -103,12 +128,15 @@ def add_weighted_adapter(
         space = space or implied_space
     inputs = [adapter_from_model(model, name) for name in adapters]
     device = next(iter(inputs[0].modules.values())).A.device
-    merged = merge_adapters(
-        inputs, list(weights), method, space=space, density=density, rank=rank or svd_rank,
+    base = LiveBaseWeights(model, inputs[0].fan_in_fan_out) if any(a.needs_base for a in inputs) else None
+    options = parse_options(
+        method=method, space=space, density=density, rank=rank or svd_rank,
         majority_sign=majority_sign or majority_sign_method, seed=seed, full_svd=full_svd, device=str(device),
         params=params,
     )  # fmt: skip
-    keys = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "modules_to_save")
+    merged = execute_plan(plan_merge(inputs, list(weights), options, base))
+    keys = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "modules_to_save", "use_dora",
+            "lora_bias")  # fmt: skip
     fields = {key: merged.config.get(key) for key in keys}
     model.add_adapter(adapter_name, LoraConfig(target_modules=sorted(merged.modules), **fields))
     _set_dense_copies(model, adapter_name, merged.dense)
@@ -116,11 +144,18 @@ def add_weighted_adapter(
     for name, module in merged.modules.items():
         layer = layers[name]
         if module.embedding:
-            target_a, target_b = layer.lora_embedding_A[adapter_name], layer.lora_embedding_B[adapter_name]
+            targets = [
+                (layer.lora_embedding_A[adapter_name], module.A),
+                (layer.lora_embedding_B[adapter_name], module.B),
+            ]
         else:
-            target_a, target_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-        target_a.data = module.A.to(target_a.device, target_a.dtype)
-        target_b.data = module.B.to(target_b.device, target_b.dtype)
+            targets = [(layer.lora_A[adapter_name].weight, module.A), (layer.lora_B[adapter_name].weight, module.B)]
+        if module.magnitude is not None:
+            targets.append((layer.lora_magnitude_vector[adapter_name].weight, module.magnitude))
+        if module.bias is not None:
+            targets.append((layer.lora_B[adapter_name].bias, module.bias))
+        for target, value in targets:
+            target.data = value.to(target.device, target.dtype)
         layer.scaling[adapter_name] = 1.0
     return merged
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from loramerge import catalogue
 from loramerge.adapters.checks import check_base_models, check_layouts, check_shapes, check_weights
+from loramerge.adapters.dora import BaseWeights, combined_row_scale, dora_module, with_row_scale
 from loramerge.adapters.model import LoraAdapter, LoraModule
 from loramerge.adapters.options import MergeOptions, parse_options
 from loramerge.errors import BadInput
@@ -54,11 +55,23 @@ class MergePlan:
     dense: dict[str, tuple[int, ...]]
     out_dtype: torch.dtype
     warnings: list[str] = field(default_factory=list)
+    base: BaseWeights | None = None  # the base's weights, read once per module where DoRA needs them
+
+    @property
+    def dora(self) -> bool:
+        """Whether the output is a DoRA adapter (any input is)."""
+        return any(adapter.needs_base for adapter in self.adapters)
 
     @property
     def output_parameters(self) -> int:
-        lora = sum(m.output_rank * sum(m.shape) for m in self.modules)
+        vectors = sum(m.shape[0] for m in self.modules) * (self.dora + self.bias)
+        lora = sum(m.output_rank * sum(m.shape) for m in self.modules) + vectors
         return lora + sum(self.adapters[idx[0]].dense[name].numel() for name, idx in self.dense.items())
+
+    @property
+    def bias(self) -> bool:
+        """Whether the output carries ``lora_bias`` (any input does)."""
+        return any(adapter.config.get("lora_bias") for adapter in self.adapters)
 
     @property
     def output_bytes(self) -> int:
@@ -159,9 +172,13 @@ def _plan_warnings(options: MergeOptions, count: int) -> list[str]:
 
 
 def plan_merge(
-    adapters: Sequence[LoraAdapter], weights: Sequence[float] | None = None, options: MergeOptions | None = None
+    adapters: Sequence[LoraAdapter],
+    weights: Sequence[float] | None = None,
+    options: MergeOptions | None = None,
+    base: str | BaseWeights | None = None,
 ) -> MergePlan:
-    """Check the inputs and decide every module's output rank; no tensor math yet."""
+    """Check the inputs and decide every module's output rank; no tensor math yet. ``base`` (a model loramerge
+    reads) is needed where an input is DoRA: its row norms come from the base's weights."""
     if not adapters:
         raise BadInput("give at least one adapter to merge")
     options = options or MergeOptions()
@@ -176,7 +193,37 @@ def plan_merge(
     out_dtype = options.torch_dtype() or _common_dtype(adapters)
     modules = _plan_modules(adapters, options)
     _check_rank(options, modules)
-    return MergePlan(list(adapters), weights, options, modules, dense, out_dtype, warnings)
+    plan = MergePlan(list(adapters), weights, options, modules, dense, out_dtype, warnings)
+    if plan.dora:
+        plan.base = _dora_base(plan, base)
+    return plan
+
+
+def _dora_base(plan: MergePlan, base: str | BaseWeights | None) -> BaseWeights:
+    """The base of a DoRA merge, checked against every module before any work."""
+    first = next(adapter for adapter in plan.adapters if adapter.needs_base)
+    if base is None:
+        raise BadInput(
+            f"adapter {first.name} is a DoRA adapter: merging it needs the base model's weights (its row norms); "
+            "give the base model (`base`)"
+        )
+    if plan.bias:
+        other = next(adapter for adapter in plan.adapters if adapter.config.get("lora_bias"))
+        raise BadInput(
+            f"adapters {first.name} (DoRA) and {other.name} (lora_bias) cannot merge into one adapter: PEFT "
+            "refuses DoRA with lora_bias; merge them into separate adapters"
+        )
+    reader = base if isinstance(base, BaseWeights) else BaseWeights(base, first.fan_in_fan_out)
+    for module in plan.modules:
+        if module.embedding:
+            raise BadInput(f"module {module.name}: an embedding LoRA cannot be part of a DoRA output")
+        shape = reader.shape(module.name)
+        if shape != module.shape:
+            raise BadInput(
+                f"module {module.name}: the base {reader.ref} has a {shape} weight, the adapters' delta is "
+                f"{module.shape}; is this the adapters' base?"
+            )
+    return reader
 
 
 def _check_rank(options: MergeOptions, modules: list[ModulePlan]) -> None:
@@ -239,10 +286,11 @@ def merge_full_space(
     return merged
 
 
-def merge_module(plan: MergePlan, module: ModulePlan) -> LowRank:
-    """One module's merged ``B @ A`` (float32, scale folded in), as the options ask."""
+def merge_module(plan: MergePlan, module: ModulePlan, pieces: Sequence[LoraModule] | None = None) -> LowRank:
+    """One module's merged ``B @ A`` (float32, scale folded in), as the options ask; ``pieces`` replace the
+    inputs' modules (DoRA modules with their row scales set)."""
     options = plan.options
-    pieces = [plan.adapters[i].modules[module.name] for i in module.inputs]
+    pieces = list(pieces) if pieces is not None else [plan.adapters[i].modules[module.name] for i in module.inputs]
     weights = [plan.weights[i] for i in module.inputs]
     terms = [piece.factors(device=options.device) for piece in pieces]
     rank = module.output_rank
@@ -272,6 +320,37 @@ def merge_module(plan: MergePlan, module: ModulePlan) -> LowRank:
     return result
 
 
+def merged_module(plan: MergePlan, module: ModulePlan) -> LoraModule:
+    """One module of the output: the merged factors, DoRA's magnitude (the base's row scalings combined with
+    the merge's weights, ``loramerge.adapters.dora``) and ``lora_bias`` (summed with the same weights)."""
+    pieces = [plan.adapters[i].modules[module.name] for i in module.inputs]
+    weights = [plan.weights[i] for i in module.inputs]
+    if not plan.dora:
+        merged = merge_module(plan, module, pieces)
+        result = LoraModule(A=merged.A, B=merged.B, scale=1.0, embedding=module.embedding)
+    else:
+        assert plan.base is not None
+        weight = plan.base.weight(module.name).to(plan.options.device)
+        pieces = [with_row_scale(piece, weight) for piece in pieces]
+        direction = merge_module(plan, module, pieces)
+        row_scale = combined_row_scale(pieces, weights, module.shape[0]).to(weight.device)
+        result = dora_module(direction, row_scale, weight)
+    if plan.bias:
+        bias = torch.zeros(module.shape[0])
+        for piece, weight_i in zip(pieces, weights, strict=True):
+            if piece.bias is not None:
+                bias += weight_i * piece.bias_delta()
+        result = replace(result, bias=bias)
+    return result
+
+
+def _to_dtype(module: LoraModule, dtype: torch.dtype) -> LoraModule:
+    def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.to("cpu", dtype)
+
+    return replace(module, A=cast(module.A), B=cast(module.B), magnitude=cast(module.magnitude), bias=cast(module.bias))
+
+
 def merge_dense(plan: MergePlan, name: str) -> torch.Tensor:
     """``modules_to_save`` copies: kept when identical, else their weighted mean (they are weights, not deltas)."""
     indices = plan.dense[name]
@@ -290,10 +369,9 @@ def execute_plan(plan: MergePlan, progress: Progress | None = None) -> LoraAdapt
     for done, module in enumerate(plan.modules, start=1):
         try:
             with module_threads(plan.options.strategy, module.shape, module.input_ranks, plan.options.device):
-                merged = merge_module(plan, module).to(plan.out_dtype)
+                modules[module.name] = _to_dtype(merged_module(plan, module), plan.out_dtype)
         except BadInput as error:  # a kernel refusing its parameters (della's density ± epsilon, say)
             raise BadInput(f"module {module.name}: {error}") from None
-        modules[module.name] = LoraModule(A=merged.A.cpu(), B=merged.B.cpu(), scale=1.0, embedding=module.embedding)
         if progress is not None:
             progress(done, len(plan.modules), module.name)
     dense = {name: merge_dense(plan, name).to(plan.out_dtype) for name in plan.dense}
@@ -301,7 +379,7 @@ def execute_plan(plan: MergePlan, progress: Progress | None = None) -> LoraAdapt
     base_model = next((a.base_model for a in plan.adapters if a.base_model), None)
     to_save = {m for config in configs for m in (config.get("modules_to_save") or [])}
     config = merged_lora_config(
-        configs[0], configs, {m.name: m.output_rank for m in plan.modules}, base_model, sorted(to_save)
+        configs, {m.name: m.output_rank for m in plan.modules}, base_model, sorted(to_save), plan.dora, plan.bias
     )
     merged = LoraAdapter(modules=modules, config=config, dense=dense, source="merged")
     merged.card = merged_adapter_card(plan.record(), base_model)
@@ -313,10 +391,12 @@ def merge_adapters(
     weights: Sequence[float] | None = None,
     method: str | None = None,
     *,
+    base: str | None = None,
     progress: Progress | None = None,
     **params: object,
 ) -> LoraAdapter:
     """Merge adapters of one base model; ``params`` are the ``MergeOptions`` fields (density, rank, space…).
-    ``method`` defaults to ``loramerge.catalogue.DEFAULT_METHOD``."""
+    ``method`` defaults to ``loramerge.catalogue.DEFAULT_METHOD``; ``base`` (a model folder, Hub id, GGUF file or
+    4-bit checkpoint) is needed where an input is DoRA."""
     options = parse_options(method=method, **params)
-    return execute_plan(plan_merge(adapters, weights, options), progress)
+    return execute_plan(plan_merge(adapters, weights, options, base), progress)

@@ -15,13 +15,27 @@ from loramerge.lowrank import LowRank
 class LoraModule:
     """One adapted module: ``Δ = scale · B @ A`` (transposed in the base weight for Conv1D/embeddings).
 
-    ``A`` is r x in (``lora_embedding_A`` for embeddings: r x num_embeddings) and ``B`` is out x r.
+    ``A`` is r x in (``lora_embedding_A`` for embeddings: r x num_embeddings) and ``B`` is out x r. LoHa and
+    LoKr modules arrive here as exact factors (``loramerge.adapters.peft_types``). Two optional terms:
+
+    - ``magnitude`` (DoRA, Liu et al., ICML 2024): the folded weight is ``diag(g) (W0 + s B A)`` with
+      ``g = magnitude / ‖W0 + s B A‖_row``. ``row_scale`` holds ``g`` once the base's norms are known
+      (``loramerge.adapters.dora``); the delta is then ``diag(g − 1) W0 + diag(g) s B A``, and ``factors``
+      returns its direction term ``diag(g) s B A``.
+    - ``bias`` (PEFT's ``lora_bias``): ``lora_B.bias``; the base bias moves by ``scale · bias``.
     """
 
     A: torch.Tensor
     B: torch.Tensor
     scale: float
     embedding: bool = False
+    magnitude: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    row_scale: torch.Tensor | None = None
+
+    @property
+    def dora(self) -> bool:
+        return self.magnitude is not None
 
     @property
     def rank(self) -> int:
@@ -33,12 +47,23 @@ class LoraModule:
         return (self.B.shape[0], self.A.shape[1])
 
     def factors(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> LowRank:
-        """``B @ (scale · A)`` in ``dtype``, the scale folded into ``A``."""
-        return LowRank(self.B.to(device, dtype), self.scale * self.A.to(device, dtype))
+        """``B @ (scale · A)`` in ``dtype``, the scale folded into ``A``; with a DoRA ``row_scale`` ``g``, the
+        direction term ``diag(g) B @ (scale · A)``."""
+        B = self.B.to(device, dtype)
+        if self.row_scale is not None:
+            B = self.row_scale.to(device, dtype).unsqueeze(1) * B
+        return LowRank(B, self.scale * self.A.to(device, dtype))
 
     def delta(self) -> torch.Tensor:
-        """The dense ``scale · B @ A`` in float32 (for tests and small modules)."""
+        """The dense ``scale · B @ A`` in float32 (for tests and small modules; a DoRA module's delta needs
+        the base: ``loramerge.adapters.dora.dora_delta``)."""
+        if self.dora:
+            raise ValueError("a DoRA module's delta needs the base weight (loramerge.adapters.dora.dora_delta)")
         return self.factors().dense()
+
+    def bias_delta(self) -> torch.Tensor | None:
+        """What the module adds to the base bias (``scale · lora_B.bias``), float32; None without ``lora_bias``."""
+        return None if self.bias is None else self.scale * self.bias.to(torch.float32)
 
 
 @dataclass
@@ -57,6 +82,7 @@ class LoraAdapter:
     source: str = ""
     card: str | None = None
     path: Path | None = None
+    stored_dtype: torch.dtype | None = None  # of the file's tensors, where the modules were computed in float32
 
     @property
     def base_model(self) -> str | None:
@@ -68,8 +94,22 @@ class LoraAdapter:
 
     @property
     def dtype(self) -> torch.dtype:
+        if self.stored_dtype is not None:
+            return self.stored_dtype
         dtypes = {module.A.dtype for module in self.modules.values()}
         return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+    @property
+    def kind(self) -> str:
+        """The adapter's type as its users name it: LoRA, DoRA, LoHa, LoKr (``+bias`` with ``lora_bias``)."""
+        peft_type = str(self.config.get("peft_type", "LORA")).upper()
+        kind = {"LOHA": "LoHa", "LOKR": "LoKr"}.get(peft_type, "DoRA" if self.config.get("use_dora") else "LoRA")
+        return kind + ("+bias" if self.config.get("lora_bias") else "")
+
+    @property
+    def needs_base(self) -> bool:
+        """DoRA modules need the base's weights to merge (their row norms)."""
+        return any(module.dora for module in self.modules.values())
 
     @property
     def name(self) -> str:

@@ -20,13 +20,14 @@ TOP_MODULES = 5
 
 def adapter_table(summaries: list[AdapterSummary]) -> Table:
     table = Table(title="adapters")
-    for column in ("adapter", "base model", "modules", "ranks", "alpha", "scale", "dtype", "params", "mean ‖Δ‖"):
+    for column in ("adapter", "type", "base model", "modules", "ranks", "alpha", "scale", "dtype", "params",
+                   "mean ‖Δ‖"):  # fmt: skip
         table.add_column(column)
     for s in summaries:
         ranks = ", ".join(f"{rank}×{count}" for rank, count in s.ranks.items())
         flags = " rsLoRA" if s.use_rslora else ""
         table.add_row(
-            s.source, s.base_model or "-", str(s.modules), ranks, ", ".join(f"{a:g}" for a in s.alphas),
+            s.source, s.kind, s.base_model or "-", str(s.modules), ranks, ", ".join(f"{a:g}" for a in s.alphas),
             ", ".join(f"{x:.4g}" for x in s.scales) + flags, s.dtype, f"{s.parameters:,}", f"{s.norm_mean:.4g}",
         )  # fmt: skip
     return table

@@ -68,6 +68,11 @@ def merge(
     device: str = typer.Option(None, help="Where to compute: cpu (default) | cuda."),
     strict: bool = typer.Option(False, help="Refuse adapters that name different base models."),
     allow_nonfinite: bool = typer.Option(False, help="Use input tensors holding NaN or Inf (refused by default)."),
+    base: str = typer.Option(
+        None,
+        help="The adapters' base model (a folder, Hub id, .gguf file, pkg: reference or 4-bit checkpoint): DoRA "
+        "inputs need its weights (default: --fold-into).",
+    ),
     fold_into: str = typer.Option(None, help="Also fold the merge into this base and write a full model."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
     dry_run: bool = typer.Option(False, help="Print the plan and write nothing."),
@@ -79,16 +84,18 @@ def merge(
     from loramerge.adapters.merge import plan_merge
     from loramerge.adapters.options import parse_options
     from loramerge.io.atomic import check_output_target
+    from loramerge.workflows import dora_base
 
     options = parse_options(
         method=method, density=density, rank=rank, space=space, majority_sign=majority_sign, full_svd=full_svd,
         preset=preset, seed=seed, dtype=dtype, device=device, strict=strict, params=parse_params(param),
     )  # fmt: skip
-    inputs = [Path(ref) for ref in [*adapters, *([fold_into] if fold_into else [])]]
+    base = base or fold_into
+    inputs = [Path(ref) for ref in [*adapters, *{ref for ref in (base, fold_into) if ref}]]
     target = check_output_target(output, force or dry_run, inputs)
     with console.status("reading adapters"):
         loaded = [load_adapter(ref, allow_nonfinite=allow_nonfinite) for ref in adapters]
-    plan = plan_merge(loaded, parse_weights(weights), options)
+    plan = plan_merge(loaded, parse_weights(weights), options, dora_base(loaded, base))
     run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into)
     if not dry_run:
         publish(target, push_to_hub, private)

@@ -1,4 +1,5 @@
-"""Folding LoRA deltas into base weights: ``W + s · B A`` in float32, in the base weight's layout."""
+"""Folding adapter deltas into base weights, in float32 and the base weight's layout: ``W + s · B A`` for LoRA,
+PEFT's ``diag(m / ‖W + s B A‖_row) (W + s B A)`` for DoRA, and ``b + s · lora_B.bias`` for ``lora_bias``."""
 
 from __future__ import annotations
 
@@ -6,38 +7,49 @@ from dataclasses import dataclass
 
 import torch
 
+from loramerge.adapters.dora import dora_delta
 from loramerge.adapters.model import LoraAdapter, LoraModule
 from loramerge.errors import BadInput
 
 
-def weight_delta(module: LoraModule, fan_in_fan_out: bool) -> torch.Tensor:
-    """``s · B A`` in float32, transposed where the base stores ``in x out`` (Conv1D, embeddings)."""
-    delta = module.delta()
-    return delta.T if module.embedding or fan_in_fan_out else delta
+def weight_shape(module: LoraModule, fan_in_fan_out: bool) -> tuple[int, int]:
+    """The shape of the base weight the module changes (``in x out`` for Conv1D and embeddings)."""
+    rows, columns = module.shape
+    return (columns, rows) if module.embedding or fan_in_fan_out else (rows, columns)
 
 
 def fold_module(weight: torch.Tensor, module: LoraModule, fan_in_fan_out: bool, name: str) -> torch.Tensor:
-    delta = weight_delta(module, fan_in_fan_out)
-    if tuple(delta.shape) != tuple(weight.shape):
-        raise BadInput(f"module {name}: adapter delta {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}")
-    return (weight.to(torch.float32) + delta).to(weight.dtype)
+    """The base weight with the module's delta added (DoRA's computed from the weight itself)."""
+    if weight_shape(module, fan_in_fan_out) != tuple(weight.shape):
+        raise BadInput(
+            f"module {name}: adapter delta {weight_shape(module, fan_in_fan_out)} does not fit weight "
+            f"{tuple(weight.shape)}"
+        )
+    transposed = module.embedding or fan_in_fan_out
+    full = weight.to(torch.float32)
+    oriented = full.T if transposed else full
+    delta = dora_delta(module, oriented) if module.dora else module.delta()
+    return (full + (delta.T if transposed else delta)).to(weight.dtype)
 
 
 @dataclass(frozen=True)
 class FoldTarget:
     """What an adapter does to one base tensor: replace it (a saved copy), add a LoRA delta, or both
-    (an embedding LoRA saved with its base layer)."""
+    (an embedding LoRA saved with its base layer); or add a ``lora_bias`` delta to a bias."""
 
     module: str | None = None
     copy: str | None = None
+    bias: str | None = None
 
 
 def adapter_targets(adapter: LoraAdapter) -> dict[str, FoldTarget]:
-    """Checkpoint tensor name -> what to do: ``<module>.weight`` for LoRA modules, and the
-    ``modules_to_save`` / embedding base-layer copies under the name they replace."""
+    """Checkpoint tensor name -> what to do: ``<module>.weight`` for LoRA modules, ``<module>.bias`` for their
+    ``lora_bias``, and the ``modules_to_save`` / embedding base-layer copies under the name they replace."""
     copies = {name.replace(".base_layer.", "."): name for name in adapter.dense}
     modules = {f"{name}.weight": name for name in adapter.modules}
-    return {key: FoldTarget(modules.get(key), copies.get(key)) for key in sorted(set(copies) | set(modules))}
+    biases = {f"{name}.bias": name for name, module in adapter.modules.items() if module.bias is not None}
+    keys = sorted(set(copies) | set(modules) | set(biases))
+    return {key: FoldTarget(modules.get(key), copies.get(key), biases.get(key)) for key in keys}
 
 
 def folded_tensor(adapter: LoraAdapter, target: FoldTarget, key: str, weight: torch.Tensor) -> torch.Tensor:
@@ -49,4 +61,9 @@ def folded_tensor(adapter: LoraAdapter, target: FoldTarget, key: str, weight: to
         weight = replacement.to(weight.dtype)
     if target.module is not None:
         weight = fold_module(weight, adapter.modules[target.module], adapter.fan_in_fan_out, target.module)
+    if target.bias is not None:
+        delta = adapter.modules[target.bias].bias_delta()
+        if delta is None or delta.shape != weight.shape:
+            raise BadInput(f"tensor {key}: the adapter's lora_bias does not fit the base's bias {tuple(weight.shape)}")
+        weight = (weight.to(torch.float32) + delta).to(weight.dtype)
     return weight

@@ -7,7 +7,6 @@ re-quantized to 4-bit in the serialization ``transformers`` loads back.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import yaml
 from loramerge.adapters.model import LoraAdapter
 from loramerge.adapters.options import DTYPES
 from loramerge.errors import BadInput
-from loramerge.folding.math import FoldTarget, adapter_targets, folded_tensor, weight_delta
+from loramerge.folding.math import FoldTarget, adapter_targets, folded_tensor, weight_shape
 from loramerge.io import bnb4bit
 from loramerge.io.atomic import check_output_target
 from loramerge.io.checkpoint import Checkpoint, open_checkpoint
@@ -28,23 +27,25 @@ from loramerge.io.shard_writer import parse_size
 Progress = Callable[[int, int, str], None]
 
 
-def _state_shape(base: Checkpoint, companions: list[str]) -> tuple[int, ...]:
-    state = next(name for name in companions if bnb4bit.STATE_MARK in name)
-    return tuple(json.loads(bytes(base.get(state).tolist()))["shape"])
-
-
 def check_fold(adapter: LoraAdapter, base: Checkpoint, quantized: dict[str, list[str]]) -> dict[str, FoldTarget]:
     """Every adapter module must land on a base tensor of the right shape; returns key -> target."""
     targets = adapter_targets(adapter)
     for key, target in targets.items():
-        name = target.module or target.copy
+        name = target.module or target.copy or target.bias
         if key not in base.files:
+            if target.bias is not None and target.module is None and target.copy is None:
+                raise BadInput(
+                    f"module {name}: the adapter has a lora_bias but the base {base.source} has no bias there "
+                    f"({key}); the adapter is not for this base"
+                )
             raise BadInput(f"module {name}: the base {base.source} has no tensor {key}")
-        shape = _state_shape(base, quantized[key]) if key in quantized else base.layout(key)[0]
+        shape = bnb4bit.stored_shape(base, key, quantized)
         if target.module is not None:
-            expected = tuple(weight_delta(adapter.modules[target.module], adapter.fan_in_fan_out).shape)
-        else:
+            expected = weight_shape(adapter.modules[target.module], adapter.fan_in_fan_out)
+        elif target.copy is not None:
             expected = tuple(adapter.dense[target.copy].shape)
+        else:
+            expected = (adapter.modules[name].shape[0],)
         if expected != shape:
             raise BadInput(f"module {name}: the adapter needs a {expected} weight, the base has {shape}")
     return targets

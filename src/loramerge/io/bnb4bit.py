@@ -8,12 +8,16 @@ rest of loramerge runs without bitsandbytes installed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from loramerge.errors import BadInput
+
+if TYPE_CHECKING:
+    from loramerge.io.checkpoint import Checkpoint
 
 QuantType = Literal["nf4", "fp4"]
 STATE_MARK = ".quant_state.bitsandbytes__"
@@ -38,6 +42,14 @@ def quantized_weights(names: Iterable[str]) -> dict[str, list[str]]:
             weight = name.split(STATE_MARK)[0]
             found[weight] = [name] + [weight + suffix for suffix in _AUX_SUFFIXES if weight + suffix in names]
     return found
+
+
+def stored_shape(checkpoint: Checkpoint, name: str, quantized: dict[str, list[str]]) -> tuple[int, ...]:
+    """The shape of a weight as the model uses it: from its quant state where it is packed 4-bit."""
+    if name not in quantized:
+        return checkpoint.layout(name)[0]
+    state = next(companion for companion in quantized[name] if STATE_MARK in companion)
+    return tuple(json.loads(bytes(checkpoint.get(state).tolist()))["shape"])
 
 
 def dequantize(weight: torch.Tensor, companions: dict[str, torch.Tensor], name: str) -> torch.Tensor:

@@ -10,10 +10,12 @@ from typing import Any
 
 from loramerge.errors import BadInput
 
+# PEFT types whose deltas loramerge reads as exact low-rank factors (loramerge.adapters.peft_types), and the
+# key of each one's alpha in adapter_config.json.
+ALPHA_KEYS = {"LORA": "lora_alpha", "LOHA": "alpha", "LOKR": "alpha"}
+
 # Fields whose adapters cannot be written as plain ``B @ A`` deltas; merging them would be silently wrong.
 _REFUSED_FLAGS = {
-    "use_dora": "DoRA (use_dora) adapters carry a magnitude vector and are not a low-rank delta",
-    "lora_bias": "lora_bias adapters carry a bias delta",
     "trainable_token_indices": "trainable_token_indices (TrainableTokens) are not supported",
     "target_parameters": "LoRA on nn.Parameter (target_parameters) is not supported",
     "use_qalora": "QA-LoRA (use_qalora) adapters are not a plain low-rank delta",
@@ -22,10 +24,13 @@ _REFUSED_INITS = {"pissa", "olora", "corda", "eva", "loftq", "orthogonal"}
 
 
 def validate_lora_config(config: Mapping[str, Any], source: str) -> None:
-    """Refuse configs that are not plain LoRA, naming the adapter and the field."""
+    """Refuse configs loramerge cannot merge exactly, naming the adapter and the field."""
     peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise BadInput(f"adapter {source}: peft_type is {config.get('peft_type')!r}; only LORA can be merged")
+    if peft_type not in ALPHA_KEYS:
+        raise BadInput(
+            f"adapter {source}: peft_type is {config.get('peft_type')!r}; loramerge merges LORA (with DoRA and "
+            "lora_bias), LOHA and LOKR adapters"
+        )
     for key, why in _REFUSED_FLAGS.items():
         if config.get(key):
             raise BadInput(f"adapter {source}: {why} (field {key!r})")
@@ -35,7 +40,7 @@ def validate_lora_config(config: Mapping[str, Any], source: str) -> None:
             f"adapter {source}: init_lora_weights={init!r} changes the base weights; convert it to a plain "
             "LoRA first (PEFT's path_initial_model_for_weight_conversion)"
         )
-    for key, kind in (("r", int), ("lora_alpha", (int, float))):
+    for key, kind in (("r", int), (ALPHA_KEYS[peft_type], (int, float))):
         value = config.get(key)
         if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
             raise BadInput(f"adapter {source}: field {key!r} must be a positive number, got {value!r}")
@@ -48,7 +53,7 @@ def module_rank_and_alpha(config: Mapping[str, Any], module_name: str) -> tuple[
     """The rank and alpha PEFT gives ``module_name``: ``rank_pattern``/``alpha_pattern`` keys first."""
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
-    rank, alpha = config["r"], config["lora_alpha"]
+    rank, alpha = config["r"], config[ALPHA_KEYS[str(config.get("peft_type", "LORA")).upper()]]
     if rank_pattern or alpha_pattern:
         from peft.utils.other import get_pattern_key  # importing peft costs seconds; only patterns need it
 
@@ -77,14 +82,26 @@ def union_target_modules(configs: Sequence[Mapping[str, Any]]) -> list[str] | st
     return "|".join(f"({_as_regex(target)})" for target in targets)
 
 
+# Fields of a LoRA config that a merge of other PEFT types (LoHa, LoKr) takes from PEFT's defaults.
+_LORA_DEFAULTS = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False, "lora_dropout": 0.0}
+_LYCORIS_ONLY = ("alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights",
+                 "decompose_both", "decompose_factor", "rank_dropout_scale")  # fmt: skip
+
+
 def merged_lora_config(
-    template: Mapping[str, Any],
     configs: Sequence[Mapping[str, Any]],
     module_ranks: Mapping[str, int],
     base_model: str | None,
     modules_to_save: Sequence[str],
+    dora: bool = False,
+    bias: bool = False,
 ) -> dict[str, Any]:
-    """Config of a merged adapter: scale folded into the factors (``lora_alpha = r`` for every module)."""
+    """Config of a merged adapter: scale folded into the factors (``lora_alpha = r`` for every module), from
+    the first LoRA input's config (PEFT's LoRA defaults where every input is LoHa or LoKr); ``use_dora`` and
+    ``lora_bias`` where any input has them."""
+    lora = [config for config in configs if str(config.get("peft_type", "")).upper() == "LORA"]
+    template = dict(lora[0]) if lora else {**{k: v for k, v in configs[0].items() if k not in _LYCORIS_ONLY},
+                                           **_LORA_DEFAULTS}  # fmt: skip
     counts = Counter(module_ranks.values())
     common_rank = max(counts, key=lambda rank: (counts[rank], rank)) if counts else 1
     odd = {name: rank for name, rank in sorted(module_ranks.items()) if rank != common_rank}
@@ -99,8 +116,8 @@ def merged_lora_config(
         rank_pattern=odd,
         alpha_pattern=dict(odd),
         use_rslora=False,
-        use_dora=False,
-        lora_bias=False,
+        use_dora=dora,
+        lora_bias=bias,
         init_lora_weights=True,
         inference_mode=True,
         target_modules=union_target_modules(configs),

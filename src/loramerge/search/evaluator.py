@@ -47,16 +47,22 @@ def slot_ranks(job: SearchJob) -> dict[str, int]:
     return {m.name: max(m.output_rank, *m.input_ranks) for m in plan.modules}
 
 
-def padded(modules: dict[str, LoraModule], ranks: dict[str, int], like: dict[str, LoraModule]) -> dict:
-    """``modules`` (scale folded in) widened with zero rank components to ``ranks``; absent ones zero."""
+def padded(
+    modules: dict[str, LoraModule], ranks: dict[str, int], like: dict[str, LoraModule], bias: bool = False
+) -> dict:
+    """``modules`` (scale folded in) widened with zero rank components to ``ranks``; absent ones zero; with
+    ``bias`` (a ``lora_bias`` slot) every module's bias delta, zero where it has none."""
     result = {}
     for name, rank in ranks.items():
         shape, embedding = like[name].shape, like[name].embedding
         A, B = torch.zeros(rank, shape[1]), torch.zeros(shape[0], rank)
+        vector = torch.zeros(shape[0]) if bias else None
         if name in modules:
             factors = modules[name].factors()
             A[: factors.rank], B[:, : factors.rank] = factors.A, factors.B
-        result[name] = LoraModule(A=A, B=B, scale=1.0, embedding=embedding)
+            if bias and modules[name].bias is not None:
+                vector = modules[name].bias_delta()
+        result[name] = LoraModule(A=A, B=B, scale=1.0, embedding=embedding, bias=vector)
     return result
 
 
@@ -76,8 +82,9 @@ class Evaluator:
         start = execute_plan(job.plan(job.space.start))
         self.dense = start.dense
         configs = [adapter.config for adapter in job.adapters]
-        self.config = merged_lora_config(configs[0], configs, self.ranks, start.base_model,
-                                         start.config.get("modules_to_save") or [])  # fmt: skip
+        self.bias = bool(start.config.get("lora_bias"))
+        self.config = merged_lora_config(configs, self.ranks, start.base_model,
+                                         start.config.get("modules_to_save") or [], bias=self.bias)  # fmt: skip
         self.load_state = set_peft_model_state_dict
         with tempfile.TemporaryDirectory(prefix="loramerge-search-") as scratch:
             slot = save_adapter(self._adapter({}, self.dense), Path(scratch) / "slot")
@@ -85,7 +92,8 @@ class Evaluator:
                                                     device=job.device)  # fmt: skip
 
     def _adapter(self, modules: dict[str, LoraModule], dense: dict[str, torch.Tensor]) -> LoraAdapter:
-        return LoraAdapter(modules=padded(modules, self.ranks, self.like), config=self.config, dense=dense)
+        modules = padded(modules, self.ranks, self.like, self.bias)
+        return LoraAdapter(modules=modules, config=self.config, dense=dense)
 
     def score(self, task: Task) -> Scores:
         if task.reference is not None:

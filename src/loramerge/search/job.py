@@ -63,6 +63,12 @@ def build_job(
     base = base or (recipe.evaluate.base if recipe.evaluate else None) or adapters[0].base_model
     if not base:
         raise BadInput("search: the adapters name no base model; give --base")
+    dora = next((adapter for adapter in adapters if adapter.needs_base), None)
+    if dora is not None:
+        raise BadInput(
+            f"search: adapter {dora.name} is DoRA, and the search's LoRA slot holds no magnitudes yet; merge it "
+            "with loramerge merge --base (or an adapter recipe with base_model)"
+        )
     if not dev:
         raise BadInput("search: give at least one --dev file")
     if threads < 1:

@@ -1,0 +1,111 @@
+"""DoRA (Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024) in low-rank space.
+
+PEFT folds a DoRA module as ``W' = diag(g) (W0 + s B A)`` with ``g = m / ‖W0 + s B A‖_row`` (the L2 norm of
+each output row; ``peft/tuners/lora/dora.py``), so its delta is ``diag(g − 1) W0 + diag(g) s B A``: a row
+scaling of the base plus a rank-r direction term. A plain LoRA is ``g = 1``. A weighted sum of such deltas,
+
+    W* = W0 + Σ w_i Δ_i = diag(c) W0 + L,   c = 1 + Σ w_i (g_i − 1),   L = Σ w_i diag(g_i) s_i B_i A_i,
+
+is again one DoRA module: factors of ``diag(c)⁻¹ L`` and magnitude ``c ⊙ ‖W0 + diag(c)⁻¹ L‖_row``. Every
+other method runs on the direction terms ``diag(g_i) s_i B_i A_i`` (the merge's ``L``) with the row scalings
+combined linearly into ``c`` (docs/adapter_types.md). Only row norms of the base are needed, computed from
+``out x r`` products: ``‖w + b A‖² = ‖w‖² + 2 (W0 Aᵀ)_j · b_j + b_j (A Aᵀ) b_jᵀ`` — never an ``out x in`` delta.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+
+from loramerge.adapters.model import LoraModule
+from loramerge.errors import BadInput
+from loramerge.io import bnb4bit
+from loramerge.io.checkpoint import Checkpoint, open_checkpoint
+from loramerge.lowrank import LowRank
+
+# |c| below this in some row: the merged row scalings cancel and the result is no DoRA module
+_VANISHING_SCALE = 1e-6
+
+
+def row_norms(weight: torch.Tensor, term: LowRank) -> torch.Tensor:
+    """``‖W0 + B A‖`` of each row, from ``W0 Aᵀ`` (out x r) and ``A Aᵀ`` (r x r): no ``out x in`` matrix."""
+    cross = ((weight @ term.A.T) * term.B).sum(dim=1)
+    own = ((term.B @ (term.A @ term.A.T)) * term.B).sum(dim=1)
+    squared = weight.square().sum(dim=1) + 2 * cross + own
+    return squared.clamp_min(0).sqrt()
+
+
+def dora_row_scale(module: LoraModule, weight: torch.Tensor) -> torch.Tensor:
+    """``g = m / ‖W0 + s B A‖_row`` of a DoRA module, on the base weight ``W0`` (out x in, float32)."""
+    assert module.magnitude is not None
+    plain = replace(module, row_scale=None)
+    return module.magnitude.to(torch.float32) / row_norms(weight, plain.factors())
+
+
+def with_row_scale(module: LoraModule, weight: torch.Tensor) -> LoraModule:
+    """The module with its ``row_scale`` set from the base weight (unchanged for plain LoRA)."""
+    return replace(module, row_scale=dora_row_scale(module, weight)) if module.dora else module
+
+
+def combined_row_scale(modules: Sequence[LoraModule], weights: Sequence[float], rows: int) -> torch.Tensor:
+    """``c = 1 + Σ w_i (g_i − 1)``: the row scaling a weighted sum of DoRA (and LoRA, ``g = 1``) deltas puts
+    on the base."""
+    scale = torch.ones(rows)
+    for module, weight in zip(modules, weights, strict=True):
+        if module.row_scale is not None:
+            scale += weight * (module.row_scale.to(torch.float32) - 1)
+    return scale
+
+
+def dora_module(direction: LowRank, row_scale: torch.Tensor, weight: torch.Tensor) -> LoraModule:
+    """The DoRA module whose fold is ``diag(c) W0 + L`` for ``c = row_scale`` and ``L = direction``."""
+    if bool((row_scale.abs() < _VANISHING_SCALE).any()):
+        row = int(torch.argmin(row_scale.abs()))
+        raise BadInput(
+            f"the merged DoRA row scalings cancel in row {row} (1 + Σ w_i (g_i − 1) = "
+            f"{float(row_scale[row]):.2g}); these weights give no DoRA adapter"
+        )
+    B = direction.B / row_scale.unsqueeze(1)
+    magnitude = row_scale * row_norms(weight, LowRank(B, direction.A))
+    return LoraModule(A=direction.A, B=B, scale=1.0, magnitude=magnitude)
+
+
+def dora_delta(module: LoraModule, weight: torch.Tensor) -> torch.Tensor:
+    """The dense delta PEFT's fold of a DoRA module adds to ``W0`` (float32; for tests and folding)."""
+    direct = replace(module, row_scale=None, magnitude=None).delta()
+    folded = weight + direct
+    g = module.magnitude.to(torch.float32) / torch.linalg.vector_norm(folded, dim=1)
+    return g.unsqueeze(1) * folded - weight
+
+
+class BaseWeights:
+    """The base model's weights by module name, read one at a time in float32 and ``out x in`` (4-bit
+    weights dequantized, Conv1D weights transposed): what DoRA's row norms are computed from."""
+
+    def __init__(self, ref: str, fan_in_fan_out: bool = False) -> None:
+        self.ref = ref
+        self.checkpoint: Checkpoint = open_checkpoint(ref)
+        self.quantized = bnb4bit.quantized_weights(self.checkpoint.names)
+        self.fan_in_fan_out = fan_in_fan_out
+
+    def shape(self, module: str) -> tuple[int, ...]:
+        key = self._key(module)
+        shape = bnb4bit.stored_shape(self.checkpoint, key, self.quantized)
+        return tuple(reversed(shape)) if self.fan_in_fan_out else shape
+
+    def weight(self, module: str) -> torch.Tensor:
+        """One module's weight (its shape checked by the caller's plan, from ``shape``)."""
+        key = self._key(module)
+        tensor = self.checkpoint.get(key)
+        if key in self.quantized:
+            tensor = bnb4bit.dequantize(tensor, {c: self.checkpoint.get(c) for c in self.quantized[key]}, key)
+        tensor = tensor.to(torch.float32)
+        return tensor.T if self.fan_in_fan_out else tensor
+
+    def _key(self, module: str) -> str:
+        key = f"{module}.weight"
+        if key not in self.checkpoint.files:
+            raise BadInput(f"module {module}: the base {self.ref} has no tensor {key}")
+        return key

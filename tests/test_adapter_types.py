@@ -1,0 +1,224 @@
+"""DoRA, LoHa, LoKr and lora_bias adapters merge exactly: checked against PEFT's own folding.
+
+The reference for every case is PEFT's code, not ours: each input adapter is folded by PEFT's
+``merge_and_unload``, its delta is the folded model minus the base, and a linear merge must equal
+``W0 + Σ w_i Δ_i``. The merged adapter is then loaded and folded by PEFT too, and folded by ``loramerge fold``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from conftest import rel_err
+from loramerge import load_adapter, merge_adapters, save_adapter
+from loramerge.errors import BadInput
+from loramerge.folding.stream import fold
+from loramerge.lowrank import LowRank
+from loramerge.lowrank.structured import full_factors, hadamard_factors, kronecker_factors
+
+TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
+
+
+def save_base(path: Path) -> Path:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=128, max_position_embeddings=64, attention_bias=True,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def build(base: Path, out: Path, config, seed: int) -> Path:
+    """A PEFT adapter with random weights; DoRA magnitudes moved off the base's norms (else ``g = 1``)."""
+    model = AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                parameter.mul_(1 + 0.3 * torch.randn_like(parameter))
+            elif "lora_B" in name and "bias" in name:
+                parameter.copy_(torch.randn_like(parameter))
+    peft_model.save_pretrained(out)
+    return out
+
+
+def folded_state(base: Path, adapter: Path | None) -> dict[str, torch.Tensor]:
+    """PEFT's fold of ``adapter`` into ``base`` (the base itself for None), float32."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return {key: value.detach().float().clone() for key, value in model.state_dict().items()}
+
+
+def expected_state(base: Path, adapters: list[Path], weights: list[float]) -> dict[str, torch.Tensor]:
+    """``W0 + Σ w_i (PEFT's fold of adapter i − W0)`` for every tensor."""
+    start = folded_state(base, None)
+    result = {key: value.clone() for key, value in start.items()}
+    for adapter, weight in zip(adapters, weights, strict=True):
+        for key, value in folded_state(base, adapter).items():
+            result[key] += weight * (value - start[key])
+    return result
+
+
+def assert_same_fold(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], base: dict[str, torch.Tensor]):
+    """Every changed tensor's delta within 1e-5 relative; nothing else moved."""
+    changed = 0
+    for key, value in want.items():
+        delta = value - base[key]
+        if delta.abs().max() == 0:
+            assert torch.equal(got[key], base[key]), key
+            continue
+        changed += 1
+        assert rel_err(got[key] - base[key], delta) < 1e-5, (key, rel_err(got[key] - base[key], delta))
+    assert changed > 0
+
+
+@pytest.fixture(scope="module")
+def typed(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("types")
+    base = save_base(root / "base")
+    lora = dict(target_modules=TARGETS, init_lora_weights=False)
+    lycoris = dict(target_modules=TARGETS, init_weights=False)
+    configs = {
+        "dora4": LoraConfig(r=4, lora_alpha=8, use_dora=True, **lora),
+        "dora2": LoraConfig(r=2, lora_alpha=3, use_dora=True, rank_pattern={"down_proj": 6}, **lora),
+        "lora3": LoraConfig(r=3, lora_alpha=5, **{**lora, "target_modules": ["q_proj", "k_proj"]}),
+        "bias": LoraConfig(r=2, lora_alpha=4, lora_bias=True, **{**lora, "target_modules": ["q_proj", "v_proj"]}),
+        "loha": LoHaConfig(r=3, alpha=6, **lycoris),
+        "lokr": LoKrConfig(r=2, alpha=3, **lycoris),
+        "lokr_both": LoKrConfig(r=2, alpha=5, decompose_both=True, **{**lycoris, "target_modules": ["o_proj"]}),
+    }
+    paths = {"base": base}
+    for seed, (name, config) in enumerate(configs.items(), start=1):
+        paths[name] = build(base, root / name, config, seed)
+    return paths
+
+
+CASES = {
+    "one DoRA gives back its own delta": (["dora4"], [1.0]),
+    "DoRA + DoRA, mixed ranks, a negative weight": (["dora4", "dora2"], [0.7, -0.4]),
+    "DoRA + LoRA": (["dora2", "lora3"], [0.5, 1.2]),
+    "LoHa": (["loha"], [0.8]),
+    "LoKr, one factor decomposed and both": (["lokr", "lokr_both"], [1.0, 0.6]),
+    "LoHa + LoKr + LoRA, a negative weight": (["loha", "lokr", "lora3"], [0.9, -0.5, 0.4]),
+    "lora_bias + LoRA": (["bias", "lora3"], [0.6, 0.8]),
+    "DoRA + LoHa + LoRA": (["dora4", "loha", "lora3"], [0.5, 0.5, -0.3]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_linear_merge_equals_the_sum_of_peft_folds(case, typed, tmp_path):
+    names, weights = CASES[case]
+    base = typed["base"]
+    paths = [typed[name] for name in names]
+    merged = merge_adapters([load_adapter(p) for p in paths], weights, "linear", base=str(base))
+    out = save_adapter(merged, tmp_path / "merged")
+    start = folded_state(base, None)
+    want = expected_state(base, paths, weights)
+    assert_same_fold(folded_state(base, out), want, start)  # PEFT loads the output and folds it
+    folded = fold(load_adapter(out), str(base), tmp_path / "folded")
+    assert_same_fold(folded_state(folded, None), want, start)  # loramerge's own fold agrees
+    is_dora = any(load_adapter(p).config.get("use_dora") for p in paths)
+    assert merged.config["use_dora"] is is_dora and (merged.kind.startswith("DoRA") if is_dora else True)
+
+
+def test_dora_without_a_base_is_refused(typed):
+    with pytest.raises(BadInput, match=r"is a DoRA adapter: merging it needs the base model's weights"):
+        merge_adapters([load_adapter(typed["dora4"])], [1.0], "linear")
+
+
+def test_dora_with_lora_bias_is_refused(typed):
+    adapters = [load_adapter(typed[name]) for name in ("dora4", "bias")]
+    with pytest.raises(BadInput, match=r"cannot merge into one adapter: PEFT refuses DoRA with lora_bias"):
+        merge_adapters(adapters, [1.0, 1.0], "linear", base=str(typed["base"]))
+
+
+def test_dora_with_a_base_of_another_shape_is_refused(typed, tmp_path):
+    other = tmp_path / "other"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=4, vocab_size=128)).save_pretrained(other)  # fmt: skip
+    expected = r"down_proj: the base .* has a \(32, 48\) weight, the adapters' delta is \(64, 96\)"
+    with pytest.raises(BadInput, match=expected):
+        merge_adapters([load_adapter(typed["dora4"])], [1.0], "linear", base=str(other))
+
+
+def test_every_method_runs_on_dora_and_loha(typed):
+    from loramerge import catalogue
+
+    adapters = [load_adapter(typed[name]) for name in ("dora4", "loha", "lora3")]
+    for method in catalogue.adapter_methods():
+        merged = merge_adapters(adapters, [1.0, 0.5, 0.7], method, base=str(typed["base"]), density=0.8)
+        assert merged.config["use_dora"] and all(m.magnitude is not None for m in merged.modules.values()), method
+        assert all(torch.isfinite(m.magnitude).all() for m in merged.modules.values()), method
+
+
+def test_structured_factors_equal_their_dense_products():
+    torch.manual_seed(0)
+    first, second = (LowRank(torch.randn(12, 3), torch.randn(3, 10)) for _ in range(2))
+    assert torch.allclose(hadamard_factors(first, second).dense(), first.dense() * second.dense(), atol=1e-5)
+    small = LowRank(torch.randn(4, 2), torch.randn(2, 5))
+    wide = torch.randn(3, 7)
+    product = kronecker_factors(small, full_factors(wide))
+    assert product.rank == 2 * 3
+    assert torch.allclose(product.dense(), torch.kron(small.dense(), wide), atol=1e-5)
+
+
+def test_live_add_weighted_adapter_merges_dora_exactly(typed):
+    from loramerge import add_weighted_adapter
+
+    base = typed["base"]
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, typed["dora4"], adapter_name="dora")
+    model.load_adapter(typed["lora3"], adapter_name="plain")
+    add_weighted_adapter(model, ["dora", "plain"], [0.8, -0.6], "merged", method="linear")
+    model.set_adapter("merged")
+    got = {key: value.detach().float() for key, value in model.merge_and_unload().state_dict().items()}
+    start = folded_state(base, None)
+    assert_same_fold(got, expected_state(base, [typed["dora4"], typed["lora3"]], [0.8, -0.6]), start)
+
+
+def test_live_loha_model_is_refused_with_the_way_that_works(typed):
+    from loramerge import add_weighted_adapter
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(typed["base"]), typed["loha"])
+    with pytest.raises(BadInput, match=r"the model holds LOHA adapters, and PEFT adds a LoRA adapter only beside"):
+        add_weighted_adapter(model, ["default"], [1.0], "merged", method="linear")
+
+
+def test_cli_merges_dora_with_a_base_and_folds_it(typed, tmp_path):
+    from cli_helpers import run
+
+    base, paths, weights = typed["base"], [typed["dora2"], typed["loha"]], [0.9, 0.4]
+    result = run("merge", *paths, "--weights", "0.9,0.4", "--method", "linear", "--base", base, "-o", tmp_path / "m")
+    assert result.exit_code == 0, result.output
+    start, want = folded_state(base, None), expected_state(base, paths, weights)
+    assert_same_fold(folded_state(base, tmp_path / "m"), want, start)
+    # --fold-into is the base when --base is not given
+    result = run("merge", *paths, "--weights", "0.9,0.4", "--method", "linear", "--fold-into", base, "-o",
+                 tmp_path / "f")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert_same_fold(folded_state(tmp_path / "f", None), want, start)
+    inspected = run("inspect", *paths)
+    assert inspected.exit_code == 0 and "DoRA" in inspected.output and "LoHa" in inspected.output
+
+
+def test_adapter_recipe_with_base_model_merges_dora(typed, tmp_path):
+    import yaml
+
+    from cli_helpers import run
+
+    entries = [{"adapter": str(typed["dora4"]), "weight": 0.5}, {"adapter": str(typed["lokr"]), "weight": 1.0}]
+    recipe = {"merge_method": "linear", "base_model": str(typed["base"]), "adapters": entries}
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
+    result = run("run", tmp_path / "r.yml", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    want = expected_state(typed["base"], [typed["dora4"], typed["lokr"]], [0.5, 1.0])
+    assert_same_fold(folded_state(typed["base"], tmp_path / "out"), want, folded_state(typed["base"], None))
