@@ -222,3 +222,48 @@ def test_adapter_recipe_with_base_model_merges_dora(typed, tmp_path):
     assert result.exit_code == 0, result.output
     want = expected_state(typed["base"], [typed["dora4"], typed["lokr"]], [0.5, 1.0])
     assert_same_fold(folded_state(typed["base"], tmp_path / "out"), want, folded_state(typed["base"], None))
+
+
+@pytest.fixture(scope="module")
+def ia3(typed, tmp_path_factory) -> list[Path]:
+    from peft import IA3Config
+
+    root = tmp_path_factory.mktemp("ia3")
+    configs = [IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"],
+                         init_ia3_weights=False),
+               IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                         init_ia3_weights=False)]  # fmt: skip
+    return [build(typed["base"], root / f"ia3-{i}", config, seed=20 + i) for i, config in enumerate(configs)]
+
+
+def test_ia3_merges_through_peft_fold_exactly(typed, ia3, tmp_path):
+    from cli_helpers import run
+
+    base, paths, weights = typed["base"], [*ia3, typed["lora3"]], [0.7, 1.1, -0.5]
+    result = run("merge", *paths, "--weights", "0.7,1.1,-0.5", "--method", "linear", "--fold-into", base, "-o",
+                 tmp_path / "folded")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "(IA3): no low-rank form, so every input was merged through PEFT's fold" in " ".join(result.output.split())
+    start, want = folded_state(base, None), expected_state(base, paths, weights)
+    assert_same_fold(folded_state(tmp_path / "folded", None), want, start)
+
+
+def test_ia3_merge_extracted_as_lora_reports_its_error(typed, ia3, tmp_path):
+    from cli_helpers import run
+
+    base = typed["base"]
+    result = run("merge", *ia3, "--method", "ties", "--density", "0.5", "--via-dense", "--base", base, "--rank", "4",
+                 "-o", tmp_path / "lora")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    reported = float(" ".join(result.output.split()).split("relative error ")[1].split(" ")[0])
+    # the error the written adapter really has: PEFT's fold of it against the exact ties merge of the deltas
+    from loramerge.adapters.options import parse_options
+    from loramerge.dense.peft_fold import merge_dense_deltas
+
+    exact = merge_dense_deltas(str(base), [str(p) for p in ia3], [1.0, 1.0],
+                               parse_options(method="ties", density=0.5), ["IA3", "IA3"])  # fmt: skip
+    start, got = folded_state(base, None), folded_state(base, tmp_path / "lora")
+    lost = sum((got[k] - start[k] - d).square().sum() for k, d in exact.deltas.items() if d.dim() == 2)
+    total = sum(d.square().sum() for d in exact.deltas.values() if d.dim() == 2)
+    assert 0 < reported < 1 and abs(reported - float((lost / total).sqrt())) < 1e-3
+    assert load_adapter(tmp_path / "lora").modules  # a plain LoRA loramerge (and PEFT, above) reads

@@ -260,8 +260,25 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
     ),
     "merge: not a LoRA adapter": (
         lambda w: ["merge", w.a, _edit_config(w.broken(), peft_type="IA3"), "-o", w.out],
-        "adapter <in>/broken: peft_type is 'IA3'; loramerge merges LORA (with DoRA and lora_bias), LOHA and LOKR "
-        "adapters",
+        "merging through PEFT's fold needs the base model: give --base MODEL (or --fold-into)",
+    ),
+    "merge: an IA3 adapter that is no IA3 adapter, through PEFT's fold": (
+        lambda w: [
+            "merge",
+            w.a,
+            _edit_config(w.broken(), peft_type="IA3"),
+            "--base",
+            w.base,
+            "--fold-into",
+            w.base,
+            "-o",
+            w.out,
+        ],
+        "adapter <in>/broken: PEFT's fold changes no weight of <in>/base; nothing to merge",
+    ),
+    "merge: via the dense path without a rank or a base to fold into": (
+        lambda w: ["merge", w.a, w.b, "--via-dense", "--base", w.base, "-o", w.out],
+        "give --rank for the LoRA extracted from a merge through PEFT's fold, or --fold-into",
     ),
     "merge: use_dora without magnitude vectors": (
         lambda w: ["merge", w.a, _edit_config(w.broken(), use_dora=True), "-o", w.out],

@@ -12,6 +12,7 @@ import torch
 from loramerge.adapters.files import load_adapter, save_adapter
 from loramerge.adapters.merge import MergePlan, plan_merge
 from loramerge.adapters.model import LoraAdapter
+from loramerge.adapters.options import MergeOptions
 from loramerge.adapters.recipe import adapter_merge_inputs
 from loramerge.errors import BadInput
 from loramerge.evaluate.exact_match import EvalResult
@@ -86,3 +87,54 @@ def evaluate_recipe(
     datasets = load_datasets(files, text_field=spec.text_field, prompt_field=spec.prompt_field,
                              completion_field=spec.completion_field, max_samples=spec.max_samples)  # fmt: skip
     return evaluate_models(base, adapters, str(output), datasets, False, device, progress)
+
+
+# read as factors (loramerge.adapters.peft_types; "": unreadable, the loader reports it); others go through PEFT
+LOW_RANK_TYPES = {"LORA", "LOHA", "LOKR", ""}
+
+
+@dataclasses.dataclass
+class DenseMergeResult:
+    """What ``merge_via_dense`` wrote: the tensors it changed and, for an extracted LoRA, its relative error."""
+
+    tensors: int
+    relative_error: float | None = None
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+
+def needs_peft_fold(kinds: list[str]) -> list[int]:
+    """Positions of the adapters with no low-rank form (IA3, OFT, VeRA, …): they merge through PEFT's fold."""
+    return [i for i, kind in enumerate(kinds) if kind not in LOW_RANK_TYPES]
+
+
+def merge_via_dense(
+    refs: list[str],
+    weights: list[float] | None,
+    options: MergeOptions,
+    base: str,
+    target: Path,
+    *,
+    rank: int | None,
+    fold_into: str | None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> DenseMergeResult:
+    """Fold each adapter with PEFT, merge the dense deltas with the options' method, and write the folded model
+    (``fold_into``) or a LoRA extracted from the merged deltas at ``rank``."""
+    from loramerge.dense.peft_fold import as_exact_adapter, extract_adapter, merge_dense_deltas, peft_type_of
+    from loramerge.io.model_card import MergeRecord
+
+    if not fold_into and rank is None:
+        raise BadInput("give `rank` for the LoRA extracted from a merge through PEFT's fold, or `fold_into`")
+    weights = [1.0] * len(refs) if weights is None else weights
+    merge = merge_dense_deltas(base, refs, weights, options, [peft_type_of(ref) for ref in refs])
+    if fold_into:
+        fold(as_exact_adapter(merge), fold_into, target, dtype=options.dtype, force=force, progress=progress)
+        return DenseMergeResult(len(merge.deltas))
+    inputs = [(ref, weight) for ref, _, weight in merge.inputs]
+    parameters = {"adapters": [{"adapter": ref, "weight": w} for ref, w in inputs], "via": "PEFT merge_and_unload",
+                  **options.model_dump(exclude_defaults=True)}  # fmt: skip
+    record = MergeRecord(options.method, inputs, len(merge.deltas), [rank or 0], parameters)
+    extracted = extract_adapter(merge, rank or 0, options, record)
+    save_adapter(extracted.adapter, target, force=force, dtype=options.torch_dtype())
+    return DenseMergeResult(len(merge.deltas), extracted.relative_error, extracted.skipped)

@@ -74,6 +74,12 @@ def merge(
         "inputs need its weights (default: --fold-into).",
     ),
     fold_into: str = typer.Option(None, help="Also fold the merge into this base and write a full model."),
+    via_dense: bool = typer.Option(
+        False,
+        help="Fold each adapter with PEFT (merge_and_unload) and merge the dense deltas: needs --base, and --rank "
+        "(a LoRA extracted from the merge) or --fold-into. Automatic for adapters with no low-rank form (IA3, OFT, "
+        "VeRA, ...).",
+    ),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
     dry_run: bool = typer.Option(False, help="Print the plan and write nothing."),
     push_to_hub: str = typer.Option(None, help="Upload the output to this Hub repo (REPO_ID)."),
@@ -83,8 +89,9 @@ def merge(
     from loramerge.adapters.files import load_adapter
     from loramerge.adapters.merge import plan_merge
     from loramerge.adapters.options import parse_options
+    from loramerge.dense.peft_fold import peft_type_of
     from loramerge.io.atomic import check_output_target
-    from loramerge.workflows import dora_base
+    from loramerge.workflows import dora_base, needs_peft_fold
 
     options = parse_options(
         method=method, density=density, rank=rank, space=space, majority_sign=majority_sign, full_svd=full_svd,
@@ -93,9 +100,39 @@ def merge(
     base = base or fold_into
     inputs = [Path(ref) for ref in [*adapters, *{ref for ref in (base, fold_into) if ref}]]
     target = check_output_target(output, force or dry_run, inputs)
+    kinds = [peft_type_of(ref) for ref in adapters]
+    dense_only = needs_peft_fold(kinds)
+    if via_dense or dense_only:
+        if not base:
+            raise BadInput("merging through PEFT's fold needs the base model: give --base MODEL (or --fold-into)")
+        _merge_via_dense(adapters, weights, options, base, target, rank, fold_into, force, dry_run)
+        if dense_only and not via_dense:  # said after the work, so that a refusal stays one line
+            names = ", ".join(f"{adapters[i]} ({kinds[i]})" for i in dense_only)
+            console.print(f"{names}: no low-rank form, so every input was merged through PEFT's fold (--via-dense)")
+        return
     with console.status("reading adapters"):
         loaded = [load_adapter(ref, allow_nonfinite=allow_nonfinite) for ref in adapters]
     plan = plan_merge(loaded, parse_weights(weights), options, dora_base(loaded, base))
     run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into)
     if not dry_run:
         publish(target, push_to_hub, private)
+
+
+def _merge_via_dense(adapters, weights, options, base, target, rank, fold_into, force, dry_run) -> None:
+    """``merge --via-dense``: every input folded by PEFT, the dense deltas merged, written folded or extracted."""
+    from loramerge.workflows import merge_via_dense
+
+    what = f"the base {fold_into} with the merge folded in" if fold_into else f"a rank-{rank} LoRA of the merge"
+    if dry_run:
+        console.print(f"would fold {len(adapters)} adapters into {base} with PEFT, merge the deltas with "
+                      f"{options.method} and write {what} to {target}")  # fmt: skip
+        return
+    with console.status("folding each adapter with PEFT and merging the deltas"):
+        result = merge_via_dense(list(adapters), parse_weights(weights), options, base, target, rank=rank,
+                                 fold_into=fold_into, force=force)  # fmt: skip
+    line = f"merged {len(adapters)} adapters through PEFT's fold ({result.tensors} tensors changed), {what}"
+    if result.relative_error is not None:
+        line += f", relative error {result.relative_error:.3g}"
+    if result.skipped:
+        line += f"; not in the LoRA (1-D): {', '.join(result.skipped[:3])}{' …' if len(result.skipped) > 3 else ''}"
+    console.print(f"{line} -> {target}")

@@ -24,7 +24,7 @@ from loramerge.seeding import tensor_seed
 
 Progress = Callable[[int, int, str], None]
 _EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in")
-_CONV1D_MODELS = {"gpt2"}  # checkpoints that store linear weights as in x out (Conv1D)
+CONV1D_MODELS = {"gpt2"}  # checkpoints that store linear weights as in x out (Conv1D)
 
 
 @dataclass
@@ -39,6 +39,14 @@ def captured_energy(factors: LowRank, delta: torch.Tensor) -> float:
     exact SVD, ``Σ_{i≤k} σ_i²``; for the range finder, the energy of the projection it keeps)."""
     total = delta.pow(2).sum().item()
     return min(factors.B.pow(2).sum().item() / total, 1.0) if total > 0 else 1.0
+
+
+def oriented_delta(name: str, delta: torch.Tensor, conv1d: bool) -> tuple[str, torch.Tensor, bool]:
+    """The module a 2-D weight's delta belongs to, the delta as ``out x in`` (``B @ A``'s orientation: embeddings
+    and Conv1D weights are stored transposed), and whether the module is an embedding."""
+    module = name.removesuffix(".weight")
+    embedding = any(part in module for part in _EMBEDDINGS)
+    return module, (delta.T if embedding or conv1d else delta), embedding
 
 
 def low_rank_factors(delta: torch.Tensor, rank: int, fast: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -66,7 +74,7 @@ def extract_lora(
     only_model = sorted(set(model.names) - set(base.names))
     if only_model:
         raise BadInput(f"tensor {only_model[0]}: in {model_ref} but not in the base {base_ref}")
-    conv1d = model.config.get("model_type") in _CONV1D_MODELS
+    conv1d = model.config.get("model_type") in CONV1D_MODELS
     modules: dict[str, LoraModule] = {}
     energy: dict[str, float] = {}
     skipped: list[str] = []
@@ -80,9 +88,7 @@ def extract_lora(
             delta = model.get(name).to(torch.float32) - base.get(name).to(torch.float32)
             if delta.abs().max() > 0:
                 if len(shape) == 2 and name.endswith(".weight"):
-                    module = name.removesuffix(".weight")
-                    embedding = any(part in module for part in _EMBEDDINGS)
-                    oriented = delta.T if embedding or conv1d else delta
+                    module, oriented, embedding = oriented_delta(name, delta, conv1d)
                     module_seed = tensor_seed(seed, f"{module}/svd", 0)
                     B, A, energy[module] = low_rank_factors(oriented, rank, fast, module_seed)
                     modules[module] = LoraModule(A=A.contiguous(), B=B.contiguous(), scale=1.0, embedding=embedding)
