@@ -24,7 +24,8 @@ import torch
 from _common import ROOT, write_results
 from quality import load_folded, scores
 
-from loramerge import DEFAULT_METHOD, load_adapter, merge_adapters
+from loramerge import load_adapter, merge_adapters
+from loramerge.catalogue import DEFAULT_METHOD
 from loramerge.evaluate import load_model, load_samples
 from loramerge.io.checkpoint import resolve_model_dir
 

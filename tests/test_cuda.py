@@ -81,3 +81,21 @@ def test_dense_recipe_on_cuda_equals_cpu(tmp_path):
         result = run("run", recipe, "-o", tmp_path / device, "--device", device)
         assert result.exit_code == 0, result.output
     assert_same_change(load_weights(tmp_path / "cuda"), load_weights(tmp_path / "cpu"), load_weights(base))
+
+
+def test_dora_merge_on_cuda_equals_cpu(llama_base, tmp_path):
+    """DoRA's row norms read the base onto the GPU and merge there; a DoRA + LoRA merge is the CPU's."""
+    from conftest import build_adapter
+
+    dora = build_adapter(llama_base, tmp_path / "dora", seed=5, r=4, use_dora=True)
+    plain = build_adapter(llama_base, tmp_path / "plain", seed=6, r=2)
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        result = run("merge", dora, plain, "--method", "linear", "--base", llama_base, "--dtype", "float32",
+                     "--device", device, "-o", tmp_path / device)  # fmt: skip
+        assert result.exit_code == 0, result.output
+        outputs[device] = load_adapter(tmp_path / device)
+    for name, module in outputs["cpu"].modules.items():
+        gpu = outputs["cuda"].modules[name]
+        assert rel_err(gpu.magnitude, module.magnitude) < 1e-5, name
+        assert rel_err(gpu.B @ gpu.A, module.B @ module.A) < 1e-4, name

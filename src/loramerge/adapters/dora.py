@@ -41,7 +41,7 @@ def dora_row_scale(module: LoraModule, weight: torch.Tensor) -> torch.Tensor:
     """``g = m / ‖W0 + s B A‖_row`` of a DoRA module, on the base weight ``W0`` (out x in, float32)."""
     assert module.magnitude is not None
     plain = replace(module, row_scale=None)
-    return module.magnitude.to(torch.float32) / row_norms(weight, plain.factors())
+    return module.magnitude.to(weight.device, torch.float32) / row_norms(weight, plain.factors(device=weight.device))
 
 
 def with_row_scale(module: LoraModule, weight: torch.Tensor) -> LoraModule:
@@ -52,7 +52,8 @@ def with_row_scale(module: LoraModule, weight: torch.Tensor) -> LoraModule:
 def combined_row_scale(modules: Sequence[LoraModule], weights: Sequence[float], rows: int) -> torch.Tensor:
     """``c = 1 + Σ w_i (g_i − 1)``: the row scaling a weighted sum of DoRA (and LoRA, ``g = 1``) deltas puts
     on the base."""
-    scale = torch.ones(rows)
+    scales = [module.row_scale for module in modules if module.row_scale is not None]
+    scale = torch.ones(rows, device=scales[0].device if scales else "cpu")
     for module, weight in zip(modules, weights, strict=True):
         if module.row_scale is not None:
             scale += weight * (module.row_scale.to(torch.float32) - 1)

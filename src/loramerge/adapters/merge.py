@@ -98,10 +98,10 @@ class MergePlan:
             parts.append(f"majority_sign={options.majority_sign}")
         parts += [f"{name}={value}" for name, value in sorted(options.params.items())]
         parts += [f"weights={','.join(f'{w:g}' for w in self.weights)}", f"seed={options.seed}"]
-        return (
-            f"{_count(len(self.adapters), 'adapter')}, {_count(len(self.modules), 'module')}, {' '.join(parts)}, "
-            f"output ranks {ranks}"
-        )
+        kinds = sorted({adapter.kind for adapter in self.adapters})
+        inputs = _count(len(self.adapters), "adapter") + (f" ({', '.join(kinds)})" if kinds != ["LoRA"] else "")
+        output = f", a DoRA adapter (row norms of {self.base.ref})" if self.dora and self.base else ""
+        return f"{inputs}, {_count(len(self.modules), 'module')}, {' '.join(parts)}, output ranks {ranks}{output}"
 
     def record(self) -> MergeRecord:
         """What this merge does, for its model card: the inputs and parameters as a recipe would hold them."""
@@ -339,7 +339,7 @@ def merged_module(plan: MergePlan, module: ModulePlan) -> LoraModule:
         bias = torch.zeros(module.shape[0])
         for piece, weight_i in zip(pieces, weights, strict=True):
             if piece.bias is not None:
-                bias += weight_i * piece.bias_delta()
+                bias += weight_i * piece.bias_delta().cpu()
         result = replace(result, bias=bias)
     return result
 
