@@ -150,14 +150,21 @@ def test_dora_with_a_base_of_another_shape_is_refused(typed, tmp_path):
         merge_adapters([load_adapter(typed["dora4"])], [1.0], "linear", base=str(other))
 
 
-def test_every_method_runs_on_dora_and_loha(typed):
+def test_every_method_runs_on_every_type(typed):
+    """Every method of the catalogue on DoRA + LoHa + LoRA (a DoRA output) and on LoKr + lora_bias + LoRA (a
+    LoRA output with biases): finite factors, magnitudes and biases."""
     from loramerge import catalogue
 
-    adapters = [load_adapter(typed[name]) for name in ("dora4", "loha", "lora3")]
+    dora_set = [load_adapter(typed[name]) for name in ("dora4", "loha", "lora3")]
+    bias_set = [load_adapter(typed[name]) for name in ("lokr", "bias", "lora3")]
     for method in catalogue.adapter_methods():
-        merged = merge_adapters(adapters, [1.0, 0.5, 0.7], method, base=str(typed["base"]), density=0.8)
+        merged = merge_adapters(dora_set, [1.0, 0.5, 0.7], method, base=str(typed["base"]), density=0.8)
         assert merged.config["use_dora"] and all(m.magnitude is not None for m in merged.modules.values()), method
         assert all(torch.isfinite(m.magnitude).all() for m in merged.modules.values()), method
+        merged = merge_adapters(bias_set, [1.0, 0.5, 0.7], method, density=0.8)
+        assert merged.config["lora_bias"] and not merged.config["use_dora"], method
+        biased = [m for m in merged.modules.values() if m.bias is not None and m.bias.abs().max() > 0]
+        assert biased and all(torch.isfinite(m.B).all() for m in merged.modules.values()), method
 
 
 def test_structured_factors_equal_their_dense_products():

@@ -19,7 +19,7 @@ def _one_line(result) -> str:
 
 
 def test_a_bug_inside_a_merge_is_exit_1_with_its_traceback_in_a_file(tmp_path, monkeypatch):
-    def broken(plan, module):
+    def broken(plan, module, pieces=None):
         raise ValueError("shapes (3,4) and (5,6) cannot be multiplied")  # what a bug, not the input, raises
 
     monkeypatch.setattr("loramerge.adapters.merge.merge_module", broken)

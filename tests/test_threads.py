@@ -32,9 +32,9 @@ def _threads_seen(monkeypatch, adapters: list[LoraAdapter], **params: object) ->
     seen: list[int] = []
     original = merge.merge_module
 
-    def spy(plan, module):
+    def spy(plan, module, pieces=None):
         seen.append(torch.get_num_threads())
-        return original(plan, module)
+        return original(plan, module, pieces)
 
     monkeypatch.setattr(merge, "merge_module", spy)
     merge_adapters(adapters, None, **params)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -38,7 +38,6 @@ class DenseMerge:
     deltas: dict[str, torch.Tensor]
     conv1d: bool
     inputs: list[tuple[str, str, float]]  # (adapter, its peft_type, weight)
-    warnings: list[str] = field(default_factory=list)
 
 
 def peft_type_of(ref: str) -> str:
