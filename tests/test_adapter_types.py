@@ -274,3 +274,28 @@ def test_ia3_merge_extracted_as_lora_reports_its_error(typed, ia3, tmp_path):
     total = sum(d.square().sum() for d in exact.deltas.values() if d.dim() == 2)
     assert 0 < reported < 1 and abs(reported - float((lost / total).sqrt())) < 1e-3
     assert load_adapter(tmp_path / "lora").modules  # a plain LoRA loramerge (and PEFT, above) reads
+
+
+def test_dora_on_a_4bit_base_uses_its_dequantized_weights(tmp_path):
+    """A DoRA merge whose base is a bitsandbytes 4-bit checkpoint: the row norms come from its dequantized
+    weights, so the merge equals the sum of PEFT's folds into transformers' own ``dequantize()`` of it."""
+    from transformers import BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=128)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "float")
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    four_bit = tmp_path / "base4"
+    AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=quantization).save_pretrained(four_bit)
+    dequantized = tmp_path / "dequantized"
+    AutoModelForCausalLM.from_pretrained(four_bit, dtype=torch.float32).dequantize().save_pretrained(dequantized)
+    lora = dict(target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    paths = [build(dequantized, tmp_path / "dora", LoraConfig(r=4, use_dora=True, **lora), seed=1),
+             build(dequantized, tmp_path / "plain", LoraConfig(r=2, **lora), seed=2)]  # fmt: skip
+    merged = merge_adapters([load_adapter(p) for p in paths], [0.6, 0.9], "linear", base=str(four_bit))
+    out = save_adapter(merged, tmp_path / "merged")
+    start = folded_state(dequantized, None)
+    assert_same_fold(folded_state(dequantized, out), expected_state(dequantized, paths, [0.6, 0.9]), start)
