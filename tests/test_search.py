@@ -211,3 +211,50 @@ def test_the_recipe_seed_drives_the_merges_and_best_yml_keeps_it(tmp_path):
     assert run("run", tmp_path / "other.yml", "-o", tmp_path / "other").exit_code == 0
     drawn = load_file(tmp_path / "other" / "adapter_model.safetensors")
     assert any(not torch.equal(scored[k], drawn[k]) for k in scored)
+
+
+def _dora_copy(source: Path, folder: Path) -> Path:
+    """A DoRA adapter made from a LoRA one on the chardemo base: magnitudes 10 % off its rows' norms."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from loramerge.adapters.dora import row_norms
+    from loramerge.adapters.files import load_adapter
+    from loramerge.io.checkpoint import open_checkpoint
+
+    shutil.copytree(source, folder)
+    adapter, base = load_adapter(folder), open_checkpoint(str(BASE))
+    state = load_file(folder / "adapter_model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    for name, module in adapter.modules.items():
+        norms = row_norms(base.get(f"{name}.weight").float(), module.factors())
+        state[f"base_model.model.{name}.lora_magnitude_vector"] = norms * (
+            1 + 0.1 * torch.randn(norms.shape, generator=generator)
+        )
+    save_file(state, folder / "adapter_model.safetensors")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    return folder
+
+
+def test_a_dora_slot_scores_what_peft_gives(tmp_path):
+    """DoRA inputs search in a DoRA slot: a candidate merge, the DoRA input alone and the LoRA input alone each
+    give the logits PEFT gives for that adapter saved and loaded."""
+    dora = _dora_copy(CHARDEMO / "add", tmp_path / "add-dora")
+    recipe = write_recipe(tmp_path / "recipe.yml", {
+        "merge_method": "ties", "parameters": {"density": 0.7},
+        "adapters": [{"adapter": str(dora), "weight": 0.8}, {"adapter": str(CHARDEMO / "reverse")}],
+    })  # fmt: skip
+    job = build_job(load_recipe(recipe), [str(p) for p in DEV], base=str(BASE), max_samples=4, threads=2)
+    evaluator = Evaluator(job)
+    point = (1.2, 0.6)
+    merged = save_adapter(execute_plan(job.plan(point)), tmp_path / "merged")
+    ids = torch.tensor([[1, 5, 9, 12, 40, 7]])
+    for task, adapter in [(Task(0, point), merged), (Task(-1, reference=0), dora),
+                          (Task(-2, reference=1), CHARDEMO / "reverse")]:  # fmt: skip
+        evaluator.score(task)
+        model, _ = load_model(str(BASE), adapter=str(adapter))
+        with torch.no_grad():
+            expected, got = model(input_ids=ids).logits, evaluator.model(input_ids=ids).logits
+        assert torch.allclose(expected, got, atol=1e-4), (task, (expected - got).abs().max())

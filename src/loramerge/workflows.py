@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from loramerge.adapters.dora import base_for_dora
 from loramerge.adapters.files import load_adapter, save_adapter
 from loramerge.adapters.merge import MergePlan, plan_merge
 from loramerge.adapters.model import LoraAdapter
@@ -61,13 +62,7 @@ def adapter_recipe_plan(
     base = recipe.base_model or fold_into
     inputs = [a.path for a in adapters if a.path] + [Path(ref) for ref in {base, fold_into} if ref]
     target = check_output_target(output, force, inputs)
-    return plan_merge(adapters, weights, options, dora_base(adapters, base)), target, fold_into
-
-
-def dora_base(adapters: list[LoraAdapter], base: str | None) -> str | None:
-    """The base a merge reads: only where an input is DoRA (its row norms); None otherwise, so a merge of
-    plain LoRA never opens a base it was given for folding."""
-    return base if any(adapter.needs_base for adapter in adapters) else None
+    return plan_merge(adapters, weights, options, base_for_dora(adapters, base)), target, fold_into
 
 
 def evaluate_recipe(

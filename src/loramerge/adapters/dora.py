@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Protocol
 
 import torch
 
-from loramerge.adapters.model import LoraModule
+from loramerge.adapters.model import LoraAdapter, LoraModule
 from loramerge.errors import BadInput
 from loramerge.io import bnb4bit
 from loramerge.io.checkpoint import Checkpoint, open_checkpoint
@@ -79,6 +80,22 @@ def dora_delta(module: LoraModule, weight: torch.Tensor) -> torch.Tensor:
     folded = weight + direct
     g = module.magnitude.to(torch.float32) / torch.linalg.vector_norm(folded, dim=1)
     return g.unsqueeze(1) * folded - weight
+
+
+def base_for_dora(adapters: Sequence[LoraAdapter], base: str | None) -> str | None:
+    """The base a merge reads: only where an input is DoRA (its row norms); None otherwise, so a merge of plain
+    LoRA never opens a base it was given for folding or scoring."""
+    return base if any(adapter.needs_base for adapter in adapters) else None
+
+
+class BaseReader(Protocol):
+    """Where DoRA's row norms read the base: a checkpoint (``BaseWeights``) or a live model's layers."""
+
+    ref: str  # how messages name the base
+
+    def shape(self, module: str) -> tuple[int, ...]: ...
+
+    def weight(self, module: str) -> torch.Tensor: ...
 
 
 class BaseWeights:

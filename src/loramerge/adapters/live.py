@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from loramerge.adapters.dora import BaseWeights
 from loramerge.adapters.files import adapter_from_state
 from loramerge.adapters.merge import execute_plan, plan_merge
 from loramerge.adapters.model import LoraAdapter
@@ -60,8 +59,9 @@ def adapter_from_model(model, adapter_name: str) -> LoraAdapter:
     return adapter_from_state(state, config, adapter_name, allow_nonfinite=True)
 
 
-class LiveBaseWeights(BaseWeights):
-    """The base weights of a live ``PeftModel``, by module name (dequantized where 4-/8-bit): DoRA's row norms."""
+class LiveBaseWeights:
+    """The base weights of a live ``PeftModel``, by module name (dequantized where 4-/8-bit): DoRA's row norms
+    (a ``loramerge.adapters.dora.BaseReader``)."""
 
     def __init__(self, model, fan_in_fan_out: bool = False) -> None:
         self.ref = "of the live model"

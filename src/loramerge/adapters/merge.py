@@ -10,7 +10,7 @@ import torch
 
 from loramerge import catalogue
 from loramerge.adapters.checks import check_base_models, check_layouts, check_shapes, check_weights
-from loramerge.adapters.dora import BaseWeights, combined_row_scale, dora_module, with_row_scale
+from loramerge.adapters.dora import BaseReader, BaseWeights, combined_row_scale, dora_module, with_row_scale
 from loramerge.adapters.model import LoraAdapter, LoraModule
 from loramerge.adapters.options import MergeOptions, parse_options
 from loramerge.errors import BadInput
@@ -55,7 +55,7 @@ class MergePlan:
     dense: dict[str, tuple[int, ...]]
     out_dtype: torch.dtype
     warnings: list[str] = field(default_factory=list)
-    base: BaseWeights | None = None  # the base's weights, read once per module where DoRA needs them
+    base: BaseReader | None = None  # the base's weights, read once per module where DoRA needs them
 
     @property
     def dora(self) -> bool:
@@ -175,7 +175,7 @@ def plan_merge(
     adapters: Sequence[LoraAdapter],
     weights: Sequence[float] | None = None,
     options: MergeOptions | None = None,
-    base: str | BaseWeights | None = None,
+    base: str | BaseReader | None = None,
 ) -> MergePlan:
     """Check the inputs and decide every module's output rank; no tensor math yet. ``base`` (a model loramerge
     reads) is needed where an input is DoRA: its row norms come from the base's weights."""
@@ -199,7 +199,7 @@ def plan_merge(
     return plan
 
 
-def _dora_base(plan: MergePlan, base: str | BaseWeights | None) -> BaseWeights:
+def _dora_base(plan: MergePlan, base: str | BaseReader | None) -> BaseReader:
     """The base of a DoRA merge, checked against every module before any work."""
     first = next(adapter for adapter in plan.adapters if adapter.needs_base)
     if base is None:
@@ -213,7 +213,7 @@ def _dora_base(plan: MergePlan, base: str | BaseWeights | None) -> BaseWeights:
             f"adapters {first.name} (DoRA) and {other.name} (lora_bias) cannot merge into one adapter: PEFT "
             "refuses DoRA with lora_bias; merge them into separate adapters"
         )
-    reader = base if isinstance(base, BaseWeights) else BaseWeights(base, first.fan_in_fan_out)
+    reader = BaseWeights(base, first.fan_in_fan_out) if isinstance(base, str) else base
     for module in plan.modules:
         if module.embedding:
             raise BadInput(f"module {module.name}: an embedding LoRA cannot be part of a DoRA output")

@@ -86,12 +86,13 @@ def merge(
     private: bool = typer.Option(False, help="With --push-to-hub: create the repo private."),
 ) -> None:
     """Merge LoRA adapters in low-rank space and write a PEFT adapter folder."""
+    from loramerge.adapters.dora import base_for_dora
     from loramerge.adapters.files import load_adapter
     from loramerge.adapters.merge import plan_merge
     from loramerge.adapters.options import parse_options
     from loramerge.dense.peft_fold import peft_type_of
     from loramerge.io.atomic import check_output_target
-    from loramerge.workflows import dora_base, needs_peft_fold
+    from loramerge.workflows import needs_peft_fold
 
     options = parse_options(
         method=method, density=density, rank=rank, space=space, majority_sign=majority_sign, full_svd=full_svd,
@@ -112,7 +113,7 @@ def merge(
         return
     with console.status("reading adapters"):
         loaded = [load_adapter(ref, allow_nonfinite=allow_nonfinite) for ref in adapters]
-    plan = plan_merge(loaded, parse_weights(weights), options, dora_base(loaded, base))
+    plan = plan_merge(loaded, parse_weights(weights), options, base_for_dora(loaded, base))
     run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into)
     if not dry_run:
         publish(target, push_to_hub, private)

@@ -8,12 +8,14 @@ files; the base model is loaded by reference (a path, a Hub id in the cache, a `
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from loramerge.adapters.dora import row_norms
 from loramerge.adapters.files import adapter_state_dict, save_adapter
+from loramerge.adapters.live import LiveBaseWeights
 from loramerge.adapters.merge import execute_plan
 from loramerge.adapters.model import LoraAdapter, LoraModule
 from loramerge.errors import BadInput
@@ -48,21 +50,29 @@ def slot_ranks(job: SearchJob) -> dict[str, int]:
 
 
 def padded(
-    modules: dict[str, LoraModule], ranks: dict[str, int], like: dict[str, LoraModule], bias: bool = False
+    modules: dict[str, LoraModule],
+    ranks: dict[str, int],
+    like: dict[str, LoraModule],
+    bias: bool = False,
+    base_norms: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """``modules`` (scale folded in) widened with zero rank components to ``ranks``; absent ones zero; with
-    ``bias`` (a ``lora_bias`` slot) every module's bias delta, zero where it has none."""
+    ``bias`` (a ``lora_bias`` slot) every module's bias delta, zero where it has none; with ``base_norms`` (a
+    DoRA slot) every module's magnitude, the base's row norms where it is absent (no change: ``g = 1``)."""
     result = {}
     for name, rank in ranks.items():
         shape, embedding = like[name].shape, like[name].embedding
         A, B = torch.zeros(rank, shape[1]), torch.zeros(shape[0], rank)
         vector = torch.zeros(shape[0]) if bias else None
+        magnitude = base_norms[name] if base_norms is not None else None
         if name in modules:
-            factors = modules[name].factors()
+            factors = modules[name].factors()  # zero rank components leave B A, and so DoRA's norms, unchanged
             A[: factors.rank], B[:, : factors.rank] = factors.A, factors.B
             if bias and modules[name].bias is not None:
                 vector = modules[name].bias_delta()
-        result[name] = LoraModule(A=A, B=B, scale=1.0, embedding=embedding, bias=vector)
+            if base_norms is not None:
+                magnitude = modules[name].magnitude
+        result[name] = LoraModule(A=A, B=B, scale=1.0, embedding=embedding, bias=vector, magnitude=magnitude)
     return result
 
 
@@ -83,25 +93,40 @@ class Evaluator:
         self.dense = start.dense
         configs = [adapter.config for adapter in job.adapters]
         self.bias = bool(start.config.get("lora_bias"))
+        self.dora = bool(start.config.get("use_dora"))
         self.config = merged_lora_config(configs, self.ranks, start.base_model,
-                                         start.config.get("modules_to_save") or [], bias=self.bias)  # fmt: skip
+                                         start.config.get("modules_to_save") or [], self.dora, self.bias)  # fmt: skip
         self.load_state = set_peft_model_state_dict
-        with tempfile.TemporaryDirectory(prefix="loramerge-search-") as scratch:
-            slot = save_adapter(self._adapter({}, self.dense), Path(scratch) / "slot")
+        self.base_norms: dict[str, torch.Tensor] | None = None
+        with tempfile.TemporaryDirectory(prefix="loramerge-search-") as scratch:  # a DoRA slot needs magnitudes
+            slot = save_adapter(self._adapter(start.modules if self.dora else {}, self.dense), Path(scratch) / "slot")
             self.model, self.tokenizer = load_model(job.base, adapter=str(slot), load_in_4bit=job.load_in_4bit,
                                                     device=job.device)  # fmt: skip
+        self.reader = LiveBaseWeights(self.model, job.adapters[0].fan_in_fan_out) if self.dora else None
+        if self.reader is not None:  # what an absent module's magnitude must be: its base rows' norms (g = 1)
+            self.base_norms = {name: torch.linalg.vector_norm(self.reader.weight(name), dim=1).cpu()
+                               for name in self.ranks}  # fmt: skip
 
     def _adapter(self, modules: dict[str, LoraModule], dense: dict[str, torch.Tensor]) -> LoraAdapter:
-        modules = padded(modules, self.ranks, self.like, self.bias)
+        modules = padded(modules, self.ranks, self.like, self.bias, self.base_norms)
         return LoraAdapter(modules=modules, config=self.config, dense=dense)
+
+    def _alone(self, index: int) -> dict[str, LoraModule]:
+        """One input adapter's modules as the slot holds them; in a DoRA slot, with the magnitudes that give its
+        own delta: a DoRA input's own, a LoRA input's rows' norms ``‖W0 + s B A‖`` (``g = 1``)."""
+        adapter = self.job.adapters[index]
+        if self.reader is None or adapter.needs_base:
+            return adapter.modules
+        return {name: replace(module, magnitude=row_norms(self.reader.weight(name), module.factors()).cpu())
+                for name, module in adapter.modules.items()}  # fmt: skip
 
     def score(self, task: Task) -> Scores:
         if task.reference is not None:
             adapter = self.job.adapters[task.reference]
-            candidate = self._adapter(adapter.modules, {**self.dense, **adapter.dense})
+            candidate = self._adapter(self._alone(task.reference), {**self.dense, **adapter.dense})
         else:
             try:  # a point the merge refuses (all weights 0, DELLA's density + epsilon past 1) is not fatal
-                merged = execute_plan(self.job.plan(task.point))
+                merged = execute_plan(self.job.plan(task.point, self.reader))
             except BadInput as error:
                 return Scores(task.index, refused=str(error))
             candidate = self._adapter(merged.modules, merged.dense)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from loramerge.adapters.dora import BaseReader, base_for_dora
 from loramerge.adapters.merge import MergePlan, execute_plan, plan_merge
 from loramerge.adapters.model import LoraAdapter
 from loramerge.adapters.recipe import adapter_merge_inputs
@@ -35,9 +36,12 @@ class SearchJob:
         """The random methods' seed: the recipe's own (``parameters.seed``), else the search's."""
         return int(self.space.option_values.get("seed", self.seed))
 
-    def plan(self, point: Sequence[float]) -> MergePlan:
+    def plan(self, point: Sequence[float], base: BaseReader | None = None) -> MergePlan:
+        """The merge at ``point``; DoRA inputs read their row norms from ``base`` (a worker's loaded model), else
+        from the base checkpoint."""
         options = self.space.options(point, seed=self.merge_seed, device=self.device)
-        return plan_merge(self.adapters, self.space.weights(point), options)
+        base = base or base_for_dora(self.adapters, self.base)
+        return plan_merge(self.adapters, self.space.weights(point), options, base)
 
 
 def build_job(
@@ -63,12 +67,6 @@ def build_job(
     base = base or (recipe.evaluate.base if recipe.evaluate else None) or adapters[0].base_model
     if not base:
         raise BadInput("search: the adapters name no base model; give --base")
-    dora = next((adapter for adapter in adapters if adapter.needs_base), None)
-    if dora is not None:
-        raise BadInput(
-            f"search: adapter {dora.name} is DoRA, and the search's LoRA slot holds no magnitudes yet; merge it "
-            "with loramerge merge --base (or an adapter recipe with base_model)"
-        )
     if not dev:
         raise BadInput("search: give at least one --dev file")
     if threads < 1:
