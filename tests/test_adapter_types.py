@@ -299,3 +299,20 @@ def test_dora_on_a_4bit_base_uses_its_dequantized_weights(tmp_path):
     out = save_adapter(merged, tmp_path / "merged")
     start = folded_state(dequantized, None)
     assert_same_fold(folded_state(dequantized, out), expected_state(dequantized, paths, [0.6, 0.9]), start)
+
+
+def test_output_norms_reuse_the_inputs_products_exactly():
+    """A merge's output in the span of its inputs' A (core space, linear) reuses ``W0 Sᵀ``; any other output
+    (the full space's truncation) takes one more product: both give ‖W0 + B A‖ of each row, as the dense sum."""
+    from loramerge.adapters.dora import base_products, output_norms
+
+    torch.manual_seed(0)
+    weight = torch.randn(40, 30)
+    terms = [LowRank(torch.randn(40, r), torch.randn(r, 30)) for r in (3, 5)]
+    products = base_products(weight, terms)
+    stacked = torch.cat([t.A for t in terms])
+    in_span = LowRank(torch.randn(40, 4), torch.randn(4, 8) @ stacked)
+    outside = LowRank(torch.randn(40, 4), torch.randn(4, 30))
+    for term in (in_span, outside):
+        dense = torch.linalg.vector_norm(weight + term.dense(), dim=1)
+        assert rel_err(output_norms(products, weight, term), dense) < 1e-5

@@ -15,7 +15,7 @@ combined linearly into ``c`` (docs/adapter_types.md). Only row norms of the base
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -28,26 +28,71 @@ from loramerge.lowrank import LowRank
 
 # |c| below this in some row: the merged row scalings cancel and the result is no DoRA module
 _VANISHING_SCALE = 1e-6
+# relative residual under which a merge's output A counts as in the span of its inputs' (float32 round-off)
+_IN_SPAN = 1e-5
+
+
+@dataclass(frozen=True)
+class BaseProducts:
+    """What the row norms ``‖W0 + B A‖`` need of the base weight, from one pass over it: ``‖w_j‖²`` per row and
+    ``W0 Sᵀ`` (out x Σ r_i) for the stacked right factors ``S = [A_1; …; A_n]`` of a module's inputs. A merge's
+    output whose ``A`` lies in the span of ``S`` (every linear merge, every core-space merge) reuses them."""
+
+    squared: torch.Tensor  # ‖w_j‖² (out)
+    stacked: torch.Tensor  # S (Σ r_i x in)
+    crosses: torch.Tensor  # W0 Sᵀ (out x Σ r_i)
+
+
+def base_products(weight: torch.Tensor, terms: Sequence[LowRank]) -> BaseProducts:
+    stacked = torch.cat([term.A for term in terms])
+    squared = torch.linalg.vector_norm(weight, dim=1).square()  # no out x in temporary, unlike square().sum()
+    return BaseProducts(squared, stacked, weight @ stacked.T)
+
+
+def _norms(products: BaseProducts, cross: torch.Tensor, term: LowRank) -> torch.Tensor:
+    """``‖w_j + b_j A‖ = sqrt(‖w_j‖² + 2 (W0 Aᵀ)_j · b_j + b_j (A Aᵀ) b_jᵀ)`` from ``cross = W0 Aᵀ``."""
+    own = ((term.B @ (term.A @ term.A.T)) * term.B).sum(dim=1)
+    return (products.squared + 2 * (cross * term.B).sum(dim=1) + own).clamp_min(0).sqrt()
+
+
+def input_norms(products: BaseProducts, terms: Sequence[LowRank]) -> list[torch.Tensor]:
+    """``‖W0 + B_i A_i‖_row`` of each input term, in the order they were stacked."""
+    norms, start = [], 0
+    for term in terms:
+        norms.append(_norms(products, products.crosses[:, start : start + term.rank], term))
+        start += term.rank
+    return norms
+
+
+def output_norms(products: BaseProducts, weight: torch.Tensor, term: LowRank) -> torch.Tensor:
+    """``‖W0 + B A‖_row`` of a merge's output: ``W0 Aᵀ = (W0 Sᵀ) C`` where ``Aᵀ = Sᵀ C`` (least squares, kept
+    when exact to float32 round-off), else one more pass over ``W0``."""
+    coefficients = torch.linalg.lstsq(products.stacked.T, term.A.T).solution
+    residual = torch.linalg.matrix_norm(products.stacked.T @ coefficients - term.A.T)
+    if residual <= _IN_SPAN * torch.linalg.matrix_norm(term.A).clamp_min(1e-30):
+        return _norms(products, products.crosses @ coefficients, term)
+    return _norms(products, weight @ term.A.T, term)
 
 
 def row_norms(weight: torch.Tensor, term: LowRank) -> torch.Tensor:
     """``‖W0 + B A‖`` of each row, from ``W0 Aᵀ`` (out x r) and ``A Aᵀ`` (r x r): no ``out x in`` matrix."""
-    cross = ((weight @ term.A.T) * term.B).sum(dim=1)
-    own = ((term.B @ (term.A @ term.A.T)) * term.B).sum(dim=1)
-    squared = weight.square().sum(dim=1) + 2 * cross + own
-    return squared.clamp_min(0).sqrt()
+    return input_norms(base_products(weight, [term]), [term])[0]
 
 
-def dora_row_scale(module: LoraModule, weight: torch.Tensor) -> torch.Tensor:
-    """``g = m / ‖W0 + s B A‖_row`` of a DoRA module, on the base weight ``W0`` (out x in, float32)."""
-    assert module.magnitude is not None
-    plain = replace(module, row_scale=None)
-    return module.magnitude.to(weight.device, torch.float32) / row_norms(weight, plain.factors(device=weight.device))
+def with_row_scales(modules: Sequence[LoraModule], products: BaseProducts) -> list[LoraModule]:
+    """The modules with their ``row_scale`` ``g = m / ‖W0 + s B A‖_row`` set (plain LoRA modules unchanged), from
+    the products of the base weight with all of their factors, stacked in this order."""
+    device = products.crosses.device
+    terms = [replace(module, row_scale=None).factors(device=device) for module in modules]
+    return [
+        replace(module, row_scale=module.magnitude.to(device, torch.float32) / norm) if module.dora else module
+        for module, norm in zip(modules, input_norms(products, terms), strict=True)
+    ]
 
 
-def with_row_scale(module: LoraModule, weight: torch.Tensor) -> LoraModule:
-    """The module with its ``row_scale`` set from the base weight (unchanged for plain LoRA)."""
-    return replace(module, row_scale=dora_row_scale(module, weight)) if module.dora else module
+def module_products(modules: Sequence[LoraModule], weight: torch.Tensor) -> BaseProducts:
+    """``base_products`` of the base weight with the modules' own factors (scale folded, no row scale)."""
+    return base_products(weight, [replace(m, row_scale=None).factors(device=weight.device) for m in modules])
 
 
 def combined_row_scale(modules: Sequence[LoraModule], weights: Sequence[float], rows: int) -> torch.Tensor:
@@ -61,7 +106,9 @@ def combined_row_scale(modules: Sequence[LoraModule], weights: Sequence[float], 
     return scale
 
 
-def dora_module(direction: LowRank, row_scale: torch.Tensor, weight: torch.Tensor) -> LoraModule:
+def dora_module(
+    direction: LowRank, row_scale: torch.Tensor, weight: torch.Tensor, products: BaseProducts
+) -> LoraModule:
     """The DoRA module whose fold is ``diag(c) W0 + L`` for ``c = row_scale`` and ``L = direction``."""
     if bool((row_scale.abs() < _VANISHING_SCALE).any()):
         row = int(torch.argmin(row_scale.abs()))
@@ -70,7 +117,7 @@ def dora_module(direction: LowRank, row_scale: torch.Tensor, weight: torch.Tenso
             f"{float(row_scale[row]):.2g}); these weights give no DoRA adapter"
         )
     B = direction.B / row_scale.unsqueeze(1)
-    magnitude = row_scale * row_norms(weight, LowRank(B, direction.A))
+    magnitude = row_scale * output_norms(products, weight, LowRank(B, direction.A))
     return LoraModule(A=direction.A, B=B, scale=1.0, magnitude=magnitude)
 
 

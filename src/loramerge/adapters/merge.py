@@ -10,7 +10,14 @@ import torch
 
 from loramerge import catalogue
 from loramerge.adapters.checks import check_base_models, check_layouts, check_shapes, check_weights
-from loramerge.adapters.dora import BaseReader, BaseWeights, combined_row_scale, dora_module, with_row_scale
+from loramerge.adapters.dora import (
+    BaseReader,
+    BaseWeights,
+    combined_row_scale,
+    dora_module,
+    module_products,
+    with_row_scales,
+)
 from loramerge.adapters.model import LoraAdapter, LoraModule
 from loramerge.adapters.options import MergeOptions, parse_options
 from loramerge.errors import BadInput
@@ -331,10 +338,11 @@ def merged_module(plan: MergePlan, module: ModulePlan) -> LoraModule:
     else:
         assert plan.base is not None
         weight = plan.base.weight(module.name).to(plan.options.device)
-        pieces = [with_row_scale(piece, weight) for piece in pieces]
+        products = module_products(pieces, weight)  # the one pass over the base weight the norms need
+        pieces = with_row_scales(pieces, products)
         direction = merge_module(plan, module, pieces)
         row_scale = combined_row_scale(pieces, weights, module.shape[0]).to(weight.device)
-        result = dora_module(direction, row_scale, weight)
+        result = dora_module(direction, row_scale, weight, products)
     if plan.bias:
         bias = torch.zeros(module.shape[0])
         for piece, weight_i in zip(pieces, weights, strict=True):
@@ -368,7 +376,9 @@ def execute_plan(plan: MergePlan, progress: Progress | None = None) -> LoraAdapt
     modules: dict[str, LoraModule] = {}
     for done, module in enumerate(plan.modules, start=1):
         try:
-            with module_threads(plan.options.strategy, module.shape, module.input_ranks, plan.options.device):
+            # a DoRA module reads and multiplies its out x in base weight: dense work, like the full space's
+            strategy = "full" if plan.dora else plan.options.strategy
+            with module_threads(strategy, module.shape, module.input_ranks, plan.options.device):
                 modules[module.name] = _to_dtype(merged_module(plan, module), plan.out_dtype)
         except BadInput as error:  # a kernel refusing its parameters (della's density ± epsilon, say)
             raise BadInput(f"module {module.name}: {error}") from None
