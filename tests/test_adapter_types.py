@@ -316,3 +316,55 @@ def test_output_norms_reuse_the_inputs_products_exactly():
     for term in (in_span, outside):
         dense = torch.linalg.vector_norm(weight + term.dense(), dim=1)
         assert rel_err(output_norms(products, weight, term), dense) < 1e-5
+
+
+def test_dora_in_the_factor_space_uses_the_row_scales(typed):
+    """PEFT's factor space on one DoRA adapter at weight 1 is a copy: it must keep ``diag(g)`` in ``B``."""
+    base = typed["base"]
+    merged = merge_adapters([load_adapter(typed["dora4"])], [1.0], "linear", base=str(base), space="factors")
+    want = expected_state(base, [typed["dora4"]], [1.0])
+    assert_same_fold(folded_state_of(base, merged), want, folded_state(base, None))
+
+
+def folded_state_of(base: Path, adapter) -> dict[str, torch.Tensor]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        return folded_state(base, save_adapter(adapter, Path(scratch) / "adapter"))
+
+
+def test_bias_beside_a_plain_lora_module_folds_into_a_base_without_that_bias(typed, tmp_path):
+    """A merge gives every module a bias, zero where no input had one; the MLP of this base has no bias, and
+    the zero bias must not stop the fold."""
+    mlp = build(
+        typed["base"], tmp_path / "mlp", LoraConfig(r=2, target_modules=["down_proj"], init_lora_weights=False), 9
+    )
+    paths, weights = [typed["bias"], mlp], [0.7, 1.0]
+    merged = merge_adapters([load_adapter(p) for p in paths], weights, "linear")
+    folded = fold(merged, str(typed["base"]), tmp_path / "folded")
+    start = folded_state(typed["base"], None)
+    assert_same_fold(folded_state(folded, None), expected_state(typed["base"], paths, weights), start)
+
+
+def test_lora_bias_beside_an_embedding_lora_is_refused(typed, tmp_path):
+    embed = build(
+        typed["base"], tmp_path / "embed", LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights=False), 8
+    )
+    with pytest.raises(BadInput, match=r"embed_tokens: an embedding LoRA cannot be part of a lora_bias output"):
+        merge_adapters([load_adapter(typed["bias"]), load_adapter(embed)], [1.0, 1.0], "linear")
+
+
+def test_live_dora_on_gpt2_conv1d(tmp_path):
+    """GPT-2's Conv1D stores weights in x out: the live base reader must turn its shape round as its weight."""
+    from conftest import save_tiny_gpt2
+    from loramerge import add_weighted_adapter
+
+    base = save_tiny_gpt2(tmp_path / "gpt2")
+    config = LoraConfig(r=2, target_modules=["c_attn", "c_fc"], use_dora=True, fan_in_fan_out=True,
+                        init_lora_weights=False)  # fmt: skip
+    dora = build(base, tmp_path / "dora", config, seed=3)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), dora)
+    add_weighted_adapter(model, ["default"], [0.7], "merged", method="linear")
+    model.set_adapter("merged")
+    got = {key: value.detach().float() for key, value in model.merge_and_unload().state_dict().items()}
+    assert_same_fold(got, expected_state(base, [dora], [0.7]), folded_state(base, None))

@@ -102,6 +102,21 @@ def needs_peft_fold(kinds: list[str]) -> list[int]:
     return [i for i, kind in enumerate(kinds) if kind not in LOW_RANK_TYPES]
 
 
+def check_via_dense(
+    refs: list[str], weights: list[float] | None, options: MergeOptions, *, rank: int | None, fold_into: str | None
+) -> list[float]:
+    """What a merge through PEFT's fold can refuse before reading anything; returns the weights."""
+    from loramerge.dense.peft_fold import check_dense_merge
+
+    if not fold_into and rank is None:
+        raise BadInput("give `rank` for the LoRA extracted from a merge through PEFT's fold, or `fold_into`")
+    if rank is not None and rank < 1:
+        raise BadInput(f"`rank` must be at least 1, got {rank}")
+    weights = [1.0] * len(refs) if weights is None else weights
+    check_dense_merge(len(refs), weights, options)
+    return weights
+
+
 def merge_via_dense(
     refs: list[str],
     weights: list[float] | None,
@@ -119,9 +134,7 @@ def merge_via_dense(
     from loramerge.dense.peft_fold import as_exact_adapter, extract_adapter, merge_dense_deltas, peft_type_of
     from loramerge.io.model_card import MergeRecord
 
-    if not fold_into and rank is None:
-        raise BadInput("give `rank` for the LoRA extracted from a merge through PEFT's fold, or `fold_into`")
-    weights = [1.0] * len(refs) if weights is None else weights
+    weights = check_via_dense(refs, weights, options, rank=rank, fold_into=fold_into)
     merge = merge_dense_deltas(base, refs, weights, options, [peft_type_of(ref) for ref in refs])
     if fold_into:
         fold(as_exact_adapter(merge), fold_into, target, dtype=options.dtype, force=force, progress=progress)

@@ -77,8 +77,10 @@ class LiveBaseWeights:
 
     def shape(self, module: str) -> tuple[int, ...]:
         layer = self._base_layer(module)
-        shape = (layer.out_features, layer.in_features) if hasattr(layer, "out_features") else layer.weight.shape
-        return tuple(shape)
+        if hasattr(layer, "out_features"):
+            return (layer.out_features, layer.in_features)
+        shape = tuple(layer.weight.shape)  # Conv1D stores in x out: the orientation ``weight`` turns round
+        return tuple(reversed(shape)) if self.fan_in_fan_out else shape
 
     def weight(self, module: str):
         from peft.utils.integrations import dequantize_module_weight

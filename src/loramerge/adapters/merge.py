@@ -201,6 +201,12 @@ def plan_merge(
     modules = _plan_modules(adapters, options)
     _check_rank(options, modules)
     plan = MergePlan(list(adapters), weights, options, modules, dense, out_dtype, warnings)
+    embedding = next((module.name for module in modules if module.embedding), None)
+    if plan.bias and embedding is not None:
+        raise BadInput(
+            f"module {embedding}: an embedding LoRA cannot be part of a lora_bias output (PEFT refuses lora_bias on "
+            "embeddings); merge the lora_bias adapters and the embedding ones separately"
+        )
     if plan.dora:
         plan.base = _dora_base(plan, base)
     return plan
@@ -259,8 +265,14 @@ def _factor_space(plan: MergePlan, module: ModulePlan, pieces: list[LoraModule],
     signed = torch.tensor([math.copysign(math.sqrt(abs(c)), c) for c in coefficients])
     device = options.device
 
+    def factor(piece: LoraModule, side: str) -> torch.Tensor:
+        tensor = getattr(piece, side).to(device, torch.float32)
+        if side == "B" and piece.row_scale is not None:  # DoRA's direction term: diag(g) s B A
+            tensor = piece.row_scale.to(device, torch.float32).unsqueeze(1) * tensor
+        return tensor
+
     def merged(side: str, root_weights: torch.Tensor) -> torch.Tensor:
-        tensors = torch.stack([getattr(piece, side).to(device, torch.float32) for piece in pieces])
+        tensors = torch.stack([factor(piece, side) for piece in pieces])
         gens = tensor_generators(options.seed, f"{module.name}.lora_{side}", module.inputs, device)
         return run_kernel(spec, tensors, root_weights.to(device), options.kernel_params, gens)
 

@@ -110,6 +110,8 @@ def merge(
         if dense_only and not via_dense:  # said after the work, so that a refusal stays one line
             names = ", ".join(f"{adapters[i]} ({kinds[i]})" for i in dense_only)
             console.print(f"{names}: no low-rank form, so every input was merged through PEFT's fold (--via-dense)")
+        if not dry_run:
+            publish(target, push_to_hub, private)
         return
     with console.status("reading adapters"):
         loaded = [load_adapter(ref, allow_nonfinite=allow_nonfinite) for ref in adapters]
@@ -121,8 +123,9 @@ def merge(
 
 def _merge_via_dense(adapters, weights, options, base, target, rank, fold_into, force, dry_run) -> None:
     """``merge --via-dense``: every input folded by PEFT, the dense deltas merged, written folded or extracted."""
-    from loramerge.workflows import merge_via_dense
+    from loramerge.workflows import check_via_dense, merge_via_dense
 
+    check_via_dense(list(adapters), parse_weights(weights), options, rank=rank, fold_into=fold_into)
     what = f"the base {fold_into} with the merge folded in" if fold_into else f"a rank-{rank} LoRA of the merge"
     if dry_run:
         console.print(f"would fold {len(adapters)} adapters into {base} with PEFT, merge the deltas with "

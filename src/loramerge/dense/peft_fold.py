@@ -72,7 +72,7 @@ def peft_folded_deltas(base: str, adapters: Sequence[str]) -> tuple[list[dict[st
     for ref in adapters:
         try:
             folded = PeftModel.from_pretrained(model, ref).merge_and_unload()
-        except (OSError, ValueError, RuntimeError, AttributeError, TypeError) as error:
+        except (OSError, ValueError, RuntimeError, AttributeError, TypeError, KeyError) as error:  # KeyError: type
             raise BadInput(f"adapter {ref}: PEFT cannot fold it into {base} ({brief(error)})") from error
         state = folded.state_dict()
         changed = {}
@@ -89,15 +89,22 @@ def peft_folded_deltas(base: str, adapters: Sequence[str]) -> tuple[list[dict[st
     return deltas, conv1d
 
 
+def check_dense_merge(count: int, weights: Sequence[float], options: MergeOptions):
+    """The kernel a merge through PEFT's fold runs, after the checks it needs (before any model is read)."""
+    if len(weights) != count:
+        raise BadInput(f"got {len(weights)} weights for {count} adapters")
+    if not any(weights):
+        raise BadInput("the merge weights are all zero")
+    if options.method == "robustmerge":
+        raise BadInput("method robustmerge works on LoRA factors; adapters merged through PEFT's fold have none")
+    return get_kernel(_SUMS.get(options.method, options.method))
+
+
 def merge_dense_deltas(
     base: str, adapters: Sequence[str], weights: Sequence[float], options: MergeOptions, kinds: Sequence[str]
 ) -> DenseMerge:
     """The chosen method on the PEFT-folded deltas of ``adapters``, tensor by tensor."""
-    if len(weights) != len(adapters):
-        raise BadInput(f"got {len(weights)} weights for {len(adapters)} adapters")
-    if options.method == "robustmerge":
-        raise BadInput("method robustmerge works on LoRA factors; adapters merged through PEFT's fold have none")
-    spec = get_kernel(_SUMS.get(options.method, options.method))
+    spec = check_dense_merge(len(adapters), weights, options)
     per_adapter, conv1d = peft_folded_deltas(base, adapters)
     keys = sorted({key for deltas in per_adapter for key in deltas})
     merged: dict[str, torch.Tensor] = {}

@@ -47,7 +47,9 @@ def adapter_targets(adapter: LoraAdapter) -> dict[str, FoldTarget]:
     ``lora_bias``, and the ``modules_to_save`` / embedding base-layer copies under the name they replace."""
     copies = {name.replace(".base_layer.", "."): name for name in adapter.dense}
     modules = {f"{name}.weight": name for name in adapter.modules}
-    biases = {f"{name}.bias": name for name, module in adapter.modules.items() if module.bias is not None}
+    # a merge gives every module a bias, zero where no input had one: those change nothing and need no base bias
+    biases = {f"{name}.bias": name for name, module in adapter.modules.items()
+              if module.bias is not None and bool(module.bias.any())}  # fmt: skip
     keys = sorted(set(copies) | set(modules) | set(biases))
     return {key: FoldTarget(modules.get(key), copies.get(key), biases.get(key)) for key in keys}
 

@@ -57,8 +57,8 @@ def padded(
     base_norms: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """``modules`` (scale folded in) widened with zero rank components to ``ranks``; absent ones zero; with
-    ``bias`` (a ``lora_bias`` slot) every module's bias delta, zero where it has none; with ``base_norms`` (a
-    DoRA slot) every module's magnitude, the base's row norms where it is absent (no change: ``g = 1``)."""
+    ``bias`` (a ``lora_bias`` slot) every module's bias delta, zero where it has none. A DoRA slot keeps each
+    module's magnitude, and gives an absent module the base's row norms (``base_norms``: no change, ``g = 1``)."""
     result = {}
     for name, rank in ranks.items():
         shape, embedding = like[name].shape, like[name].embedding
@@ -70,7 +70,7 @@ def padded(
             A[: factors.rank], B[:, : factors.rank] = factors.A, factors.B
             if bias and modules[name].bias is not None:
                 vector = modules[name].bias_delta()
-            if base_norms is not None:
+            if modules[name].magnitude is not None:
                 magnitude = modules[name].magnitude
         result[name] = LoraModule(A=A, B=B, scale=1.0, embedding=embedding, bias=vector, magnitude=magnitude)
     return result
@@ -117,8 +117,11 @@ class Evaluator:
         adapter = self.job.adapters[index]
         if self.reader is None or adapter.needs_base:
             return adapter.modules
-        return {name: replace(module, magnitude=row_norms(self.reader.weight(name), module.factors()).cpu())
-                for name, module in adapter.modules.items()}  # fmt: skip
+        modules = {}
+        for name, module in adapter.modules.items():
+            weight = self.reader.weight(name)
+            modules[name] = replace(module, magnitude=row_norms(weight, module.factors(device=weight.device)).cpu())
+        return modules
 
     def score(self, task: Task) -> Scores:
         if task.reference is not None:
