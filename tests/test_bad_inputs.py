@@ -276,7 +276,7 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         ],
         "adapter <in>/broken: PEFT's fold changes no weight of <in>/base; nothing to merge",
     ),
-    "merge --dry-run: via the dense path without a rank or a base to fold into": (
+    "merge: --dry-run via the dense path without a rank or a base to fold into": (
         lambda w: ["merge", w.a, w.b, "--via-dense", "--base", w.base, "--dry-run", "-o", w.out],
         "give --rank for the LoRA extracted from a merge through PEFT's fold, or --fold-into",
     ),
