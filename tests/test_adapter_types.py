@@ -368,3 +368,14 @@ def test_live_dora_on_gpt2_conv1d(tmp_path):
     model.set_adapter("merged")
     got = {key: value.detach().float() for key, value in model.merge_and_unload().state_dict().items()}
     assert_same_fold(got, expected_state(base, [dora], [0.7]), folded_state(base, None))
+
+
+@pytest.mark.parametrize("name", ["loha", "lokr", "dora4", "bias"])
+def test_inspect_counts_the_tensors_the_file_holds(typed, name):
+    """LoHa and LoKr are merged as expanded factors, but their size is what the file stores."""
+    from safetensors.torch import load_file
+
+    from loramerge.adapters.inspect import summarize_adapter
+
+    stored = sum(t.numel() for t in load_file(typed[name] / "adapter_model.safetensors").values())
+    assert summarize_adapter(load_adapter(typed[name])).parameters == stored

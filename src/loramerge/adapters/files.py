@@ -111,7 +111,11 @@ def adapter_from_state(
     modules = {name: kind.build(name, parts, config, source) for name, parts in sorted(factors.items())}
     stored = {tensor.dtype for parts in factors.values() for tensor in parts.values()}
     stored_dtype = stored.pop() if kind.computed and len(stored) == 1 else None
-    return LoraAdapter(modules=modules, config=config, dense=dense, source=source, stored_dtype=stored_dtype)
+    entries = sum(tensor.numel() for parts in factors.values() for tensor in parts.values())
+    return LoraAdapter(
+        modules=modules, config=config, dense=dense, source=source, stored_dtype=stored_dtype,
+        stored_parameters=entries + sum(t.numel() for t in dense.values()) if kind.computed else None,
+    )  # fmt: skip
 
 
 def adapter_state_dict(adapter: LoraAdapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -78,9 +78,16 @@ def summarize_adapter(adapter: LoraAdapter) -> AdapterSummary:
         fan_in_fan_out=adapter.fan_in_fan_out,
         target_modules=config.get("target_modules") or [],
         dense_tensors=sorted(adapter.dense),
-        parameters=sum(m.A.numel() + m.B.numel() for m in modules) + sum(t.numel() for t in adapter.dense.values()),
+        parameters=adapter.stored_parameters or _parameters(adapter),
         module_norms={name: delta_norm(adapter, name) for name in adapter.modules},
     )
+
+
+def _parameters(adapter: LoraAdapter) -> int:
+    """Entries of an adapter's tensors: factors, DoRA magnitudes, lora_bias vectors and dense copies."""
+    vectors = (v for m in adapter.modules.values() for v in (m.magnitude, m.bias) if v is not None)
+    factors = sum(m.A.numel() + m.B.numel() for m in adapter.modules.values())
+    return factors + sum(v.numel() for v in vectors) + sum(t.numel() for t in adapter.dense.values())
 
 
 def _pair(adapters: Sequence[LoraAdapter], first: int, second: int, shared: list[str]) -> PairSummary:

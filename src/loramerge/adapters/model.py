@@ -83,6 +83,7 @@ class LoraAdapter:
     card: str | None = None
     path: Path | None = None
     stored_dtype: torch.dtype | None = None  # of the file's tensors, where the modules were computed in float32
+    stored_parameters: int | None = None  # entries of the file's tensors, where they are not the factors (LoHa, LoKr)
 
     @property
     def base_model(self) -> str | None:
