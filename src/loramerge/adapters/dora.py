@@ -79,20 +79,21 @@ def row_norms(weight: torch.Tensor, term: LowRank) -> torch.Tensor:
     return input_norms(base_products(weight, [term]), [term])[0]
 
 
-def with_row_scales(modules: Sequence[LoraModule], products: BaseProducts) -> list[LoraModule]:
+def own_terms(modules: Sequence[LoraModule], device: torch.device | str) -> list[LowRank]:
+    """The modules' own ``s B A`` (scale folded, no row scale): what their row norms are of."""
+    return [replace(module, row_scale=None).factors(device=device) for module in modules]
+
+
+def with_row_scales(
+    modules: Sequence[LoraModule], terms: Sequence[LowRank], products: BaseProducts
+) -> list[LoraModule]:
     """The modules with their ``row_scale`` ``g = m / ‖W0 + s B A‖_row`` set (plain LoRA modules unchanged), from
-    the products of the base weight with all of their factors, stacked in this order."""
+    their ``own_terms`` and the products of the base weight with them, stacked in this order."""
     device = products.crosses.device
-    terms = [replace(module, row_scale=None).factors(device=device) for module in modules]
     return [
         replace(module, row_scale=module.magnitude.to(device, torch.float32) / norm) if module.dora else module
         for module, norm in zip(modules, input_norms(products, terms), strict=True)
     ]
-
-
-def module_products(modules: Sequence[LoraModule], weight: torch.Tensor) -> BaseProducts:
-    """``base_products`` of the base weight with the modules' own factors (scale folded, no row scale)."""
-    return base_products(weight, [replace(m, row_scale=None).factors(device=weight.device) for m in modules])
 
 
 def combined_row_scale(modules: Sequence[LoraModule], weights: Sequence[float], rows: int) -> torch.Tensor:
@@ -129,7 +130,7 @@ def dora_delta(module: LoraModule, weight: torch.Tensor) -> torch.Tensor:
     return g.unsqueeze(1) * folded - weight
 
 
-def base_for_dora(adapters: Sequence[LoraAdapter], base: str | None) -> str | None:
+def base_for_dora(adapters: Sequence[LoraAdapter], base: str | BaseReader | None) -> str | BaseReader | None:
     """The base a merge reads: only where an input is DoRA (its row norms); None otherwise, so a merge of plain
     LoRA never opens a base it was given for folding or scoring."""
     return base if any(adapter.needs_base for adapter in adapters) else None
@@ -162,11 +163,7 @@ class BaseWeights:
 
     def weight(self, module: str) -> torch.Tensor:
         """One module's weight (its shape checked by the caller's plan, from ``shape``)."""
-        key = self._key(module)
-        tensor = self.checkpoint.get(key)
-        if key in self.quantized:
-            tensor = bnb4bit.dequantize(tensor, {c: self.checkpoint.get(c) for c in self.quantized[key]}, key)
-        tensor = tensor.to(torch.float32)
+        tensor = bnb4bit.read_weight(self.checkpoint, self._key(module), self.quantized).to(torch.float32)
         return tensor.T if self.fan_in_fan_out else tensor
 
     def _key(self, module: str) -> str:

@@ -13,9 +13,10 @@ from loramerge.adapters.checks import check_base_models, check_layouts, check_sh
 from loramerge.adapters.dora import (
     BaseReader,
     BaseWeights,
+    base_products,
     combined_row_scale,
     dora_module,
-    module_products,
+    own_terms,
     with_row_scales,
 )
 from loramerge.adapters.model import LoraAdapter, LoraModule
@@ -350,8 +351,9 @@ def merged_module(plan: MergePlan, module: ModulePlan) -> LoraModule:
     else:
         assert plan.base is not None
         weight = plan.base.weight(module.name).to(plan.options.device)
-        products = module_products(pieces, weight)  # the one pass over the base weight the norms need
-        pieces = with_row_scales(pieces, products)
+        terms = own_terms(pieces, weight.device)
+        products = base_products(weight, terms)  # the one pass over the base weight the norms need
+        pieces = with_row_scales(pieces, terms, products)
         direction = merge_module(plan, module, pieces)
         row_scale = combined_row_scale(pieces, weights, module.shape[0]).to(weight.device)
         result = dora_module(direction, row_scale, weight, products)

@@ -125,14 +125,14 @@ def _merge_via_dense(adapters, weights, options, base, target, rank, fold_into, 
     """``merge --via-dense``: every input folded by PEFT, the dense deltas merged, written folded or extracted."""
     from loramerge.workflows import check_via_dense, merge_via_dense
 
-    check_via_dense(list(adapters), parse_weights(weights), options, rank=rank, fold_into=fold_into)
+    weights = check_via_dense(list(adapters), parse_weights(weights), options, rank=rank, fold_into=fold_into)
     what = f"the base {fold_into} with the merge folded in" if fold_into else f"a rank-{rank} LoRA of the merge"
     if dry_run:
         console.print(f"would fold {len(adapters)} adapters into {base} with PEFT, merge the deltas with "
                       f"{options.method} and write {what} to {target}")  # fmt: skip
         return
     with console.status("folding each adapter with PEFT and merging the deltas"):
-        result = merge_via_dense(list(adapters), parse_weights(weights), options, base, target, rank=rank,
+        result = merge_via_dense(list(adapters), weights, options, base, target, rank=rank,
                                  fold_into=fold_into, force=force)  # fmt: skip
     line = f"merged {len(adapters)} adapters through PEFT's fold ({result.tensors} tensors changed), {what}"
     if result.relative_error is not None:

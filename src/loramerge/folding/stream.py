@@ -92,10 +92,8 @@ def fold(
     with output_folder(target, force=force) as folder:
         writer = folder.buffered_shards(max_bytes)
         for done, name in enumerate(written, start=1):
-            tensor = base.get(name)
-            if name in quantized:
-                tensor = bnb4bit.dequantize(tensor, {c: base.get(c) for c in quantized[name]}, name)
-            elif from_dequantized and bnb4bit.quantizable(name, tuple(tensor.shape)):
+            tensor = bnb4bit.read_weight(base, name, quantized)
+            if name not in quantized and from_dequantized and bnb4bit.quantizable(name, tuple(tensor.shape)):
                 tensor = bnb4bit.round_trip(tensor, from_dequantized, double_quant)
             if name in targets:
                 tensor = folded_tensor(adapter, targets[name], name, tensor.to(torch.float32))

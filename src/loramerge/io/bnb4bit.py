@@ -52,6 +52,14 @@ def stored_shape(checkpoint: Checkpoint, name: str, quantized: dict[str, list[st
     return tuple(json.loads(bytes(checkpoint.get(state).tolist()))["shape"])
 
 
+def read_weight(checkpoint: Checkpoint, name: str, quantized: dict[str, list[str]]) -> torch.Tensor:
+    """A tensor as stored, or, where it is packed 4-bit, the float32 weight it stands for."""
+    tensor = checkpoint.get(name)
+    if name not in quantized:
+        return tensor
+    return dequantize(tensor, {companion: checkpoint.get(companion) for companion in quantized[name]}, name)
+
+
 def dequantize(weight: torch.Tensor, companions: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     """The float32 weight a packed 4-bit tensor stands for."""
     functional = _bnb_functional()
