@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from loramerge.adapters.model import LoraAdapter
+from loramerge.adapters.param_targets import split_expert_name
 from loramerge.errors import BadInput
 
 
@@ -65,3 +66,38 @@ def check_base_models(adapters: Sequence[LoraAdapter], strict: bool) -> list[str
     if strict:
         raise BadInput(f"adapters name different base models ({detail})")
     return [f"adapters name different base models ({detail}); merging anyway (`strict=True` refuses)"]
+
+
+def check_parameter_targets(adapters: Sequence[LoraAdapter]) -> None:
+    """Adapters with ``target_parameters`` must name the same parameters (PEFT nests their wrappers by that set,
+    and refuses adapters that differ) and give every wrapped parameter the same number of experts."""
+    named = [(adapter, sorted(adapter.config.get("target_parameters") or [])) for adapter in adapters]
+    named = [(adapter, targets) for adapter, targets in named if targets]
+    if not named:
+        return
+    first, targets = named[0]
+    for adapter, other in named[1:]:
+        if other != targets:
+            raise BadInput(
+                f"adapters {first.name} and {adapter.name} wrap different parameters (target_parameters {targets} vs "
+                f"{other}); PEFT nests them differently, so they cannot share one output"
+            )
+    seen: dict[str, tuple[int, str]] = {}
+    for adapter in adapters:
+        counts: dict[str, int] = {}
+        for name in adapter.modules:
+            if (split := split_expert_name(name)) is not None:
+                counts[split[0]] = counts.get(split[0], 0) + 1
+        for wrapper, count in counts.items():
+            known, owner = seen.setdefault(wrapper, (count, adapter.name))
+            if count != known:
+                raise BadInput(
+                    f"module {wrapper}: {adapter.name} has {count} experts but {owner} has {known}; are they "
+                    "adapters of one base?"
+                )
+    if any(adapter.needs_base or adapter.config.get("lora_bias") for adapter in adapters):
+        kind = next(a for a in adapters if a.needs_base or a.config.get("lora_bias")).kind
+        raise BadInput(
+            f"adapter {first.name} wraps parameters (target_parameters) and another input is {kind}: PEFT has no "
+            "DoRA nor lora_bias on wrapped parameters, so they cannot share one output; merge them separately"
+        )

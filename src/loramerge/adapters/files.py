@@ -11,7 +11,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from loramerge.adapters.checks import check_finite
-from loramerge.adapters.model import LoraAdapter
+from loramerge.adapters.model import LoraAdapter, LoraModule
+from loramerge.adapters.param_targets import expert_modules, is_wrapper, join_experts, wrapper_ranks
 from loramerge.adapters.peft_types import peft_type
 from loramerge.errors import BadInput, brief
 from loramerge.io.hub import resolve_folder
@@ -77,7 +78,7 @@ def _split_state(state: dict[str, torch.Tensor], config: dict[str, Any], source:
     for key, tensor in state.items():
         name = key.removeprefix(PREFIX)
         match = parts.match(name)
-        if match and ".base_layer." not in name:
+        if match and (".base_layer." not in name or is_wrapper(match["module"], config)):
             factors.setdefault(match["module"], {})[match["part"]] = tensor
         elif _is_dense_key(name, config):
             dense[name] = tensor
@@ -108,7 +109,7 @@ def adapter_from_state(
     if not factors:
         raise BadInput(f"adapter {source}: holds no {str(config.get('peft_type')).upper()} tensors")
     kind = peft_type(config)
-    modules = {name: kind.build(name, parts, config, source) for name, parts in sorted(factors.items())}
+    modules = _modules(factors, config, source)
     stored = {tensor.dtype for parts in factors.values() for tensor in parts.values()}
     stored_dtype = stored.pop() if kind.computed and len(stored) == 1 else None
     entries = sum(tensor.numel() for parts in factors.values() for tensor in parts.values())
@@ -118,10 +119,27 @@ def adapter_from_state(
     )  # fmt: skip
 
 
+def _modules(factors: dict[str, dict[str, torch.Tensor]], config: dict[str, Any], source: str) -> dict[str, LoraModule]:
+    """Each module's tensors as ``LoraModule``s: one per module, one per expert of a wrapped parameter."""
+    kind = peft_type(config)
+    wrappers = {name: parts for name, parts in factors.items() if is_wrapper(name, config)}
+    rows = {name: parts["lora_A.weight"].shape[0] for name, parts in wrappers.items() if "lora_A.weight" in parts}
+    settings = wrapper_ranks(rows, config, source)
+    modules: dict[str, LoraModule] = {}
+    for name, parts in sorted(factors.items()):
+        if name in wrappers:
+            rank, alpha = settings.get(name, (1, 1.0))  # no lora_A: expert_modules says what is missing
+            modules.update(expert_modules(name, parts, rank, alpha, config, source))
+        else:
+            modules[name] = kind.build(name, parts, config, source)
+    return modules
+
+
 def adapter_state_dict(adapter: LoraAdapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Tensors under the keys PEFT saves; each module's scale must already be what its config implies."""
+    """Tensors under the keys PEFT saves (experts joined into their wrapped parameters); each module's scale must
+    already be what its config implies."""
     state: dict[str, torch.Tensor] = {}
-    for name, module in adapter.modules.items():
+    for name, module in join_experts(adapter.modules)[0].items():
         a_key, b_key = (
             ("lora_embedding_A", "lora_embedding_B")
             if module.embedding

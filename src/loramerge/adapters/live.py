@@ -17,6 +17,7 @@ from loramerge.adapters.files import adapter_from_state
 from loramerge.adapters.merge import execute_plan, plan_merge
 from loramerge.adapters.model import LoraAdapter
 from loramerge.adapters.options import parse_options
+from loramerge.adapters.param_targets import is_wrapper, join_experts
 from loramerge.catalogue import peft_combination_types
 from loramerge.errors import BadInput
 from loramerge.io.peft_config import validate_lora_config
@@ -139,12 +140,14 @@ def add_weighted_adapter(
     )  # fmt: skip
     merged = execute_plan(plan_merge(inputs, list(weights), options, base))
     keys = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "modules_to_save", "use_dora",
-            "lora_bias")  # fmt: skip
+            "lora_bias", "target_parameters")  # fmt: skip
     fields = {key: merged.config.get(key) for key in keys}
-    model.add_adapter(adapter_name, LoraConfig(target_modules=sorted(merged.modules), **fields))
+    modules = join_experts(merged.modules)[0]  # a wrapped parameter's experts in PEFT's layout
+    plain = sorted(name for name in modules if not is_wrapper(name, merged.config))
+    model.add_adapter(adapter_name, LoraConfig(target_modules=plain, **fields))
     _set_dense_copies(model, adapter_name, merged.dense)
     layers = dict(_lora_layers(model))
-    for name, module in merged.modules.items():
+    for name, module in modules.items():
         layer = layers[name]
         if module.embedding:
             targets = [

@@ -9,7 +9,13 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from loramerge import catalogue
-from loramerge.adapters.checks import check_base_models, check_layouts, check_shapes, check_weights
+from loramerge.adapters.checks import (
+    check_base_models,
+    check_layouts,
+    check_parameter_targets,
+    check_shapes,
+    check_weights,
+)
 from loramerge.adapters.dora import (
     BaseReader,
     BaseWeights,
@@ -21,6 +27,7 @@ from loramerge.adapters.dora import (
 )
 from loramerge.adapters.model import LoraAdapter, LoraModule
 from loramerge.adapters.options import MergeOptions, parse_options
+from loramerge.adapters.param_targets import config_ranks
 from loramerge.errors import BadInput
 from loramerge.io.model_card import MergeRecord, merged_adapter_card
 from loramerge.io.peft_config import merged_lora_config
@@ -191,6 +198,7 @@ def plan_merge(
         raise BadInput("give at least one adapter to merge")
     options = options or MergeOptions()
     weights = check_weights(adapters, [1.0] * len(adapters) if weights is None else weights)
+    check_parameter_targets(adapters)  # before the shapes: wrappers nest by the set of wrapped parameters
     check_shapes(adapters)
     check_layouts(adapters)
     warnings = check_base_models(adapters, options.strict) + _plan_warnings(options, len(adapters))
@@ -402,9 +410,8 @@ def execute_plan(plan: MergePlan, progress: Progress | None = None) -> LoraAdapt
     configs = [adapter.config for adapter in plan.adapters]
     base_model = next((a.base_model for a in plan.adapters if a.base_model), None)
     to_save = {m for config in configs for m in (config.get("modules_to_save") or [])}
-    config = merged_lora_config(
-        configs, {m.name: m.output_rank for m in plan.modules}, base_model, sorted(to_save), plan.dora, plan.bias
-    )
+    ranks, parameter_rank = config_ranks({m.name: m.output_rank for m in plan.modules})
+    config = merged_lora_config(configs, ranks, base_model, sorted(to_save), plan.dora, plan.bias, parameter_rank)
     merged = LoraAdapter(modules=modules, config=config, dense=dense, source="merged")
     merged.card = merged_adapter_card(plan.record(), base_model)
     return merged

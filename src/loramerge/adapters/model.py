@@ -102,10 +102,12 @@ class LoraAdapter:
 
     @property
     def kind(self) -> str:
-        """The adapter's type as its users name it: LoRA, DoRA, LoHa, LoKr (``+bias`` with ``lora_bias``)."""
+        """The adapter's type as its users name it: LoRA, DoRA, LoHa, LoKr (``+bias`` with ``lora_bias``,
+        ``+params`` with ``target_parameters``)."""
         peft_type = str(self.config.get("peft_type", "LORA")).upper()
         kind = {"LOHA": "LoHa", "LOKR": "LoKr"}.get(peft_type, "DoRA" if self.config.get("use_dora") else "LoRA")
-        return kind + ("+bias" if self.config.get("lora_bias") else "")
+        extras = {"+bias": self.config.get("lora_bias"), "+params": self.config.get("target_parameters")}
+        return kind + "".join(extra for extra, present in extras.items() if present)
 
     @property
     def needs_base(self) -> bool:

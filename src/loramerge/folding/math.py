@@ -3,12 +3,14 @@ PEFT's ``diag(m / ‖W + s B A‖_row) (W + s B A)`` for DoRA, and ``b + s · lo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from loramerge.adapters.dora import dora_delta
 from loramerge.adapters.model import LoraAdapter, LoraModule
+from loramerge.adapters.param_targets import ParameterLayout, expert_deltas, split_expert_name
 from loramerge.errors import BadInput
 
 
@@ -35,23 +37,35 @@ def fold_module(weight: torch.Tensor, module: LoraModule, fan_in_fan_out: bool, 
 @dataclass(frozen=True)
 class FoldTarget:
     """What an adapter does to one base tensor: replace it (a saved copy), add a LoRA delta, or both
-    (an embedding LoRA saved with its base layer); or add a ``lora_bias`` delta to a bias."""
+    (an embedding LoRA saved with its base layer); or add a ``lora_bias`` delta to a bias, or a wrapped
+    parameter's experts' deltas (``target_parameters``) to it."""
 
     module: str | None = None
     copy: str | None = None
     bias: str | None = None
+    wrapper: str | None = None
+    layout: ParameterLayout | None = None
 
 
-def adapter_targets(adapter: LoraAdapter) -> dict[str, FoldTarget]:
+def adapter_targets(
+    adapter: LoraAdapter, layouts: Mapping[str, ParameterLayout] | None = None
+) -> dict[str, FoldTarget]:
     """Checkpoint tensor name -> what to do: ``<module>.weight`` for LoRA modules, ``<module>.bias`` for their
-    ``lora_bias``, and the ``modules_to_save`` / embedding base-layer copies under the name they replace."""
+    ``lora_bias``, the ``modules_to_save`` / embedding base-layer copies under the name they replace, and the
+    wrapped parameters where ``layouts`` (``loramerge.adapters.param_targets.parameter_layouts``) put them."""
+    layouts = layouts or {}
     copies = {name.replace(".base_layer.", "."): name for name in adapter.dense}
-    modules = {f"{name}.weight": name for name in adapter.modules}
+    modules = {f"{name}.weight": name for name in adapter.modules if split_expert_name(name) is None}
+    wrapped = {layout.key: wrapper for wrapper, layout in layouts.items()}
     # a merge gives every module a bias, zero where no input had one: those change nothing and need no base bias
     biases = {f"{name}.bias": name for name, module in adapter.modules.items()
               if module.bias is not None and bool(module.bias.any())}  # fmt: skip
-    keys = sorted(set(copies) | set(modules) | set(biases))
-    return {key: FoldTarget(modules.get(key), copies.get(key), biases.get(key)) for key in keys}
+    keys = sorted(set(copies) | set(modules) | set(biases) | set(wrapped))
+    return {
+        key: FoldTarget(modules.get(key), copies.get(key), biases.get(key), wrapped.get(key),
+                        layouts.get(wrapped.get(key, "")))
+        for key in keys
+    }  # fmt: skip
 
 
 def folded_tensor(adapter: LoraAdapter, target: FoldTarget, key: str, weight: torch.Tensor) -> torch.Tensor:
@@ -63,6 +77,11 @@ def folded_tensor(adapter: LoraAdapter, target: FoldTarget, key: str, weight: to
         weight = replacement.to(weight.dtype)
     if target.module is not None:
         weight = fold_module(weight, adapter.modules[target.module], adapter.fan_in_fan_out, target.module)
+    if target.wrapper is not None and target.layout is not None:
+        delta = expert_deltas(adapter.modules, target.wrapper, target.layout)
+        if delta.shape != weight.shape:
+            raise BadInput(f"tensor {key}: the adapter's experts {tuple(delta.shape)} do not fit {tuple(weight.shape)}")
+        weight = (weight.to(torch.float32) + delta).to(weight.dtype)
     if target.bias is not None:
         delta = adapter.modules[target.bias].bias_delta()
         if delta is None or delta.shape != weight.shape:

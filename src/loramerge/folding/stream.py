@@ -15,6 +15,7 @@ import yaml
 
 from loramerge.adapters.model import LoraAdapter
 from loramerge.adapters.options import DTYPES
+from loramerge.adapters.param_targets import experts_shape, parameter_layouts, split_expert_name
 from loramerge.errors import BadInput
 from loramerge.folding.math import FoldTarget, adapter_targets, folded_tensor, weight_shape
 from loramerge.io import bnb4bit
@@ -29,9 +30,10 @@ Progress = Callable[[int, int, str], None]
 
 def check_fold(adapter: LoraAdapter, base: Checkpoint, quantized: dict[str, list[str]]) -> dict[str, FoldTarget]:
     """Every adapter module must land on a base tensor of the right shape; returns key -> target."""
-    targets = adapter_targets(adapter)
+    wrappers = sorted({split[0] for name in adapter.modules if (split := split_expert_name(name)) is not None})
+    targets = adapter_targets(adapter, parameter_layouts(base.config, adapter.config, wrappers, base.source))
     for key, target in targets.items():
-        name = target.module or target.copy or target.bias
+        name = target.module or target.copy or target.bias or target.wrapper
         if key not in base.files:
             if target.bias is not None and target.module is None and target.copy is None:
                 raise BadInput(
@@ -44,6 +46,8 @@ def check_fold(adapter: LoraAdapter, base: Checkpoint, quantized: dict[str, list
             expected = weight_shape(adapter.modules[target.module], adapter.fan_in_fan_out)
         elif target.copy is not None:
             expected = tuple(adapter.dense[target.copy].shape)
+        elif target.layout is not None and target.wrapper is not None:
+            expected = experts_shape(adapter.modules, target.wrapper, target.layout)
         else:
             expected = (adapter.modules[name].shape[0],)
         if expected != shape:

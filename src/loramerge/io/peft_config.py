@@ -17,7 +17,6 @@ ALPHA_KEYS = {"LORA": "lora_alpha", "LOHA": "alpha", "LOKR": "alpha"}
 # Fields whose adapters cannot be written as plain ``B @ A`` deltas; merging them would be silently wrong.
 _REFUSED_FLAGS = {
     "trainable_token_indices": "trainable_token_indices (TrainableTokens) are not supported",
-    "target_parameters": "LoRA on nn.Parameter (target_parameters) is not supported",
     "use_qalora": "QA-LoRA (use_qalora) adapters are not a plain low-rank delta",
 }
 _REFUSED_INITS = {"pissa", "olora", "corda", "eva", "loftq", "orthogonal"}
@@ -95,15 +94,19 @@ def merged_lora_config(
     modules_to_save: Sequence[str],
     dora: bool = False,
     bias: bool = False,
+    parameter_rank: int | None = None,
 ) -> dict[str, Any]:
     """Config of a merged adapter: scale folded into the factors (``lora_alpha = r`` for every module), from
     the first LoRA input's config (PEFT's LoRA defaults where every input is LoHa or LoKr); ``use_dora`` and
-    ``lora_bias`` where any input has them."""
+    ``lora_bias`` where any input has them. ``parameter_rank`` is the one rank of every wrapped parameter
+    (``target_parameters``): it becomes ``r``, and every module of another rank gets a pattern entry."""
     lora = [config for config in configs if str(config.get("peft_type", "")).upper() == "LORA"]
     template = dict(lora[0]) if lora else {**{k: v for k, v in configs[0].items() if k not in _LYCORIS_ONLY},
                                            **_LORA_DEFAULTS}  # fmt: skip
     counts = Counter(module_ranks.values())
     common_rank = max(counts, key=lambda rank: (counts[rank], rank)) if counts else 1
+    if parameter_rank is not None:
+        common_rank = parameter_rank
     odd = {name: rank for name, rank in sorted(module_ranks.items()) if rank != common_rank}
     same = {key: configs[0].get(key) for key in ("layers_to_transform", "layers_pattern", "exclude_modules")}
     for key in same:
@@ -121,6 +124,7 @@ def merged_lora_config(
         init_lora_weights=True,
         inference_mode=True,
         target_modules=union_target_modules(configs),
+        target_parameters=next((c["target_parameters"] for c in configs if c.get("target_parameters")), None),
         modules_to_save=sorted(modules_to_save) or None,
         base_model_name_or_path=base_model,
         **same,

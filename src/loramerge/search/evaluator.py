@@ -18,6 +18,7 @@ from loramerge.adapters.files import adapter_state_dict, save_adapter
 from loramerge.adapters.live import LiveBaseWeights
 from loramerge.adapters.merge import execute_plan
 from loramerge.adapters.model import LoraAdapter, LoraModule
+from loramerge.adapters.param_targets import config_ranks
 from loramerge.errors import BadInput
 from loramerge.evaluate.exact_match import evaluate
 from loramerge.evaluate.models import load_model
@@ -94,8 +95,9 @@ class Evaluator:
         configs = [adapter.config for adapter in job.adapters]
         self.bias = bool(start.config.get("lora_bias"))
         self.dora = bool(start.config.get("use_dora"))
-        self.config = merged_lora_config(configs, self.ranks, start.base_model,
-                                         start.config.get("modules_to_save") or [], self.dora, self.bias)  # fmt: skip
+        ranks, parameter_rank = config_ranks(self.ranks)
+        self.config = merged_lora_config(configs, ranks, start.base_model, start.config.get("modules_to_save") or [],
+                                         self.dora, self.bias, parameter_rank)  # fmt: skip
         self.load_state = set_peft_model_state_dict
         self.base_norms: dict[str, torch.Tensor] | None = None
         with tempfile.TemporaryDirectory(prefix="loramerge-search-") as scratch:  # a DoRA slot needs magnitudes
