@@ -67,6 +67,9 @@ class Method:
     adapters: bool = True  # offered by ``loramerge merge``, adapter recipes and the live API
     dense: bool = True  # offered by dense recipes
     exact_rank: bool = False  # adapters: the output keeps the exact sum's rank (Σ r_i) unless --rank is given
+    # adapters: the result is the same whichever orthonormal bases of the tasks' spans the core space uses
+    # (linear methods; kernels built from SVDs, which rotate with the basis), so any such basis may serve
+    any_basis: bool = False
     adapter_density: float | None = None  # adapters: the density when none is given (None: DEFAULT_DENSITY)
     mergekit_normalize: bool = False  # mergekit's default for ``normalize``
     mergekit_rescale: bool = False  # mergekit's default for ``rescale`` (DARE/DELLA)
@@ -226,15 +229,15 @@ for _method in (
            "each task's top singular vectors, stacked and orthogonalised", level="matrix",
            parameters=(_ALPHA, Parameter("keep", 0.0, help="fraction of each task's rank kept (0: 1/n)",
            check=_fraction)),
-           exact_rank=True, dense=False),
+           exact_rank=True, dense=False, any_basis=True),
     Method("iso_c", _M + "iso_c", "Iso-C (Marczak et al., ICML 2025, arXiv:2502.04959)",
            "the task arithmetic sum with a flat spectrum", level="matrix", parameters=(_ALPHA,), exact_rank=True,
-           dense=False,
+           dense=False, any_basis=True,
            lone="flattens its singular values"),
     Method("iso_cts", _M + "iso_cts", "Iso-CTS (Marczak et al., ICML 2025, arXiv:2502.04959)",
            "the sum's common subspace completed by task-specific directions, with a flat spectrum",
            level="matrix", parameters=(_ALPHA, Parameter("common", 0.8, help="fraction of the sum's rank kept as "
-           "the common subspace", check=_positive_fraction)), exact_rank=True, dense=False,
+           "the common subspace", check=_positive_fraction)), exact_rank=True, dense=False, any_basis=True,
            lone="flattens its singular values"),
     Method("robustmerge", "loramerge.lowrank.robust:robust_merge",
            "RobustMerge (Zeng et al., NeurIPS 2025, arXiv:2502.17159)",

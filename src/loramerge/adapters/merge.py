@@ -45,6 +45,7 @@ from loramerge.lowrank import (
     truncate_rank,
     use_randomized,
 )
+from loramerge.lowrank.structured import kronecker_core
 from loramerge.seeding import tensor_generators, tensor_seed
 from loramerge.threads import module_threads
 
@@ -314,6 +315,26 @@ def merge_full_space(
     return merged
 
 
+def _core_space(
+    plan: MergePlan, pieces: Sequence[LoraModule], terms: Sequence[LowRank]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shared bases ``U``, ``V`` and the stacked cores ``Uᵀ B_i A_i V`` (Core Space merging): from the
+    Kronecker sides where every input is LoKr and the method does not depend on the basis, else by QR of the
+    stacked factors."""
+    if catalogue.get(plan.options.method).any_basis and all(
+        piece.kronecker is not None and piece.row_scale is None for piece in pieces
+    ):
+        device = plan.options.device
+        pairs = [tuple(LowRank(side.B.to(device), side.A.to(device)) for side in piece.kronecker) for piece in pieces]
+        shapes = {tuple((side.B.shape[0], side.A.shape[1]) for side in pair) for pair in pairs}
+        if len(shapes) == 1:  # one Kronecker split for all (PEFT's factorization of the same module)
+            found = kronecker_core(pairs, [piece.scale for piece in pieces], sum(term.rank for term in terms))
+            if found is not None:
+                return found
+    U, V = core_basis(terms)
+    return U, torch.stack([project_to_core(term, U, V) for term in terms]), V
+
+
 def merge_module(plan: MergePlan, module: ModulePlan, pieces: Sequence[LoraModule] | None = None) -> LowRank:
     """One module's merged ``B @ A`` (float32, scale folded in), as the options ask; ``pieces`` replace the
     inputs' modules (DoRA modules with their row scales set)."""
@@ -334,8 +355,7 @@ def merge_module(plan: MergePlan, module: ModulePlan, pieces: Sequence[LoraModul
         weight_tensor = torch.tensor(weights, device=options.device)
         gens = tensor_generators(options.seed, f"{module.name}/{strategy}", module.inputs, options.device)
         if strategy == "core":
-            U, V = core_basis(terms)
-            cores = torch.stack([project_to_core(term, U, V) for term in terms])
+            U, cores, V = _core_space(plan, pieces, terms)
             result = from_core(U, run_kernel(spec, cores, weight_tensor, options.kernel_params, gens), V, rank)
         else:
             merged = merge_full_space(spec, terms, weight_tensor, options.kernel_params, gens)

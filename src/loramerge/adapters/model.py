@@ -23,6 +23,9 @@ class LoraModule:
       (``loramerge.adapters.dora``); the delta is then ``diag(g − 1) W0 + diag(g) s B A``, and ``factors``
       returns its direction term ``diag(g) s B A``.
     - ``bias`` (PEFT's ``lora_bias``): ``lora_B.bias``; the base bias moves by ``scale · bias``.
+
+    A LoKr module also keeps its two Kronecker sides (``B A = kron(L, R)``), from which a merge of LoKr modules
+    may build its core space cheaply (``loramerge.lowrank.structured.kronecker_core``).
     """
 
     A: torch.Tensor
@@ -32,6 +35,7 @@ class LoraModule:
     magnitude: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     row_scale: torch.Tensor | None = None
+    kronecker: tuple[LowRank, LowRank] | None = None
 
     @property
     def dora(self) -> bool:

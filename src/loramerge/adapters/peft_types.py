@@ -142,8 +142,9 @@ def _build_lokr(name: str, parts: Parts, config: Mapping[str, Any], source: str)
     ``rank(W1) · rank(W2)``."""
     _refuse_tucker(name, source, parts, ("lokr_t2",), "LoKr")
     _two_d(name, source, parts, "LoKr")
-    factors = kronecker_factors(_lokr_side(name, source, parts, "w1"), _lokr_side(name, source, parts, "w2"))
-    return LoraModule(A=factors.A, B=factors.B, scale=_lycoris_scale(name, config))
+    sides = _lokr_side(name, source, parts, "w1"), _lokr_side(name, source, parts, "w2")
+    factors = kronecker_factors(*sides)
+    return LoraModule(A=factors.A, B=factors.B, scale=_lycoris_scale(name, config), kronecker=sides)
 
 
 LORA_PARTS = ["lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embedding_A", "lora_embedding_B",

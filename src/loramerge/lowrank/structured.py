@@ -5,9 +5,12 @@ Once an adapter's delta is ``B @ A``, every method and space runs on it unchange
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from loramerge.lowrank.factored import LowRank
+from loramerge.seeding import reproducible_qr
 
 
 def hadamard_factors(first: LowRank, second: LowRank) -> LowRank:
@@ -36,3 +39,32 @@ def full_factors(matrix: torch.Tensor) -> LowRank:
     if columns <= rows:
         return LowRank(matrix, torch.eye(columns, dtype=matrix.dtype, device=matrix.device))
     return LowRank(torch.eye(rows, dtype=matrix.dtype, device=matrix.device), matrix)
+
+
+def kronecker_core(
+    pairs: Sequence[tuple[LowRank, LowRank]], coefficients: Sequence[float], limit: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """A core space for deltas ``c_i · kron(L_i, R_i)`` (LoKr) built from the small Kronecker sides: ``U``, the
+    stacked cores and ``V``, or None where that space would be wider than ``limit`` (the summed ranks).
+
+    The columns of ``kron(X, Y)`` span ``col(X) ⊗ col(Y)``, so ``U = kron(Q_L, Q_R)``, ``Q_L`` and ``Q_R``
+    orthonormal bases of the stacked ``L_i`` and ``R_i`` columns, spans every delta (likewise ``V`` for the
+    rows), and by the mixed-product property each core ``Uᵀ kron(L_i, R_i) V`` is
+    ``kron(Q_Lᵀ L_i P_L, Q_Rᵀ R_i P_R)``: no ``out x Σr`` QR, which for a full ``L_i`` (rank ``rank(L_i) · rank(R_i)``
+    factors) costs many times the LoRA of the same file size. The basis differs from ``core_basis``'s by a
+    rotation, so only methods whose result does not depend on the basis may use it (the catalogue's
+    ``any_basis``)."""
+    left_columns = reproducible_qr(torch.cat([left.B for left, _ in pairs], dim=1))[0]
+    right_columns = reproducible_qr(torch.cat([right.B for _, right in pairs], dim=1))[0]
+    left_rows = reproducible_qr(torch.cat([left.A.T for left, _ in pairs], dim=1))[0]
+    right_rows = reproducible_qr(torch.cat([right.A.T for _, right in pairs], dim=1))[0]
+    width = left_columns.shape[1] * right_columns.shape[1]
+    height = left_rows.shape[1] * right_rows.shape[1]
+    if max(width, height) > limit:
+        return None
+    cores = torch.stack([
+        coefficient * torch.kron((left_columns.T @ left.B) @ (left.A @ left_rows),
+                                 (right_columns.T @ right.B) @ (right.A @ right_rows))
+        for (left, right), coefficient in zip(pairs, coefficients, strict=True)
+    ])  # fmt: skip
+    return torch.kron(left_columns, right_columns), cores, torch.kron(left_rows, right_rows)
