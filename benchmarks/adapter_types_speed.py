@@ -87,7 +87,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="types-speed-") as scratch:
         sets = {}
         for label, write in writers.items():
-            folders = [Path(scratch) / f"{label.split()[0]}-{i}" for i in range(3)]
+            folders = [Path(scratch) / f"{'-'.join(label.split()[:3])}-{i}" for i in range(3)]  # one folder per row
             sizes = [write(folder, seed=i + 1) for i, folder in enumerate(folders)]
             sets[label] = (folders, sum(sizes))
         times: dict[str, list[float]] = {label: [] for label in sets}

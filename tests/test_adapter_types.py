@@ -409,3 +409,13 @@ def test_lokr_core_space_from_the_kronecker_sides_equals_the_stacked_qr(typed, t
             # cuts its spectrum between common and task directions: that cut amplifies float32 round-off on
             # either path (both are up to 7 % from a float64 Iso-CTS here); a wrong basis would be off by O(1).
             assert rel_err(got, want) < (1e-2 if method == "iso_cts" else 1e-5), (method, name)
+
+
+@pytest.mark.parametrize(("first", "second"), [((112, 112), (128, 3)), ((3, 2), (50, 40)), ((7, 3), (5, 2))])
+def test_a_kronecker_basis_applies_as_its_dense_product(first, second):
+    from loramerge.lowrank.structured import basis_times
+
+    torch.manual_seed(0)
+    P, Q = torch.randn(*first, dtype=torch.float64), torch.randn(*second, dtype=torch.float64)
+    X = torch.randn(first[1] * second[1], 6, dtype=torch.float64)
+    assert torch.allclose(basis_times((P, Q), X), torch.kron(P, Q) @ X, atol=1e-10)

@@ -45,7 +45,7 @@ from loramerge.lowrank import (
     truncate_rank,
     use_randomized,
 )
-from loramerge.lowrank.structured import kronecker_core
+from loramerge.lowrank.structured import Basis, kronecker_core
 from loramerge.seeding import tensor_generators, tensor_seed
 from loramerge.threads import module_threads
 
@@ -317,7 +317,7 @@ def merge_full_space(
 
 def _core_space(
     plan: MergePlan, pieces: Sequence[LoraModule], terms: Sequence[LowRank]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[Basis, torch.Tensor, Basis]:
     """The shared bases ``U``, ``V`` and the stacked cores ``Uᵀ B_i A_i V`` (Core Space merging): from the
     Kronecker sides where every input is LoKr and the method does not depend on the basis, else by QR of the
     stacked factors."""
@@ -328,7 +328,7 @@ def _core_space(
         pairs = [tuple(LowRank(side.B.to(device), side.A.to(device)) for side in piece.kronecker) for piece in pieces]
         shapes = {tuple((side.B.shape[0], side.A.shape[1]) for side in pair) for pair in pairs}
         if len(shapes) == 1:  # one Kronecker split for all (PEFT's factorization of the same module)
-            found = kronecker_core(pairs, [piece.scale for piece in pieces], sum(term.rank for term in terms))
+            found = kronecker_core(pairs, [piece.scale for piece in pieces], 2 * sum(term.rank for term in terms))
             if found is not None:
                 return found
     U, V = core_basis(terms)

@@ -64,7 +64,20 @@ def candidate_parameters(module: str, config: Mapping[str, Any]) -> list[str]:
 
 
 def is_wrapper(name: str, config: Mapping[str, Any]) -> bool:
-    return bool(config.get("target_parameters")) and bool(candidate_parameters(unwrapped(name), config))
+    """Whether a saved module is a wrapped parameter: a nested wrapper, or a module ``target_parameters`` can
+    match that ``target_modules`` does not (PEFT refuses to do both to one module)."""
+    if not config.get("target_parameters") or not candidate_parameters(unwrapped(name), config):
+        return False
+    if depth(name) > 0:
+        return True
+    from types import SimpleNamespace
+
+    from peft.tuners.tuners_utils import check_target_module_exists  # PEFT's own matching of target_modules
+
+    fields = ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern",
+              "target_parameters")  # fmt: skip
+    matched = check_target_module_exists(SimpleNamespace(**{key: config.get(key) for key in fields}), name)
+    return not (matched is True or isinstance(matched, re.Match))
 
 
 def wrapper_ranks(rows: Mapping[str, int], config: Mapping[str, Any], source: str) -> dict[str, tuple[int, float]]:

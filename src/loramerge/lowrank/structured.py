@@ -53,7 +53,7 @@ def kronecker_core(
     ``kron(Q_Lᵀ L_i P_L, Q_Rᵀ R_i P_R)``: no ``out x Σr`` QR, which for a full ``L_i`` (rank ``rank(L_i) · rank(R_i)``
     factors) costs many times the LoRA of the same file size. The basis differs from ``core_basis``'s by a
     rotation, so only methods whose result does not depend on the basis may use it (the catalogue's
-    ``any_basis``)."""
+    ``any_basis``). The bases are returned as their two sides (``kron_times`` applies them)."""
     left_columns = reproducible_qr(torch.cat([left.B for left, _ in pairs], dim=1))[0]
     right_columns = reproducible_qr(torch.cat([right.B for _, right in pairs], dim=1))[0]
     left_rows = reproducible_qr(torch.cat([left.A.T for left, _ in pairs], dim=1))[0]
@@ -67,4 +67,22 @@ def kronecker_core(
                                  (right_columns.T @ right.B) @ (right.A @ right_rows))
         for (left, right), coefficient in zip(pairs, coefficients, strict=True)
     ])  # fmt: skip
-    return torch.kron(left_columns, right_columns), cores, torch.kron(left_rows, right_rows)
+    return (left_columns, right_columns), cores, (left_rows, right_rows)
+
+
+Basis = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # a matrix, or the two sides of a Kronecker product
+
+
+def basis_times(basis: Basis, matrix: torch.Tensor) -> torch.Tensor:
+    """``basis @ matrix``; for ``kron(P, Q)`` without forming it: ``kron(P, Q) vec(X) = vec(Q X Pᵀ)``, one
+    product per side (row ``a · q + b`` of ``matrix`` is entry ``(a, b)`` of its column reshaped)."""
+    if isinstance(basis, torch.Tensor):
+        return basis @ matrix
+    first, second = basis
+    (m, p), (n, q) = first.shape, second.shape
+    blocks = matrix.reshape(p, q, matrix.shape[1])
+    if m * p * q + m * n * q <= p * n * q + m * p * n:  # the cheaper order of the two side products
+        result = torch.einsum("jb,ibk->ijk", second, torch.einsum("ia,abk->ibk", first, blocks))
+    else:
+        result = torch.einsum("ia,ajk->ijk", first, torch.einsum("jb,abk->ajk", second, blocks))
+    return result.reshape(m * n, matrix.shape[1])

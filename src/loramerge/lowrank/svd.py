@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from loramerge.lowrank.factored import LowRank, concat
+from loramerge.lowrank.structured import Basis, basis_times
 from loramerge.seeding import default_generator_seeded, reproducible_qr, reproducible_svd, thread_independent
 
 
@@ -30,11 +31,12 @@ def project_to_core(term: LowRank, U: torch.Tensor, V: torch.Tensor) -> torch.Te
     return (U.T @ term.B) @ (term.A @ V)
 
 
-def from_core(U: torch.Tensor, core: torch.Tensor, V: torch.Tensor, rank: int) -> LowRank:
-    """The best rank-``rank`` factorisation of ``U core Vᵀ`` (singular values kept in ``B``, as PEFT does)."""
+def from_core(U: Basis, core: torch.Tensor, V: Basis, rank: int) -> LowRank:
+    """The best rank-``rank`` factorisation of ``U core Vᵀ`` (singular values kept in ``B``, as PEFT does);
+    ``U`` and ``V`` may be Kronecker products given by their sides (``loramerge.lowrank.structured``)."""
     left, values, right_t = reproducible_svd(core)
     keep = min(rank, values.shape[0])
-    return LowRank(B=U @ (left[:, :keep] * values[:keep]), A=right_t[:keep] @ V.T)
+    return LowRank(B=basis_times(U, left[:, :keep] * values[:keep]), A=basis_times(V, right_t[:keep].T).T)
 
 
 def truncate_rank(term: LowRank, rank: int) -> LowRank:
