@@ -8,7 +8,8 @@ split of each side (``factorization``: W1 full, W2 = W2a W2b), whose exact facto
 rank(W1) · 1 (64 for a 4096 x 4096 module: a Kronecker product with a full block is high-rank by nature);
 and LoRA rank 64, the rank LoKr's factors reach, to show what that rank costs by itself.
 Each merge runs in this process, as ``load_adapter`` three times and ``merge_adapters`` with the defaults
-(Iso-C, core space); wall time median (min–max) of ``--repeats``, and the ratio to the LoRA merge.
+(Iso-C, core space); wall time median (min–max) of ``--repeats``, and the ratio to the LoRA merge; and
+once per type in a fresh process, as one ``loramerge merge`` runs.
 
 Writes ``benchmarks/results/adapter_types_speed.json`` and ``.md``.
 """
@@ -18,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -69,11 +72,23 @@ def timed_merge(folders: list[Path]) -> tuple[float, int]:
     return time.perf_counter() - started, max(module.rank for module in merged.modules.values())
 
 
+def fresh_process_merge(folders: list[Path]) -> float:
+    """The load and merge in a new Python process (``--once``): what one ``loramerge merge`` pays, with the
+    page faults of its first large allocations, which later merges in a process reuse."""
+    command = [sys.executable, __file__, "--once", *map(str, folders)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return float(output.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--once", nargs="+", type=Path, help=argparse.SUPPRESS)  # one timed merge, then exit
     args = parser.parse_args()
+    if args.once:
+        print(timed_merge(args.once)[0])
+        return
     shapes = llama_shapes(args.layers)
     writers = {
         "LoRA rank 16": lambda folder, seed: synthetic_adapter(folder, shapes, 16, seed),
@@ -90,6 +105,7 @@ def main() -> None:
             folders = [Path(scratch) / f"{'-'.join(label.split()[:3])}-{i}" for i in range(3)]  # one folder per row
             sizes = [write(folder, seed=i + 1) for i, folder in enumerate(folders)]
             sets[label] = (folders, sum(sizes))
+        fresh = {label: fresh_process_merge(folders) for label, (folders, _) in sets.items()}
         times: dict[str, list[float]] = {label: [] for label in sets}
         ranks = {}
         for _ in range(args.repeats):  # interleaved, so that a busy moment hits every type alike
@@ -102,22 +118,24 @@ def main() -> None:
     for label, (_, size) in sets.items():
         median = statistics.median(times[label])
         rows.append({"adapters": label, "bytes": size, "seconds": times[label], "median": median,
-                     "ratio": median / reference, "ratio_rank64": median / same_rank,
-                     "output_rank": ranks[label]})  # fmt: skip
+                     "ratio": median / reference, "ratio_rank64": median / same_rank, "fresh": fresh[label],
+                     "fresh_ratio": fresh[label] / fresh["LoRA rank 16"], "output_rank": ranks[label]})  # fmt: skip
     lines = [
         f"Three adapters of each type on {len(shapes)} Llama-3-8B-shaped modules ({args.layers} layers), bfloat16 "
         "files; `load_adapter` three times and `merge_adapters` with the defaults (Iso-C, core space), in one "
         f"process; wall time median (min–max) of {args.repeats}, interleaved. Load averages (1, 5, 15 min) "
         f"{loads[0]} at the start, {loads[1]} at the end.",
         "",
-        "| adapters | files | merge | vs LoRA rank 16 | vs LoRA rank 64 | largest output rank |",
-        "|---|---|---|---|---|---|",
+        "| adapters | files | merge | vs LoRA rank 16 | vs LoRA rank 64 | in a fresh process | vs LoRA rank 16 "
+        "| largest output rank |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         spread = f"{min(row['seconds']):.1f}–{max(row['seconds']):.1f}"
         lines.append(
             f"| {row['adapters']} | {row['bytes'] / 2**20:.0f} MiB | {row['median']:.1f} s ({spread}) | "
-            f"{row['ratio']:.2f}× | {row['ratio_rank64']:.2f}× | {row['output_rank']} |"
+            f"{row['ratio']:.2f}× | {row['ratio_rank64']:.2f}× | {row['fresh']:.1f} s | {row['fresh_ratio']:.2f}× | "
+            f"{row['output_rank']} |"
         )
     write_results("adapter_types_speed", {"rows": rows, "layers": args.layers, "load": loads}, "\n".join(lines))
     print("\n".join(lines))

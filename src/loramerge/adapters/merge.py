@@ -319,8 +319,9 @@ def _core_space(
     plan: MergePlan, pieces: Sequence[LoraModule], terms: Sequence[LowRank]
 ) -> tuple[Basis, torch.Tensor, Basis]:
     """The shared bases ``U``, ``V`` and the stacked cores ``Uᵀ B_i A_i V`` (Core Space merging): from the
-    Kronecker sides where every input is LoKr and the method does not depend on the basis, else by QR of the
-    stacked factors."""
+    Kronecker sides where every input is LoKr with one split, the method does not depend on the basis and
+    that basis is at most twice as wide as the summed ranks (its cores stay small), else by QR of the stacked
+    factors."""
     if catalogue.get(plan.options.method).any_basis and all(
         piece.kronecker is not None and piece.row_scale is None for piece in pieces
     ):

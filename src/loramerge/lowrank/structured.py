@@ -51,8 +51,8 @@ def kronecker_core(
     orthonormal bases of the stacked ``L_i`` and ``R_i`` columns, spans every delta (likewise ``V`` for the
     rows), and by the mixed-product property each core ``Uᵀ kron(L_i, R_i) V`` is
     ``kron(Q_Lᵀ L_i P_L, Q_Rᵀ R_i P_R)``: no ``out x Σr`` QR, which for a full ``L_i`` (rank ``rank(L_i) · rank(R_i)``
-    factors) costs many times the LoRA of the same file size. The basis differs from ``core_basis``'s by a
-    rotation, so only methods whose result does not depend on the basis may use it (the catalogue's
+    factors) costs many times the LoRA of the same file size. The basis contains ``core_basis``'s span (it
+    may be wider), so only methods whose result does not depend on the basis may use it (the catalogue's
     ``any_basis``). The bases are returned as their two sides (``kron_times`` applies them)."""
     left_columns = reproducible_qr(torch.cat([left.B for left, _ in pairs], dim=1))[0]
     right_columns = reproducible_qr(torch.cat([right.B for _, right in pairs], dim=1))[0]
@@ -79,10 +79,10 @@ def basis_times(basis: Basis, matrix: torch.Tensor) -> torch.Tensor:
     if isinstance(basis, torch.Tensor):
         return basis @ matrix
     first, second = basis
-    (m, p), (n, q) = first.shape, second.shape
-    blocks = matrix.reshape(p, q, matrix.shape[1])
+    (m, p), (n, q), k = first.shape, second.shape, matrix.shape[1]
+    blocks = matrix.reshape(p, q * k)
     if m * p * q + m * n * q <= p * n * q + m * p * n:  # the cheaper order of the two side products
-        result = torch.einsum("jb,ibk->ijk", second, torch.einsum("ia,abk->ibk", first, blocks))
+        result = torch.matmul(second, (first @ blocks).view(m, q, k))  # m x n x k
     else:
-        result = torch.einsum("ia,ajk->ijk", first, torch.einsum("jb,abk->ajk", second, blocks))
-    return result.reshape(m * n, matrix.shape[1])
+        result = first @ torch.matmul(second, blocks.view(p, q, k)).view(p, n * k)  # m x (n k)
+    return result.view(m * n, k)  # both orders end contiguous: no copy
