@@ -123,7 +123,8 @@ def main() -> None:
     lines = [
         f"Three adapters of each type on {len(shapes)} Llama-3-8B-shaped modules ({args.layers} layers), bfloat16 "
         "files; `load_adapter` three times and `merge_adapters` with the defaults (Iso-C, core space), in one "
-        f"process; wall time median (min–max) of {args.repeats}, interleaved. Load averages (1, 5, 15 min) "
+        f"process: wall time median (min–max) of {args.repeats}, interleaved, after one merge of each type in a "
+        "fresh process (its own column: what one `loramerge merge` pays). Load averages (1, 5, 15 min) "
         f"{loads[0]} at the start, {loads[1]} at the end.",
         "",
         "| adapters | files | merge | vs LoRA rank 16 | vs LoRA rank 64 | in a fresh process | vs LoRA rank 16 "
