@@ -144,3 +144,27 @@ def test_fold_leaves_no_blank_line_on_stderr(mixed_adapters, llama_base, tmp_pat
     folded = run("fold", mixed_adapters[0], "--base", llama_base, "-o", tmp_path / "folded")
     assert folded.exit_code == 0, folded.output
     assert folded.stderr == ""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["--version"], ["merge", "--help"], ["fold", "--help"], ["run", "--help"], ["search", "--help"],
+     ["merge"], ["merge", "a", "--nope"], ["fold", "x"]],
+)  # fmt: skip
+def test_help_version_and_argument_errors_do_not_import_torch(args):
+    """What makes ``loramerge --help`` and a mistyped command answer at once: torch (seconds to import) is not
+    imported before a command runs its library call."""
+    code = (
+        "import sys\nfrom loramerge.cli.app import app\n"
+        f"try:\n    app({args!r})\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "False", (args, result.stdout[-500:], result.stderr[-500:])
+
+
+def test_version_names_the_package():
+    from loramerge import __version__
+
+    result = run("--version")
+    assert result.exit_code == 0 and result.output.strip() == f"loramerge {__version__}"

@@ -31,7 +31,7 @@ from loramerge.adapters.param_targets import config_ranks
 from loramerge.errors import BadInput
 from loramerge.io.model_card import MergeRecord, merged_adapter_card
 from loramerge.io.peft_config import merged_lora_config
-from loramerge.io.shard_writer import human_bytes
+from loramerge.io.sizes import human_bytes
 from loramerge.kernels import KernelSpec, get_kernel, row_blocks, run_kernel, runs_by_rows, with_cutoffs
 from loramerge.kernels.methods import linear
 from loramerge.lowrank import (

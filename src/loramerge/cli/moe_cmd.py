@@ -24,7 +24,7 @@ def moe(
 ) -> None:
     """Build a mixture of experts: the base's attention and embeddings, one expert MLP per model (or
     model+adapter), routers from prompts (hidden, hidden_avg, cheap_embed) or random."""
-    from loramerge.io.shard_writer import parse_size
+    from loramerge.io.sizes import parse_size
     from loramerge.moe.build import build_moe
     from loramerge.moe.config import load_moe_config
 

@@ -177,7 +177,7 @@ def run_adapter_plan(
     """Print a plan's warnings, then either the plan (dry run) or merge with a progress bar and save
     the adapter (or, with ``fold_into``, the base with the merge folded in)."""
     from loramerge.adapters.merge import execute_plan
-    from loramerge.io.shard_writer import human_bytes
+    from loramerge.io.sizes import human_bytes
     from loramerge.workflows import executed_plan, write_merged_adapter
 
     print_warnings(plan.warnings)

@@ -18,7 +18,7 @@ from loramerge.cli.present import (
     reports_errors,
     run_adapter_plan,
 )
-from loramerge.io.shard_writer import human_bytes
+from loramerge.io.sizes import human_bytes
 
 
 @reports_errors
@@ -80,7 +80,7 @@ def _run_dense(
 ) -> None:  # fmt: skip
     from loramerge.dense.engine import write_checkpoint
     from loramerge.dense.plan import plan_checkpoint_merge
-    from loramerge.io.shard_writer import parse_size
+    from loramerge.io.sizes import parse_size
 
     parse_size(shard_size)
     with console.status("reading model indexes"):

@@ -22,7 +22,8 @@ from loramerge.io.layers import is_vocabulary_tensor
 from loramerge.io.model_card import dense_model_card
 from loramerge.io.model_files import resolve_chat_template
 from loramerge.io.output import output_folder
-from loramerge.io.shard_writer import TensorLayout, parse_size
+from loramerge.io.shard_writer import TensorLayout
+from loramerge.io.sizes import parse_size
 from loramerge.kernels import row_blocks, run_kernel, runs_by_rows, with_cutoffs
 from loramerge.recipe import Recipe, load_recipe
 from loramerge.seeding import tensor_generators

@@ -23,7 +23,7 @@ from loramerge.io.atomic import check_output_target
 from loramerge.io.checkpoint import Checkpoint, open_checkpoint
 from loramerge.io.model_card import folded_model_card
 from loramerge.io.output import output_folder
-from loramerge.io.shard_writer import parse_size
+from loramerge.io.sizes import parse_size
 
 Progress = Callable[[int, int, str], None]
 

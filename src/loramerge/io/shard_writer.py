@@ -17,35 +17,12 @@ from typing import BinaryIO
 import torch
 from safetensors.torch import save_file
 
-from loramerge.errors import BadInput
-
 INDEX_NAME = "model.safetensors.index.json"
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }  # fmt: skip
-
-
-def parse_size(text: str | int) -> int:
-    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a byte count."""
-    if isinstance(text, int):
-        return text
-    cleaned = text.strip().upper().replace(" ", "")
-    for unit in sorted(_UNITS, key=len, reverse=True):
-        if cleaned.endswith(unit):
-            number = cleaned[: -len(unit)]
-            break
-    else:
-        number, unit = cleaned, "B"
-    try:
-        size = int(float(number) * _UNITS[unit])
-    except ValueError:
-        raise BadInput(f"cannot read size {text!r}; write it like 5GB or 500MB") from None
-    if size <= 0:
-        raise BadInput(f"size must be positive, got {text!r}")
-    return size
 
 
 @dataclass(frozen=True)
@@ -180,12 +157,3 @@ class BufferedShardWriter:
             path.rename(self.folder / name)
         if len(names) > 1:
             write_index(self.folder, names, [content for _, content in self._written], self.total_bytes)
-
-
-def human_bytes(count: float) -> str:
-    """A size as people read it (decimal units, as ``parse_size`` takes them)."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if count < 1000 or unit == "GB":
-            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
-        count /= 1000
-    return f"{count:.1f} GB"

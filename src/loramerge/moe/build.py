@@ -22,7 +22,8 @@ from loramerge.io.atomic import check_output_target
 from loramerge.io.checkpoint import resolve_model_dir
 from loramerge.io.model_card import moe_model_card
 from loramerge.io.output import output_folder
-from loramerge.io.shard_writer import TensorLayout, parse_size
+from loramerge.io.shard_writer import TensorLayout
+from loramerge.io.sizes import parse_size
 from loramerge.moe.config import MoeConfig
 from loramerge.moe.gates import cheap_embed_row, prompt_direction, random_rows
 
