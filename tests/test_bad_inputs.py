@@ -364,6 +364,10 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         lambda w: _merge(w, "--weights", "1,x"),
         "--weights must be comma-separated numbers, got '1,x'",
     ),
+    "merge: weights ending with a comma (a space after it, as the shell splits it)": (
+        lambda w: _merge(w, "--weights", "1,"),
+        "--weights '1,' ends with a comma: write the list without spaces (--weights 1,-0.5) or quote it",
+    ),
     "merge: infinite weight": (
         lambda w: _merge(w, "--weights", "1,inf"),
         "weights must be finite numbers, got [1.0, inf]",

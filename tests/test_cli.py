@@ -168,3 +168,38 @@ def test_version_names_the_package():
 
     result = run("--version")
     assert result.exit_code == 0 and result.output.strip() == f"loramerge {__version__}"
+
+
+def test_weights_split_by_the_shell_after_a_comma_are_joined(mixed_adapters, tmp_path, monkeypatch):
+    """``--weights 1, -0.5`` reaches the program as ``1,`` and ``-0.5``: the console script joins them, so the
+    merge is the one with weights 1 and -0.5 (a negative number would otherwise read as an option)."""
+    from loramerge.cli.app import main
+
+    first, second = (str(path) for path in mixed_adapters[:2])
+    outputs = {}
+    for name, weights in (("spaced", ["1,", "-0.5"]), ("joined", ["1,-0.5"])):
+        outputs[name] = tmp_path / name
+        argv = ["loramerge", "merge", first, second, "--weights", *weights, "--method", "linear", "-o", outputs[name]]
+        monkeypatch.setattr(sys, "argv", [str(arg) for arg in argv])
+        with pytest.raises(SystemExit) as ended:
+            main()
+        assert ended.value.code == 0
+    spaced, joined = (load_file(outputs[name] / "adapter_model.safetensors") for name in ("spaced", "joined"))
+    assert spaced.keys() == joined.keys() and all(torch.equal(spaced[k], joined[k]) for k in spaced)
+
+
+def test_inspect_is_readable_in_80_columns(mixed_adapters):
+    """Nothing cut short: no line wider than the terminal, no ellipsis, every adapter's path whole once the
+    folded lines of its column are put back together."""
+    from typer.testing import CliRunner
+
+    from loramerge.cli.app import app
+
+    result = CliRunner().invoke(app, ["inspect", "--modules", *map(str, mixed_adapters)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in result.stdout
+    cells = "".join(part.strip() for line in lines for part in line.split("│")[1:-1])  # the table's cell text
+    for path in mixed_adapters:
+        assert str(path).replace(" ", "") in cells.replace(" ", "") or str(path) in result.stdout, path
+    assert all(field in result.stdout for field in ("type", "base model", "ranks", "scale", "mean ‖Δ‖"))

@@ -7,6 +7,8 @@ presentation through ``loramerge.cli.present`` and never import one another.
 from __future__ import annotations
 
 import logging
+import re
+import sys
 import warnings
 
 import typer
@@ -52,10 +54,32 @@ app.command("eval")(eval_cmd.eval_command)
 app.command("generate")(eval_cmd.generate_command)
 
 
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?,?$", re.IGNORECASE)
+
+
+def joined_weights(argv: list[str]) -> list[str]:
+    """``--weights 1, -0.5`` as the shell splits it (``1,`` then ``-0.5``, which would read as an option or an
+    adapter) joined back into ``--weights 1,-0.5``: a list that ends with a comma goes on with the numbers after
+    it."""
+    result: list[str] = []
+    index = 0
+    while index < len(argv):
+        result.append(argv[index])
+        if argv[index] == "--weights" and index + 1 < len(argv):
+            index += 1
+            result.append(argv[index])
+        if result[-1].startswith("--weights=") or (len(result) > 1 and result[-2] == "--weights"):
+            while result[-1].endswith(",") and index + 1 < len(argv) and _NUMBER.match(argv[index + 1]):
+                index += 1
+                result[-1] += argv[index]
+        index += 1
+    return result
+
+
 def main() -> None:
     # bitsandbytes warns on import that an optional CPU speed-up package is missing; it changes no result
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecations, not results
     # PEFT looks for a config.json beside a GGUF base reference when saving; the vocabulary is unchanged
     warnings.filterwarnings("ignore", message="Could not find a config file", module="peft")
-    app()
+    app(args=joined_weights(sys.argv[1:]))

@@ -19,23 +19,31 @@ TOP_MODULES = 5
 
 
 def adapter_table(summaries: list[AdapterSummary]) -> Table:
-    table = Table(title="adapters")
-    for column in ("adapter", "type", "base model", "modules", "ranks", "alpha", "scale", "dtype", "params",
-                   "mean ‖Δ‖"):  # fmt: skip
-        table.add_column(column)
-    for s in summaries:
-        ranks = ", ".join(f"{rank}×{count}" for rank, count in s.ranks.items())
-        flags = " rsLoRA" if s.use_rslora else ""
-        table.add_row(
-            s.source, s.kind, s.base_model or "-", str(s.modules), ranks, ", ".join(f"{a:g}" for a in s.alphas),
-            ", ".join(f"{x:.4g}" for x in s.scales) + flags, s.dtype, f"{s.parameters:,}", f"{s.norm_mean:.4g}",
-        )  # fmt: skip
+    """One column per adapter, one row per field: readable at 80 columns, long paths folded, never cut."""
+    table = Table(title="adapters", show_header=len(summaries) > 1)
+    table.add_column("", style="bold", no_wrap=True)
+    for number in range(1, len(summaries) + 1):
+        table.add_column(f"#{number}", overflow="fold")
+    rows = {
+        "adapter": [s.source for s in summaries],
+        "type": [s.kind for s in summaries],
+        "base model": [s.base_model or "-" for s in summaries],
+        "modules": [str(s.modules) for s in summaries],
+        "ranks": [", ".join(f"{rank}×{count}" for rank, count in s.ranks.items()) for s in summaries],
+        "alpha": [", ".join(f"{a:g}" for a in s.alphas) for s in summaries],
+        "scale": [", ".join(f"{x:.4g}" for x in s.scales) + (" rsLoRA" if s.use_rslora else "") for s in summaries],
+        "dtype": [s.dtype for s in summaries],
+        "params": [f"{s.parameters:,}" for s in summaries],
+        "mean ‖Δ‖": [f"{s.norm_mean:.4g}" for s in summaries],
+    }
+    for field, values in rows.items():
+        table.add_row(field, *(escape(value) for value in values))
     return table
 
 
 def module_table(summary: AdapterSummary) -> Table:
-    table = Table(title=f"largest deltas of {summary.source}")
-    table.add_column("module")
+    table = Table(title=f"largest deltas of {escape(summary.source)}")
+    table.add_column("module", overflow="fold")
     table.add_column("‖scale·B A‖_F")
     top = sorted(summary.module_norms.items(), key=lambda item: -item[1])[:TOP_MODULES]
     for name, norm in top:
@@ -47,16 +55,16 @@ def print_set(summaries: list[AdapterSummary], shared: SetSummary) -> None:
     out.print(f"shared modules: {len(shared.shared_modules)}")
     for source, names in shared.only_in.items():
         if names:
-            shown = ", ".join(names[:3]) + (" …" if len(names) > 3 else "")
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             out.print(f"only in {source}: {len(names)} modules ({shown})")
     for conflict in shared.conflicts:
         out.print(f"[yellow]conflict:[/] {escape(conflict)}", markup=True, soft_wrap=True)
     if shared.pairs:
         table = Table(title="pairwise agreement of deltas (cosine over shared modules)")
         for column in ("pair", "shared", "mean cosine", "opposed modules"):
-            table.add_column(column)
+            table.add_column(column, overflow="fold")
         for pair in shared.pairs:
-            names = f"{summaries[pair.first].source} ~ {summaries[pair.second].source}"
+            names = f"#{pair.first + 1} ~ #{pair.second + 1}"  # the adapters table's columns
             table.add_row(names, str(pair.shared_modules), f"{pair.cosine_mean:+.3f}", str(pair.opposed_modules))
         out.print(table)
 

@@ -32,6 +32,10 @@ def parse_params(items: list[str]) -> dict[str, float | str]:
 def parse_weights(text: str | None) -> list[float] | None:
     if text is None:
         return None
+    if text.rstrip().endswith(","):
+        raise BadInput(
+            f"--weights {text!r} ends with a comma: write the list without spaces (--weights 1,-0.5) or quote it"
+        )
     try:
         return [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -98,6 +102,7 @@ def merge(
         method=method, density=density, rank=rank, space=space, majority_sign=majority_sign, full_svd=full_svd,
         preset=preset, seed=seed, dtype=dtype, device=device, strict=strict, params=parse_params(param),
     )  # fmt: skip
+    parse_weights(weights)  # a malformed list is refused before any adapter is read
     base = base or fold_into
     inputs = [Path(ref) for ref in [*adapters, *{ref for ref in (base, fold_into) if ref}]]
     target = check_output_target(output, force or dry_run, inputs)
