@@ -146,6 +146,21 @@ def test_fold_leaves_no_blank_line_on_stderr(mixed_adapters, llama_base, tmp_pat
     assert folded.stderr == ""
 
 
+def test_a_long_step_reports_progress_lines_where_stderr_is_no_terminal(mixed_adapters, llama_base, tmp_path,
+                                                                         monkeypatch):  # fmt: skip
+    """A job longer than ``PROGRESS_LINE_SECONDS`` writes lines to a log; here the interval is 0, so every step
+    writes one, the last reaching the total."""
+    from loramerge.cli import present
+
+    monkeypatch.setattr(present, "PROGRESS_LINE_SECONDS", 0.0)
+    folded = run("fold", mixed_adapters[0], "--base", llama_base, "-o", tmp_path / "folded")
+    assert folded.exit_code == 0, folded.output
+    lines = folded.stderr.splitlines()
+    assert lines and all(line.startswith("folding: ") for line in lines), folded.stderr
+    done, total = lines[-1].split()[1].split("/")
+    assert done == total and int(total) > 1
+
+
 @pytest.mark.parametrize(
     "args",
     [["--help"], ["--version"], ["merge", "--help"], ["fold", "--help"], ["run", "--help"], ["search", "--help"],

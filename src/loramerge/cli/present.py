@@ -153,14 +153,36 @@ def plan_table(plan: MergePlan) -> Table:
     return table
 
 
+PROGRESS_LINE_SECONDS = 10.0
+
+
+class ProgressLines:
+    """Progress where stderr is no terminal (a log, a pipe, a job runner): a line at most every
+    ``PROGRESS_LINE_SECONDS``, and a last one at the end where any was written, so a short job prints nothing
+    and a long one is never silent for long."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.started = self.last = time.monotonic()
+        self.printed = False
+
+    def __call__(self, done: int, count: int, name: str) -> None:
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_LINE_SECONDS or (self.printed and count and done >= count):
+            self.last, self.printed = now, True
+            console.print(f"{self.label}: {done}/{count or '?'} {name} ({now - self.started:.0f} s)", soft_wrap=True)
+
+
 @contextmanager
 def progress_bar(total: int | None, label: str = "merging modules") -> Iterator[Callable[[int, int, str], None]]:
     """A rich progress bar on stderr (for long jobs; ``None``: the length comes with the first update)
-    and the callback that advances it."""
+    and the callback that advances it; lines instead where stderr is no terminal (``ProgressLines``)."""
+    if not console.is_interactive:  # rich would draw nothing there (and end with an empty line)
+        yield ProgressLines(label)
+        return
     columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     columns += (TextColumn("{task.description}"),)
-    # rich draws nothing where stderr is no terminal (a log, a pipe), but ends the bar with an empty line there
-    hidden = (total is not None and total < PROGRESS_MIN_ITEMS) or not console.is_interactive
+    hidden = total is not None and total < PROGRESS_MIN_ITEMS
     with Progress(*columns, console=console, transient=True, disable=hidden) as bar:
         task = bar.add_task("", total=total)
         yield lambda done, count, name: bar.update(task, completed=done, total=count, description=name)
