@@ -110,7 +110,7 @@ def main() -> None:
         if not args.skip_search:
             found = work / "search"
             seconds["search"] = loramerge(
-                "search", "recipes/skills.yml", *repeated("--dev", dev),
+                "search", "recipes/skills.yml", *repeated("--data", dev),
                 "--max-samples", args.dev_samples, "--tune", "alpha=0.5:2", "--budget", args.budget,
                 "--batch", 8, "--workers", 2, "--write-adapter", "-o", found,
             )  # fmt: skip

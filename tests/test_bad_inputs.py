@@ -668,31 +668,41 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
     ),
     # eval
     "eval: missing data": (
-        lambda w: ["eval", w.base, "--data", w.root / "none.jsonl"],
+        lambda w: ["eval", "--base", w.base, "--data", w.root / "none.jsonl"],
         "--data <in>/none.jsonl: no such file",
     ),
     "eval: unknown data format": (
-        lambda w: ["eval", w.base, "--data", _file(w, "data.xml", "x")],
+        lambda w: ["eval", "--base", w.base, "--data", _file(w, "data.xml", "x")],
         "--data <in>/data.xml: unknown format '.xml'; use .jsonl, .json, .csv, .parquet, .txt",
     ),
     "eval: unknown field": (
-        lambda w: ["eval", w.base, "--data", w.data, "--prompt-field", "question", "--completion-field", "completion"],
+        lambda w: [
+            "eval",
+            "--base",
+            w.base,
+            "--data",
+            w.data,
+            "--prompt-field",
+            "question",
+            "--completion-field",
+            "completion",
+        ],
         "--data <in>/data.jsonl: no field 'question' (fields: prompt, completion, text)",
     ),
     "eval: prompt field alone": (
-        lambda w: ["eval", w.base, "--data", w.data, "--prompt-field", "prompt"],
+        lambda w: ["eval", "--base", w.base, "--data", w.data, "--prompt-field", "prompt"],
         "give both --prompt-field and --completion-field, or neither",
     ),
     "eval: corrupt JSONL": (
-        lambda w: ["eval", w.base, "--data", _file(w, "bad.jsonl", '{"text": ')],
+        lambda w: ["eval", "--base", w.base, "--data", _file(w, "bad.jsonl", '{"text": ')],
         "--data <in>/bad.jsonl: cannot read (…)",
     ),
     "eval: base without tokenizer": (
-        lambda w: ["eval", save_llama(w.root / "no_tokenizer", 2), "--data", w.data],
+        lambda w: ["eval", "--base", save_llama(w.root / "no_tokenizer", 2), "--data", w.data],
         ("model <in>/no_tokenizer: cannot load it with its tokenizer (…)"),
     ),
     "eval: adapter for another base": (
-        lambda w: ["eval", w.base, "--adapter", _other_architecture(w), "--data", w.data],
+        lambda w: ["eval", "--base", w.base, "--adapter", _other_architecture(w), "--data", w.data],
         ("adapter <in>/other: cannot load it on <in>/base (…)"),
     ),
     # GGUF models (read through transformers, cached as safetensors): refused before anything is cached
@@ -701,7 +711,7 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         ("model <in>/cut.gguf: truncated or corrupt GGUF file (…)"),
     ),
     "eval: .gguf file that is not GGUF": (
-        lambda w: ["eval", _file(w, "fake.gguf", "not a model"), "--data", w.data],
+        lambda w: ["eval", "--base", _file(w, "fake.gguf", "not a model"), "--data", w.data],
         "model <in>/fake.gguf: not a GGUF file (no GGUF magic number)",
     ),
     "run: GGUF base of an architecture transformers cannot load": (
@@ -717,7 +727,7 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         "model <in>/none.gguf: no such GGUF file",
     ),
     "eval: GGUF in a package that is not installed": (
-        lambda w: ["eval", "pkg:not_installed_models/model.gguf", "--data", w.data],
+        lambda w: ["eval", "--base", "pkg:not_installed_models/model.gguf", "--data", w.data],
         ("model pkg:not_installed_models/model.gguf: Python package 'not_installed_models' is not installed"),
     ),
     # search
@@ -738,19 +748,19 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         "output <in>/reverse overlaps the input <in>/reverse; choose another output folder",
     ),
     "search: missing dev file": (
-        lambda w: _search(w, "--dev", w.root / "none.jsonl"),
+        lambda w: _search(w, "--data", w.root / "none.jsonl"),
         "--data <in>/none.jsonl: no such file",
     ),
     "search: a dense recipe": (
-        lambda w: ["search", _dense(w), "--dev", w.data, "-o", w.out],
+        lambda w: ["search", _dense(w), "--data", w.data, "-o", w.out],
         "search: the recipe must be an adapter recipe (an `adapters:` list)",
     ),
     "search: exact match on plain text": (
-        lambda w: _search(w, "--dev", _file(w, "plain.txt", "reverse abc=cba\n"), "--text-field", "text"),
+        lambda w: _search(w, "--data", _file(w, "plain.txt", "reverse abc=cba\n"), "--text-field", "text"),
         "--objective exact_match needs prompt/completion dev data; use --objective loss",
     ),
     "search: an empty dev file": (
-        lambda w: _search(w, "--dev", _file(w, "empty.jsonl", "")),
+        lambda w: _search(w, "--data", _file(w, "empty.jsonl", "")),
         "--data <in>/empty.jsonl: the file is empty",
     ),
     "search: no dev examples asked for": (
@@ -802,7 +812,7 @@ def _search(w: Workspace, *extra, output: Path | None = None) -> list:
     """``search`` of a TIES recipe of both adapters on the workspace's data (with ``extra`` options)."""
     recipe = {"merge_method": "ties", "adapters": [{"adapter": str(w.a)}, {"adapter": str(w.b)}]}
     path = _file(w, "search.yml", yaml.safe_dump(recipe))
-    dev = [] if "--dev" in extra else ["--dev", w.data]
+    dev = [] if "--data" in extra else ["--data", w.data]
     return ["search", path, "--base", w.base, *dev, *extra, "-o", output or w.out, "--budget", "2"]
 
 

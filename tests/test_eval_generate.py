@@ -54,7 +54,7 @@ def hand_loss(model, tokenizer, rows) -> tuple[float, float]:
 
 
 def test_eval_matches_a_hand_computation(model_dir):
-    result = run("eval", model_dir["base"], "--adapter", model_dir["adapter"], "--data", model_dir["data"],
+    result = run("eval", "--base", model_dir["base"], "--adapter", model_dir["adapter"], "--data", model_dir["data"],
                  "--prompt-field", "prompt", "--completion-field", "completion", "--json")  # fmt: skip
     assert result.exit_code == 0, result.output
     base_row, adapter_row = json.loads(result.stdout)
@@ -74,7 +74,7 @@ def test_eval_matches_a_hand_computation(model_dir):
 def test_eval_whole_texts_and_table(model_dir, tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("add 1 2 = 3\nreverse 1 2 = 2 1\n")
-    result = run("eval", model_dir["base"], "--data", texts, "--merged", model_dir["adapter"])
+    result = run("eval", "--base", model_dir["base"], "--data", texts, "--merged", model_dir["adapter"])
     assert result.exit_code == 0, result.output
     assert "perplexity" in result.stdout and "merged" in result.stdout
 
@@ -86,13 +86,13 @@ def test_eval_bad_inputs(model_dir, tmp_path):
         (["--data", model_dir["data"], "--prompt-field", "prompt"], "give both"),
     ]
     for extra, message in cases:
-        result = run("eval", model_dir["base"], *extra)
+        result = run("eval", "--base", model_dir["base"], *extra)
         assert result.exit_code == 2 and message in result.stderr, result.output
 
 
 @pytest.mark.parametrize("chat", [False, True])
 def test_generate(chat, model_dir):
-    result = run("generate", model_dir["base"], "--adapter", model_dir["adapter"], "--prompt", "add 1 2 =",
+    result = run("generate", "--base", model_dir["base"], "--adapter", model_dir["adapter"], "--prompt", "add 1 2 =",
                  "--max-new-tokens", "5", *(["--chat"] if chat else []))  # fmt: skip
     assert result.exit_code == 0, result.output
     words = result.stdout.split()

@@ -89,11 +89,11 @@ def test_gguf_loads_as_its_safetensors_twin(tied, pair, cache, tmp_path):
 def test_eval_and_generate_match_safetensors(pair):
     outputs = {}
     for kind in ("gguf", "dense"):
-        evaluated = run("eval", pair[kind], "--adapter", pair["adapter"], "--data", pair["data"],
+        evaluated = run("eval", "--base", pair[kind], "--adapter", pair["adapter"], "--data", pair["data"],
                         "--prompt-field", "prompt", "--completion-field", "completion", "--json")  # fmt: skip
         assert evaluated.exit_code == 0, evaluated.output
         prompt = ["--adapter", pair["adapter"], "--prompt", "add 1 2 =", "--max-new-tokens", "6"]
-        generated = [run("generate", pair[kind], *prompt, *chat) for chat in ([], ["--chat"])]
+        generated = [run("generate", "--base", pair[kind], *prompt, *chat) for chat in ([], ["--chat"])]
         assert all(result.exit_code == 0 for result in generated), [result.output for result in generated]
         outputs[kind] = (json.loads(evaluated.stdout), [result.stdout for result in generated])
     (gguf_rows, gguf_texts), (dense_rows, dense_texts) = outputs["gguf"], outputs["dense"]

@@ -63,9 +63,9 @@ def test_a_model_asking_for_remote_code_does_not_run_it(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"prompt": "copy ab=", "completion": "ab"}\n')
     commands = [
-        ("eval", model, "--data", data, "--prompt-field", "prompt", "--completion-field", "completion"),
+        ("eval", "--base", model, "--data", data, "--prompt-field", "prompt", "--completion-field", "completion"),
         ("fold", CHARDEMO / "add", "--base", model, "-o", tmp_path / "folded"),
-        ("generate", model, "--prompt", "copy ab="),
+        ("generate", "--base", model, "--prompt", "copy ab="),
     ]
     for command in commands:  # each must run to the end (a refusal would prove nothing about remote code)
         result = run(*command)

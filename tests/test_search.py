@@ -127,7 +127,7 @@ def search_cli(recipe, out, *extra, tune=("--tune", "density=0.3:1")):
     args = ["search", recipe, "--base", BASE, "-o", out, "--budget", "6", "--batch", "3", "--max-samples", "8",
             *tune, "--seed", "1"]  # fmt: skip
     for path in DEV:
-        args += ["--dev", path]
+        args += ["--data", path]
     return run(*args, *extra)
 
 
@@ -173,7 +173,7 @@ def test_bad_search_inputs_are_one_line(recipe, tmp_path, monkeypatch):
         assert_clean_failure(search_cli(recipe, out, *extra), message, out)
     # the base fails to load in this process, in each worker process, in each Ray actor
     for where in (["--workers", "1"], ["--workers", "2"], ["--workers", "2", "--ray-address", "local"]):
-        missing = run("search", recipe, "--base", tmp_path / "nope", "-o", out, "--dev", DEV[0], *where)
+        missing = run("search", recipe, "--base", tmp_path / "nope", "-o", out, "--data", DEV[0], *where)
         assert_clean_failure(missing, "nope: no such folder", out)
     with pytest.raises(BadInput, match="the cluster offers 2 CPUs, and --workers 3 need 3"):
         check_capacity({"CPU": 2.0}, {"num_cpus": 1}, 3, "auto")  # actors Ray could never place

@@ -7,18 +7,29 @@ from pathlib import Path
 
 import typer
 
-from loramerge.cli.present import out, progress_bar, reports_errors
+from loramerge.cli.present import (
+    BASE_HELP,
+    COMPLETION_FIELD_HELP,
+    DATA_HELP,
+    DEVICE_HELP,
+    PROMPT_FIELD_HELP,
+    TEXT_FIELD_HELP,
+    out,
+    progress_bar,
+    reports_errors,
+)
 from loramerge.train.options import FinetuneOptions as Defaults  # the class attributes: the library's defaults
 
 
 @reports_errors
 def finetune(
     adapter: Path = typer.Argument(..., help="The LoRA adapter to train further (a merged one, say)."),
-    base: str = typer.Option(None, help="Its base model (default: the adapter's base_model_name_or_path)."),
-    data: list[Path] = typer.Option(..., "--data", help="Training file (repeatable: the files are mixed)."),
+    base: str = typer.Option(None, help=BASE_HELP + " Default: the adapter's base_model_name_or_path."),
+    data: list[Path] = typer.Option(..., "--data", help=DATA_HELP + " The files are mixed."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder to write the trained adapter to."),
-    prompt_field: str = typer.Option("prompt", help="The prompt column of the data."),
-    completion_field: str = typer.Option("completion", help="The completion column of the data."),
+    prompt_field: str = typer.Option(None, help=PROMPT_FIELD_HELP),
+    completion_field: str = typer.Option(None, help=COMPLETION_FIELD_HELP),
+    text_field: str = typer.Option(None, help=TEXT_FIELD_HELP),
     max_samples: int = typer.Option(None, help="At most this many examples from each file."),
     steps: int = typer.Option(Defaults.steps, help="Optimizer steps."),
     lr: float = typer.Option(
@@ -26,7 +37,7 @@ def finetune(
     ),
     batch_size: int = typer.Option(Defaults.batch_size, help="Examples per step."),
     seed: int = typer.Option(Defaults.seed, help="Seed of the shuffling and of the training."),
-    device: str = typer.Option(Defaults.device, help="cpu | cuda."),
+    device: str = typer.Option(Defaults.device, help=DEVICE_HELP),
     load_in_4bit: bool = typer.Option(False, help="Quantize the base to nf4 at load (QLoRA-style)."),
     rank: int = typer.Option(None, help="First cut every module to at most this rank (default: keep the ranks)."),
     dtype: str = typer.Option(None, help="Output dtype: float32 | float16 | bfloat16 (default: the adapter's)."),
@@ -44,8 +55,8 @@ def finetune(
     base = base or load_adapter(adapter).base_model
     if not base:
         raise BadInput(f"adapter {adapter}: it names no base model; give --base")
-    sets = [load_samples(path, prompt_field=prompt_field, completion_field=completion_field, max_samples=max_samples)
-            for path in data]  # fmt: skip
+    sets = [load_samples(path, prompt_field=prompt_field, completion_field=completion_field, text_field=text_field,
+                         max_samples=max_samples) for path in data]  # fmt: skip
     samples = mixed(sets, seed)
     started = time.perf_counter()
     with progress_bar(steps, label="training") as update:

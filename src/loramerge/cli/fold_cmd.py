@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from loramerge.cli.present import mark_written, out, print_warnings, progress_bar, publish, reports_errors
+from loramerge.cli.present import BASE_HELP, mark_written, out, print_warnings, progress_bar, publish, reports_errors
 from loramerge.errors import BadInput
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -28,7 +28,7 @@ def check_dtype(value: str | None) -> str | None:
 @reports_errors
 def fold_command(
     adapter: str = typer.Argument(..., help="PEFT adapter folder or Hub repo id."),
-    base: str = typer.Option(..., "--base", help="Base model folder or Hub id (full precision or bitsandbytes 4-bit)."),
+    base: str = typer.Option(..., "--base", help=BASE_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="Folder to write the full model to."),
     dtype: str = typer.Option(None, help="float32 | float16 | bfloat16 (default: the base's)."),
     quantize: str = typer.Option(None, help="Write bitsandbytes 4-bit weights: nf4 | fp4."),
@@ -66,7 +66,7 @@ def fold_command(
 @reports_errors
 def extract_command(
     model: str = typer.Argument(..., help="The fine-tuned or merged model folder."),
-    base: str = typer.Option(..., "--base", help="The base model it derives from."),
+    base: str = typer.Option(..., "--base", help=BASE_HELP + " The one the model derives from."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder to write the PEFT adapter to."),
     rank: int = typer.Option(..., help="LoRA rank of every module."),
     fast: bool = typer.Option(False, help="Randomized SVD (torch.svd_lowrank) instead of the exact one."),

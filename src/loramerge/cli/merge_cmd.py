@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from loramerge.catalogue import DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_SPACE, SPACES, adapter_methods
-from loramerge.cli.present import console, publish, reports_errors, run_adapter_plan
+from loramerge.catalogue import DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_SPACE, SPACES, adapter_methods, methods
+from loramerge.cli.present import BASE_HELP, DEVICE_HELP, console, publish, reports_errors, run_adapter_plan
 from loramerge.errors import BadInput
 
 if TYPE_CHECKING:  # the library (and torch) load when a command runs, so --help stays instant
@@ -27,6 +27,11 @@ def parse_params(items: list[str]) -> dict[str, float | str]:
         except ValueError:
             params[name.strip()] = value.strip()
     return params
+
+
+def exact_rank_methods() -> list[str]:
+    """The adapter methods whose output keeps the exact sum's rank, from the catalogue."""
+    return [method.name for method in methods() if method.adapters and method.exact_rank]
 
 
 def parse_weights(text: str | None) -> list[float] | None:
@@ -52,7 +57,9 @@ def merge(
         None, help=f"Fraction kept by the pruning methods, in (0, 1] (default {DEFAULT_DENSITY:g})."
     ),
     rank: int = typer.Option(
-        None, help="Output rank (default: exact for cat/linear/iso_c/tsv_m/knots, largest input rank otherwise)."
+        None,
+        help=f"Output rank (default: exact, Σ r_i, for {'/'.join(exact_rank_methods())}; the largest input "
+        "rank otherwise).",
     ),
     space: str = typer.Option(
         None, help=f"Where element-wise methods work: {' | '.join(SPACES)} (default {DEFAULT_SPACE})."
@@ -69,15 +76,11 @@ def merge(
     preset: str = typer.Option(None, help="Conventions where peers differ: peft (default) | mergekit."),
     seed: int = typer.Option(None, help="Seed of the random methods (default 0)."),
     dtype: str = typer.Option(None, help="Output dtype: float32 | float16 | bfloat16 (default: the inputs')."),
-    device: str = typer.Option(None, help="Where to compute: cpu (default) | cuda."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
     strict: bool = typer.Option(False, help="Refuse adapters that name different base models."),
     allow_nonfinite: bool = typer.Option(False, help="Use input tensors holding NaN or Inf (refused by default)."),
-    base: str = typer.Option(
-        None,
-        help="The adapters' base model (a folder, Hub id, .gguf file, pkg: reference or 4-bit checkpoint): DoRA "
-        "inputs need its weights (default: --fold-into).",
-    ),
-    fold_into: str = typer.Option(None, help="Also fold the merge into this base and write a full model."),
+    base: str = typer.Option(None, help=BASE_HELP + " DoRA inputs need its weights (default: --fold-into)."),
+    fold_into: str = typer.Option(None, help="Fold the merge into this base and write the full model instead."),
     via_dense: bool = typer.Option(
         False,
         help="Fold each adapter with PEFT (merge_and_unload) and merge the dense deltas: needs --base, and --rank "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from loramerge.cli.present import out, progress_bar, publish, reports_errors
+from loramerge.cli.present import DEVICE_HELP, out, progress_bar, publish, reports_errors
 
 
 @reports_errors
@@ -16,7 +16,7 @@ def moe(
     output: Path = typer.Option(..., "-o", "--output", help="Folder to write the mixture of experts to."),
     out_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB or 500MB."),
     seed: int = typer.Option(0, help="Seed of random routers and expert noise (mergekit's --random-seed)."),
-    device: str = typer.Option("cpu", help="Where the hidden gate modes run the base model: cpu | cuda."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
     allow_nonfinite: bool = typer.Option(False, help="Use input tensors holding NaN or Inf (refused by default)."),
     push_to_hub: str = typer.Option(None, help="Upload the output to this Hub repo (REPO_ID)."),

@@ -188,6 +188,20 @@ def progress_bar(total: int | None, label: str = "merging modules") -> Iterator[
         yield lambda done, count, name: bar.update(task, completed=done, total=count, description=name)
 
 
+# help texts of options several commands share, so that each concept reads the same everywhere
+BASE_HELP = "The base model: a folder or Hub id, a .gguf file, pkg:PACKAGE/FILE.gguf, or a 4-bit checkpoint."
+DEVICE_HELP = "Where to compute: cpu | cuda (cuda:1, …)."
+DATA_HELP = "A local JSONL, JSON, CSV, Parquet or text file (repeatable)."
+PROMPT_FIELD_HELP = "The prompt column (default: prompt, where the file has prompt and completion columns)."
+COMPLETION_FIELD_HELP = "The completion column (default: completion, with --prompt-field's default)."
+TEXT_FIELD_HELP = "Whole texts from this column instead of prompt/completion pairs (default: text, where no pairs)."
+
+
+def deprecated(old: str, new: str) -> None:
+    """The one line an old spelling gets while it still works (one release)."""
+    console.print(f"warning: {old} is deprecated and goes in the next release; use {new}", soft_wrap=True)
+
+
 def print_warnings(warnings: list[str]) -> None:
     for warning in warnings:
         console.print(f"[yellow]warning:[/] {escape(as_flags(warning))}", markup=True, soft_wrap=True)

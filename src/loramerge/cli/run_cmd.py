@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from loramerge.cli.present import (
+    DEVICE_HELP,
     console,
     evaluation_table,
     mark_written,
@@ -29,7 +30,7 @@ def run(
     seed: int = typer.Option(
         None, help="Seed of the random methods (DARE, DELLA); default: the recipe's parameters.seed, else 0."
     ),
-    device: str = typer.Option("cpu", help="Where to compute: cpu | cuda."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
     dry_run: bool = typer.Option(False, help="Print the plan and write nothing."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
     allow_nonfinite: bool = typer.Option(False, help="Use input tensors holding NaN or Inf (refused by default)."),

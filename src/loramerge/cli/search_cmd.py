@@ -8,13 +8,25 @@ from pathlib import Path
 
 import typer
 
-from loramerge.cli.present import out, print_warnings, progress_bar, reports_errors
+from loramerge.cli.present import (
+    BASE_HELP,
+    COMPLETION_FIELD_HELP,
+    DEVICE_HELP,
+    PROMPT_FIELD_HELP,
+    TEXT_FIELD_HELP,
+    deprecated,
+    out,
+    print_warnings,
+    progress_bar,
+    reports_errors,
+)
 
 
 @reports_errors
 def search(
     recipe: Path = typer.Argument(..., help="An adapter recipe (an adapters: list); its values start the search."),
-    dev: list[Path] = typer.Option(..., "--dev", help="Dev file (repeatable; one score per file)."),
+    data: list[Path] = typer.Option([], "--data", help="A dev data file (repeatable; one score per file)."),
+    dev: list[Path] = typer.Option([], "--dev", hidden=True),  # the old spelling of --data
     output: Path = typer.Option(..., "-o", "--output", help="Folder for best.yml, history.csv/png, search.json."),
     budget: int = typer.Option(32, help="Candidate merges to score (the recipe's own values are the first)."),
     batch: int = typer.Option(4, help="Candidates asked of the optimiser at once (its parallelism; not --workers)."),
@@ -28,15 +40,15 @@ def search(
     tune: list[str] = typer.Option([], "--tune", help="Also search a parameter: NAME=LOW:HIGH (alpha, density…)."),
     objective: str = typer.Option("exact_match", help="exact_match (kept vs. adapters) | loss (mean dev loss)."),
     optimizer: str = typer.Option("CMA", help="A nevergrad optimiser: CMA, TwoPointsDE, DE, OnePlusOne, …"),
-    base: str = typer.Option(None, help="The base model (default: evaluate.base, else the adapters' base)."),
-    prompt_field: str = typer.Option("prompt", help="The prompt column of the dev data."),
-    completion_field: str = typer.Option("completion", help="The completion column of the dev data."),
-    text_field: str = typer.Option(None, help="Plain-text dev data: this column (with --objective loss)."),
+    base: str = typer.Option(None, help=BASE_HELP + " Default: evaluate.base, else the adapters' base."),
+    prompt_field: str = typer.Option(None, help=PROMPT_FIELD_HELP),
+    completion_field: str = typer.Option(None, help=COMPLETION_FIELD_HELP),
+    text_field: str = typer.Option(None, help=TEXT_FIELD_HELP + " With --objective loss."),
     max_samples: int = typer.Option(None, help="At most this many examples from each dev file."),
     write_adapter: bool = typer.Option(False, help="Also write the best merge as a PEFT adapter (OUTPUT/adapter)."),
     seed: int = typer.Option(0, help="Seed of the optimiser (and of random methods, unless the recipe sets one)."),
     threads: int = typer.Option(1, help="Torch threads per worker (the same for any --workers, so results match)."),
-    device: str = typer.Option("cpu", help="cpu | cuda."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
     load_in_4bit: bool = typer.Option(False, help="Quantize the base to nf4 at load."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
 ) -> None:
@@ -49,12 +61,15 @@ def search(
     from loramerge.search.pools import evaluator_pool, ray_module
     from loramerge.search.report import write_search
 
+    if dev:
+        deprecated("--dev", "--data")
+    data = [*data, *dev]
     parsed = load_recipe(recipe)
-    job = build_job(parsed, [str(p) for p in dev], base=base, weight_range=weight_range, tune=tune,
+    job = build_job(parsed, [str(p) for p in data], base=base, weight_range=weight_range, tune=tune,
                     prompt_field=prompt_field, completion_field=completion_field, text_field=text_field,
                     max_samples=max_samples, seed=seed, device=device, load_in_4bit=load_in_4bit,
                     threads=threads)  # fmt: skip
-    inputs = [recipe, *dev, *(a.path for a in job.adapters if a.path), Path(job.base)]
+    inputs = [recipe, *data, *(a.path for a in job.adapters if a.path), Path(job.base)]
     target = check_output_target(output, force, inputs)
     check_settings(job, objective, optimizer, budget, batch)
     if ray_address:
@@ -74,7 +89,7 @@ def search(
         with progress_bar(None, label="scoring") as update:
             result = run_search(job, pool, budget=budget, batch=batch, optimizer=optimizer, objective=objective,
                                 progress=update)  # fmt: skip
-    settings = {"recipe": str(recipe), "dev": [str(p) for p in dev], "budget": budget, "batch": batch,
+    settings = {"recipe": str(recipe), "dev": [str(p) for p in data], "budget": budget, "batch": batch,
                 "optimizer": optimizer, "objective": objective, "seed": seed, "weight_range": weight_range,
                 "tune": tune, "max_samples": max_samples, "base": job.base, "threads": job.threads,
                 "merge_seed": job.merge_seed}  # fmt: skip

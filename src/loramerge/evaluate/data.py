@@ -24,7 +24,9 @@ def load_samples(
     completion_field: str | None = None,
     max_samples: int | None = None,
 ) -> list[Sample]:
-    """Rows of a local JSONL/JSON/CSV/Parquet/text file read with ``datasets``."""
+    """Rows of a local JSONL/JSON/CSV/Parquet/text file read with ``datasets``: prompt/completion pairs, or whole
+    texts with ``text_field``. With no field given, the ``prompt`` and ``completion`` columns where the file has
+    both, else the ``text`` column (every command reads data files this way)."""
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"`data` {path}: no such file")
@@ -44,6 +46,8 @@ def load_samples(
         rows = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as error:  # datasets raises many types for unreadable files
         raise BadInput(f"`data` {path}: cannot read ({brief(error)})") from error
+    if text_field is None and prompt_field is None and {"prompt", "completion"} <= set(rows.column_names):
+        prompt_field, completion_field = "prompt", "completion"
     fields = [prompt_field, completion_field] if prompt_field else [text_field or "text"]
     for field in fields:
         if field not in rows.column_names:

@@ -46,13 +46,13 @@ class SearchJob:
 
 def build_job(
     recipe: Recipe,
-    dev: Sequence[str],
+    data: Sequence[str],
     *,
     base: str | None = None,
     weight_range: str = "0:2",
     tune: Sequence[str] = (),
-    prompt_field: str | None = "prompt",
-    completion_field: str | None = "completion",
+    prompt_field: str | None = None,
+    completion_field: str | None = None,
     text_field: str | None = None,
     max_samples: int | None = None,
     seed: int = 0,
@@ -60,15 +60,16 @@ def build_job(
     load_in_4bit: bool = False,
     threads: int = 1,
 ) -> SearchJob:
-    """Read the recipe's adapters and the dev files, and check that the merge plans, in the driver:
-    a bad input is reported here, once, before any worker starts."""
+    """Read the recipe's adapters and the dev data files (``data``: one score each; their fields as
+    ``loramerge.evaluate.data.load_samples`` reads them), and check that the merge plans, in the driver: a bad
+    input is reported here, once, before any worker starts."""
     space = search_space(recipe, weight_range, tune)
     adapters, _, _ = adapter_merge_inputs(recipe)
     base = base or (recipe.evaluate.base if recipe.evaluate else None) or adapters[0].base_model
     if not base:
         raise BadInput("search: the adapters name no base model; give --base")
-    if not dev:
-        raise BadInput("search: give at least one --dev file")
+    if not data:
+        raise BadInput("search: give at least one dev data file (`data`)")
     if threads < 1:
         raise BadInput(f"--threads must be at least 1, got {threads}")
     if max_samples is not None and max_samples < 1:
@@ -76,7 +77,7 @@ def build_job(
     # plain text (``text_field``) or prompt/completion pairs
     fields = {"text_field": text_field} if text_field else {"prompt_field": prompt_field,
                                                             "completion_field": completion_field}  # fmt: skip
-    samples = load_datasets(dev, **fields, max_samples=max_samples)  # an empty file is refused there
+    samples = load_datasets(data, **fields, max_samples=max_samples)  # an empty file is refused there
     job = SearchJob(base, adapters, space, samples, seed, device, load_in_4bit, threads)
     execute_plan(job.plan(space.start))  # the recipe's own merge must run: it is the first candidate
     return job

@@ -1,0 +1,70 @@
+"""One spelling per concept across the commands, an options table that matches them, and old spellings that
+still work with one warning line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cli_helpers import run
+from loramerge.cli.app import app
+from loramerge.cli.options_table import command_options, options_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# concept (the parameter's name in every command) -> its one spelling and default
+CONCEPTS = {
+    "base": ("--base", None),
+    "data": ("--data", None),
+    "output": ("--output", None),
+    "device": ("--device", "cpu"),
+    "prompt_field": ("--prompt-field", None),
+    "completion_field": ("--completion-field", None),
+    "text_field": ("--text-field", None),
+    "out_shard_size": ("--out-shard-size", None),
+    "max_samples": ("--max-samples", None),
+    "load_in_4bit": ("--load-in-4bit", False),
+    "seed": ("--seed", None),
+    "force": ("--force", False),
+    "dtype": ("--dtype", None),
+    "push_to_hub": ("--push-to-hub", None),
+}
+RETIRED = {"dev": "search --dev (now --data)"}  # hidden aliases: never shown
+
+
+def test_every_concept_has_one_spelling_across_commands():
+    seen: dict[str, set[str]] = {}
+    for command, parameters in command_options(app).items():
+        for parameter in parameters:
+            assert parameter.name not in RETIRED, (command, RETIRED[parameter.name])
+            if parameter.name not in CONCEPTS:
+                continue
+            spelling, default = CONCEPTS[parameter.name]
+            assert parameter.param_type_name == "option" and spelling in parameter.opts, (command, parameter.name)
+            if parameter.name not in ("base", "seed", "dtype", "out_shard_size"):  # defaults that differ by design
+                assert parameter.default in (default, [], ()), (command, parameter.name, parameter.default)
+            seen.setdefault(parameter.name, set()).add(command)
+    fields = [seen.get(name, set()) for name in ("prompt_field", "completion_field", "text_field")]
+    assert fields[0] == fields[1] == fields[2] == {"eval", "search", "finetune"}
+    assert {"merge", "fold", "extract", "eval", "generate", "search", "finetune"} <= seen["base"]
+
+
+def test_the_options_table_is_current():
+    table = (ROOT / "docs" / "options.md").read_text()
+    assert table.endswith(options_markdown(app)), "regenerate docs/options.md (see its header)"
+
+
+def test_old_spellings_still_work_with_one_warning_line(tmp_path):
+    result = run("search", ROOT / "recipes" / "skills.yml", "--dev", tmp_path / "none.jsonl", "-o", tmp_path / "o")
+    lines = result.stderr.splitlines()
+    assert lines[0] == "warning: --dev is deprecated and goes in the next release; use --data", result.stderr
+    assert result.exit_code == 2 and "none.jsonl" in lines[-1] and "no such file" in lines[-1]
+    result = run("generate", tmp_path / "missing-model", "--prompt", "hi")
+    assert result.stderr.splitlines()[0] == (
+        f"warning: the base as the first argument is deprecated and goes in the next release; use --base "
+        f"{tmp_path / 'missing-model'}"
+    )
+    assert result.exit_code == 2
+    both = run("generate", "a", "--base", "b", "--prompt", "hi")
+    assert both.exit_code == 2 and "give the base once" in both.stderr
+    neither = run("generate", "--prompt", "hi")
+    assert neither.exit_code == 2 and "give the base model: --base MODEL" in neither.stderr
