@@ -775,7 +775,7 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
     ),
     "finetune: zero steps": (
         lambda w: ["finetune", w.a, "--base", w.base, "--data", w.data, "--steps", "0", "-o", w.out],
-        "--steps, --batch-size and --learning-rate must be positive",
+        "--steps, --batch-size and --lr must be positive",
     ),
     "finetune: output is the adapter": (
         lambda w: ["finetune", w.a, "--base", w.base, "--data", w.data, "-o", w.a, "--force"],

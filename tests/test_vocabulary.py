@@ -68,3 +68,39 @@ def test_old_spellings_still_work_with_one_warning_line(tmp_path):
     assert both.exit_code == 2 and "give the base once" in both.stderr
     neither = run("generate", "--prompt", "hi")
     assert neither.exit_code == 2 and "give the base model: --base MODEL" in neither.stderr
+
+
+def test_library_errors_name_parameters_and_each_command_shows_its_own_flag():
+    """The library names a parameter as Python does (`` `learning_rate=0` ``); each command turns every one of
+    its parameters into the flag it really has (``--lr``, not an invented ``--learning-rate``)."""
+    import typer.main
+
+    from loramerge.cli.present import as_flags, command_flags
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        flags = command_flags(command.callback.__wrapped__)
+        for parameter in command.params:
+            if parameter.param_type_name != "option":
+                continue
+            shown = as_flags(f"`{parameter.name}='x'`: bad", flags)
+            assert shown.split()[0] in parameter.opts, (name, parameter.name, shown)
+
+
+def test_the_library_names_no_command_line_flag():
+    """Messages outside the command line name parameters, never ``--flags`` (the CLI maps them): every string
+    inside a ``BadInput(...)`` call of the library, implicit concatenations and f-strings included."""
+    import ast
+    import re
+
+    flag = re.compile(r"(?<![\w`-])--[a-z]")
+    offenders = []
+    for path in (ROOT / "src" / "loramerge").rglob("*.py"):
+        if "cli" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "BadInput":
+                texts = [n.value for arg in node.args for n in ast.walk(arg)
+                         if isinstance(n, ast.Constant) and isinstance(n.value, str)]  # fmt: skip
+                offenders += [f"{path.name}:{node.lineno}: {text}" for text in texts if flag.search(text)]
+    assert not offenders, offenders

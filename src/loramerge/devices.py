@@ -12,10 +12,12 @@ def check_device(device: str) -> str:
 
     kind, _, index = device.partition(":")
     if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
-        raise BadInput(f"--device {device}: choose cpu, cuda or cuda:N")
+        raise BadInput(f"`device='{device}'`: choose cpu, cuda or cuda:N", param="device")
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise BadInput(f"--device {device}: no CUDA device is available to torch {torch.__version__}")
+            why = f"no CUDA device is available to torch {torch.__version__}"
+            raise BadInput(f"`device='{device}'`: {why}", param="device")
         if index and int(index) >= torch.cuda.device_count():
-            raise BadInput(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+            why = f"torch sees {torch.cuda.device_count()} CUDA device(s)"
+            raise BadInput(f"`device='{device}'`: {why}", param="device")
     return device

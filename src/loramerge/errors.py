@@ -2,7 +2,12 @@
 
 
 class BadInput(ValueError):
-    """The inputs or parameters cannot be merged as asked."""
+    """The inputs or parameters cannot be merged as asked. ``param`` names the parameter at fault, where one is
+    (its message names it as Python spells it, `` `device='tpu'` ``, which the command line turns into its flag)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def brief(error: BaseException, limit: int = 200) -> str:

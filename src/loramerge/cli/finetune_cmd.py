@@ -32,7 +32,7 @@ def finetune(
     text_field: str = typer.Option(None, help=TEXT_FIELD_HELP),
     max_samples: int = typer.Option(None, help="At most this many examples from each file."),
     steps: int = typer.Option(Defaults.steps, help="Optimizer steps."),
-    lr: float = typer.Option(
+    learning_rate: float = typer.Option(
         Defaults.learning_rate, "--lr", help="Peak learning rate (AdamW, warm-up, cosine decay; docs/finetune.md)."
     ),
     batch_size: int = typer.Option(Defaults.batch_size, help="Examples per step."),
@@ -50,7 +50,7 @@ def finetune(
     from loramerge.train.finetune import finetune as run_finetune
     from loramerge.train.finetune import mixed
 
-    options = Defaults(steps=steps, learning_rate=lr, batch_size=batch_size, seed=seed, device=device,
+    options = Defaults(steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed, device=device,
                        load_in_4bit=load_in_4bit, rank=rank, dtype=dtype)  # fmt: skip
     base = base or load_adapter(adapter).base_model
     if not base:

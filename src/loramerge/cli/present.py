@@ -39,7 +39,7 @@ console = Console(stderr=True, highlight=False, markup=False, emoji=False)  # pa
 out = Console(highlight=False, markup=False, emoji=False)
 
 
-_state: dict[str, object] = {"debug": False, "written": None}
+_state: dict[str, object] = {"debug": False, "written": None, "flags": {}}
 
 
 def mark_written(folder: Path) -> None:
@@ -65,9 +65,12 @@ def _save_traceback() -> str:
 def reports_errors(command: F) -> F:
     """Turn library errors into one line and an exit code; ``--debug`` shows the traceback."""
 
+    flags = command_flags(command)
+
     @functools.wraps(command)
     def wrapper(*args: object, **kwargs: object) -> object:
         _state["written"] = None
+        _state["flags"] = flags
         try:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
@@ -110,13 +113,26 @@ def one_line(error: BaseException) -> str:
 _PARAMETER = re.compile(r"`(\w+)(?:=(?:'([^']*)'|([^`]*)))?`")
 
 
-def as_flags(text: str) -> str:
+def command_flags(command: Callable[..., object]) -> dict[str, str]:
+    """Parameter name -> the command's own flag (``learning_rate`` -> ``--lr``), from its signature."""
+    import inspect
+
+    flags = {}
+    for name, parameter in inspect.signature(command).parameters.items():
+        declared = [d for d in getattr(parameter.default, "param_decls", None) or () if d.startswith("--")]
+        flags[name] = declared[0] if declared else "--" + name.replace("_", "-")
+    return flags
+
+
+def as_flags(text: str, flags: dict[str, str] | None = None) -> str:
     """The library names parameters as Python spells them (`` `force=True` ``, `` `space='core'` ``); the
-    command line says ``--force``, ``--space core``."""
+    command line says ``--force``, ``--space core``: each name becomes the running command's flag for it
+    (``flags``, default: the command ``reports_errors`` runs)."""
+    known: dict[str, str] = _state["flags"] if flags is None else flags  # type: ignore[assignment]
 
     def flag(match: re.Match[str]) -> str:
         name, quoted, value = match.group(1), match.group(2), match.group(3)
-        option = "--" + name.replace("_", "-")
+        option = known.get(name, "--" + name.replace("_", "-"))
         given = quoted if quoted is not None else value
         return option if given in (None, "True") else f"{option} {given}"
 

@@ -67,13 +67,13 @@ def build_job(
     adapters, _, _ = adapter_merge_inputs(recipe)
     base = base or (recipe.evaluate.base if recipe.evaluate else None) or adapters[0].base_model
     if not base:
-        raise BadInput("search: the adapters name no base model; give --base")
+        raise BadInput("search: the adapters name no base model; give the base model (`base`)", param="base")
     if not data:
         raise BadInput("search: give at least one dev data file (`data`)")
     if threads < 1:
-        raise BadInput(f"--threads must be at least 1, got {threads}")
+        raise BadInput(f"`threads` must be at least 1, got {threads}", param="threads")
     if max_samples is not None and max_samples < 1:
-        raise BadInput(f"--max-samples must be at least 1, got {max_samples}")
+        raise BadInput(f"`max_samples` must be at least 1, got {max_samples}", param="max_samples")
     # plain text (``text_field``) or prompt/completion pairs
     fields = {"text_field": text_field} if text_field else {"prompt_field": prompt_field,
                                                             "completion_field": completion_field}  # fmt: skip

@@ -76,19 +76,25 @@ def make_optimizer(job: SearchJob, name: str, budget: int, batch: int):
 def check_settings(job: SearchJob, objective: str, optimizer: str, budget: int, batch: int) -> None:
     """Refuse, before any worker starts, settings that cannot run (an objective the dev data cannot give)."""
     if budget < 1 or batch < 1:
-        raise BadInput(f"--budget and --batch must be at least 1 (got {budget} and {batch})")
+        raise BadInput(f"`budget` and `batch` must be at least 1 (got {budget} and {batch})", param="budget")
     registry = nevergrad_module().optimizers.registry
     if optimizer not in registry:
-        raise BadInput(f"--optimizer {optimizer}: not a nevergrad optimiser (e.g. CMA, TwoPointsDE, DE, OnePlusOne)")
+        raise BadInput(
+            f"`optimizer='{optimizer}'`: not a nevergrad optimiser (e.g. CMA, TwoPointsDE, DE, OnePlusOne)",
+            param="optimizer",
+        )
     if batch > 1 and getattr(registry[optimizer], "no_parallelization", False):
-        raise BadInput(f"--optimizer {optimizer}: does not support parallelization (try --batch 1)")
+        why = "does not support parallelization (try `batch=1`)"
+        raise BadInput(f"`optimizer='{optimizer}'`: {why}", param="optimizer")
     refusal = _build_refusal(job, optimizer, budget, batch)
     if refusal:
-        raise BadInput(f"--optimizer {optimizer}: {refusal}")
+        raise BadInput(f"`optimizer='{optimizer}'`: {refusal}", param="optimizer")
     if objective not in ("exact_match", "loss"):
-        raise BadInput(f"--objective {objective}: choose exact_match or loss")
+        raise BadInput(f"`objective='{objective}'`: choose exact_match or loss", param="objective")
     if objective == "exact_match" and not all(any(s.prompt for s in samples) for samples in job.dev.values()):
-        raise BadInput("--objective exact_match needs prompt/completion dev data; use --objective loss")
+        raise BadInput(
+            "`objective='exact_match'` needs prompt/completion dev data; use `objective='loss'`", param="objective"
+        )
 
 
 def _build_refusal(job: SearchJob, optimizer: str, budget: int, batch: int) -> str:
@@ -124,7 +130,7 @@ def best_exact_match(references: Sequence[Scores], objective: Objective) -> dict
     best = {name: max(r.exact_match[name] or 0.0 for r in references) for name in references[0].exact_match}
     if objective == "exact_match" and not any(best.values()):
         raise BadInput("no input adapter gets any dev example right: exact match cannot guide the search; "
-                       "use --objective loss")  # fmt: skip
+                       "use `objective='loss'`", param="objective")  # fmt: skip
     return best
 
 

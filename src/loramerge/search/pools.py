@@ -93,7 +93,7 @@ def ray_module():
     try:
         import ray
     except ImportError:
-        raise BadInput("--ray-address needs Ray: pip install 'loramerge[ray]'") from None
+        raise BadInput("`ray_address` needs Ray: pip install 'loramerge[ray]'", param="ray_address") from None
     return ray
 
 
@@ -113,7 +113,9 @@ def ray_actors(job: SearchJob, workers: int, address: str) -> Iterator[Pool]:
         elif connected:
             ray.init(address=address, **quiet)
     except (ConnectionError, ValueError, RuntimeError) as error:
-        raise BadInput(f"--ray-address {address}: cannot connect to Ray ({str(error).splitlines()[0]})") from None
+        raise BadInput(
+            f"`ray_address='{address}'`: cannot connect to Ray ({str(error).splitlines()[0]})", param="ray_address"
+        ) from None
     actors = []
     try:
         resources = {"num_gpus": 1} if job.device.startswith("cuda") else {"num_cpus": job.threads}
@@ -144,14 +146,15 @@ def check_capacity(offered: dict, each: dict, workers: int, address: str) -> Non
     for name, amount in each.items():
         kind = {"num_cpus": "CPU", "num_gpus": "GPU"}[name]
         if offered.get(kind, 0) < workers * amount:
-            raise BadInput(f"--ray-address {address}: the cluster offers {offered.get(kind, 0):g} {kind}s, and "
-                           f"--workers {workers} need {workers * amount:g}; lower --workers or --threads")  # fmt: skip
+            raise BadInput(f"`ray_address='{address}'`: the cluster offers {offered.get(kind, 0):g} {kind}s, and "
+                           f"`workers={workers}` need {workers * amount:g}; lower `workers` or `threads`",
+                           param="workers")  # fmt: skip
 
 
 def evaluator_pool(job: SearchJob, workers: int = 1, ray_address: str | None = None):
     """The pool the options ask for: Ray with an address, else local processes, else this process."""
     if workers < 1:
-        raise BadInput(f"--workers must be at least 1, got {workers}")
+        raise BadInput(f"`workers` must be at least 1, got {workers}", param="workers")
     if ray_address:
         return ray_actors(job, workers, ray_address)
     return local_processes(job, workers) if workers > 1 else in_process(job)

@@ -111,7 +111,7 @@ def search_space(recipe: Recipe, weight_bounds: str = "0:2", tune: Sequence[str]
         raise BadInput("search: the recipe folds its merge (output.format: dense); search the adapter merge")
     values = recipe_option_values(recipe)
     options = parse_options(**values)
-    low, high = parse_bounds(weight_bounds, "--weight-range")
+    low, high = parse_bounds(weight_bounds, "`weight_range`")
     names = [Path(entry.adapter).name for entry in recipe.adapters or []]
     if len(set(names)) < len(names):
         names = [str(i) for i in range(len(names))]
@@ -124,15 +124,17 @@ def search_space(recipe: Recipe, weight_bounds: str = "0:2", tune: Sequence[str]
         name, _, bounds = item.partition("=")
         if name not in tunable:
             known = ", ".join(sorted(tunable)) or "none"
-            raise BadInput(f"--tune {item}: method {options.method} has no numeric parameter {name!r} ({known})")
+            raise BadInput(
+                f"`tune='{item}'`: method {options.method} has no numeric parameter {name!r} ({known})", param="tune"
+            )
         if any(d.name == name for d in dimensions):
-            raise BadInput(f"--tune {item}: {name} is tuned twice")
-        p_low, p_high = parse_bounds(bounds, f"--tune {name}")
+            raise BadInput(f"`tune='{item}'`: {name} is tuned twice", param="tune")
+        p_low, p_high = parse_bounds(bounds, f"`tune='{name}'`")
         dimensions.append(Dimension(name, tunable[name], p_low, p_high))
     space = SearchSpace(recipe, tuple(dimensions), values)
     for corner in ([d.low for d in dimensions], [d.high for d in dimensions]):
         try:  # an impossible bound (density 1.5, say) is refused now, not in a worker
             space.options(corner)
         except BadInput as error:
-            raise BadInput(f"--tune: a bound is out of range: {error}") from None
+            raise BadInput(f"`tune`: a bound is out of range: {error}", param="tune") from None
     return space
