@@ -175,7 +175,7 @@ def test_bad_search_inputs_are_one_line(recipe, tmp_path, monkeypatch):
     for where in (["--workers", "1"], ["--workers", "2"], ["--workers", "2", "--ray-address", "local"]):
         missing = run("search", recipe, "--base", tmp_path / "nope", "-o", out, "--data", DEV[0], *where)
         assert_clean_failure(missing, "nope: no such folder", out)
-    with pytest.raises(BadInput, match="the cluster offers 2 CPUs, and --workers 3 need 3"):
+    with pytest.raises(BadInput, match="the cluster offers 2 CPUs, and `workers=3` need 3"):
         check_capacity({"CPU": 2.0}, {"num_cpus": 1}, 3, "auto")  # actors Ray could never place
     monkeypatch.setitem(sys.modules, "nevergrad", None)
     assert_clean_failure(search_cli(recipe, out), "pip install 'loramerge[search]'", out)
