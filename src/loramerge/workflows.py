@@ -56,7 +56,7 @@ def adapter_recipe_plan(
     adapters, weights, options = adapter_merge_inputs(recipe, allow_nonfinite, seed=seed, device=device)
     fold_into = None
     if recipe.folds_adapters:
-        fold_into = recipe.output.base or next((a.base_model for a in adapters if a.base_model), None)
+        fold_into = recipe.output.base or next((a.base_ref for a in adapters if a.base_ref), None)
         if not fold_into:
             raise BadInput("output.base: name the base to fold into (the adapters record none)")
     base = recipe.base_model or fold_into
@@ -75,7 +75,7 @@ def evaluate_recipe(
     adapters = [entry.adapter for entry in recipe.adapters or []]
     base = spec.base or recipe.base_model
     if base is None and adapters:
-        base = load_adapter(adapters[0]).base_model
+        base = load_adapter(adapters[0]).base_ref
     if base is None:
         raise BadInput("evaluate.base: name the base model to compare with")
     files = [spec.data] if isinstance(spec.data, str) else spec.data

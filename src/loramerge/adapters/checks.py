@@ -59,10 +59,10 @@ def check_layouts(adapters: Sequence[LoraAdapter]) -> None:
 
 def check_base_models(adapters: Sequence[LoraAdapter], strict: bool) -> list[str]:
     """Different ``base_model_name_or_path`` values: an error when strict, else a warning returned."""
-    bases = {adapter.base_model for adapter in adapters if adapter.base_model}
+    bases = {adapter.base_ref for adapter in adapters if adapter.base_ref}
     if len(bases) <= 1:
         return []
-    detail = "; ".join(f"{adapter.name}: {adapter.base_model}" for adapter in adapters)
+    detail = "; ".join(f"{adapter.name}: {adapter.base_ref}" for adapter in adapters)
     if strict:
         raise BadInput(f"adapters name different base models ({detail})")
     return [f"adapters name different base models ({detail}); merging anyway (`strict=True` refuses)"]

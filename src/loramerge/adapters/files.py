@@ -18,6 +18,7 @@ from loramerge.errors import BadInput, brief
 from loramerge.io.hub import resolve_folder
 from loramerge.io.output import output_folder
 from loramerge.io.peft_config import validate_lora_config
+from loramerge.io.portable_base import card_with_local_base, local_base_of, portable_base
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -96,6 +97,8 @@ def load_adapter(ref: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapt
     config = read_config(folder, source)
     adapter = adapter_from_state(read_state_dict(folder, source), config, source, allow_nonfinite=allow_nonfinite)
     adapter.path = folder
+    if (folder / "README.md").is_file():
+        adapter.local_base = local_base_of((folder / "README.md").read_text(errors="replace"))
     return adapter
 
 
@@ -161,12 +164,17 @@ def adapter_state_dict(adapter: LoraAdapter, dtype: torch.dtype | None = None) -
 def save_adapter(
     adapter: LoraAdapter, path: str | Path, *, force: bool = False, dtype: torch.dtype | None = None
 ) -> Path:
-    """Write ``adapter_config.json``, ``adapter_model.safetensors`` and the model card, atomically."""
+    """Write ``adapter_config.json``, ``adapter_model.safetensors`` and the model card, atomically. A GGUF base
+    is named by its source model's Hub id, loramerge's reference kept in the card (``io.portable_base``)."""
     target = Path(path)
     state = adapter_state_dict(adapter, dtype)
+    base, local = portable_base(adapter.base_model)
+    local = local or adapter.local_base
+    config = {**adapter.config, "base_model_name_or_path": base}
+    card = card_with_local_base(adapter.card, local, base) if local else adapter.card
     with output_folder(target, force=force) as folder:
-        folder.json(CONFIG_NAME, adapter.config)
+        folder.json(CONFIG_NAME, config)
         folder.tensors(SAFETENSORS_NAME, state)
-        if adapter.card is not None:
-            folder.card(adapter.card)
+        if card is not None:
+            folder.card(card)
     return target

@@ -31,6 +31,7 @@ from loramerge.adapters.param_targets import config_ranks
 from loramerge.errors import BadInput
 from loramerge.io.model_card import MergeRecord, merged_adapter_card
 from loramerge.io.peft_config import merged_lora_config
+from loramerge.io.portable_base import portable_base
 from loramerge.io.sizes import human_bytes
 from loramerge.kernels import KernelSpec, get_kernel, row_blocks, run_kernel, runs_by_rows, with_cutoffs
 from loramerge.kernels.methods import linear
@@ -429,11 +430,12 @@ def execute_plan(plan: MergePlan, progress: Progress | None = None) -> LoraAdapt
             progress(done, len(plan.modules), module.name)
     dense = {name: merge_dense(plan, name).to(plan.out_dtype) for name in plan.dense}
     configs = [adapter.config for adapter in plan.adapters]
-    base_model = next((a.base_model for a in plan.adapters if a.base_model), None)
+    base_model, local_base = portable_base(next((a.base_model for a in plan.adapters if a.base_model), None))
+    local_base = local_base or next((a.local_base for a in plan.adapters if a.local_base), None)
     to_save = {m for config in configs for m in (config.get("modules_to_save") or [])}
     ranks, parameter_rank = config_ranks({m.name: m.output_rank for m in plan.modules})
     config = merged_lora_config(configs, ranks, base_model, sorted(to_save), plan.dora, plan.bias, parameter_rank)
-    merged = LoraAdapter(modules=modules, config=config, dense=dense, source="merged")
+    merged = LoraAdapter(modules=modules, config=config, dense=dense, source="merged", local_base=local_base)
     merged.card = merged_adapter_card(plan.record(), base_model)
     return merged
 

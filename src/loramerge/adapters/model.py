@@ -88,10 +88,17 @@ class LoraAdapter:
     path: Path | None = None
     stored_dtype: torch.dtype | None = None  # of the file's tensors, where the modules were computed in float32
     stored_parameters: int | None = None  # entries of the file's tensors, where they are not the factors (LoHa, LoKr)
+    local_base: str | None = None  # loramerge's reference to the base where the config names its Hub id (a GGUF)
 
     @property
     def base_model(self) -> str | None:
+        """The base as PEFT sees it (``base_model_name_or_path``)."""
         return self.config.get("base_model_name_or_path")
+
+    @property
+    def base_ref(self) -> str | None:
+        """The base as loramerge reads it: the local reference recorded beside a Hub id, else the config's."""
+        return self.local_base or self.base_model
 
     @property
     def fan_in_fan_out(self) -> bool:

@@ -52,7 +52,7 @@ def finetune(
 
     options = Defaults(steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed, device=device,
                        load_in_4bit=load_in_4bit, rank=rank, dtype=dtype)  # fmt: skip
-    base = base or load_adapter(adapter).base_model
+    base = base or load_adapter(adapter).base_ref
     if not base:
         raise BadInput(f"adapter {adapter}: it names no base model; give --base")
     sets = [load_samples(path, prompt_field=prompt_field, completion_field=completion_field, text_field=text_field,

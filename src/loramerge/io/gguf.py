@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import io
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -150,3 +151,33 @@ def dense_folder(ref: str | Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+_QUANT_SUFFIX = re.compile(r"[.-](?:I?Q\d\w*|F16|BF16|F32)$", re.IGNORECASE)  # SmolLM2-135M-Instruct.Q4_1
+
+
+def source_model_id(path: Path) -> str | None:
+    """The Hub id of the model a GGUF file was converted from, where its metadata says: the source repository
+    llama.cpp's converter records (``general.source.huggingface.repository``, or a ``huggingface.co`` URL),
+    else the organization it names and the file's name without its quantization suffix; None otherwise."""
+    import gguf
+
+    try:
+        fields = gguf.GGUFReader(str(path)).fields
+    except (ValueError, OSError):
+        return None
+
+    def text(key: str) -> str | None:
+        field = fields.get(key)
+        value = field.contents() if field is not None else None
+        return value if isinstance(value, str) and value else None
+
+    repository = text("general.source.huggingface.repository")
+    if repository:
+        return repository
+    url = text("general.source.url") or ""
+    if "huggingface.co/" in url:
+        return "/".join(url.split("huggingface.co/", 1)[1].split("/")[:2])
+    organization = text("general.organization")
+    name = _QUANT_SUFFIX.sub("", path.name.removesuffix(GGUF_SUFFIX))
+    return f"{organization}/{name}" if organization and name else None

@@ -65,7 +65,7 @@ def build_job(
     input is reported here, once, before any worker starts."""
     space = search_space(recipe, weight_range, tune)
     adapters, _, _ = adapter_merge_inputs(recipe)
-    base = base or (recipe.evaluate.base if recipe.evaluate else None) or adapters[0].base_model
+    base = base or (recipe.evaluate.base if recipe.evaluate else None) or adapters[0].base_ref
     if not base:
         raise BadInput("search: the adapters name no base model; give the base model (`base`)", param="base")
     if not data:

@@ -23,6 +23,7 @@ from loramerge.evaluate.data import Sample
 from loramerge.evaluate.models import load_model
 from loramerge.io.atomic import check_output_target
 from loramerge.io.output import output_folder
+from loramerge.io.portable_base import card_with_local_base, portable_base
 from loramerge.train.options import FinetuneOptions
 
 Progress = Callable[[int, int, str], None]
@@ -111,10 +112,12 @@ def finetune(
         trainer.train()
     model.eval()
     _cast_trained(model, dtype)
-    model.peft_config["default"].base_model_name_or_path = base  # trained on this base, whatever it said before
+    portable, local = portable_base(base)  # a GGUF base: named by its Hub id, loramerge's reference in the card
+    model.peft_config["default"].base_model_name_or_path = portable  # trained on this base, whatever it said
+    card = _card(adapter, base, len(samples), options, losses, dtype)
     with output_folder(target, force=force) as folder:
         model.save_pretrained(folder.staging)
-        folder.card(_card(adapter, base, len(samples), options, losses, dtype))
+        folder.card(card_with_local_base(card, local, portable) if local else card)
     return target, losses
 
 
