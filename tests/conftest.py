@@ -116,7 +116,7 @@ def rel_err(x: torch.Tensor, y: torch.Tensor) -> float:
     return ((x - y).norm() / y.norm().clamp_min(1e-30)).item()
 
 
-# Reliability figures (README, "Reliability"), counted from this run's passing tests.
+# Reliability figures (docs/reliability.md), counted from this run's passing tests.
 _PASSED: list[str] = []
 
 

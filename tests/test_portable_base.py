@@ -78,19 +78,19 @@ def test_an_adapter_naming_the_package_file_still_merges_with_one_naming_the_hub
     )
 
 
-def test_the_readme_loads_a_merge_on_the_gguf_base_with_plain_transformers(tmp_path, monkeypatch):
-    """The README's block, run as written (``out/pair`` is the quick start's merge, made here)."""
+def test_the_docs_load_a_merge_on_the_gguf_base_with_plain_transformers(tmp_path, monkeypatch):
+    """The GGUF page's block, run as written (``out/pair`` is the quick start's merge, made here)."""
     import re
 
     import torch
 
-    readme = (ROOT / "README.md").read_text()
-    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "gguf_file=" in b)
+    page = (ROOT / "docs" / "fold-extract-gguf.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "gguf_file=" in b)
     monkeypatch.chdir(tmp_path)
     result = run("merge", ROOT / "adapters" / "sentiment", ROOT / "adapters" / "dates", "-o", "out/pair")
     assert result.exit_code == 0, result.output
     scope: dict[str, object] = {}
-    exec(compile(block, "README.md", "exec"), scope)
+    exec(compile(block, "fold-extract-gguf.md", "exec"), scope)
     model, tokenizer = scope["model"], scope["tokenizer"]
     ids = tokenizer("Review: a wonderful film. Sentiment:", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -1,11 +1,11 @@
-"""Every figure in the README's benchmark sections is copied from a results file under benchmarks/results/.
+"""Every figure of the documentation's benchmark pages is copied from a results file under benchmarks/results/.
 
-What counts as a figure (``figures``): in the text of a checked section, every number with a unit (s, ms,
+What counts as a figure (``figures``): in the text of a checked page, every number with a unit (s, ms,
 min, MiB, GiB, MB, GB, %, ×) and every number with a decimal point or an exponent; in its tables, every
 number in a cell. Not figures: numbers inside code (commands and flags are inputs), link targets, numbers
 glued to a word (``SmolLM2``, ``bf16``), and the phrases listed in ``NON_FIGURES`` with the reason each is
 no measurement. A figure is traced when a results file (``.md``, ``.json``, ``.yml``; not the raw ``.csv``
-tables, whose thousands of numbers would match anything) holds the same number rounded as the README shows
+tables, whose thousands of numbers would match anything) holds the same number rounded as the page shows
 it (``0.992`` for ``0.9916…``), with the same unit or none; versions (``0.1.5``) must appear as they are.
 """
 
@@ -18,18 +18,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 RESULTS = ROOT / "benchmarks" / "results"
 
-# heading -> what is checked: "all" (text and tables) or "tables" (the demo tables only)
+# page -> what is checked: "all" (text and tables) or "tables" (the demo tables only)
 SECTIONS = {
-    "## Which method? (quality benchmark)": "all",
-    "## Speed and memory": "all",
-    "## After the merge: fine-tune": "tables",
-    "## After the merge: search merge weights": "tables",
+    "quality.md": "all",
+    "benchmarks.md": "all",
+    "after-the-merge.md": "tables",
 }
 
-# Phrases of those sections whose numbers are no measurement, each with the reason; each must be in the README.
+# Phrases of those pages whose numbers are no measurement, each with the reason; each must be in them.
 NON_FIGURES = {
     "about 40 min on 2 CPU cores": "how long quality.py runs, to plan a run; the earlier run did not record its time",
     "ε = 0.15": "DELLA's default epsilon: a setting of the benchmark",
@@ -70,17 +69,15 @@ def without_code(text: str) -> str:
     return text
 
 
-def section(readme: str, heading: str) -> str:
-    start = readme.index(f"\n{heading}\n")
-    ends = [readme.find(marker, start + 1) for marker in ("\n## ", "\n### ")]
-    return readme[start : min([end for end in ends if end != -1] or [len(readme)])]
+def section(page: str) -> str:
+    return (DOCS / page).read_text(encoding="utf-8")
 
 
-def figures(readme: str) -> list[tuple[str, Figure, str]]:
-    """(section, figure, the line it is on) for every figure of the checked sections."""
+def figures() -> list[tuple[str, Figure, str]]:
+    """(page, figure, the line it is on) for every figure of the checked pages."""
     found = []
     for heading, scope in SECTIONS.items():
-        for line in without_code(section(readme, heading)).splitlines():
+        for line in without_code(section(heading)).splitlines():
             table = line.lstrip().startswith("|")
             if scope == "tables" and not table:
                 continue
@@ -114,21 +111,20 @@ def traced(figure: Figure, pool: dict[str | None, list[str]]) -> bool:
     return any(_rounds_to(number, value) for value in candidates)
 
 
-def test_the_sections_and_non_figures_are_in_the_readme():
-    readme = README.read_text(encoding="utf-8")
-    for heading in SECTIONS:
-        assert f"\n{heading}\n" in readme, f"README section renamed or gone: {heading}"
-    checked = "".join(section(readme, heading) for heading in SECTIONS)
+def test_the_pages_and_non_figures_are_in_the_docs():
+    for page in SECTIONS:
+        assert (DOCS / page).is_file(), f"benchmark page renamed or gone: {page}"
+    checked = "".join(section(page) for page in SECTIONS)
     stale = [phrase for phrase in NON_FIGURES if phrase not in checked]
-    assert not stale, f"NON_FIGURES lists phrases the README no longer has: {stale}"
+    assert not stale, f"NON_FIGURES lists phrases the pages no longer have: {stale}"
 
 
-def test_every_readme_figure_is_in_a_results_file():
+def test_every_documented_figure_is_in_a_results_file():
     pool = results_pool()
-    missing = [f"{heading}: {number}{' ' + unit if unit else ''} in: {line}"
-               for heading, (number, unit), line in figures(README.read_text(encoding="utf-8"))
+    missing = [f"{page}: {number}{' ' + unit if unit else ''} in: {line}"
+               for page, (number, unit), line in figures()
                if not traced((number, unit), pool)]  # fmt: skip
-    assert not missing, "README figures found in no file under benchmarks/results/:\n" + "\n".join(missing)
+    assert not missing, "figures found in no file under benchmarks/results/:\n" + "\n".join(missing)
 
 
 @pytest.mark.parametrize(
