@@ -76,9 +76,10 @@ def test_no_import_cycles():
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
-FOUNDATION = {"errors", "catalogue", "seeding", "threads", "devices", "recipe"}
+FOUNDATION = {"errors", "catalogue", "seeding", "threads", "devices", "dtypes", "recipe"}
 MAY_IMPORT = {  # package -> the packages it may use (docs/architecture.md); the foundation is open to all
-    "errors": set(), "catalogue": set(), "seeding": set(), "threads": set(), "devices": set(), "recipe": set(),
+    "errors": set(), "catalogue": set(), "seeding": set(), "threads": set(), "devices": set(), "dtypes": set(),
+    "recipe": set(),
     "kernels": set(), "lowrank": set(), "io": set(),
     "adapters": {"kernels", "lowrank", "io"},
     "folding": {"adapters", "lowrank", "io"},

@@ -218,3 +218,23 @@ def test_inspect_is_readable_in_80_columns(mixed_adapters):
     for path in mixed_adapters:
         assert str(path).replace(" ", "") in cells.replace(" ", "") or str(path) in result.stdout, path
     assert all(field in result.stdout for field in ("type", "base model", "ranks", "scale", "mean ‖Δ‖"))
+
+
+def test_out_shard_size_reaches_every_full_model_output(mixed_adapters, llama_base, tmp_path):
+    """``--out-shard-size`` means one thing wherever a full model is written: ``merge --fold-into`` and an
+    adapter recipe folded by ``run`` shard at it too (it used to be ignored there); an adapter output warns."""
+    import yaml
+
+    first, second = (str(path) for path in mixed_adapters[:2])
+    folded = run("merge", first, second, "--fold-into", llama_base, "--out-shard-size", "100KB", "-o",
+                 tmp_path / "folded")  # fmt: skip
+    assert folded.exit_code == 0, folded.output
+    assert len(list((tmp_path / "folded").glob("model-*.safetensors"))) > 1
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "adapters": [{"adapter": first}, {"adapter": second}],
+                                      "output": {"format": "dense", "base": str(llama_base)}}))  # fmt: skip
+    ran = run("run", recipe, "--out-shard-size", "100KB", "-o", tmp_path / "ran")
+    assert ran.exit_code == 0, ran.output
+    assert len(list((tmp_path / "ran").glob("model-*.safetensors"))) > 1
+    adapter = run("merge", first, second, "--out-shard-size", "100KB", "-o", tmp_path / "adapter")
+    assert adapter.exit_code == 0 and "applies to a full model" in adapter.stderr

@@ -14,11 +14,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import ErrorDetails
 
+from loramerge.dtypes import DtypeName
 from loramerge.errors import BadInput
 
 Scalar = bool | int | float | str
 ScalarOrGradient = Scalar | list[Scalar]
-Dtype = Literal["float32", "float16", "bfloat16"]
+Dtype = DtypeName
 
 
 class Strict(BaseModel):

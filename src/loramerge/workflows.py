@@ -40,11 +40,14 @@ def write_merged_adapter(
     fold_into: str | None = None,
     card_note: str = "",
     progress: Progress | None = None,
+    shard_size: str | None = None,
 ) -> None:
-    """Write a merged adapter, or (``fold_into``) that base with the merge folded in (``progress``: the fold),
-    in the dtype the plan asks for (default: the adapters' or the base's)."""
+    """Write a merged adapter, or (``fold_into``) that base with the merge folded in (``progress``: the fold;
+    ``shard_size``: its largest shard, default the base's), in the dtype the plan asks for (default: the
+    adapters' or the base's)."""
     if fold_into:
-        fold(merged, fold_into, target, dtype=plan.options.dtype, force=force, progress=progress, card_note=card_note)
+        fold(merged, fold_into, target, dtype=plan.options.dtype, force=force, progress=progress, card_note=card_note,
+             shard_size=shard_size)  # fmt: skip
     else:
         save_adapter(merged, target, force=force, dtype=plan.out_dtype)
 
@@ -128,6 +131,7 @@ def merge_via_dense(
     fold_into: str | None,
     force: bool = False,
     progress: Progress | None = None,
+    shard_size: str | None = None,
 ) -> DenseMergeResult:
     """Fold each adapter with PEFT, merge the dense deltas with the options' method, and write the folded model
     (``fold_into``) or a LoRA extracted from the merged deltas at ``rank``."""
@@ -137,7 +141,8 @@ def merge_via_dense(
     weights = check_via_dense(refs, weights, options, rank=rank, fold_into=fold_into)
     merge = merge_dense_deltas(base, refs, weights, options, [peft_type_of(ref) for ref in refs])
     if fold_into:
-        fold(as_exact_adapter(merge), fold_into, target, dtype=options.dtype, force=force, progress=progress)
+        fold(as_exact_adapter(merge), fold_into, target, dtype=options.dtype, force=force, progress=progress,
+             shard_size=shard_size)  # fmt: skip
         return DenseMergeResult(len(merge.deltas))
     inputs = [(ref, weight) for ref, _, weight in merge.inputs]
     parameters = {"adapters": [{"adapter": ref, "weight": w} for ref, w in inputs], "via": "PEFT merge_and_unload",

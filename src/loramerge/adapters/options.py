@@ -10,11 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from loramerge import catalogue
 from loramerge.catalogue import DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_SPACE
 from loramerge.devices import check_device
+from loramerge.dtypes import DtypeName, torch_dtypes
 from loramerge.errors import BadInput
 from loramerge.kernels import preset_params
 from loramerge.recipe import validation_problem
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = torch_dtypes()
 Space = Literal["core", "full", "factors"]
 Strategy = Literal["module", "concat", "core", "full", "factors"]
 
@@ -33,7 +34,7 @@ class MergeOptions(BaseModel):
     preset: Literal["peft", "mergekit"] = "peft"
     seed: int = 0
     full_svd: Literal["auto", "exact", "randomized"] = "auto"
-    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    dtype: DtypeName | None = None
     strict: bool = False
     device: str = "cpu"
     params: dict[str, float | str] = Field(default_factory=dict)  # the method's own parameters (alpha, keep, …)

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import typer
 
-from loramerge.cli.present import BASE_HELP, mark_written, out, print_warnings, progress_bar, publish, reports_errors
+from loramerge.cli.present import (
+    BASE_HELP,
+    SHARD_HELP,
+    mark_written,
+    out,
+    print_warnings,
+    progress_bar,
+    publish,
+    reports_errors,
+)
 from loramerge.errors import BadInput
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -20,7 +29,9 @@ def check_quant_type(value: str | None, option: str) -> str | None:
 
 
 def check_dtype(value: str | None) -> str | None:
-    if value is not None and value not in ("float32", "float16", "bfloat16"):
+    from loramerge.dtypes import DTYPE_NAMES
+
+    if value is not None and value not in DTYPE_NAMES:
         raise BadInput(f"--dtype must be float32, float16 or bfloat16, got {value!r}")
     return value
 
@@ -35,7 +46,7 @@ def fold_command(
     double_quant: bool = typer.Option(True, help="Double quantization of the 4-bit statistics."),
     from_dequantized: bool = typer.Option(False, help="Fold into the 4-bit-rounded weights QLoRA trained on."),
     quant_type: str = typer.Option("nf4", help="4-bit type of --from-dequantized for a full-precision base."),
-    out_shard_size: str = typer.Option(None, help="Largest output shard, e.g. 5GB (default: the base's largest)."),
+    out_shard_size: str = typer.Option(None, help=SHARD_HELP),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
     allow_nonfinite: bool = typer.Option(False, help="Use input tensors holding NaN or Inf (refused by default)."),
     push_to_hub: str = typer.Option(None, help="Upload the output to this Hub repo (REPO_ID)."),

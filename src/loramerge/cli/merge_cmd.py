@@ -8,7 +8,16 @@ from typing import TYPE_CHECKING
 import typer
 
 from loramerge.catalogue import DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_SPACE, SPACES, adapter_methods, methods
-from loramerge.cli.present import BASE_HELP, DEVICE_HELP, console, publish, reports_errors, run_adapter_plan
+from loramerge.cli.present import (
+    BASE_HELP,
+    DEVICE_HELP,
+    SHARD_HELP,
+    console,
+    print_warnings,
+    publish,
+    reports_errors,
+    run_adapter_plan,
+)
 from loramerge.errors import BadInput
 
 if TYPE_CHECKING:  # the library (and torch) load when a command runs, so --help stays instant
@@ -81,6 +90,7 @@ def merge(
     allow_nonfinite: bool = typer.Option(False, help="Use input tensors holding NaN or Inf (refused by default)."),
     base: str = typer.Option(None, help=BASE_HELP + " DoRA inputs need its weights (default: --fold-into)."),
     fold_into: str = typer.Option(None, help="Fold the merge into this base and write the full model instead."),
+    out_shard_size: str = typer.Option(None, help=SHARD_HELP + " With --fold-into."),
     via_dense: bool = typer.Option(
         False,
         help="Fold each adapter with PEFT (merge_and_unload) and merge the dense deltas: needs --base, and --rank "
@@ -99,6 +109,7 @@ def merge(
     from loramerge.adapters.options import parse_options
     from loramerge.dense.peft_fold import peft_type_of
     from loramerge.io.atomic import check_output_target
+    from loramerge.io.sizes import parse_size
     from loramerge.workflows import needs_peft_fold
 
     options = parse_options(
@@ -106,6 +117,10 @@ def merge(
         preset=preset, seed=seed, dtype=dtype, device=device, strict=strict, params=parse_params(param),
     )  # fmt: skip
     parse_weights(weights)  # a malformed list is refused before any adapter is read
+    if out_shard_size:
+        parse_size(out_shard_size)
+        if not fold_into:
+            print_warnings(["`out_shard_size` applies to a full model (`fold_into`); an adapter is one file"])
     base = base or fold_into
     inputs = [Path(ref) for ref in [*adapters, *{ref for ref in (base, fold_into) if ref}]]
     target = check_output_target(output, force or dry_run, inputs)
@@ -114,7 +129,7 @@ def merge(
     if via_dense or dense_only:
         if not base:
             raise BadInput("merging through PEFT's fold needs the base model: give --base MODEL (or --fold-into)")
-        _merge_via_dense(adapters, weights, options, base, target, rank, fold_into, force, dry_run)
+        _merge_via_dense(adapters, weights, options, base, target, rank, fold_into, force, dry_run, out_shard_size)
         if dense_only and not via_dense:  # said after the work, so that a refusal stays one line
             names = ", ".join(f"{adapters[i]} ({kinds[i]})" for i in dense_only)
             console.print(f"{names}: no low-rank form, so every input was merged through PEFT's fold (--via-dense)")
@@ -124,12 +139,12 @@ def merge(
     with console.status("reading adapters"):
         loaded = [load_adapter(ref, allow_nonfinite=allow_nonfinite) for ref in adapters]
     plan = plan_merge(loaded, parse_weights(weights), options, base_for_dora(loaded, base))
-    run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into)
+    run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into, shard_size=out_shard_size)
     if not dry_run:
         publish(target, push_to_hub, private)
 
 
-def _merge_via_dense(adapters, weights, options, base, target, rank, fold_into, force, dry_run) -> None:
+def _merge_via_dense(adapters, weights, options, base, target, rank, fold_into, force, dry_run, shard_size) -> None:
     """``merge --via-dense``: every input folded by PEFT, the dense deltas merged, written folded or extracted."""
     from loramerge.workflows import check_via_dense, merge_via_dense
 
@@ -141,7 +156,7 @@ def _merge_via_dense(adapters, weights, options, base, target, rank, fold_into, 
         return
     with console.status("folding each adapter with PEFT and merging the deltas"):
         result = merge_via_dense(list(adapters), weights, options, base, target, rank=rank,
-                                 fold_into=fold_into, force=force)  # fmt: skip
+                                 fold_into=fold_into, force=force, shard_size=shard_size)  # fmt: skip
     line = f"merged {len(adapters)} adapters through PEFT's fold ({result.tensors} tensors changed), {what}"
     if result.relative_error is not None:
         line += f", relative error {result.relative_error:.3g}"

@@ -7,14 +7,22 @@ from pathlib import Path
 
 import typer
 
-from loramerge.cli.present import DEVICE_HELP, out, progress_bar, publish, reports_errors
+from loramerge.cli.present import (
+    DEFAULT_SHARD_SIZE,
+    DEVICE_HELP,
+    SHARD_HELP,
+    out,
+    progress_bar,
+    publish,
+    reports_errors,
+)
 
 
 @reports_errors
 def moe(
     config: Path = typer.Argument(..., help="mergekit-moe YAML config (base_model, experts, gate_mode, …)."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder to write the mixture of experts to."),
-    out_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB or 500MB."),
+    out_shard_size: str = typer.Option(None, help=SHARD_HELP),
     seed: int = typer.Option(0, help="Seed of random routers and expert noise (mergekit's --random-seed)."),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
@@ -29,6 +37,7 @@ def moe(
     from loramerge.moe.config import load_moe_config
 
     parsed = load_moe_config(config)
+    out_shard_size = out_shard_size or DEFAULT_SHARD_SIZE
     parse_size(out_shard_size)
     started = time.perf_counter()
     with progress_bar(None, label=f"routers ({parsed.gate_mode}), then tensors") as update:

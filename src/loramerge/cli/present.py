@@ -207,6 +207,8 @@ def progress_bar(total: int | None, label: str = "merging modules") -> Iterator[
 # help texts of options several commands share, so that each concept reads the same everywhere
 BASE_HELP = "The base model: a folder or Hub id, a .gguf file, pkg:PACKAGE/FILE.gguf, or a 4-bit checkpoint."
 DEVICE_HELP = "Where to compute: cpu | cuda (cuda:1, …)."
+SHARD_HELP = "Largest output shard of a full model, e.g. 5GB or 500MB (default: 5GB; a fold: the base's largest shard)."
+DEFAULT_SHARD_SIZE = "5GB"
 DATA_HELP = "A local JSONL, JSON, CSV, Parquet or text file (repeatable)."
 PROMPT_FIELD_HELP = "The prompt column (default: prompt, where the file has prompt and completion columns)."
 COMPLETION_FIELD_HELP = "The completion column (default: completion, with --prompt-field's default)."
@@ -224,7 +226,13 @@ def print_warnings(warnings: list[str]) -> None:
 
 
 def run_adapter_plan(
-    plan: MergePlan, target: Path, *, dry_run: bool, force: bool, fold_into: str | None = None
+    plan: MergePlan,
+    target: Path,
+    *,
+    dry_run: bool,
+    force: bool,
+    fold_into: str | None = None,
+    shard_size: str | None = None,
 ) -> None:
     """Print a plan's warnings, then either the plan (dry run) or merge with a progress bar and save
     the adapter (or, with ``fold_into``, the base with the merge folded in)."""
@@ -242,7 +250,8 @@ def run_adapter_plan(
         merged = execute_plan(executed_plan(plan, fold_into), update)
     with progress_bar(None, label="folding") if fold_into else nullcontext() as update:
         note = f"Merge: {plan.describe()}."
-        write_merged_adapter(merged, plan, target, force=force, fold_into=fold_into, card_note=note, progress=update)
+        write_merged_adapter(merged, plan, target, force=force, fold_into=fold_into, card_note=note, progress=update,
+                             shard_size=shard_size)  # fmt: skip
     mark_written(target)
     seconds = time.perf_counter() - started
     if fold_into:  # the output is the full model, not the adapter the plan describes

@@ -8,7 +8,9 @@ from pathlib import Path
 import typer
 
 from loramerge.cli.present import (
+    DEFAULT_SHARD_SIZE,
     DEVICE_HELP,
+    SHARD_HELP,
     console,
     evaluation_table,
     mark_written,
@@ -26,7 +28,7 @@ from loramerge.io.sizes import human_bytes
 def run(
     recipe: Path = typer.Argument(..., help="YAML recipe (mergekit's format, or an adapters: list)."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder to write the merged model or adapter to."),
-    out_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB or 500MB."),
+    out_shard_size: str = typer.Option(None, help=SHARD_HELP),
     seed: int = typer.Option(
         None, help="Seed of the random methods (DARE, DELLA); default: the recipe's parameters.seed, else 0."
     ),
@@ -43,9 +45,9 @@ def run(
     parsed = load_recipe(recipe)
     started = time.perf_counter()
     if parsed.is_adapter_recipe:
-        _run_adapters(parsed, output, seed, device, dry_run, force, allow_nonfinite)
+        _run_adapters(parsed, output, out_shard_size, seed, device, dry_run, force, allow_nonfinite)
     else:
-        _run_dense(parsed, output, out_shard_size, seed, device, dry_run, force, allow_nonfinite)
+        _run_dense(parsed, output, out_shard_size or DEFAULT_SHARD_SIZE, seed, device, dry_run, force, allow_nonfinite)
     if not dry_run:
         out.print(f"done in {time.perf_counter() - started:.2f} s -> {output.absolute()}")
         if parsed.evaluate:
@@ -65,14 +67,20 @@ def _evaluate(parsed, output: Path, device: str) -> None:
 
 
 def _run_adapters(
-    parsed, output: Path, seed: int | None, device: str, dry_run: bool, force: bool, allow_nonfinite: bool
-) -> None:
+    parsed, output: Path, shard_size: str | None, seed: int | None, device: str, dry_run: bool, force: bool,
+    allow_nonfinite: bool,
+) -> None:  # fmt: skip
+    from loramerge.io.sizes import parse_size
     from loramerge.workflows import adapter_recipe_plan
 
+    if shard_size:
+        parse_size(shard_size)
     plan, target, fold_into = adapter_recipe_plan(
         parsed, output, seed=seed, device=device, force=force or dry_run, allow_nonfinite=allow_nonfinite
     )
-    run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into)
+    if shard_size and not fold_into:
+        print_warnings(["`out_shard_size` applies to a full model; this recipe writes an adapter (one file)"])
+    run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into, shard_size=shard_size)
 
 
 def _run_dense(

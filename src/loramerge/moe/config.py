@@ -8,6 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from loramerge.dtypes import DtypeName
 from loramerge.errors import BadInput
 from loramerge.recipe import validation_problem
 
@@ -30,7 +31,7 @@ class MoeConfig(BaseModel):
     experts: list[Expert] = Field(min_length=1)
     gate_mode: GateMode = "hidden"
     experts_per_token: int = Field(default=2, ge=1)
-    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    dtype: DtypeName | None = None
     architecture: Literal["mixtral"] | None = None
     noise_scale: float | None = None  # accepted at the top level and ignored, as mergekit does
 
