@@ -689,9 +689,9 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         ],
         "--data <in>/data.jsonl: no field 'question' (fields: prompt, completion, text)",
     ),
-    "eval: prompt field alone": (
-        lambda w: ["eval", "--base", w.base, "--data", w.data, "--prompt-field", "prompt"],
-        "give both --prompt-field and --completion-field, or neither",
+    "eval: whole texts and pairs at once": (
+        lambda w: ["eval", "--base", w.base, "--data", w.data, "--prompt-field", "prompt", "--text-field", "text"],
+        "give either --text-field (whole texts) or --prompt-field/--completion-field (pairs), not both",
     ),
     "eval: corrupt JSONL": (
         lambda w: ["eval", "--base", w.base, "--data", _file(w, "bad.jsonl", '{"text": ')],
@@ -772,6 +772,20 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
     "finetune: missing data": (
         lambda w: ["finetune", w.a, "--base", w.base, "--data", w.root / "none.jsonl", "-o", w.out],
         "--data <in>/none.jsonl: no such file",
+    ),
+    "finetune: whole texts, no prompt/completion pairs": (
+        lambda w: [
+            "finetune",
+            w.a,
+            "--base",
+            w.base,
+            "--data",
+            _file(w, "plain.jsonl", '{"text": "abc"}\n'),
+            "-o",
+            w.out,
+        ],
+        "--data <in>/plain.jsonl: finetune trains on prompt/completion pairs, and this file has whole texts; give "
+        "--prompt-field and --completion-field",
     ),
     "finetune: zero steps": (
         lambda w: ["finetune", w.a, "--base", w.base, "--data", w.data, "--steps", "0", "-o", w.out],

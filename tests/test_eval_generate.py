@@ -83,7 +83,7 @@ def test_eval_bad_inputs(model_dir, tmp_path):
     cases = [
         (["--data", tmp_path / "none.jsonl"], "no such file"),
         (["--data", model_dir["data"], "--prompt-field", "question", "--completion-field", "completion"], "no field"),
-        (["--data", model_dir["data"], "--prompt-field", "prompt"], "give both"),
+        (["--data", model_dir["data"], "--prompt-field", "prompt", "--text-field", "text"], "not both"),
     ]
     for extra, message in cases:
         result = run("eval", "--base", model_dir["base"], *extra)

@@ -37,7 +37,13 @@ def write_gguf(path: Path, **metadata: str) -> Path:
     [
         ("Model-7B.Q4_K_M.gguf", {"general.source.huggingface.repository": "org/Model-7B"}, "org/Model-7B"),
         ("x.gguf", {"general.source.url": "https://huggingface.co/org/Model/tree/main"}, "org/Model"),
-        ("Tiny-1B-Instruct.Q8_0.gguf", {"general.organization": "SomeOrg"}, "SomeOrg/Tiny-1B-Instruct"),
+        (
+            "Tiny-1B-Instruct.Q8_0.gguf",
+            {"general.organization": "SomeOrg", "general.basename": "tiny"},
+            "SomeOrg/Tiny-1B-Instruct",
+        ),
+        ("model-Q4_K_M.gguf", {"general.organization": "SomeOrg", "general.basename": "tiny"}, None),  # renamed
+        ("Tiny-1B.Q8_0.gguf", {"general.organization": "SomeOrg"}, None),  # nothing to check the name against
         ("Tiny.F16.gguf", {}, None),
     ],
 )
@@ -98,3 +104,23 @@ def test_the_docs_load_a_merge_on_the_gguf_base_with_plain_transformers(tmp_path
         with model.disable_adapter():
             bare = model(ids).logits
     assert torch.isfinite(plain).all() and not torch.allclose(plain, bare)  # the adapter is on and changes it
+
+
+def test_a_card_names_the_local_base_only_where_there_is_one():
+    """A card copied from an input (a fine-tune's) must not keep that input's base once another is used."""
+    from loramerge.io.portable_base import card_with_local_base, local_base_of
+
+    card = card_with_local_base(None, DEMO_BASE, "HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert local_base_of(card) == DEMO_BASE
+    assert local_base_of(card_with_local_base(card, None, "some/model")) is None
+    assert card_with_local_base(None, None, "some/model") is None
+    plain = "---\nlicense: mit\n---\n# card\n"
+    assert card_with_local_base(plain, None, None) == plain
+
+
+def test_one_prompt_or_completion_column_named_takes_the_other_at_its_default(tmp_path):
+    from loramerge.evaluate.data import load_samples
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "q", "completion": "c"}\n')
+    assert [(s.prompt, s.completion) for s in load_samples(data, prompt_field="question")] == [("q", "c")]

@@ -171,7 +171,7 @@ def save_adapter(
     base, local = portable_base(adapter.base_model)
     local = local or adapter.local_base
     config = {**adapter.config, "base_model_name_or_path": base}
-    card = card_with_local_base(adapter.card, local, base) if local else adapter.card
+    card = card_with_local_base(adapter.card, local, base)
     with output_folder(target, force=force) as folder:
         folder.json(CONFIG_NAME, config)
         folder.tensors(SAFETENSORS_NAME, state)

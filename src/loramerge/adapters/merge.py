@@ -430,8 +430,9 @@ def execute_plan(plan: MergePlan, progress: Progress | None = None) -> LoraAdapt
             progress(done, len(plan.modules), module.name)
     dense = {name: merge_dense(plan, name).to(plan.out_dtype) for name in plan.dense}
     configs = [adapter.config for adapter in plan.adapters]
-    base_model, local_base = portable_base(next((a.base_model for a in plan.adapters if a.base_model), None))
-    local_base = local_base or next((a.local_base for a in plan.adapters if a.local_base), None)
+    named = next((a for a in plan.adapters if a.base_ref), None)  # the base and its local reference: one input's
+    base_model, local_base = portable_base(named.base_model if named else None)
+    local_base = local_base or (named.local_base if named else None)
     to_save = {m for config in configs for m in (config.get("modules_to_save") or [])}
     ranks, parameter_rank = config_ranks({m.name: m.output_rank for m in plan.modules})
     config = merged_lora_config(configs, ranks, base_model, sorted(to_save), plan.dora, plan.bias, parameter_rank)

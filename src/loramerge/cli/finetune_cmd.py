@@ -13,7 +13,6 @@ from loramerge.cli.present import (
     DATA_HELP,
     DEVICE_HELP,
     PROMPT_FIELD_HELP,
-    TEXT_FIELD_HELP,
     out,
     progress_bar,
     reports_errors,
@@ -29,7 +28,6 @@ def finetune(
     output: Path = typer.Option(..., "-o", "--output", help="Folder to write the trained adapter to."),
     prompt_field: str = typer.Option(None, help=PROMPT_FIELD_HELP),
     completion_field: str = typer.Option(None, help=COMPLETION_FIELD_HELP),
-    text_field: str = typer.Option(None, help=TEXT_FIELD_HELP),
     max_samples: int = typer.Option(None, help="At most this many examples from each file."),
     steps: int = typer.Option(Defaults.steps, help="Optimizer steps."),
     learning_rate: float = typer.Option(
@@ -55,8 +53,12 @@ def finetune(
     base = base or load_adapter(adapter).base_ref
     if not base:
         raise BadInput(f"adapter {adapter}: it names no base model; give --base")
-    sets = [load_samples(path, prompt_field=prompt_field, completion_field=completion_field, text_field=text_field,
-                         max_samples=max_samples) for path in data]  # fmt: skip
+    sets = [load_samples(path, prompt_field=prompt_field, completion_field=completion_field, max_samples=max_samples)
+            for path in data]  # fmt: skip
+    for path, samples in zip(data, sets, strict=True):  # refused now, not after the base has loaded
+        if not all(sample.prompt for sample in samples):
+            raise BadInput(f"`data` {path}: finetune trains on prompt/completion pairs, and this file has whole "
+                           "texts; give `prompt_field` and `completion_field`")  # fmt: skip
     samples = mixed(sets, seed)
     started = time.perf_counter()
     with progress_bar(steps, label="training") as update:

@@ -37,12 +37,12 @@ def adapter_table(summaries: list[AdapterSummary]) -> Table:
         "mean ‖Δ‖": [f"{s.norm_mean:.4g}" for s in summaries],
     }
     for field, values in rows.items():
-        table.add_row(field, *(escape(value) for value in values))
+        table.add_row(field, *values)  # the console reads no markup: values print as they are
     return table
 
 
 def module_table(summary: AdapterSummary) -> Table:
-    table = Table(title=f"largest deltas of {escape(summary.source)}")
+    table = Table(title=f"largest deltas of {summary.source}")
     table.add_column("module", overflow="fold")
     table.add_column("‖scale·B A‖_F")
     top = sorted(summary.module_norms.items(), key=lambda item: -item[1])[:TOP_MODULES]

@@ -35,8 +35,10 @@ def load_samples(
     kind = _FORMATS.get(path.suffix.lower())
     if kind is None:
         raise BadInput(f"`data` {path}: unknown format {path.suffix!r}; use {', '.join(_FORMATS)}")
-    if (prompt_field is None) != (completion_field is None):
-        raise BadInput("give both `prompt_field` and `completion_field`, or neither")
+    if text_field is not None and (prompt_field or completion_field):
+        raise BadInput("give either `text_field` (whole texts) or `prompt_field`/`completion_field` (pairs), not both")
+    if (prompt_field is None) != (completion_field is None):  # the other one at its default
+        prompt_field, completion_field = prompt_field or "prompt", completion_field or "completion"
     import datasets
 
     # the library never prints: no bar per file, no log line before a caller's table or one-line refusal

@@ -12,6 +12,7 @@ as it reads any other model: streaming, folding, evaluation and training need no
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import io
@@ -159,11 +160,18 @@ _QUANT_SUFFIX = re.compile(r"[.-](?:I?Q\d\w*|F16|BF16|F32)$", re.IGNORECASE)  # 
 def source_model_id(path: Path) -> str | None:
     """The Hub id of the model a GGUF file was converted from, where its metadata says: the source repository
     llama.cpp's converter records (``general.source.huggingface.repository``, or a ``huggingface.co`` URL),
-    else the organization it names and the file's name without its quantization suffix; None otherwise."""
+    else the organization it names and the file's name without its quantization suffix, where that name starts
+    with the model's ``general.basename`` (a renamed file names nothing); None otherwise."""
+    stat = path.stat()
+    return _source_model_id(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _source_model_id(path: str, size: int, modified: int) -> str | None:  # size, time: a new file, a new key
     import gguf
 
     try:
-        fields = gguf.GGUFReader(str(path)).fields
+        fields = gguf.GGUFReader(path).fields
     except (ValueError, OSError):
         return None
 
@@ -178,6 +186,9 @@ def source_model_id(path: Path) -> str | None:
     url = text("general.source.url") or ""
     if "huggingface.co/" in url:
         return "/".join(url.split("huggingface.co/", 1)[1].split("/")[:2])
-    organization = text("general.organization")
-    name = _QUANT_SUFFIX.sub("", path.name.removesuffix(GGUF_SUFFIX))
-    return f"{organization}/{name}" if organization and name else None
+    organization, basename = text("general.organization"), text("general.basename")
+    filename = Path(path).name
+    name = _QUANT_SUFFIX.sub("", filename[: -len(GGUF_SUFFIX)] if filename.lower().endswith(GGUF_SUFFIX) else filename)
+    if organization and basename and name.lower().startswith(basename.lower()):
+        return f"{organization}/{name}"
+    return None

@@ -22,14 +22,22 @@ def portable_base(ref: str | None) -> tuple[str | None, str | None]:
     return (repository, ref) if repository else (ref, None)
 
 
-def card_with_local_base(card: str | None, local: str, base: str | None) -> str:
-    """The model card with loramerge's reference to the base in its metadata (a bare card if there was none)."""
+def card_with_local_base(card: str | None, local: str | None, base: str | None) -> str | None:
+    """The model card with loramerge's reference to the base in its metadata (a bare card if there was none),
+    or, with no ``local``, without one (a card copied from an input may name that input's base)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     if card is None:
+        if local is None:
+            return None
         card = f"---\n{ModelCardData(base_model=base, library_name='peft').to_yaml()}\n---\n"
     parsed = ModelCard(card)
-    setattr(parsed.data, LOCAL_KEY, local)
+    if local is not None:
+        setattr(parsed.data, LOCAL_KEY, local)
+    elif LOCAL_KEY in parsed.data.to_dict():
+        delattr(parsed.data, LOCAL_KEY)
+    else:
+        return card
     return str(parsed)
 
 

@@ -117,7 +117,7 @@ def finetune(
     card = _card(adapter, base, len(samples), options, losses, dtype)
     with output_folder(target, force=force) as folder:
         model.save_pretrained(folder.staging)
-        folder.card(card_with_local_base(card, local, portable) if local else card)
+        folder.card(card_with_local_base(card, local, portable))  # the input's card may name another base
     return target, losses
 
 
