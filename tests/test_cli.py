@@ -149,7 +149,7 @@ def test_fold_leaves_no_blank_line_on_stderr(mixed_adapters, llama_base, tmp_pat
 def test_a_long_step_reports_progress_lines_where_stderr_is_no_terminal(mixed_adapters, llama_base, tmp_path,
                                                                          monkeypatch):  # fmt: skip
     """A job longer than ``PROGRESS_LINE_SECONDS`` writes lines to a log; here the interval is 0, so every step
-    writes one, the last reaching the total."""
+    writes one, the last reaching the total (and with the real interval, this short fold writes none)."""
     from loramerge.cli import present
 
     monkeypatch.setattr(present, "PROGRESS_LINE_SECONDS", 0.0)

@@ -174,18 +174,16 @@ PROGRESS_LINE_SECONDS = 10.0
 
 class ProgressLines:
     """Progress where stderr is no terminal (a log, a pipe, a job runner): a line at most every
-    ``PROGRESS_LINE_SECONDS``, and a last one at the end where any was written, so a short job prints nothing
-    and a long one is never silent for long."""
+    ``PROGRESS_LINE_SECONDS``, so a short job prints nothing and a long one is never silent for long."""
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.started = self.last = time.monotonic()
-        self.printed = False
 
     def __call__(self, done: int, count: int, name: str) -> None:
         now = time.monotonic()
-        if now - self.last >= PROGRESS_LINE_SECONDS or (self.printed and count and done >= count):
-            self.last, self.printed = now, True
+        if now - self.last >= PROGRESS_LINE_SECONDS:
+            self.last = now
             console.print(f"{self.label}: {done}/{count or '?'} {name} ({now - self.started:.0f} s)", soft_wrap=True)
 
 
