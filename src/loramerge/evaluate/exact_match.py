@@ -159,7 +159,7 @@ def evaluate(
                 answers = greedy_batch(model, tokenizer, [p for _, p, _ in undecided], [len(t) for *_, t in undecided])
                 matches += sum(a.strip() == s.completion.strip() for a, (s, *_) in zip(answers, undecided, strict=True))
         if progress is not None:
-            progress(start + len(batch), len(samples), name)
+            progress(start + len(batch), len(samples), f"{name} on {data}" if data else name)
     loss = total / count if count else float("nan")
     return EvalResult(
         name=name, loss=loss, perplexity=math.exp(loss) if count else float("nan"),
