@@ -33,7 +33,7 @@ from loramerge.io.model_card import MergeRecord, merged_adapter_card
 from loramerge.io.peft_config import merged_lora_config
 from loramerge.io.portable_base import portable_base
 from loramerge.io.sizes import human_bytes
-from loramerge.kernels import KernelSpec, get_kernel, row_blocks, run_kernel, runs_by_rows, with_cutoffs
+from loramerge.kernels import KernelSpec, get_kernel, run_by_row_blocks, run_kernel, runs_by_rows
 from loramerge.kernels.methods import linear
 from loramerge.lowrank import (
     LowRank,
@@ -302,18 +302,19 @@ def merge_full_space(
     one whole delta is dense at a time (to find its cutoff), instead of all of them at once."""
     if not runs_by_rows(spec, params):
         return run_kernel(spec, torch.stack([term.dense() for term in terms]), weights, params, generators)
-    params = with_cutoffs(spec, params, (term.dense() for term in terms))
     rows, columns = terms[0].B.shape[0], terms[0].A.shape[1]
-    merged = torch.empty(rows, columns, device=terms[0].B.device)
-    buffer: torch.Tensor | None = None
-    for block in row_blocks(rows, columns):
-        if buffer is None:
-            buffer = torch.empty(len(terms), block.stop - block.start, columns, device=merged.device)
-        tasks = buffer[:, : block.stop - block.start]
+    buffers: list[torch.Tensor] = []
+
+    def tasks_of(block: slice) -> torch.Tensor:
+        if not buffers:
+            buffers.append(torch.empty(len(terms), block.stop - block.start, columns, device=terms[0].B.device))
+        tasks = buffers[0][:, : block.stop - block.start]
         for task, term in zip(tasks, terms, strict=True):
             torch.matmul(term.B[block], term.A, out=task)
-        merged[block] = run_kernel(spec, tasks, weights, params)
-    return merged
+        return tasks
+
+    merged = torch.empty(rows, columns, device=terms[0].B.device)
+    return run_by_row_blocks(spec, tasks_of, weights, params, (term.dense() for term in terms), merged)
 
 
 def _core_space(

@@ -24,7 +24,7 @@ from loramerge.io.model_files import resolve_chat_template
 from loramerge.io.output import output_folder
 from loramerge.io.shard_writer import TensorLayout
 from loramerge.io.sizes import parse_size
-from loramerge.kernels import row_blocks, run_kernel, runs_by_rows, with_cutoffs
+from loramerge.kernels import run_by_row_blocks, run_kernel, runs_by_rows
 from loramerge.recipe import Recipe, load_recipe
 from loramerge.seeding import tensor_generators
 from loramerge.threads import cpu_threads, threads_for
@@ -108,11 +108,10 @@ def merge_tensor(plan: CheckpointPlan, tensor: TensorPlan, seed: int, device: st
             whole = slice(None)
             return finish(whole, run_kernel(spec, tasks_of(whole), weights, params, generators)).to(tensor.dtype)
         # one input at a time over the whole tensor: a single float32 copy alive, not one per input
-        params = with_cutoffs(spec, params, (_task(x, base, deltas) for x in inputs))
+        whole = (_task(x, base, deltas) for x in inputs)
         out = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
-        for block in row_blocks(rows, out[0].numel()):
-            out[block] = finish(block, run_kernel(spec, tasks_of(block), weights, params)).to(tensor.dtype)
-        return out
+        return run_by_row_blocks(spec, tasks_of, weights, params, whole, out,
+                                 lambda block, merged: finish(block, merged).to(tensor.dtype))  # fmt: skip
     except BadInput as error:  # a kernel refusing its parameters or inputs (multislerp's zero weights, say)
         raise BadInput(f"tensor {tensor.output}: {error}") from None
 

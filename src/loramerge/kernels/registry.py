@@ -3,7 +3,7 @@ accepts, row-block helpers, and the conventions (presets) where PEFT and mergeki
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -110,6 +110,25 @@ def with_cutoffs(spec: KernelSpec, params: dict[str, object], tasks: Iterable[to
         return params
     given = {**spec.kernel_defaults, **params}
     return {**params, "cutoffs": [spec.cutoff_fn(task, input_params(spec, given, i)) for i, task in enumerate(tasks)]}
+
+
+def run_by_row_blocks(
+    spec: KernelSpec,
+    tasks_of: Callable[[slice], torch.Tensor],
+    weights: torch.Tensor,
+    params: dict[str, object],
+    whole_tasks: Iterable[torch.Tensor],
+    out: torch.Tensor,
+    finish: Callable[[slice, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """A piecewise kernel over row blocks, the one runner of adapter and dense merges: each task's cutoff from
+    the whole task (``whole_tasks``, made one at a time), then ``out[block] = finish(block, kernel(tasks_of(block)))``
+    block by block, so only one block of every task is in memory."""
+    params = with_cutoffs(spec, params, whole_tasks)
+    for block in row_blocks(out.shape[0], out[0].numel()):
+        merged = run_kernel(spec, tasks_of(block), weights, params)
+        out[block] = merged if finish is None else finish(block, merged)
+    return out
 
 
 def _kernel_parameter_names() -> set[str]:
