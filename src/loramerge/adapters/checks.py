@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from loramerge.adapters.model import LoraAdapter
-from loramerge.adapters.param_targets import split_expert_name
+from loramerge.adapters.param_targets import experts_by_wrapper
 from loramerge.errors import BadInput
 
 
@@ -84,11 +84,8 @@ def check_parameter_targets(adapters: Sequence[LoraAdapter]) -> None:
             )
     seen: dict[str, tuple[int, str]] = {}
     for adapter in adapters:
-        counts: dict[str, int] = {}
-        for name in adapter.modules:
-            if (split := split_expert_name(name)) is not None:
-                counts[split[0]] = counts.get(split[0], 0) + 1
-        for wrapper, count in counts.items():
+        for wrapper, experts in experts_by_wrapper(adapter.modules).items():
+            count = len(experts)
             known, owner = seen.setdefault(wrapper, (count, adapter.name))
             if count != known:
                 raise BadInput(

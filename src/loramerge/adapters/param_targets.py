@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,20 +142,25 @@ def expert_modules(
     }
 
 
+def experts_by_wrapper(modules: Mapping[str, LoraModule]) -> dict[str, list[LoraModule]]:
+    """Each wrapped parameter's experts, in expert order, by wrapper name (sorted)."""
+    found: dict[str, dict[int, LoraModule]] = {}
+    for name, module in modules.items():
+        if (split := split_expert_name(name)) is not None:
+            found.setdefault(split[0], {})[split[1]] = module
+    return {wrapper: [group[e] for e in sorted(group)] for wrapper, group in sorted(found.items())}
+
+
 def join_experts(modules: Mapping[str, LoraModule]) -> tuple[dict[str, LoraModule], int | None]:
     """The experts' modules put back into PEFT's layout, one per wrapper, every wrapper at the largest expert
     rank (zero rows and columns added: the deltas are unchanged), and that rank; other modules as they are.
     Every expert must carry scale 1 (a merge's output)."""
     plain = {name: module for name, module in modules.items() if split_expert_name(name) is None}
-    experts: dict[str, dict[int, LoraModule]] = {}
-    for name, module in modules.items():
-        if (split := split_expert_name(name)) is not None:
-            experts.setdefault(split[0], {})[split[1]] = module
+    experts = experts_by_wrapper(modules)
     if not experts:
         return plain, None
-    rank = max(module.rank for group in experts.values() for module in group.values())
-    for wrapper, group in sorted(experts.items()):
-        ordered = [group[e] for e in range(len(group))]
+    rank = max(module.rank for group in experts.values() for module in group)
+    for wrapper, ordered in experts.items():
         if any(module.scale != 1.0 for module in ordered):
             raise ValueError(f"module {wrapper}: experts must have scale 1 to be joined")
         A = torch.cat([_pad(module.A, rank, 0) for module in ordered])
@@ -218,24 +223,16 @@ def parameter_layouts(
     return layouts
 
 
-def _experts(modules: Mapping[str, LoraModule], wrapper: str) -> list[LoraModule]:
-    found = sorted((split[1], name) for name in modules
-                   if (split := split_expert_name(name)) is not None and split[0] == wrapper)  # fmt: skip
-    return [modules[name] for _, name in found]
-
-
-def experts_shape(modules: Mapping[str, LoraModule], wrapper: str, layout: ParameterLayout) -> tuple[int, ...]:
-    """The shape of the parameter the wrapper's experts fit."""
-    experts = _experts(modules, wrapper)
+def experts_shape(experts: Sequence[LoraModule], layout: ParameterLayout) -> tuple[int, ...]:
+    """The shape of the parameter a wrapper's experts fit."""
     rows, columns = experts[0].shape
     one = (columns, rows) if layout.transposed else (rows, columns)
     return (len(experts), *one) if len(layout.shape) == 3 else one
 
 
-def expert_deltas(modules: Mapping[str, LoraModule], wrapper: str, layout: ParameterLayout) -> torch.Tensor:
-    """The dense delta of a wrapped parameter in its own layout (float32): ``E x out x in``, or ``E x in x out``
-    where transposed; 2-D for a 2-D parameter."""
-    experts = _experts(modules, wrapper)
+def expert_deltas(experts: Sequence[LoraModule], layout: ParameterLayout) -> torch.Tensor:
+    """The dense delta of a wrapped parameter from its experts, in its own layout (float32): ``E x out x in``, or
+    ``E x in x out`` where transposed; 2-D for a 2-D parameter."""
     deltas = torch.stack([module.delta().T if layout.transposed else module.delta() for module in experts])
     return deltas if len(layout.shape) == 3 else deltas[0]
 

@@ -120,8 +120,13 @@ def command_flags(command: Callable[..., object]) -> dict[str, str]:
     flags = {}
     for name, parameter in inspect.signature(command).parameters.items():
         declared = [d for d in getattr(parameter.default, "param_decls", None) or () if d.startswith("--")]
-        flags[name] = declared[0] if declared else "--" + name.replace("_", "-")
+        flags[name] = declared[0] if declared else _flag(name)
     return flags
+
+
+def _flag(name: str) -> str:
+    """The flag typer gives a parameter it declares no flag for."""
+    return "--" + name.replace("_", "-")
 
 
 def as_flags(text: str, flags: dict[str, str] | None = None) -> str:
@@ -132,7 +137,7 @@ def as_flags(text: str, flags: dict[str, str] | None = None) -> str:
 
     def flag(match: re.Match[str]) -> str:
         name, quoted, value = match.group(1), match.group(2), match.group(3)
-        option = known.get(name, "--" + name.replace("_", "-"))
+        option = known.get(name) or _flag(name)
         given = quoted if quoted is not None else value
         return option if given in (None, "True") else f"{option} {given}"
 

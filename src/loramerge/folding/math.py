@@ -10,7 +10,7 @@ import torch
 
 from loramerge.adapters.dora import dora_delta
 from loramerge.adapters.model import LoraAdapter, LoraModule
-from loramerge.adapters.param_targets import ParameterLayout, expert_deltas, split_expert_name
+from loramerge.adapters.param_targets import ParameterLayout, expert_deltas, experts_by_wrapper, split_expert_name
 from loramerge.errors import BadInput
 
 
@@ -45,6 +45,7 @@ class FoldTarget:
     bias: str | None = None
     wrapper: str | None = None
     layout: ParameterLayout | None = None
+    experts: tuple[LoraModule, ...] = ()  # the wrapper's, in expert order
 
 
 def adapter_targets(
@@ -54,6 +55,7 @@ def adapter_targets(
     ``lora_bias``, the ``modules_to_save`` / embedding base-layer copies under the name they replace, and the
     wrapped parameters where ``layouts`` (``loramerge.adapters.param_targets.parameter_layouts``) put them."""
     layouts = layouts or {}
+    experts = experts_by_wrapper(adapter.modules)
     copies = {name.replace(".base_layer.", "."): name for name in adapter.dense}
     modules = {f"{name}.weight": name for name in adapter.modules if split_expert_name(name) is None}
     wrapped = {layout.key: wrapper for wrapper, layout in layouts.items()}
@@ -63,7 +65,7 @@ def adapter_targets(
     keys = sorted(set(copies) | set(modules) | set(biases) | set(wrapped))
     return {
         key: FoldTarget(modules.get(key), copies.get(key), biases.get(key), wrapped.get(key),
-                        layouts.get(wrapped.get(key, "")))
+                        layouts.get(wrapped.get(key, "")), tuple(experts.get(wrapped.get(key, ""), ())))
         for key in keys
     }  # fmt: skip
 
@@ -77,8 +79,8 @@ def folded_tensor(adapter: LoraAdapter, target: FoldTarget, key: str, weight: to
         weight = replacement.to(weight.dtype)
     if target.module is not None:
         weight = fold_module(weight, adapter.modules[target.module], adapter.fan_in_fan_out, target.module)
-    if target.wrapper is not None and target.layout is not None:
-        delta = expert_deltas(adapter.modules, target.wrapper, target.layout)
+    if target.layout is not None:
+        delta = expert_deltas(target.experts, target.layout)
         if delta.shape != weight.shape:
             raise BadInput(f"tensor {key}: the adapter's experts {tuple(delta.shape)} do not fit {tuple(weight.shape)}")
         weight = (weight.to(torch.float32) + delta).to(weight.dtype)

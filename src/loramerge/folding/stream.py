@@ -15,7 +15,7 @@ import yaml
 
 from loramerge.adapters.model import LoraAdapter
 from loramerge.adapters.options import DTYPES
-from loramerge.adapters.param_targets import experts_shape, parameter_layouts, split_expert_name
+from loramerge.adapters.param_targets import experts_by_wrapper, experts_shape, parameter_layouts
 from loramerge.errors import BadInput
 from loramerge.folding.math import FoldTarget, adapter_targets, folded_tensor, weight_shape
 from loramerge.io import bnb4bit
@@ -30,7 +30,7 @@ Progress = Callable[[int, int, str], None]
 
 def check_fold(adapter: LoraAdapter, base: Checkpoint, quantized: dict[str, list[str]]) -> dict[str, FoldTarget]:
     """Every adapter module must land on a base tensor of the right shape; returns key -> target."""
-    wrappers = sorted({split[0] for name in adapter.modules if (split := split_expert_name(name)) is not None})
+    wrappers = list(experts_by_wrapper(adapter.modules))
     targets = adapter_targets(adapter, parameter_layouts(base.config, adapter.config, wrappers, base.source))
     for key, target in targets.items():
         name = target.module or target.copy or target.bias or target.wrapper
@@ -46,8 +46,8 @@ def check_fold(adapter: LoraAdapter, base: Checkpoint, quantized: dict[str, list
             expected = weight_shape(adapter.modules[target.module], adapter.fan_in_fan_out)
         elif target.copy is not None:
             expected = tuple(adapter.dense[target.copy].shape)
-        elif target.layout is not None and target.wrapper is not None:
-            expected = experts_shape(adapter.modules, target.wrapper, target.layout)
+        elif target.layout is not None:
+            expected = experts_shape(target.experts, target.layout)
         else:
             expected = (adapter.modules[name].shape[0],)
         if expected != shape:

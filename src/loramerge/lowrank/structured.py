@@ -41,11 +41,14 @@ def full_factors(matrix: torch.Tensor) -> LowRank:
     return LowRank(torch.eye(rows, dtype=matrix.dtype, device=matrix.device), matrix)
 
 
+Basis = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # a matrix, or the two sides of a Kronecker product
+
+
 def kronecker_core(
     pairs: Sequence[tuple[LowRank, LowRank]], coefficients: Sequence[float], limit: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+) -> tuple[Basis, torch.Tensor, Basis] | None:
     """A core space for deltas ``c_i · kron(L_i, R_i)`` (LoKr) built from the small Kronecker sides: ``U``, the
-    stacked cores and ``V``, or None where that space would be wider than ``limit`` (the summed ranks).
+    stacked cores and ``V``, or None where that space would be wider than ``limit``.
 
     The columns of ``kron(X, Y)`` span ``col(X) ⊗ col(Y)``, so ``U = kron(Q_L, Q_R)``, ``Q_L`` and ``Q_R``
     orthonormal bases of the stacked ``L_i`` and ``R_i`` columns, spans every delta (likewise ``V`` for the
@@ -53,7 +56,7 @@ def kronecker_core(
     ``kron(Q_Lᵀ L_i P_L, Q_Rᵀ R_i P_R)``: no ``out x Σr`` QR, which for a full ``L_i`` (rank ``rank(L_i) · rank(R_i)``
     factors) costs many times the LoRA of the same file size. The basis contains ``core_basis``'s span (it
     may be wider), so only methods whose result does not depend on the basis may use it (the catalogue's
-    ``any_basis``). The bases are returned as their two sides (``kron_times`` applies them)."""
+    ``any_basis``). The bases are returned as their two sides (``basis_times`` applies them)."""
     left_columns = reproducible_qr(torch.cat([left.B for left, _ in pairs], dim=1))[0]
     right_columns = reproducible_qr(torch.cat([right.B for _, right in pairs], dim=1))[0]
     left_rows = reproducible_qr(torch.cat([left.A.T for left, _ in pairs], dim=1))[0]
@@ -68,9 +71,6 @@ def kronecker_core(
         for (left, right), coefficient in zip(pairs, coefficients, strict=True)
     ])  # fmt: skip
     return (left_columns, right_columns), cores, (left_rows, right_rows)
-
-
-Basis = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # a matrix, or the two sides of a Kronecker product
 
 
 def basis_times(basis: Basis, matrix: torch.Tensor) -> torch.Tensor:
