@@ -78,7 +78,7 @@ def measure(work: Path) -> None:
         fold(adapter, "--base", str(four_bit), "-o", str(work / "d"), "--dtype", "float32")
         dense = AutoModelForCausalLM.from_pretrained(work / "d")
         record(f"fold into the {quant_type} base -> dense float32", dense, quant_type)
-        fold(adapter, "--base", str(four_bit), "-o", str(work / "q"), "--quantize", quant_type)
+        fold(adapter, "--base", str(four_bit), "-o", str(work / "q"), "--quantize", "--quant-type", quant_type)
         requantized = AutoModelForCausalLM.from_pretrained(work / "q")
         record(f"fold into the {quant_type} base -> re-quantized {quant_type}", requantized, quant_type)
         fold(adapter, "--base", base, "-o", str(work / "fd"), "--from-dequantized", "--quant-type", quant_type)

@@ -28,9 +28,9 @@ import torch
 from _common import RESULTS, load_averages, run_measured, synthetic_adapter, this_command, timed, write_results
 from peft import LoraConfig, get_peft_model
 
-from loramerge import load_adapter
+from loramerge import catalogue, load_adapter
 from loramerge.adapters.options import parse_options
-from loramerge.kernels import get_kernel, run_kernel
+from loramerge.kernels import run_kernel
 from loramerge.lowrank import truncate_dense, truncate_dense_randomized
 from loramerge.seeding import tensor_generators
 
@@ -95,7 +95,7 @@ def truncation_errors(work: Path, shapes: dict[str, tuple[int, int]]) -> list[di
     for shape, name in sorted(firsts.items()):
         deltas = torch.stack([a.modules[name].factors().dense() for a in adapters])
         gens = tensor_generators(0, name, range(3))
-        merged = run_kernel(get_kernel("ties"), deltas, torch.ones(3), options.kernel_params, gens)
+        merged = run_kernel(catalogue.method("ties"), deltas, torch.ones(3), options.kernel_params, gens)
         took_exact, exact = timed(lambda m=merged: truncate_dense(m, RANK))
         took_random, randomized = timed(lambda m=merged: truncate_dense_randomized(m, RANK, seed=0))
         norm = torch.linalg.matrix_norm(merged)

@@ -40,13 +40,14 @@ from loramerge import catalogue, load_adapter, merge_adapters
 from loramerge.evaluate import evaluate, load_model, load_samples
 from loramerge.folding.math import adapter_targets, folded_tensor
 from loramerge.io.checkpoint import resolve_model_dir
-from loramerge.kernels import KERNELS
 
 ROOT = Path(__file__).resolve().parent.parent
 SKILLS = ("sentiment", "arithmetic", "dates", "orders")
 DENSITY_METHODS = ("ties", "magnitude_prune", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della",
                    "della_linear")  # fmt: skip
-RANDOM_METHODS = tuple(method for method in DENSITY_METHODS if KERNELS[method].random)  # seeds matter
+RANDOM_METHODS = tuple(
+    method for method in DENSITY_METHODS if catalogue.element_methods()[method].random
+)  # seeds matter
 SPACES = ("core", "full")
 # PEFT's add_weighted_adapter types that accept adapters of different ranks -> our method of the same math
 PEFT_TYPES = {"svd": "svd", "ties_svd": "ties", "dare_ties_svd": "dare_ties"}

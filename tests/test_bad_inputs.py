@@ -626,8 +626,8 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         "--dtype must be float32, float16 or bfloat16, got 'fp8'",
     ),
     "fold: unknown 4-bit type": (
-        lambda w: ["fold", w.a, "--base", w.base, "-o", w.out, "--quantize", "int3"],
-        "--quantize must be nf4 or fp4, got 'int3'",
+        lambda w: ["fold", w.a, "--base", w.base, "-o", w.out, "--quantize", "--quant-type", "int3"],
+        "--quant-type must be nf4 or fp4, got 'int3'",
     ),
     "fold: output is the base": (
         lambda w: ["fold", w.a, "--base", w.base, "-o", w.base, "--force"],
@@ -733,7 +733,7 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
     # search
     "search: a parameter the method lacks": (
         lambda w: _search(w, "--tune", "gamma=0:1"),
-        "--tune gamma=0:1: method ties has no numeric parameter 'gamma' (density)",
+        "--tune: method ties has no numeric parameter 'gamma' (density)",
     ),
     "search: a density bound above 1": (
         lambda w: _search(w, "--tune", "density=0.5:1.5"),
@@ -741,7 +741,7 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
     ),
     "search: bounds the wrong way round": (
         lambda w: _search(w, "--weight-range", "2:0"),
-        "--weight-range: LOW must be below HIGH, got '2:0'",
+        "--weight-range: the low bound must be below the high one, got 2 and 0",
     ),
     "search: output is an input adapter": (
         lambda w: _search(w, "--force", output=w.a),

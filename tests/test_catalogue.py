@@ -15,7 +15,7 @@ from loramerge import catalogue, load_adapter
 from loramerge.catalogue import Method, Parameter
 from loramerge.dense.engine import merge_checkpoints
 from loramerge.errors import BadInput
-from loramerge.kernels import KERNELS, get_kernel, run_kernel, with_cutoffs
+from loramerge.kernels import run_kernel, with_cutoffs
 from loramerge.lowrank import LowRank
 
 
@@ -104,8 +104,8 @@ PEFT_COMBINATION_TYPES = {
 def test_the_derived_tables_are_the_hand_written_ones():
     assert set(catalogue.adapter_methods()) == ADAPTER_METHODS
     assert set(catalogue.dense_methods()) == DENSE_METHODS
-    assert set(KERNELS) == (ADAPTER_METHODS | DENSE_METHODS) - WHOLE_MATRIX - ON_FACTORS
-    assert set(catalogue.matrix_kernels()) == WHOLE_MATRIX
+    assert set(catalogue.element_methods()) == (ADAPTER_METHODS | DENSE_METHODS) - WHOLE_MATRIX - ON_FACTORS
+    assert set(catalogue.matrix_methods()) == WHOLE_MATRIX
     assert catalogue.peft_combination_types() == PEFT_COMBINATION_TYPES
     for method in catalogue.methods():
         assert method.paper and method.summary, method.name
@@ -128,7 +128,7 @@ def call(method: Method, tasks: torch.Tensor, seed: int = 0, **params) -> torch.
     given = {p.name: 0.3 for p in method.parameters if p.required and not p.per_input} | params
     weights = torch.tensor([0.6, 0.3, 0.8][: len(tasks)])
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(tasks))]
-    return run_kernel(get_kernel(method.name), tasks, weights, given, generators)
+    return run_kernel(catalogue.method(method.name), tasks, weights, given, generators)
 
 
 @pytest.mark.parametrize("name", tensor_methods())
@@ -206,7 +206,7 @@ def test_the_consensus_methods_elect_a_sign(name):
     method = catalogue.get(name)
     a = stack(8, 1)[0]
     params = {"density": 1.0} | ({"epsilon": 0.0} if "epsilon" in method.params else {})
-    got = run_kernel(get_kernel(name), torch.stack([a, a, -1.5 * a]), torch.ones(3), params,
+    got = run_kernel(catalogue.method(name), torch.stack([a, a, -1.5 * a]), torch.ones(3), params,
                      [torch.Generator().manual_seed(i) for i in range(3)])  # fmt: skip
     torch.testing.assert_close(got, a, rtol=1e-5, atol=1e-5)
 
@@ -236,3 +236,36 @@ def test_adapter_merges_refuse_the_dense_only_parameters(tmp_path):
     recipe.write_text("merge_method: ties\nadapters:\n  - adapter: a\nparameters:\n  normalize: true\n")
     with pytest.raises(BadInput, match=r"parameters\.normalize: unknown parameter for adapter recipes"):
         adapter_merge_inputs(load_recipe(recipe))
+
+
+def test_kernels_have_no_defaults_and_task_vector_methods_are_two_steps():
+    """Every default is in the catalogue: no kernel or step function has one for a parameter the catalogue
+    passes (a cutoff or generator handed in by the runner may be absent), and the methods of generalized
+    task arithmetic are a sparsify step and a combine step, whose nature makes the method's."""
+    import inspect
+
+    optional_inputs = {"cutoff", "cutoffs", "generator", "generators"}
+    for method in catalogue.methods():
+        if method.level == "module":
+            continue
+        kernel = method.fn
+        functions = [kernel.sparsify, kernel.combine] if isinstance(method.function, catalogue.Steps) else [kernel]
+        for function in filter(None, functions):
+            for name, parameter in inspect.signature(function).parameters.items():
+                if name not in optional_inputs:
+                    assert parameter.default is inspect.Parameter.empty, (method.name, function.__name__, name)
+        assert set(method.kernel_defaults) <= method.params, method.name
+    pairs = {name: (m.function.sparsify, m.function.combine) for name, m in catalogue.element_methods().items()
+             if isinstance(m.function, catalogue.Steps)}  # fmt: skip
+    assert pairs == {
+        "linear": (None, "sum"), "task_arithmetic": (None, "sum"), "ties": ("magnitude", "consensus"),
+        "magnitude_prune": ("magnitude", "sum"), "dare_linear": ("random", "sum"), "dare_ties": ("random", "consensus"),
+        "breadcrumbs": ("outliers", "sum"), "breadcrumbs_ties": ("outliers", "consensus"),
+        "della": ("ranked", "consensus"), "della_linear": ("ranked", "sum"),
+    }  # fmt: skip
+    for name, (sparsify, combine) in pairs.items():
+        method = catalogue.method(name)
+        assert method.random == (sparsify in ("random", "ranked")) and method.consensus == (combine == "consensus")
+        assert method.piecewise == (not method.random) and (method.cutoff is not None) == (
+            sparsify in ("magnitude", "outliers")
+        )

@@ -75,7 +75,7 @@ def dense_recipe(method: Method, base: Path, models: list[Path]) -> dict:
     the first input of ``base_first`` methods; a one-input method has no base), a weight and a density per
     model where it has them, and a value for each parameter it requires."""
     limit = method.max_inputs or len(models)
-    count = limit - 1 if method.base_first else min(limit, len(models))
+    count = limit - 1 if method.inputs == catalogue.Inputs.BASE_AND_MODEL else min(limit, len(models))
     per_model = {"weight": (1.0, 0.5, 0.8), "density": (0.5, 0.5, 0.5)}
     recipe: dict = {"merge_method": method.name, "dtype": "float32"}
     if limit > 1:

@@ -106,7 +106,7 @@ def test_fold_into_4bit_base_dense_and_requantized(quant_type, double_quant, lla
     reference = PeftModel.from_pretrained(dequantized, adapter).merge_and_unload()
     assert (logits(dense) - logits(reference)).abs().max().item() < 1e-5
     assert (logits(dense) - logits(qlora)).abs().max().item() < 1e-2  # bitsandbytes' 4-bit matmul rounds too
-    result = run("fold", adapter, "--base", four_bit, "-o", tmp_path / "q", "--quantize", quant_type,
+    result = run("fold", adapter, "--base", four_bit, "-o", tmp_path / "q", "--quantize", "--quant-type", quant_type,
                  *([] if double_quant else ["--no-double-quant"]))  # fmt: skip
     assert result.exit_code == 0, result.output
     requantized = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
@@ -216,7 +216,10 @@ def test_fold_bad_inputs(llama, tmp_path):
     cases = [
         (["fold", adapters["plain"], "--base", other], "module model.layers.0"),  # shapes differ
         (["fold", adapters["embed_rslora"], "--base", tmp_path / "gpt2"], "no such folder"),
-        (["fold", adapters["plain"], "--base", base, "--quantize", "int3"], "--quantize must be nf4 or fp4"),
+        (
+            ["fold", adapters["plain"], "--base", base, "--quantize", "--quant-type", "int3"],
+            "--quant-type must be nf4 or fp4",
+        ),
         (["extract", base, "--base", other, "-o", tmp_path / "x", "--rank", "4"], "has shape"),
     ]
     gpt2 = save_tiny_gpt2(tmp_path / "gpt2b")

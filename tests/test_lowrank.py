@@ -114,8 +114,9 @@ def test_full_svd_choice_by_module_size():
 def test_full_space_row_blocks_equal_the_whole_tensor_kernel(method, monkeypatch):
     """The full space runs piecewise kernels on row blocks made from the factors; with blocks of a few
     rows the result must be the kernel on the whole stacked deltas."""
+    from loramerge import catalogue
     from loramerge.adapters.merge import merge_full_space
-    from loramerge.kernels import get_kernel, registry, run_kernel
+    from loramerge.kernels import registry, run_kernel
 
     monkeypatch.setattr(registry, "BLOCK_ELEMENTS", 3 * 40)  # 3 rows of 40 columns per block
     generator = torch.Generator().manual_seed(0)
@@ -128,13 +129,13 @@ def test_full_space_row_blocks_equal_the_whole_tensor_kernel(method, monkeypatch
 
     terms = [LowRank(dyadic(50, r), dyadic(r, 40)) for r in (2, 5, 3)]
     weights = torch.tensor([1.0, -0.5, 0.8])
-    spec = get_kernel(method)
-    params = {"density": 0.4, "gamma": 0.05} if "density" in spec.params else {}
-    params = {key: value for key, value in params.items() if key in spec.params}
+    entry = catalogue.method(method)
+    params = {"density": 0.4, "gamma": 0.05} if "density" in entry.params else {}
+    params = {key: value for key, value in params.items() if key in entry.params}
     seeds = [torch.Generator().manual_seed(i) for i in range(3)]
-    blocked = merge_full_space(spec, terms, weights, params, seeds)
+    blocked = merge_full_space(entry, terms, weights, params, seeds)
     seeds = [torch.Generator().manual_seed(i) for i in range(3)]
-    whole = run_kernel(spec, torch.stack([term.dense() for term in terms]), weights, params, seeds)
+    whole = run_kernel(entry, torch.stack([term.dense() for term in terms]), weights, params, seeds)
     torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-6)
-    if spec.piecewise and method != "linear":
+    if entry.piecewise and method != "linear":
         assert (blocked == 0).any()  # the trim really ran

@@ -6,13 +6,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loramerge.kernels import KERNELS, run_kernel
+from loramerge import catalogue
+from loramerge.kernels import run_kernel
 from loramerge.lowrank import LowRank, concat, core_basis, from_core, project_to_core, truncate_rank
 from loramerge.seeding import tensor_generators
 
 PROPERTY_SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 # kernels that treat their inputs as a set: everything but slerp (ordered pair) and passthrough (one input)
-SYMMETRIC = sorted(name for name, spec in KERNELS.items() if spec.max_inputs is None)
+SYMMETRIC = sorted(name for name, method in catalogue.element_methods().items() if method.max_inputs is None)
 PARAMS = {"density": 0.6, "gamma": 0.05, "epsilon": 0.1, "majority_sign": "total"}
 
 
@@ -43,10 +44,10 @@ def low_rank_terms(draw):
 
 
 def _run(name: str, tasks, weights, seed: int, order=None) -> torch.Tensor:
-    spec = KERNELS[name]
+    method = catalogue.method(name)
     order = list(range(len(tasks))) if order is None else order
-    generators = tensor_generators(seed, "t", order) if spec.random else None  # each input keeps its own stream
-    return run_kernel(spec, tasks[order], weights[order], PARAMS, generators)
+    generators = tensor_generators(seed, "t", order) if method.random else None  # each input keeps its own stream
+    return run_kernel(method, tasks[order], weights[order], PARAMS, generators)
 
 
 @PROPERTY_SETTINGS
@@ -64,12 +65,14 @@ def test_permuting_inputs_with_their_weights_changes_nothing(data, rng):
 @given(task_sets(), st.floats(0.1, 10))
 def test_linear_methods_are_homogeneous(data, factor):
     tasks, weights, _ = data
-    for name in sorted(n for n, spec in KERNELS.items() if spec.linear and spec.max_inputs is None):
-        spec = KERNELS[name]
-        scaled = run_kernel(spec, tasks * factor, weights, {})
-        assert torch.allclose(scaled, factor * run_kernel(spec, tasks, weights, {}), rtol=1e-9, atol=1e-9), name
-        both = run_kernel(spec, tasks, weights * factor, {})
-        assert torch.allclose(both, factor * run_kernel(spec, tasks, weights, {}), rtol=1e-9, atol=1e-9), name
+    for name in sorted(
+        n for n, method in catalogue.element_methods().items() if method.linear and method.max_inputs is None
+    ):
+        method = catalogue.method(name)
+        scaled = run_kernel(method, tasks * factor, weights, {})
+        assert torch.allclose(scaled, factor * run_kernel(method, tasks, weights, {}), rtol=1e-9, atol=1e-9), name
+        both = run_kernel(method, tasks, weights * factor, {})
+        assert torch.allclose(both, factor * run_kernel(method, tasks, weights, {}), rtol=1e-9, atol=1e-9), name
 
 
 @PROPERTY_SETTINGS
@@ -78,7 +81,7 @@ def test_ties_at_density_one_with_agreeing_signs_is_the_weighted_mean(data):
     tasks, weights, _ = data
     tasks = tasks.abs() * torch.sign(tasks[0]).where(tasks[0] != 0, torch.ones_like(tasks[0]))  # one sign per entry
     params = {"density": 1.0, "elect_on": "weighted", "divisor": "weight"}
-    merged = run_kernel(KERNELS["ties"], tasks, weights, params)
+    merged = run_kernel(catalogue.method("ties"), tasks, weights, params)
     weighted_mean = (weights[:, None, None] * tasks).sum(0) / weights.sum()
     assert torch.allclose(merged, weighted_mean, atol=1e-9)
 
@@ -90,10 +93,10 @@ def test_dare_is_unbiased(data, density):
     tasks, _, seed = data
     draws = 3000
     total = torch.zeros_like(tasks[0])
-    spec = KERNELS["dare_linear"]
+    method = catalogue.method("dare_linear")
     for i in range(draws):
         generators = tensor_generators(seed + i, "t", [0])
-        total += run_kernel(spec, tasks, torch.ones(1, dtype=tasks.dtype), {"density": density}, generators)
+        total += run_kernel(method, tasks, torch.ones(1, dtype=tasks.dtype), {"density": density}, generators)
     standard_error = tasks[0].abs() * ((1 - density) / density / draws) ** 0.5
     assert ((total / draws - tasks[0]).abs() <= 5 * standard_error + 1e-12).all()
 
@@ -105,8 +108,8 @@ def test_core_space_linear_equals_full_space_linear(data):
     U, V = core_basis(terms)
     cores = torch.stack([project_to_core(term, U, V) for term in terms])
     weights = torch.tensor(coefficients, dtype=torch.float64)
-    core_result = run_kernel(KERNELS["linear"], cores, weights, {})
-    full_result = run_kernel(KERNELS["linear"], torch.stack([term.dense() for term in terms]), weights, {})
+    core_result = run_kernel(catalogue.method("linear"), cores, weights, {})
+    full_result = run_kernel(catalogue.method("linear"), torch.stack([term.dense() for term in terms]), weights, {})
     rank = sum(term.rank for term in terms)
     assert torch.allclose(from_core(U, core_result, V, rank).dense(), full_result, atol=1e-8)
 

@@ -43,7 +43,7 @@ def recipe(tmp_path) -> Path:
 
 
 def test_the_slot_scores_what_peft_gives_for_the_saved_merge(recipe, tmp_path):
-    job = build_job(load_recipe(recipe), [str(p) for p in DEV], base=str(BASE), tune=["density=0.3:1"],
+    job = build_job(load_recipe(recipe), [str(p) for p in DEV], base=str(BASE), tune={"density": (0.3, 1.0)},
                     max_samples=12, threads=2)  # fmt: skip
     evaluator = Evaluator(job)
     point = (1.3, 0.6, 0.5)  # ranks 16 and 8 in slots of 16: padding must not change the update
@@ -69,7 +69,7 @@ def test_a_refused_point_is_recorded_and_the_search_goes_on(tmp_path):
     """DELLA takes density ± epsilon: with --tune density=0.5:1, the points past 0.85 cannot be merged."""
     adapters = [{"adapter": str(CHARDEMO / "add")}, {"adapter": str(CHARDEMO / "reverse")}]
     della = write_recipe(tmp_path / "della.yml", {"merge_method": "della", "adapters": adapters})
-    job = build_job(load_recipe(della), [str(DEV[0])], base=str(BASE), tune=["density=0.5:1"], max_samples=4)
+    job = build_job(load_recipe(della), [str(DEV[0])], base=str(BASE), tune={"density": (0.5, 1.0)}, max_samples=4)
     refused = Evaluator(job).score(Task(0, (1.0, 1.0, 0.95)))
     assert "della" in refused.refused or "epsilon" in refused.refused, refused.refused
     result = search(job, RefusingPool(), budget=24, batch=4)

@@ -105,3 +105,23 @@ def test_the_library_names_no_command_line_flag():
                          if isinstance(n, ast.Constant) and isinstance(n.value, str)]  # fmt: skip
                 offenders += [f"{path.name}:{node.lineno}: {text}" for text in texts if flag.search(text)]
     assert not offenders, offenders
+
+
+def test_fold_quantize_with_a_type_still_works_with_one_warning_line(capsys):
+    """The 4-bit type has one spelling, ``--quant-type`` (``--quantize`` is now a flag); ``fold --quantize
+    nf4`` is rewritten for one release, before typer sees it."""
+    from loramerge.cli.app import legacy_quantize
+
+    rewritten = legacy_quantize(["fold", "a", "--quantize", "fp4", "--base", "b"])
+    assert rewritten == ["fold", "a", "--quantize", "--quant-type", "fp4", "--base", "b"]
+    assert capsys.readouterr().err.strip() == (
+        "warning: --quantize fp4 is deprecated and goes in the next release; use --quantize --quant-type fp4"
+    )
+    assert legacy_quantize(["fold", "--quantize=nf4", "a"]) == ["fold", "--quantize", "--quant-type", "nf4", "a"]
+    for untouched in (
+        ["fold", "--quantize", "adapter"],
+        ["merge", "--quantize", "nf4"],
+        ["fold", "--quant-type", "nf4"],
+    ):
+        assert legacy_quantize(untouched) == untouched
+    assert not capsys.readouterr().err.strip().splitlines()[1:]

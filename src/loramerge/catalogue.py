@@ -14,7 +14,10 @@ import importlib
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Literal
+
+from loramerge.errors import BadInput
 
 DEFAULT_METHOD = "iso_c"
 DEFAULT_SPACE = "core"
@@ -22,6 +25,67 @@ DEFAULT_DENSITY = 0.95
 
 SPACES = ("core", "full", "factors")
 Level = Literal["element", "matrix", "module"]
+
+# Where peers disagree (docs/algebra.md) the kernels take the choice as a parameter; a preset names a set.
+PRESETS: dict[str, dict[str, str]] = {
+    "peft": {"elect_on": "unweighted", "divisor": "count", "random_rescale": "density"},
+    "mergekit": {"elect_on": "weighted", "divisor": "weight", "random_rescale": "l1"},
+}
+
+
+class Inputs(StrEnum):
+    """What a dense recipe's method merges."""
+
+    TASK_VECTORS = "task_vectors"  # each model minus the base (a base is required)
+    MODELS = "models"  # the models' own tensors
+    EITHER = "either"  # task vectors when a base is given, else the models' own tensors
+    BASE_AND_MODEL = "base_and_model"  # the models' own tensors, the base first and required (slerp, nearswap)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a task-vector kernel (mergekit's generalized task arithmetic: sparsification × consensus).
+    A sparsify step keeps some entries of one task tensor; a combine step merges the stack of them."""
+
+    function: str  # "package.module:attribute"
+    paper: str
+    defaults: Mapping[str, object] = field(default_factory=dict)  # of the step's parameters
+    # sparsify: the per-input cutoff over the whole task; with it the step can run on row blocks
+    cutoff: str | None = None
+    random: bool = False  # sparsify: draws from a per-input generator
+    consensus: bool = False  # combine: elects signs (mergekit's ``normalize`` divides by the agreeing weights)
+
+
+@dataclass(frozen=True)
+class Steps:
+    """An element-wise method as its two steps: a key of ``SPARSIFY`` (None: every entry kept), then one of
+    ``COMBINE``."""
+
+    sparsify: str | None
+    combine: str
+
+
+_TIES = "TIES-Merging (Yadav et al., NeurIPS 2023, arXiv:2306.01708)"
+_DARE = "DARE (Yu et al., ICML 2024, arXiv:2311.03099)"
+_BREADCRUMBS = "Model Breadcrumbs (Davari & Belilovsky, ECCV 2024, arXiv:2312.06795)"
+_DELLA = "DELLA-Merging (Deep et al., 2024, arXiv:2406.11617)"
+_K = "loramerge.kernels.methods:"
+_SP = "loramerge.kernels.sparsify:"
+_CUTOFFS = "loramerge.kernels.registry:"
+SPARSIFY: dict[str, Step] = {
+    "magnitude": Step(
+        _SP + "magnitude_trim", _TIES + ", trim", {"rescale": "none"}, cutoff=_CUTOFFS + "trim_cutoff_of"
+    ),
+    "random": Step(_SP + "random_drop", _DARE, {"rescale": "density"}, random=True),
+    "outliers": Step(_SP + "outlier_trim", _BREADCRUMBS, {"rescale": "none"}, cutoff=_CUTOFFS + "outlier_cutoffs_of"),
+    "ranked": Step(_SP + "ranked_drop", _DELLA + ", MagPrune", {"rescale": "density"}, random=True),
+}
+COMBINE: dict[str, Step] = {
+    "sum": Step(_K + "weighted_sum", "Task Arithmetic (Ilharco et al., ICLR 2023, arXiv:2212.04089)",
+                {"normalize": False}),
+    "consensus": Step(_K + "consensus", _TIES + ", elect and disjoint merge",
+                      {"majority_sign": "total", "elect_on": "unweighted", "divisor": "count"}, consensus=True),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -49,21 +113,21 @@ class Method:
     ``fn(terms, weights, rank)``."""
 
     name: str
-    function: str | Callable[..., object]  # "package.module:attribute", or the callable itself
+    # "package.module:attribute", the callable itself, or (element-wise task-vector methods) its two Steps
+    function: str | Callable[..., object] | Steps
     paper: str
     summary: str
     level: Level = "element"
     parameters: tuple[Parameter, ...] = ()
     linear: bool = False  # the result is linear in the tasks: merging in a shared basis is exact
+    # The next four follow from the steps where the method is made of Steps.
     random: bool = False  # draws from per-input generators
     consensus: bool = False  # elects signs: mergekit's ``normalize`` divides by the agreeing weights
     # Element-wise once ``cutoff`` (per input, over the whole task tensor) is known: a caller may then run
     # the kernel on row blocks of a tensor with ``cutoffs=`` and get the whole-tensor result.
     piecewise: bool = False
     cutoff: str | Callable[..., object] | None = None
-    on_weights: bool = False  # dense recipes: merges the models' own tensors, not task vectors
-    base_optional: bool = False  # dense recipes: task vectors when a base is given, else the models' tensors
-    base_first: bool = False  # dense recipes: the base is the first input and required (slerp, nearswap, …)
+    inputs: Inputs = Inputs.TASK_VECTORS  # dense recipes
     adapters: bool = True  # offered by ``loramerge merge``, adapter recipes and the live API
     dense: bool = True  # offered by dense recipes
     exact_rank: bool = False  # adapters: the output keeps the exact sum's rank (Σ r_i) unless --rank is given
@@ -79,8 +143,32 @@ class Method:
     # adapters: what it does to a single adapter (None: copies it; the density methods copy it at density 1)
     lone: str | None = None
 
+    def __post_init__(self) -> None:
+        if isinstance(self.function, Steps):
+            sparsify = SPARSIFY[self.function.sparsify] if self.function.sparsify else None
+            derived = {
+                "random": bool(sparsify and sparsify.random),
+                "consensus": COMBINE[self.function.combine].consensus,
+                "cutoff": sparsify.cutoff if sparsify else None,
+                "piecewise": not (sparsify and sparsify.random),
+            }
+            for name, value in derived.items():
+                object.__setattr__(self, name, value)
+
+    @property
+    def steps(self) -> Steps:
+        """The method's steps, or for another kernel those whose conventions it shares (its defaults)."""
+        if isinstance(self.function, Steps):
+            return self.function
+        return Steps("random" if self.random else "magnitude", "consensus" if self.consensus else "sum")
+
     @functools.cached_property
     def fn(self) -> Callable[..., object]:
+        if isinstance(self.function, Steps):
+            from loramerge.kernels.methods import SparsifyThenCombine
+
+            sparsify = _load(SPARSIFY[self.function.sparsify].function) if self.function.sparsify else None
+            return SparsifyThenCombine(sparsify, _load(COMBINE[self.function.combine].function))
         return _load(self.function)
 
     @functools.cached_property
@@ -89,14 +177,24 @@ class Method:
 
     @functools.cached_property
     def params(self) -> frozenset[str]:
-        """The keyword parameters the function accepts (read for every call, on every row block)."""
+        """The keyword parameters the kernel accepts (read for every call, on every row block)."""
+        if isinstance(self.function, Steps):
+            from loramerge.kernels.methods import step_parameters
+
+            kernel = self.fn
+            steps = (kernel.sparsify, kernel.combine) if kernel.sparsify else (kernel.combine,)
+            return frozenset(name for step in steps for name in step_parameters(step))
         signature = inspect.signature(self.fn).parameters
         return frozenset(name for name in signature if name not in {"tasks", "weights", "generators", "cutoffs"})
 
     @functools.cached_property
     def kernel_defaults(self) -> dict[str, object]:
-        """The catalogue's defaults of the parameters the function takes (the function has none of its own)."""
-        return {p.name: p.default for p in self.parameters if p.default is not None and p.name in self.params}
+        """The catalogue's defaults of the parameters the kernel takes (no kernel has its own): its steps'
+        (or the steps whose conventions it shares), then its parameters'."""
+        steps = self.steps
+        defaults = {**(SPARSIFY[steps.sparsify].defaults if steps.sparsify else {}), **COMBINE[steps.combine].defaults}
+        defaults.update((p.name, p.default) for p in self.parameters if p.default is not None)
+        return {name: value for name, value in defaults.items() if name in self.params}
 
     @property
     def recipe_parameters(self) -> set[str]:
@@ -128,11 +226,10 @@ def _positive_fraction(value: object) -> str | None:
 
 
 def _element_method(value: object) -> str | None:
-    names = [name for name, method in kernels().items() if method.adapters]
+    names = [name for name, method in element_methods().items() if method.adapters]
     return None if value in names else f"must be an element-wise adapter method: {', '.join(names)}"
 
 
-_K = "loramerge.kernels.methods:"
 _WEIGHT = Parameter("weight", 1.0, per_input=True, help="the input's weight", dense_only=True)
 _NORMALIZE = Parameter("normalize", help="divide by the sum of the weights", dense_only=True)
 _TASK_VECTOR = (
@@ -149,10 +246,6 @@ _GAMMA = Parameter("gamma", 0.01, per_input=True, help="fraction of the largest 
 _EPSILON = Parameter("epsilon", 0.15, per_input=True, help="spread of DELLA's keep probabilities")
 _M = "loramerge.kernels.matrix:"
 _ALPHA = Parameter("alpha", 1.0, help="scale of the merged update")
-_TIES = "TIES-Merging (Yadav et al., NeurIPS 2023, arXiv:2306.01708)"
-_DARE = "DARE (Yu et al., ICML 2024, arXiv:2311.03099)"
-_BREADCRUMBS = "Model Breadcrumbs (Davari & Belilovsky, ECCV 2024, arXiv:2312.06795)"
-_DELLA = "DELLA-Merging (Deep et al., 2024, arXiv:2406.11617)"
 _S = "loramerge.kernels.spherical:"
 _SEL = "loramerge.kernels.selective:"
 _REQUIRED_WEIGHT = Parameter("weight", per_input=True, help="the input's weight", dense_only=True, required=True)
@@ -182,41 +275,40 @@ for _method in (
     Method("svd", "loramerge.lowrank.svd:svd_merge", "Eckart–Young–Mirsky; PEFT's svd combination",
            "the best rank-k approximation of the exact sum, from the factors", level="module", linear=True,
            dense=False, peft_names={"svd": None}),
-    Method("linear", _K + "linear", "Task Arithmetic (Ilharco et al., ICLR 2023); Model Soups (Wortsman et al., 2022)",
+    Method("linear", Steps(None, "sum"),
+           "Task Arithmetic (Ilharco et al., ICLR 2023); Model Soups (Wortsman et al., 2022)",
            "weighted sum (mergekit: weighted average of the models)", parameters=(_WEIGHT, _NORMALIZE), linear=True,
-           piecewise=True, on_weights=True, exact_rank=True, mergekit_normalize=True, peft_names={"linear": None}),
-    Method("task_arithmetic", _K + "linear", "Task Arithmetic (Ilharco et al., ICLR 2023, arXiv:2212.04089)",
-           "weighted sum of task vectors", parameters=_TASK_VECTOR, linear=True, piecewise=True, exact_rank=True),
-    Method("ties", _K + "ties", _TIES, "trim to the largest entries, elect a sign, mean of the agreeing",
-           parameters=_TASK_VECTOR, consensus=True, piecewise=True, cutoff="loramerge.kernels.registry:trim_cutoff_of",
+           inputs=Inputs.MODELS, exact_rank=True, mergekit_normalize=True, peft_names={"linear": None}),
+    Method("task_arithmetic", Steps(None, "sum"), "Task Arithmetic (Ilharco et al., ICLR 2023, arXiv:2212.04089)",
+           "weighted sum of task vectors", parameters=_TASK_VECTOR, linear=True, exact_rank=True),
+    Method("ties", Steps("magnitude", "consensus"), _TIES,
+           "trim to the largest entries, elect a sign, mean of the agreeing", parameters=_TASK_VECTOR,
            mergekit_normalize=True, peft_names={"ties": None, "ties_svd": "full"},
            lone="trims its smallest entries"),
-    Method("dare_linear", _K + "dare_linear", _DARE, "random drop and rescale, then a weighted sum",
-           parameters=_TASK_VECTOR, random=True, mergekit_rescale=True,
+    Method("dare_linear", Steps("random", "sum"), _DARE, "random drop and rescale, then a weighted sum",
+           parameters=_TASK_VECTOR, mergekit_rescale=True,
            peft_names={"dare_linear": None, "dare_linear_svd": "full"},
            lone="drops entries at random and rescales the rest"),
-    Method("dare_ties", _K + "dare_ties", _DARE, "random drop and rescale, then TIES' sign election",
-           parameters=_TASK_VECTOR, random=True, consensus=True, mergekit_rescale=True,
+    Method("dare_ties", Steps("random", "consensus"), _DARE, "random drop and rescale, then TIES' sign election",
+           parameters=_TASK_VECTOR, mergekit_rescale=True,
            peft_names={"dare_ties": None, "dare_ties_svd": "full"},
            lone="drops entries at random and rescales the rest"),
-    Method("magnitude_prune", _K + "magnitude_prune", _TIES + ", trim step alone",
-           "trim to the largest entries, then a weighted sum", parameters=_TASK_VECTOR, piecewise=True,
-           cutoff="loramerge.kernels.registry:trim_cutoff_of",
+    Method("magnitude_prune", Steps("magnitude", "sum"), _TIES + ", trim step alone",
+           "trim to the largest entries, then a weighted sum", parameters=_TASK_VECTOR,
            peft_names={"magnitude_prune": None, "magnitude_prune_svd": "full"},
            lone="trims its smallest entries"),
-    Method("breadcrumbs", _K + "breadcrumbs", _BREADCRUMBS, "drop the outliers and the smallest entries, then sum",
-           parameters=(*_TASK_VECTOR, _GAMMA), piecewise=True, cutoff="loramerge.kernels.registry:outlier_cutoffs_of",
+    Method("breadcrumbs", Steps("outliers", "sum"), _BREADCRUMBS,
+           "drop the outliers and the smallest entries, then sum", parameters=(*_TASK_VECTOR, _GAMMA),
            lone="drops its largest and smallest entries"),
-    Method("breadcrumbs_ties", _K + "breadcrumbs_ties", _BREADCRUMBS + " with " + _TIES,
-           "Breadcrumbs' trim, then TIES' sign election", parameters=(*_TASK_VECTOR, _GAMMA), consensus=True,
-           piecewise=True, cutoff="loramerge.kernels.registry:outlier_cutoffs_of",
+    Method("breadcrumbs_ties", Steps("outliers", "consensus"), _BREADCRUMBS + " with " + _TIES,
+           "Breadcrumbs' trim, then TIES' sign election", parameters=(*_TASK_VECTOR, _GAMMA),
            lone="drops its largest and smallest entries"),
-    Method("della", _K + "della", _DELLA, "magnitude-ranked random drop, then TIES' sign election",
-           parameters=(*_TASK_VECTOR, _EPSILON), random=True, consensus=True, mergekit_normalize=True,
+    Method("della", Steps("ranked", "consensus"), _DELLA, "magnitude-ranked random drop, then TIES' sign election",
+           parameters=(*_TASK_VECTOR, _EPSILON), mergekit_normalize=True,
            mergekit_rescale=True, adapter_density=0.8,
            lone="drops entries at random and rescales the rest"),
-    Method("della_linear", _K + "della_linear", _DELLA, "magnitude-ranked random drop, then a weighted sum",
-           parameters=(*_TASK_VECTOR, _EPSILON), random=True, mergekit_rescale=True, adapter_density=0.8,
+    Method("della_linear", Steps("ranked", "sum"), _DELLA, "magnitude-ranked random drop, then a weighted sum",
+           parameters=(*_TASK_VECTOR, _EPSILON), mergekit_rescale=True, adapter_density=0.8,
            lone="drops entries at random and rescales the rest"),
     Method("knots", _M + "knots", "KnOTS (Stoica et al., ICLR 2025, arXiv:2410.19735)",
            "the tasks aligned by one SVD of them side by side, their right factors merged by an element-wise method",
@@ -256,23 +348,23 @@ for _method in (
     Method("slerp", _K + "slerp", "Spherical interpolation (Shoemake, SIGGRAPH 1985)",
            "spherical interpolation between two models",
            parameters=(Parameter("t", help="0: the base, 1: the other", required=True),),
-           on_weights=True, base_first=True, adapters=False, min_inputs=2, max_inputs=2),
+           inputs=Inputs.BASE_AND_MODEL, adapters=False, min_inputs=2, max_inputs=2),
     Method("nuslerp", _S + "nuslerp", "mergekit's NuSLERP (Shoemake's slerp, SIGGRAPH 1985, with weights)",
            "slerp of two models (or their task vectors) at t = w_1 / (w_0 + w_1)",
            parameters=(_REQUIRED_WEIGHT,
                        Parameter("nuslerp_flatten", True, help="one vector per tensor (else per row or column)"),
                        Parameter("nuslerp_row_wise", False, help="unflattened: vectors along the first dimension")),
-           base_optional=True, adapters=False, min_inputs=2, max_inputs=2),
+           inputs=Inputs.EITHER, adapters=False, min_inputs=2, max_inputs=2),
     Method("multislerp", _S + "multislerp", "mergekit's Multi-SLERP (C. Goddard)",
            "the weighted mean direction on the sphere, at the weighted mean norm",
            parameters=(_REQUIRED_WEIGHT, Parameter("normalize_weights", True, help="divide the weights by their sum"),
                        Parameter("eps", 1e-8, help="numerical floor")),
-           base_optional=True, adapters=False),
+           inputs=Inputs.EITHER, adapters=False),
     Method("karcher", _S + "karcher", "Karcher mean (Karcher 1977; Wang et al., arXiv:2603.04972)",
            "the Riemannian mean of the directions, at the mean norm (the base counts as an input)",
            parameters=(_IGNORED_WEIGHT, Parameter("max_iter", 10, help="fixed-point iterations"),
                        Parameter("tol", 1e-5, help="convergence and zero-norm tolerance")),
-           on_weights=True, adapters=False),
+           inputs=Inputs.MODELS, adapters=False),
     Method("sce", _SEL + "sce", "SCE, FuseChat (Wan et al., arXiv:2408.07990)",
            "select the most varying entries, weight models by their squared change, erase minority signs",
            parameters=(_IGNORED_WEIGHT, Parameter("select_topk", 1.0, help="fraction of varying entries kept"),
@@ -281,10 +373,10 @@ for _method in (
     Method("nearswap", _SEL + "nearswap", "NearSwap (mergekit; alchemonaut/QuartetAnemoi-70B)",
            "entries move from the base to the other model where the two are within t",
            parameters=(Parameter("t", help="the distance under which an entry is swapped", required=True),),
-           on_weights=True, base_first=True, piecewise=True, adapters=False, min_inputs=2, max_inputs=2),
+           inputs=Inputs.BASE_AND_MODEL, piecewise=True, adapters=False, min_inputs=2, max_inputs=2),
     Method("arcee_fusion", _SEL + "arcee_fusion", "Arcee Fusion (mergekit v0.1, Arcee AI)",
            "the other model's changes whose size × row KL divergence passes the Tukey fence",
-           on_weights=True, base_first=True, adapters=False, min_inputs=2, max_inputs=2),
+           inputs=Inputs.BASE_AND_MODEL, adapters=False, min_inputs=2, max_inputs=2),
     Method("ram", _SEL + "ram", _RAM, "the mean of shared changes, unique changes kept",
            parameters=(_IGNORED_WEIGHT, _RAM_EPSILON), piecewise=True, adapters=False),
     Method("ramplus_tl", _SEL + "ramplus_tl", _RAM + ", RAM+ tensor-local",
@@ -292,8 +384,8 @@ for _method in (
            parameters=(_IGNORED_WEIGHT, Parameter("r", 0.1, help="strength of the unique-change boost"),
                        Parameter("alpha", 0.2, help="cap of the overlap ratio"), _RAM_EPSILON), adapters=False),
     Method("passthrough", _K + "passthrough", "mergekit's passthrough (layer stacking)", "one input copied",
-           parameters=(Parameter("scale", per_input=True, help="multiply the copied tensor"),), linear=True,
-           piecewise=True, on_weights=True, adapters=False, max_inputs=1),
+           parameters=(Parameter("scale", 1.0, per_input=True, help="multiply the copied tensor"),), linear=True,
+           piecewise=True, inputs=Inputs.MODELS, adapters=False, max_inputs=1),
 ):  # fmt: skip
     register(_method)
 
@@ -317,13 +409,21 @@ def dense_methods() -> list[str]:
     return [method.name for method in methods() if method.dense]
 
 
-def kernels() -> dict[str, Method]:
-    """The element-wise methods: pure kernels on stacks of task tensors."""
+def method(name: str) -> Method:
+    """The catalogue's entry of ``name``; an unknown name is bad input."""
+    found = _CATALOGUE.get(name)
+    if found is None:
+        raise BadInput(f"unknown merge method {name!r}; known: {', '.join(sorted(_CATALOGUE))}")
+    return found
+
+
+def element_methods() -> dict[str, Method]:
+    """The element-wise methods: kernels on stacks of task tensors (every space, dense recipes)."""
     return {method.name: method for method in methods() if method.level == "element"}
 
 
-def matrix_kernels() -> dict[str, Method]:
-    """The kernels on stacks of whole task matrices (core and full spaces)."""
+def matrix_methods() -> dict[str, Method]:
+    """The methods whose kernels take stacks of whole task matrices (core and full spaces)."""
     return {method.name: method for method in methods() if method.level == "matrix"}
 
 

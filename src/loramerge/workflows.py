@@ -4,14 +4,17 @@ folded into its base, and a recipe's ``evaluate:`` section. The CLI calls these 
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
 
 from loramerge.adapters.dora import base_for_dora
 from loramerge.adapters.files import load_adapter, save_adapter
-from loramerge.adapters.merge import MergePlan, plan_merge
+from loramerge.adapters.merge import MergePlan, execute_plan, plan_merge
 from loramerge.adapters.model import LoraAdapter
 from loramerge.adapters.options import MergeOptions
 from loramerge.adapters.recipe import adapter_merge_inputs
@@ -23,6 +26,12 @@ from loramerge.io.atomic import check_output_target
 from loramerge.recipe import Recipe
 
 Progress = Callable[[int, int, str], None]
+# a phase of a long job: (its length if known, its label) -> a context giving the progress callback
+Phase = Callable[[int | None, str], AbstractContextManager[Progress | None]]
+
+
+def _silent(total: int | None, label: str) -> AbstractContextManager[Progress | None]:
+    return nullcontext(None)
 
 
 def executed_plan(plan: MergePlan, fold_into: str | None) -> MergePlan:
@@ -52,6 +61,42 @@ def write_merged_adapter(
         save_adapter(merged, target, force=force, dtype=plan.out_dtype)
 
 
+@dataclasses.dataclass
+class WrittenMerge:
+    """What ``merge_and_write`` wrote: a merged adapter, or (``folded``) a full model of ``dtype`` and ``size``."""
+
+    seconds: float
+    folded: bool = False
+    dtype: str = ""
+    size: int = 0  # bytes of the folded model's safetensors
+
+
+def merge_and_write(
+    plan: MergePlan,
+    target: Path,
+    *,
+    force: bool = False,
+    fold_into: str | None = None,
+    shard_size: str | None = None,
+    phase: Phase = _silent,
+) -> WrittenMerge:
+    """Execute a plan and write the merged adapter (or, with ``fold_into``, that base with the merge folded in),
+    reporting the merge and the fold as two ``phase``s."""
+    started = time.perf_counter()
+    with phase(len(plan.modules), "merging modules") as update:
+        merged = execute_plan(executed_plan(plan, fold_into), update)
+    with phase(None, "folding") if fold_into else nullcontext(None) as update:
+        note = f"Merge: {plan.describe()}."
+        write_merged_adapter(merged, plan, target, force=force, fold_into=fold_into, card_note=note, progress=update,
+                             shard_size=shard_size)  # fmt: skip
+    seconds = time.perf_counter() - started
+    if not fold_into:
+        return WrittenMerge(seconds)
+    dtype = json.loads((target / "config.json").read_text()).get("dtype", "")
+    size = sum(path.stat().st_size for path in target.glob("*.safetensors"))
+    return WrittenMerge(seconds, folded=True, dtype=dtype, size=size)
+
+
 def adapter_recipe_plan(
     recipe: Recipe, output: Path, *, seed: int | None, device: str, force: bool, allow_nonfinite: bool
 ) -> tuple[MergePlan, Path, str | None]:
@@ -72,18 +117,18 @@ def evaluate_recipe(
     recipe: Recipe, output: Path, device: str = "cpu", progress: Progress | None = None
 ) -> list[EvalResult]:
     """A recipe's ``evaluate:`` section on its written output: the base, each input adapter and the merge."""
-    spec = recipe.evaluate
-    if spec is None:
+    evaluation = recipe.evaluate
+    if evaluation is None:
         return []
     adapters = [entry.adapter for entry in recipe.adapters or []]
-    base = spec.base or recipe.base_model
+    base = evaluation.base or recipe.base_model
     if base is None and adapters:
         base = load_adapter(adapters[0]).base_ref
     if base is None:
         raise BadInput("evaluate.base: name the base model to compare with")
-    files = [spec.data] if isinstance(spec.data, str) else spec.data
-    datasets = load_datasets(files, text_field=spec.text_field, prompt_field=spec.prompt_field,
-                             completion_field=spec.completion_field, max_samples=spec.max_samples)  # fmt: skip
+    files = [evaluation.data] if isinstance(evaluation.data, str) else evaluation.data
+    datasets = load_datasets(files, text_field=evaluation.text_field, prompt_field=evaluation.prompt_field,
+                             completion_field=evaluation.completion_field, max_samples=evaluation.max_samples)  # fmt: skip
     return evaluate_models(base, adapters, str(output), datasets, False, device, progress)
 
 

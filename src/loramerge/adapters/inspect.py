@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from loramerge.adapters.checks import check_base_models, check_layouts, check_shapes
@@ -101,6 +101,15 @@ def _pair(adapters: Sequence[LoraAdapter], first: int, second: int, shared: list
     return PairSummary(first, second, len(shared), mean, sum(cos < 0 for cos in cosines))
 
 
+def _conflict(check: Callable[..., object], adapters: Sequence[LoraAdapter], **keywords: object) -> str | None:
+    """What ``check`` refuses in the set, or None."""
+    try:
+        check(adapters, **keywords)
+    except BadInput as conflict:
+        return str(conflict)
+    return None
+
+
 def summarize_set(adapters: Sequence[LoraAdapter]) -> SetSummary:
     names = [set(adapter.modules) for adapter in adapters]
     shared = sorted(set.intersection(*names))
@@ -108,17 +117,15 @@ def summarize_set(adapters: Sequence[LoraAdapter]) -> SetSummary:
         shared_modules=shared,
         only_in={a.name: sorted(n - set.intersection(*names)) for a, n in zip(adapters, names, strict=True)},
     )
-    for check in (check_shapes, check_layouts, lambda items: check_base_models(items, strict=True)):
-        try:
-            check(adapters)
-        except BadInput as conflict:
-            summary.conflicts.append(str(conflict))
+    shape_conflict = _conflict(check_shapes, adapters)
+    found = (shape_conflict, _conflict(check_layouts, adapters), _conflict(check_base_models, adapters, strict=True))
+    summary.conflicts += [conflict for conflict in found if conflict]
     dtypes = {adapter.dtype for adapter in adapters}
     if len(dtypes) > 1:
         summary.conflicts.append(
             f"dtypes differ ({', '.join(sorted(str(d) for d in dtypes))}); merge computes in float32"
         )
-    if not any("shape" in conflict for conflict in summary.conflicts):
+    if shape_conflict is None:  # factors of different shapes have no cosine
         for first in range(len(adapters)):
             for second in range(first + 1, len(adapters)):
                 both = sorted(set(adapters[first].modules) & set(adapters[second].modules))

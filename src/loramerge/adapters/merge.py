@@ -8,7 +8,6 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from loramerge import catalogue
 from loramerge.adapters.checks import (
     check_base_models,
     check_layouts,
@@ -28,13 +27,14 @@ from loramerge.adapters.dora import (
 from loramerge.adapters.model import LoraAdapter, LoraModule
 from loramerge.adapters.options import MergeOptions, parse_options
 from loramerge.adapters.param_targets import config_ranks
+from loramerge.catalogue import Method
 from loramerge.errors import BadInput
 from loramerge.io.model_card import MergeRecord, merged_adapter_card
 from loramerge.io.peft_config import merged_lora_config
 from loramerge.io.portable_base import portable_base
 from loramerge.io.sizes import human_bytes
-from loramerge.kernels import KernelSpec, get_kernel, run_by_row_blocks, run_kernel, runs_by_rows
-from loramerge.kernels.methods import linear
+from loramerge.kernels import run_by_row_blocks, run_kernel, runs_by_rows
+from loramerge.kernels.methods import weighted_sum
 from loramerge.lowrank import (
     LowRank,
     concat,
@@ -111,8 +111,8 @@ class MergePlan:
             parts.append(f"full_svd={options.full_svd}")
         if options.uses_density:
             parts.append(f"density={options.effective_density:g}")
-        if catalogue.get(options.method).consensus:
-            parts.append(f"majority_sign={options.majority_sign}")
+        if options.method_entry.consensus:
+            parts.append(f"majority_sign={options.kernel_arguments['majority_sign']}")
         parts += [f"{name}={value}" for name, value in sorted(options.params.items())]
         parts += [f"weights={','.join(f'{w:g}' for w in self.weights)}", f"seed={options.seed}"]
         kinds = sorted({adapter.kind for adapter in self.adapters})
@@ -140,11 +140,11 @@ def output_rank(options: MergeOptions, shape: tuple[int, int], ranks: Sequence[i
     """The rank a module's merge produces; the executor checks it gets exactly this."""
     bound, total = min(shape), sum(ranks)
     strategy = options.strategy
-    exact = strategy == "concat" or (strategy == "module" and catalogue.get(options.method).exact_rank)
+    exact = strategy == "concat" or (strategy == "module" and options.method_entry.exact_rank)
     if exact or strategy == "factors":  # exact rank unless --rank asks for less
         produced = total if exact else ranks[0]
         return produced if options.rank is None or options.rank >= produced else min(options.rank, bound)
-    keeps_rank = options.kernel is not None and options.kernel.exact_rank  # iso_c, tsv_m, knots: up to Σ r_i
+    keeps_rank = options.method_entry.exact_rank  # iso_c, tsv_m, knots: up to Σ r_i
     requested = options.rank or (total if keeps_rank else max(ranks))
     return min(requested, bound) if strategy == "full" else min(requested, total, bound)
 
@@ -169,7 +169,7 @@ def _plan_modules(adapters: Sequence[LoraAdapter], options: MergeOptions) -> lis
 def _lone_adapter_warning(count: int, options: MergeOptions) -> list[str]:
     """A merge of one adapter is a copy for the linear methods; the others still transform it, which a user
     merging one adapter (to convert its dtype, say) would not expect."""
-    effect = catalogue.get(options.method).lone
+    effect = options.method_entry.lone
     if count != 1 or effect is None or (options.uses_density and options.effective_density == 1):
         return []
     return [f"one adapter: {options.method} {effect}, so the output differs from the input; "
@@ -270,7 +270,7 @@ def _common_dtype(adapters: Sequence[LoraAdapter]) -> torch.dtype:
 def _factor_space(plan: MergePlan, module: ModulePlan, pieces: list[LoraModule], weights: list[float]) -> LowRank:
     """PEFT's ``add_weighted_adapter``: the kernel on the A's and on the B's with ``sqrt(|w s|)``."""
     options = plan.options
-    spec = get_kernel(options.method)
+    method = options.method_entry
     coefficients = [w * piece.scale for w, piece in zip(weights, pieces, strict=True)]
     roots = torch.tensor([math.sqrt(abs(c)) for c in coefficients])
     signed = torch.tensor([math.copysign(math.sqrt(abs(c)), c) for c in coefficients])
@@ -285,13 +285,13 @@ def _factor_space(plan: MergePlan, module: ModulePlan, pieces: list[LoraModule],
     def merged(side: str, root_weights: torch.Tensor) -> torch.Tensor:
         tensors = torch.stack([factor(piece, side) for piece in pieces])
         gens = tensor_generators(options.seed, f"{module.name}.lora_{side}", module.inputs, device)
-        return run_kernel(spec, tensors, root_weights.to(device), options.kernel_params, gens)
+        return run_kernel(method, tensors, root_weights.to(device), options.kernel_params, gens)
 
     return LowRank(B=merged("B", roots), A=merged("A", signed))
 
 
 def merge_full_space(
-    spec: KernelSpec,
+    method: Method,
     terms: Sequence[LowRank],
     weights: torch.Tensor,
     params: dict[str, object],
@@ -300,8 +300,8 @@ def merge_full_space(
     """The kernel on the dense deltas ``B_i A_i`` (the ``full`` space). A piecewise kernel runs on row
     blocks of the deltas, each made from its rows of ``B``: the blocks stay in cache, and no more than
     one whole delta is dense at a time (to find its cutoff), instead of all of them at once."""
-    if not runs_by_rows(spec, params):
-        return run_kernel(spec, torch.stack([term.dense() for term in terms]), weights, params, generators)
+    if not runs_by_rows(method, params):
+        return run_kernel(method, torch.stack([term.dense() for term in terms]), weights, params, generators)
     rows, columns = terms[0].B.shape[0], terms[0].A.shape[1]
     buffers: list[torch.Tensor] = []
 
@@ -314,7 +314,7 @@ def merge_full_space(
         return tasks
 
     merged = torch.empty(rows, columns, device=terms[0].B.device)
-    return run_by_row_blocks(spec, tasks_of, weights, params, (term.dense() for term in terms), merged)
+    return run_by_row_blocks(method, tasks_of, weights, params, (term.dense() for term in terms), merged)
 
 
 def _core_space(
@@ -324,7 +324,7 @@ def _core_space(
     Kronecker sides where every input is LoKr with one split, the method does not depend on the basis and
     that basis is at most twice as wide as the summed ranks (its cores stay small), else by QR of the stacked
     factors."""
-    if catalogue.get(plan.options.method).any_basis and all(
+    if plan.options.method_entry.any_basis and all(
         piece.kronecker is not None and piece.row_scale is None for piece in pieces
     ):
         device = plan.options.device
@@ -348,20 +348,20 @@ def merge_module(plan: MergePlan, module: ModulePlan, pieces: Sequence[LoraModul
     rank = module.output_rank
     strategy = options.strategy
     if strategy == "module":
-        result = catalogue.get(options.method).fn(terms, weights, rank=rank, **options.module_params)
+        result = options.method_entry.fn(terms, weights, rank=rank, **options.kernel_arguments)
     elif strategy in ("concat", "factors"):
         result = concat(terms, weights) if strategy == "concat" else _factor_space(plan, module, pieces, weights)
         if options.rank is not None and options.rank < result.rank:
             result = truncate_rank(result, options.rank)
     else:
-        spec = get_kernel(options.method)
+        method = options.method_entry
         weight_tensor = torch.tensor(weights, device=options.device)
         gens = tensor_generators(options.seed, f"{module.name}/{strategy}", module.inputs, options.device)
         if strategy == "core":
             U, cores, V = _core_space(plan, pieces, terms)
-            result = from_core(U, run_kernel(spec, cores, weight_tensor, options.kernel_params, gens), V, rank)
+            result = from_core(U, run_kernel(method, cores, weight_tensor, options.kernel_params, gens), V, rank)
         else:
-            merged = merge_full_space(spec, terms, weight_tensor, options.kernel_params, gens)
+            merged = merge_full_space(method, terms, weight_tensor, options.kernel_params, gens)
             if use_randomized(options.full_svd, module.shape, rank):
                 result = truncate_dense_randomized(merged, rank, tensor_seed(options.seed, f"{module.name}/svd", 0))
             else:
@@ -413,7 +413,9 @@ def merge_dense(plan: MergePlan, name: str) -> torch.Tensor:
     weights = torch.tensor([plan.weights[i] for i in indices])
     if weights.sum().abs() > 1e-12:
         weights = weights / weights.sum()
-    return linear(torch.stack([t.to(torch.float32) for t in tensors]), weights).to(tensors[0].dtype)
+    return weighted_sum(torch.stack([t.to(torch.float32) for t in tensors]), weights, normalize=False).to(
+        tensors[0].dtype
+    )
 
 
 def execute_plan(plan: MergePlan, progress: Progress | None = None) -> LoraAdapter:

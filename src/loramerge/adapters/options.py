@@ -30,7 +30,7 @@ class MergeOptions(BaseModel):
     space: Space = DEFAULT_SPACE
     density: float | None = Field(default=None, gt=0.0, le=1.0)
     rank: int | None = Field(default=None, ge=1)
-    majority_sign: Literal["total", "frequency"] = "total"
+    majority_sign: Literal["total", "frequency"] | None = None  # None: the catalogue's
     preset: Literal["peft", "mergekit"] = "peft"
     seed: int = 0
     full_svd: Literal["auto", "exact", "randomized"] = "auto"
@@ -63,15 +63,19 @@ class MergeOptions(BaseModel):
         return self
 
     @property
-    def kernel(self) -> catalogue.Method | None:
-        """The method's kernel (element- or matrix-level); None for methods computed from the factors."""
-        method = catalogue.get(self.method)
-        return method if method.level != "module" else None
+    def method_entry(self) -> catalogue.Method:
+        """The catalogue's entry of ``method``."""
+        return catalogue.method(self.method)
 
     @property
     def kernel_params(self) -> dict[str, object]:
-        params = preset_params(self.preset, self.kernel) if self.kernel else {}
-        params.update(density=self.effective_density, majority_sign=self.majority_sign)
+        """What the method's kernel is given: the preset's conventions, the density, the majority sign if
+        given, the method's own parameters (the catalogue supplies the rest)."""
+        method = self.method_entry
+        params = preset_params(self.preset, method) if method.level != "module" else {}
+        params["density"] = self.effective_density
+        if self.majority_sign is not None:
+            params["majority_sign"] = self.majority_sign
         params.update(self.params)
         return params
 
@@ -79,29 +83,31 @@ class MergeOptions(BaseModel):
     def effective_density(self) -> float:
         if self.density is not None:
             return self.density
-        own = catalogue.get(self.method).adapter_density  # della's density ± epsilon must stay in (0, 1)
+        own = self.method_entry.adapter_density  # della's density ± epsilon must stay in (0, 1)
         return DEFAULT_DENSITY if own is None else own
 
     @property
-    def module_params(self) -> dict[str, object]:
-        """A module-level method's keywords: the catalogue's defaults, the density, the given parameters."""
-        method = catalogue.get(self.method)
+    def kernel_arguments(self) -> dict[str, object]:
+        """Every parameter the method's function receives: the catalogue's defaults overridden by
+        ``kernel_params`` (a module-level method is called with these)."""
+        method = self.method_entry
         return {**method.kernel_defaults, **{k: v for k, v in self.kernel_params.items() if k in method.params}}
 
     @property
     def uses_density(self) -> bool:
-        return "density" in catalogue.get(self.method).params
+        return "density" in self.method_entry.params
 
     @property
     def elementwise(self) -> bool:
         """Whether the space matters: the kernel is not linear in its inputs (or factors were asked for)."""
-        return self.kernel is not None and (not self.kernel.linear or self.space == "factors")
+        method = self.method_entry
+        return method.level != "module" and (not method.linear or self.space == "factors")
 
     @property
     def strategy(self) -> Strategy:
         """How each module is computed: a module-level method on the factors (``svd``, ``cat``), the exact
         concatenation (linear kernels), or a kernel run in one of the three spaces."""
-        if catalogue.get(self.method).level == "module":
+        if self.method_entry.level == "module":
             return "module"
         return self.space if self.elementwise else "concat"
 

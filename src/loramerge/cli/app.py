@@ -14,7 +14,8 @@ import warnings
 import typer
 
 from loramerge.cli import eval_cmd, finetune_cmd, fold_cmd, inspect_cmd, merge_cmd, moe_cmd, run_cmd, search_cmd
-from loramerge.cli.present import set_debug
+from loramerge.cli.fold_cmd import QUANT_TYPES
+from loramerge.cli.present import deprecated, set_debug
 
 app = typer.Typer(
     add_completion=False,
@@ -76,10 +77,32 @@ def joined_weights(argv: list[str]) -> list[str]:
     return result
 
 
+def legacy_quantize(argv: list[str]) -> list[str]:
+    """``fold --quantize nf4`` (before ``--quantize`` became a flag and the type ``--quant-type``'s, one
+    spelling for the 4-bit type) as ``--quantize --quant-type nf4``, with a deprecation line."""
+    if not argv or argv[0] != "fold":
+        return argv
+    result: list[str] = []
+    index = 0
+    while index < len(argv):
+        item = argv[index]
+        value = item.partition("=")[2] if item.startswith("--quantize=") else None
+        if item == "--quantize" and index + 1 < len(argv) and argv[index + 1] in QUANT_TYPES:
+            index += 1
+            value = argv[index]
+        if value is not None:
+            deprecated(f"--quantize {value}", f"--quantize --quant-type {value}")
+            result += ["--quantize", "--quant-type", value]
+        else:
+            result.append(item)
+        index += 1
+    return result
+
+
 def main() -> None:
     # bitsandbytes warns on import that an optional CPU speed-up package is missing; it changes no result
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecations, not results
     # PEFT looks for a config.json beside a GGUF base reference when saving; the vocabulary is unchanged
     warnings.filterwarnings("ignore", message="Could not find a config file", module="peft")
-    app(args=joined_weights(sys.argv[1:]))
+    app(args=legacy_quantize(joined_weights(sys.argv[1:])))

@@ -42,10 +42,12 @@ def fold_command(
     base: str = typer.Option(..., "--base", help=BASE_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="Folder to write the full model to."),
     dtype: str = typer.Option(None, help="float32 | float16 | bfloat16 (default: the base's)."),
-    quantize: str = typer.Option(None, help="Write bitsandbytes 4-bit weights: nf4 | fp4."),
+    quantize: bool = typer.Option(False, help="Write bitsandbytes 4-bit weights of --quant-type."),
     double_quant: bool = typer.Option(True, help="Double quantization of the 4-bit statistics."),
     from_dequantized: bool = typer.Option(False, help="Fold into the 4-bit-rounded weights QLoRA trained on."),
-    quant_type: str = typer.Option("nf4", help="4-bit type of --from-dequantized for a full-precision base."),
+    quant_type: str = typer.Option(
+        "nf4", help="The 4-bit type: nf4 | fp4 (of --quantize, and of --from-dequantized for a full-precision base)."
+    ),
     out_shard_size: str = typer.Option(None, help=SHARD_HELP),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
     allow_nonfinite: bool = typer.Option(False, help="Use input tensors holding NaN or Inf (refused by default)."),
@@ -57,18 +59,17 @@ def fold_command(
     from loramerge.folding.stream import fold
 
     check_dtype(dtype)
-    check_quant_type(quantize, "--quantize")
     check_quant_type(quant_type, "--quant-type")
     started = time.perf_counter()
     loaded = load_adapter(adapter, allow_nonfinite=allow_nonfinite)
     with progress_bar(None, label="folding") as update:
         target = fold(
-            loaded, base, output, dtype=dtype, quantize=quantize, double_quant=double_quant,
+            loaded, base, output, dtype=dtype, quantize=quant_type if quantize else None, double_quant=double_quant,
             from_dequantized=quant_type if from_dequantized else None, shard_size=out_shard_size, force=force,
             progress=update,
         )  # fmt: skip
     mark_written(target)
-    kind = f"{quantize} 4-bit" if quantize else (dtype or "the base's dtype")
+    kind = f"{quant_type} 4-bit" if quantize else (dtype or "the base's dtype")
     seconds = time.perf_counter() - started
     out.print(f"folded {len(loaded.modules)} modules into {base} ({kind}) in {seconds:.2f} s -> {target}")
     publish(target, push_to_hub, private)

@@ -4,13 +4,12 @@ sizes, and the tables and summaries of plans and evaluations. The library never 
 from __future__ import annotations
 
 import functools
-import json
 import re
 import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -239,30 +238,21 @@ def run_adapter_plan(
 ) -> None:
     """Print a plan's warnings, then either the plan (dry run) or merge with a progress bar and save
     the adapter (or, with ``fold_into``, the base with the merge folded in)."""
-    from loramerge.adapters.merge import execute_plan
     from loramerge.io.sizes import human_bytes
-    from loramerge.workflows import executed_plan, write_merged_adapter
+    from loramerge.workflows import merge_and_write
 
     print_warnings(plan.warnings)
     if dry_run:
         out.print(plan_table(plan))
         out.print(f"dry run: {plan.describe()}; would write {target}")
         return
-    started = time.perf_counter()
-    with progress_bar(len(plan.modules)) as update:
-        merged = execute_plan(executed_plan(plan, fold_into), update)
-    with progress_bar(None, label="folding") if fold_into else nullcontext() as update:
-        note = f"Merge: {plan.describe()}."
-        write_merged_adapter(merged, plan, target, force=force, fold_into=fold_into, card_note=note, progress=update,
-                             shard_size=shard_size)  # fmt: skip
+    written = merge_and_write(plan, target, force=force, fold_into=fold_into, shard_size=shard_size,
+                              phase=progress_bar)  # fmt: skip
     mark_written(target)
-    seconds = time.perf_counter() - started
-    if fold_into:  # the output is the full model, not the adapter the plan describes
-        dtype = json.loads((target / "config.json").read_text()).get("dtype", "")
-        size = human_bytes(sum(path.stat().st_size for path in target.glob("*.safetensors")))
-        out.print(
-            f"merged {plan.describe_merge()}, folded into {fold_into}: {dtype}, {size} in {seconds:.2f} s -> {target}"
-        )
+    seconds = written.seconds
+    if written.folded:  # the output is the full model, not the adapter the plan describes
+        out.print(f"merged {plan.describe_merge()}, folded into {fold_into}: {written.dtype}, "
+                  f"{human_bytes(written.size)} in {seconds:.2f} s -> {target}")  # fmt: skip
     else:
         out.print(f"merged {plan.describe()} in {seconds:.2f} s -> {target}")
 
@@ -296,8 +286,11 @@ def skills_table(results) -> Table:
     for name in sets:
         table.add_column(name, justify="right")
     table.add_column("mean" if exact else "mean loss", justify="right")
-    adapters = [m for m in models if m.startswith("adapter ")]
-    merged = [m for m in models if m.startswith("merged ")]
+    from loramerge.evaluate.exact_match import Role
+
+    roles = {r.name: r.role for r in results}
+    adapters = [m for m in models if roles[m] == Role.ADAPTER]
+    merged = [m for m in models if roles[m] == Role.MERGED]
     if exact and adapters and merged:
         table.add_column("kept vs. adapters", justify="right")
     for model in models:

@@ -98,11 +98,11 @@ def _run_dense(
         for line in plan.describe():
             out.print(line, soft_wrap=True)
         inputs = ", ".join(plan.sources)
-        out.print(f"dry run: {plan.spec.name} of {inputs}; output {human_bytes(plan.output_bytes)}")
+        out.print(f"dry run: {plan.method.name} of {inputs}; output {human_bytes(plan.output_bytes)}")
         return
     with progress_bar(len(plan.tensors), label="merging tensors") as update:
         write_checkpoint(plan, output, force=force, shard_size=shard_size, seed=seed or 0, device=device,
                          progress=update)  # fmt: skip
     mark_written(output.absolute())
     print_warnings(plan.warnings)
-    out.print(f"merged {len(plan.tensors)} tensors, {plan.output_layers} layers with {plan.spec.name}")
+    out.print(f"merged {len(plan.tensors)} tensors, {plan.output_layers} layers with {plan.method.name}")

@@ -20,6 +20,27 @@ from loramerge.cli.present import (
     progress_bar,
     reports_errors,
 )
+from loramerge.errors import BadInput
+
+
+def parse_bounds(text: str, flag: str) -> tuple[float, float]:
+    """``LOW:HIGH`` as two numbers."""
+    try:
+        low, high = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise BadInput(f"{flag}: expected LOW:HIGH (two numbers), got {text!r}") from None
+    return low, high
+
+
+def parse_tune(items: list[str]) -> dict[str, tuple[float, float]]:
+    """``--tune NAME=LOW:HIGH`` (repeatable) as ``{name: (low, high)}``."""
+    tune: dict[str, tuple[float, float]] = {}
+    for item in items:
+        name, _, bounds = item.partition("=")
+        if name in tune:
+            raise BadInput(f"--tune {item}: {name} is tuned twice")
+        tune[name] = parse_bounds(bounds, f"--tune {item}")
+    return tune
 
 
 @reports_errors
@@ -65,7 +86,8 @@ def search(
         deprecated("--dev", "--data")
     data = [*data, *dev]
     parsed = load_recipe(recipe)
-    job = build_job(parsed, [str(p) for p in data], base=base, weight_range=weight_range, tune=tune,
+    bounds = parse_bounds(weight_range, "--weight-range")
+    job = build_job(parsed, [str(p) for p in data], base=base, weight_range=bounds, tune=parse_tune(tune),
                     prompt_field=prompt_field, completion_field=completion_field, text_field=text_field,
                     max_samples=max_samples, seed=seed, device=device, load_in_4bit=load_in_4bit,
                     threads=threads)  # fmt: skip

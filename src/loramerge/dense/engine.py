@@ -51,10 +51,10 @@ def _read(plan: CheckpointPlan, ref: str, name: str, rows: int | None, device: s
 
 
 def _kernel_params(plan: CheckpointPlan, tensor: TensorPlan) -> dict[str, object]:
-    spec = plan.spec
+    method = plan.method
     params = dict(tensor.shared)
-    for key in spec.per_input_parameters:  # the weights are the kernel's own argument
-        if key != "weight" and key in spec.params:
+    for key in method.per_input_parameters:  # the weights are the kernel's own argument
+        if key != "weight" and key in method.params:
             params[key] = [p.get(key) for p in tensor.per_input]
     return params
 
@@ -81,7 +81,7 @@ def merge_tensor(plan: CheckpointPlan, tensor: TensorPlan, seed: int, device: st
     if any(tuple(x.shape) != tensor.shape for x in inputs + ([base] if base is not None else [])):
         detail = ", ".join(f"{ref}: {tuple(x.shape)}" for (ref, _), x in zip(tensor.inputs, inputs, strict=True))
         raise BadInput(f"tensor {tensor.output}: shapes differ ({detail}; expected {tensor.shape})")
-    spec, params = plan.spec, _kernel_params(plan, tensor)
+    method, params = plan.method, _kernel_params(plan, tensor)
     weights = torch.tensor([float(p.get("weight", 1.0)) for p in tensor.per_input], device=device)
     scale = float(tensor.shared.get("lambda", 1.0))
     deltas = tensor.base is not None
@@ -103,14 +103,14 @@ def merge_tensor(plan: CheckpointPlan, tensor: TensorPlan, seed: int, device: st
         return merged.mul_(scale).add_(base[block]) if deltas else merged
 
     try:
-        if not runs_by_rows(spec, params) or len(tensor.shape) < 2:
-            generators = tensor_generators(seed, tensor.output, range(len(inputs)), device) if spec.random else None
+        if not runs_by_rows(method, params) or len(tensor.shape) < 2:
+            generators = tensor_generators(seed, tensor.output, range(len(inputs)), device) if method.random else None
             whole = slice(None)
-            return finish(whole, run_kernel(spec, tasks_of(whole), weights, params, generators)).to(tensor.dtype)
+            return finish(whole, run_kernel(method, tasks_of(whole), weights, params, generators)).to(tensor.dtype)
         # one input at a time over the whole tensor: a single float32 copy alive, not one per input
         whole = (_task(x, base, deltas) for x in inputs)
         out = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
-        return run_by_row_blocks(spec, tasks_of, weights, params, whole, out,
+        return run_by_row_blocks(method, tasks_of, weights, params, whole, out,
                                  lambda block, merged: finish(block, merged).to(tensor.dtype))  # fmt: skip
     except BadInput as error:  # a kernel refusing its parameters or inputs (multislerp's zero weights, say)
         raise BadInput(f"tensor {tensor.output}: {error}") from None

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loramerge import catalogue
 from loramerge.adapters.model import LoraAdapter, LoraModule
 from loramerge.adapters.options import MergeOptions
 from loramerge.errors import BadInput, brief
@@ -23,7 +24,7 @@ from loramerge.folding.extract import CONV1D_MODELS, low_rank_factors, oriented_
 from loramerge.io.checkpoint import resolve_model_dir
 from loramerge.io.model_card import MergeRecord, merged_adapter_card
 from loramerge.io.peft_config import extracted_lora_config
-from loramerge.kernels import get_kernel, run_kernel
+from loramerge.kernels import run_kernel
 from loramerge.seeding import tensor_generators, tensor_seed
 
 # methods that have no kernel of their own (they work on LoRA factors): on dense deltas they are the plain sum
@@ -97,14 +98,14 @@ def check_dense_merge(count: int, weights: Sequence[float], options: MergeOption
         raise BadInput("the merge weights are all zero")
     if options.method == "robustmerge":
         raise BadInput("method robustmerge works on LoRA factors; adapters merged through PEFT's fold have none")
-    return get_kernel(_SUMS.get(options.method, options.method))
+    return catalogue.method(_SUMS.get(options.method, options.method))
 
 
 def merge_dense_deltas(
     base: str, adapters: Sequence[str], weights: Sequence[float], options: MergeOptions, kinds: Sequence[str]
 ) -> DenseMerge:
     """The chosen method on the PEFT-folded deltas of ``adapters``, tensor by tensor."""
-    spec = check_dense_merge(len(adapters), weights, options)
+    method = check_dense_merge(len(adapters), weights, options)
     per_adapter, conv1d = peft_folded_deltas(base, adapters)
     keys = sorted({key for deltas in per_adapter for key in deltas})
     merged: dict[str, torch.Tensor] = {}
@@ -112,12 +113,12 @@ def merge_dense_deltas(
         present = [i for i, deltas in enumerate(per_adapter) if key in deltas]
         tasks = torch.stack([per_adapter[i][key] for i in present])
         key_weights = torch.tensor([float(weights[i]) for i in present])
-        if tasks.dim() != 3 and spec.level == "matrix":  # a whole-matrix method on a vector: the weighted sum
+        if tasks.dim() != 3 and method.level == "matrix":  # a whole-matrix method on a vector: the weighted sum
             merged[key] = (key_weights.view(-1, *[1] * (tasks.dim() - 1)) * tasks).sum(0)
             continue
-        generators = tensor_generators(options.seed, f"{key}/dense", present, "cpu") if spec.random else None
+        generators = tensor_generators(options.seed, f"{key}/dense", present, "cpu") if method.random else None
         try:
-            merged[key] = run_kernel(spec, tasks, key_weights, options.kernel_params, generators)
+            merged[key] = run_kernel(method, tasks, key_weights, options.kernel_params, generators)
         except BadInput as error:
             raise BadInput(f"tensor {key}: {error}") from None
     inputs = [(ref, kind, float(w)) for ref, kind, w in zip(adapters, kinds, weights, strict=True)]

@@ -15,26 +15,26 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loramerge import catalogue
 from loramerge.adapters.options import DTYPES
-from loramerge.catalogue import dense_methods
+from loramerge.catalogue import Inputs, Method, dense_methods
 from loramerge.dense.parameters import resolve
 from loramerge.dense.sources import ModelSource, open_source
 from loramerge.dense.vocabulary import Vocabulary, build_vocabulary, read_tokenizer
 from loramerge.errors import BadInput
 from loramerge.io.layers import count_layers, is_post_layer, is_vocabulary_tensor, layer_group, layer_index, with_layer
 from loramerge.io.model_card import DenseRecord
-from loramerge.kernels import KERNELS, KernelSpec
 from loramerge.kernels.registry import mergekit_params
 from loramerge.recipe import Parameters, Recipe
 
 
-def on_deltas(spec: KernelSpec, base: str | None) -> bool:
+def on_deltas(method: Method, base: str | None) -> bool:
     """Whether the method merges task vectors (model minus base) rather than the models' own tensors."""
-    return not spec.on_weights and (base is not None or not spec.base_optional)
+    return method.inputs == Inputs.TASK_VECTORS or (method.inputs == Inputs.EITHER and base is not None)
 
 
-def _parameter_defaults(spec: KernelSpec) -> dict[str, object]:
-    return {parameter.name: parameter.default for parameter in spec.parameters}
+def _parameter_defaults(method: Method) -> dict[str, object]:
+    return {parameter.name: parameter.default for parameter in method.parameters}
 
 
 _CONVENTIONS = ("elect_on", "majority_sign")
@@ -94,7 +94,7 @@ class TensorPlan:
 @dataclass
 class CheckpointPlan:
     recipe: Recipe
-    spec: KernelSpec
+    method: Method
     sources: dict[str, ModelSource]
     tensors: list[TensorPlan]
     base: str | None
@@ -109,7 +109,7 @@ class CheckpointPlan:
         groups: dict[str, list] = defaultdict(list)
         for tensor in self.tensors:
             groups[layer_group(tensor.output)].append(tensor)
-        lines = [f"plan: {self.spec.name}, {self.output_layers} layers, {len(self.tensors)} tensors"]
+        lines = [f"plan: {self.method.name}, {self.output_layers} layers, {len(self.tensors)} tensors"]
         for group, tensors in groups.items():
             shared = _summary([{k: v for k, v in t.shared.items() if k not in _CONVENTIONS} for t in tensors])
             per_input = "; ".join(
@@ -126,7 +126,7 @@ class CheckpointPlan:
 
     def record(self, recipe_yaml: str) -> DenseRecord:
         """What this merge does, for its model card."""
-        return DenseRecord(self.spec.name, self.base, list(self.sources), self.output_layers, len(self.tensors),
+        return DenseRecord(self.method.name, self.base, list(self.sources), self.output_layers, len(self.tensors),
                            recipe_yaml)  # fmt: skip
 
 
@@ -180,36 +180,36 @@ def _slices(recipe: Recipe, sources: dict[str, ModelSource]) -> list[SliceInputs
     return result
 
 
-def _check_method(recipe: Recipe, spec: KernelSpec, slices) -> None:
+def _check_method(recipe: Recipe, method: Method, slices) -> None:
     unknown_where = [("parameters", recipe.parameters)]
     for i, entry in enumerate(recipe.models or []):
         unknown_where.append((f"models[{i}].parameters", entry.parameters))
     for i, piece in enumerate(recipe.slices or []):
         unknown_where.append((f"slices[{i}].parameters", piece.parameters))
         unknown_where += [(f"slices[{i}].sources[{j}].parameters", s.parameters) for j, s in enumerate(piece.sources)]
-    allowed = spec.recipe_parameters
+    allowed = method.recipe_parameters
     for where, params in unknown_where:
         for key in params or {}:
             if key not in allowed:
                 known = ", ".join(sorted(allowed))
-                raise BadInput(f"{where}.{key}: unknown parameter for {spec.name} (known: {known})")
+                raise BadInput(f"{where}.{key}: unknown parameter for {method.name} (known: {known})")
     for i, piece in enumerate(slices):
         where = "models" if recipe.models else f"slices[{i}]"
         refs, base = [s.ref for s in piece.sources], piece.base
-        needs_base = spec.base_first or not (spec.on_weights or spec.base_optional)
+        needs_base = method.inputs in (Inputs.TASK_VECTORS, Inputs.BASE_AND_MODEL)
         if needs_base and not base:
-            raise BadInput(f"base_model: merge_method {spec.name} needs a base_model")
+            raise BadInput(f"base_model: merge_method {method.name} needs a base_model")
         if needs_base and base not in refs and recipe.slices:
             raise BadInput(f"{where}.sources: the base_model {base} must be one of the sources")
-        inputs = len(refs) - (1 if on_deltas(spec, base) and base in refs else 0)
-        if inputs < spec.min_inputs or (spec.max_inputs is not None and inputs > spec.max_inputs):
-            most = spec.max_inputs if spec.max_inputs is not None else "any"
-            raise BadInput(f"{where}: {spec.name} takes {spec.min_inputs} to {most} inputs, got {inputs}")
+        inputs = len(refs) - (1 if on_deltas(method, base) and base in refs else 0)
+        if inputs < method.min_inputs or (method.max_inputs is not None and inputs > method.max_inputs):
+            most = method.max_inputs if method.max_inputs is not None else "any"
+            raise BadInput(f"{where}: {method.name} takes {method.min_inputs} to {most} inputs, got {inputs}")
 
 
-def _kernel_params(spec: KernelSpec, shared: dict[str, object]) -> dict[str, object]:
+def _kernel_params(method: Method, shared: dict[str, object]) -> dict[str, object]:
     """mergekit's parameters as kernel parameters (the ``mergekit`` preset)."""
-    params = mergekit_params(spec, shared.get("normalize"), shared.get("rescale"))
+    params = mergekit_params(method, shared.get("normalize"), shared.get("rescale"))
     if "t" in shared:
         params["t"] = float(shared["t"])
     return params
@@ -234,19 +234,19 @@ def _check_weights(output: str, weights: list[object], divides_by_sum: bool) -> 
 
 
 def _plan_tensor(
-    output: str, name_for: Callable[[Source], str], piece: SliceInputs, recipe: Recipe, t: float, spec: KernelSpec
+    output: str, name_for: Callable[[Source], str], piece: SliceInputs, recipe: Recipe, t: float, method: Method
 ) -> TensorPlan:
     shared = {}
-    defaults = _parameter_defaults(spec)
-    for key in sorted(name for name in spec.recipe_parameters if name not in spec.per_input_parameters):
+    defaults = _parameter_defaults(method)
+    for key in sorted(name for name in method.recipe_parameters if name not in method.per_input_parameters):
         value = resolve(key, piece.scopes(recipe), output, t, defaults[key])
         if value is not None:
             shared[key] = value
-    required = {parameter.name for parameter in spec.parameters if parameter.required}
-    for key in sorted(required - set(shared) - set(spec.per_input_parameters)):
-        raise BadInput(f"tensor {output}: {spec.name} needs parameter {key}")
+    required = {parameter.name for parameter in method.parameters if parameter.required}
+    for key in sorted(required - set(shared) - set(method.per_input_parameters)):
+        raise BadInput(f"tensor {output}: {method.name} needs parameter {key}")
     base = piece.base
-    deltas = on_deltas(spec, base)
+    deltas = on_deltas(method, base)
     inputs, per_input = [], []
     base_input = None
     for source in piece.sources:
@@ -255,36 +255,38 @@ def _plan_tensor(
             base_input = (source.ref, name)
             continue
         own = {key: resolve(key, piece.scopes(recipe, source), name, t, defaults[key])
-               for key in spec.per_input_parameters}  # fmt: skip
+               for key in method.per_input_parameters}  # fmt: skip
         for key in sorted(required & {k for k, v in own.items() if v is None}):
-            raise BadInput(f"{source.where}: {spec.name} needs parameter {key} for model {source.ref}")
+            raise BadInput(f"{source.where}: {method.name} needs parameter {key} for model {source.ref}")
         inputs.append((source.ref, name))
         per_input.append(own)
     if deltas and base_input is None:
         base_input = (base, name_for(Source(base, piece.sources[0].layers, None, "base_model")))
     for (ref, _), params in zip(inputs, per_input, strict=True):
         _check_fractions(output, ref, params)
-    divides_by_sum = bool(shared.get("normalize")) and not spec.consensus  # consensus divides per entry
+    divides_by_sum = bool(shared.get("normalize")) and not method.consensus  # consensus divides per entry
     _check_weights(output, [params.get("weight") for params in per_input], divides_by_sum)
-    if spec.base_first:  # slerp: t = 0 is the base; nearswap, arcee_fusion: the base and the other model
+    if (
+        method.inputs == Inputs.BASE_AND_MODEL
+    ):  # slerp: t = 0 is the base; nearswap, arcee_fusion: the base and the other model
         order = sorted(range(len(inputs)), key=lambda i: inputs[i][0] != base)
         inputs, per_input = [inputs[i] for i in order], [per_input[i] for i in order]
-    return TensorPlan(output, inputs, base_input, per_input, {**shared, **_kernel_params(spec, shared)}, t)
+    return TensorPlan(output, inputs, base_input, per_input, {**shared, **_kernel_params(method, shared)}, t)
 
 
 def plan_checkpoint_merge(recipe: Recipe, allow_nonfinite: bool = False) -> CheckpointPlan:
     """Check a dense recipe and list every output tensor with its inputs and resolved parameters."""
     if recipe.merge_method not in dense_methods():
         raise BadInput(f"merge_method: unknown method {recipe.merge_method!r}; known: {', '.join(dense_methods())}")
-    spec = KERNELS[recipe.merge_method]
+    method = catalogue.method(recipe.merge_method)
     sources = _open_sources(recipe, allow_nonfinite)
     slices = _slices(recipe, sources)
-    _check_method(recipe, spec, slices)
+    _check_method(recipe, method, slices)
     reference = slices[0].base or slices[0].sources[0].ref
     non_layer = [n for n in sources[reference].names if layer_index(n) is None]
     # embeddings and the like come from the first slice's sources, the final norm and head from the last's
     tensors = [
-        _plan_tensor(n, lambda s, n=n: n, slices[0], recipe, 0.0, spec) for n in non_layer if not is_post_layer(n)
+        _plan_tensor(n, lambda s, n=n: n, slices[0], recipe, 0.0, method) for n in non_layer if not is_post_layer(n)
     ]
     out_layer = 0
     for piece in slices:
@@ -295,12 +297,14 @@ def plan_checkpoint_merge(recipe: Recipe, allow_nonfinite: bool = False) -> Chec
             t = offset / (count - 1) if count > 1 else 1.0  # mergekit's rule, one-layer slices included
             for name in template:
                 in_layer = lambda s, n=name, o=offset: with_layer(n, s.layers[0] + o)  # noqa: E731
-                tensors.append(_plan_tensor(with_layer(name, out_layer), in_layer, piece, recipe, t, spec))
+                tensors.append(_plan_tensor(with_layer(name, out_layer), in_layer, piece, recipe, t, method))
             out_layer += 1
-    tensors += [_plan_tensor(n, lambda s, n=n: n, slices[-1], recipe, 0.0, spec) for n in non_layer if is_post_layer(n)]
+    tensors += [
+        _plan_tensor(n, lambda s, n=n: n, slices[-1], recipe, 0.0, method) for n in non_layer if is_post_layer(n)
+    ]
     vocabulary = _vocabulary(recipe, sources, reference)
     _set_layouts(recipe, sources, reference, tensors, vocabulary)
-    return CheckpointPlan(recipe, spec, sources, tensors, recipe.base_model, reference, out_layer,
+    return CheckpointPlan(recipe, method, sources, tensors, recipe.base_model, reference, out_layer,
                           allow_nonfinite=allow_nonfinite, vocabulary=vocabulary)  # fmt: skip
 
 

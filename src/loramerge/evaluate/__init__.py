@@ -3,6 +3,7 @@
 from loramerge.evaluate.data import Sample, load_samples
 from loramerge.evaluate.exact_match import (
     EvalResult,
+    Role,
     evaluate,
     generate_text,
     greedy_batch,
@@ -14,6 +15,7 @@ from loramerge.evaluate.models import load_model
 
 __all__ = [
     "EvalResult",
+    "Role",
     "Sample",
     "evaluate",
     "generate_text",

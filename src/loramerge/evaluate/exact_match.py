@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 
@@ -13,6 +14,15 @@ from loramerge.errors import BadInput
 from loramerge.evaluate.data import Sample
 
 Progress = Callable[[int, int, str], None]
+
+
+class Role(StrEnum):
+    """What an evaluated model is in a comparison of a merge with its inputs."""
+
+    MODEL = "model"  # evaluated alone
+    BASE = "base"
+    ADAPTER = "adapter"  # one input adapter on the base
+    MERGED = "merged"
 
 
 @dataclass
@@ -24,6 +34,7 @@ class EvalResult:
     samples: int
     tokens: int
     data: str = ""  # the evaluation set's name (its file stem), when several are evaluated
+    role: Role = Role.MODEL
 
 
 def _ids(tokenizer, text: str, special: bool) -> list[int]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
 from loramerge.errors import BadInput
 from loramerge.evaluate.data import load_samples
-from loramerge.evaluate.exact_match import EvalResult, Progress, evaluate
+from loramerge.evaluate.exact_match import EvalResult, Progress, Role, evaluate
 from loramerge.evaluate.models import load_model
 
 
@@ -25,15 +26,17 @@ def evaluate_models(
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # one bar per model load would bury the table
-    runs = [("base", base, None)] + [(f"adapter {_short(a)}", base, a) for a in adapters]
+    runs = [(Role.BASE, "base", base, None)] + [(Role.ADAPTER, f"adapter {_short(a)}", base, a) for a in adapters]
     if merged:
         is_adapter = (Path(merged) / "adapter_config.json").is_file()
-        runs.append((f"merged {_short(merged)}", base if is_adapter else merged, merged if is_adapter else None))
+        model_ref, adapter = (base, merged) if is_adapter else (merged, None)
+        runs.append((Role.MERGED, f"merged {_short(merged)}", model_ref, adapter))
     results = []
-    for name, model_ref, adapter in runs:
+    for role, name, model_ref, adapter in runs:
         model, tokenizer = load_model(model_ref, adapter=adapter, load_in_4bit=load_in_4bit, device=device)
         for data, samples in datasets.items():
-            results.append(evaluate(model, tokenizer, samples, name, progress, data=data))
+            result = evaluate(model, tokenizer, samples, name, progress, data=data)
+            results.append(dataclasses.replace(result, role=role))
     return results
 
 

@@ -1,10 +1,6 @@
-"""Pure tensor merge kernels and their registry."""
+"""Pure tensor merge kernels and how they are run (the methods themselves are in ``loramerge.catalogue``)."""
 
 from loramerge.kernels.registry import (
-    KERNELS,
-    PRESETS,
-    KernelSpec,
-    get_kernel,
     preset_params,
     row_blocks,
     run_by_row_blocks,
@@ -14,10 +10,6 @@ from loramerge.kernels.registry import (
 )
 
 __all__ = [
-    "KERNELS",
-    "PRESETS",
-    "KernelSpec",
-    "get_kernel",
     "preset_params",
     "row_blocks",
     "run_by_row_blocks",

@@ -17,7 +17,7 @@ def broadcast_weights(weights: torch.Tensor, tasks: torch.Tensor) -> torch.Tenso
     return weights.reshape(weights.shape + (1,) * (tasks.dim() - 1)).to(tasks.dtype)
 
 
-def elect_sign_mask(tasks: torch.Tensor, method: MajoritySign = "total") -> torch.Tensor:
+def elect_sign_mask(tasks: torch.Tensor, method: MajoritySign) -> torch.Tensor:
     """Mask of the entries whose sign agrees with the elected sign.
 
     TIES-Merging "elect" step (Yadav et al., NeurIPS 2023): ``total`` elects the sign of the sum of the
@@ -34,9 +34,7 @@ def elect_sign_mask(tasks: torch.Tensor, method: MajoritySign = "total") -> torc
     return signs == elected
 
 
-def disjoint_merge(
-    weighted: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, divisor: Divisor = "count"
-) -> torch.Tensor:
+def disjoint_merge(weighted: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, divisor: Divisor) -> torch.Tensor:
     """Sum the agreeing entries and divide as the convention asks.
 
     TIES-Merging "disjoint merge" (Yadav et al., NeurIPS 2023). ``count`` divides by the number of
@@ -52,7 +50,7 @@ def disjoint_merge(
     return merged
 
 
-def elected_sign(voters: torch.Tensor, method: MajoritySign = "total") -> torch.Tensor:
+def elected_sign(voters: torch.Tensor, method: MajoritySign) -> torch.Tensor:
     """The elected sign per entry, +1 or -1 (ties go to +): of the sum of the values (``total``) or of the
     sign held by most tasks (``frequency``). TIES-Merging "elect" step (Yadav et al., NeurIPS 2023)."""
     if method == "total":
@@ -65,11 +63,7 @@ def elected_sign(voters: torch.Tensor, method: MajoritySign = "total") -> torch.
 
 
 def consensus_merge(
-    sparse: torch.Tensor,
-    weights: torch.Tensor,
-    majority_sign: MajoritySign = "total",
-    weighted_vote: bool = False,
-    divisor: Divisor = "count",
+    sparse: torch.Tensor, weights: torch.Tensor, majority_sign: MajoritySign, weighted_vote: bool, divisor: Divisor
 ) -> torch.Tensor:
     """``disjoint_merge(w * sparse, elect_sign_mask(voters), …)`` in fewer passes and without boolean
     masks: ``(voter * elected).clamp(min=0)`` is ``|voter|`` where the voter agrees and 0 elsewhere, so

@@ -11,9 +11,10 @@ from collections.abc import Sequence
 
 import torch
 
+from loramerge import catalogue
 from loramerge.kernels.consensus import broadcast_weights
-from loramerge.kernels.methods import linear
-from loramerge.kernels.registry import get_kernel, run_kernel
+from loramerge.kernels.methods import weighted_sum
+from loramerge.kernels.registry import run_kernel
 from loramerge.seeding import reproducible_svd
 
 
@@ -36,7 +37,7 @@ def iso_c(tasks: torch.Tensor, weights: torch.Tensor, *, alpha: float) -> torch.
     """Iso-C (Marczak et al., "No task left behind: isotropic model merging", ICML 2025): the task
     arithmetic sum with every singular value replaced by their mean (a flat spectrum), times ``alpha``;
     the singular subspaces of the sum are kept."""
-    left, values, right_t = reproducible_svd(linear(tasks, weights))
+    left, values, right_t = reproducible_svd(weighted_sum(tasks, weights, normalize=False))
     rank = numerical_rank(values, tasks.shape[1:])
     if rank == 0:
         return torch.zeros_like(tasks[0])
@@ -69,10 +70,10 @@ def knots(
     *,
     inner: str,
     density: float,
-    majority_sign: str = "total",
-    elect_on: str = "unweighted",
-    divisor: str = "count",
-    rescale: str = "density",
+    majority_sign: str,
+    elect_on: str,
+    divisor: str,
+    rescale: str,
     generators: Sequence[torch.Generator | None] | None = None,
 ) -> torch.Tensor:
     """KnOTS (Stoica et al., "Model merging with SVD to tie the KnOTS", ICLR 2025): the SVD of the tasks
@@ -85,10 +86,10 @@ def knots(
     if rank == 0:
         return torch.zeros_like(tasks[0])
     aligned = right_t[:rank].reshape(rank, count, columns).transpose(0, 1).contiguous()  # V_iᵀ: n x rank x b
-    spec = get_kernel(inner)
+    method = catalogue.method(inner)
     params = {"density": density, "majority_sign": majority_sign, "elect_on": elect_on, "divisor": divisor,
-              "rescale": rescale if spec.random else "none"}  # fmt: skip
-    merged = run_kernel(spec, aligned, weights, params, generators)
+              "rescale": rescale if method.random else "none"}  # fmt: skip
+    merged = run_kernel(method, aligned, weights, params, generators)
     return (left[:, :rank] * values[:rank]) @ merged
 
 

@@ -1,201 +1,107 @@
 """Merge kernels: a stack of task tensors ``T[n, ...]`` and weights ``w[n]`` in, one tensor out.
 
 No I/O and no PEFT here. The same function merges a dense task vector, a LoRA core matrix or a LoRA
-factor. ``generators`` holds one seeded ``torch.Generator`` per input (see ``loramerge.seeding``).
-Per-input parameters (density, gamma, epsilon) take one value or one value per input. Their defaults
-live in the method catalogue (``loramerge.catalogue``), which ``run_kernel`` applies.
+factor. The task-vector methods (task arithmetic, TIES, DARE, Breadcrumbs, DELLA and their mixes) are one
+sparsify step on each task (``loramerge.kernels.sparsify``) and one combine step on the stack (below), as
+in mergekit's generalized task arithmetic (sparsification × consensus): the catalogue
+(``loramerge.catalogue``) names each method's pair and holds every default, which ``run_kernel`` applies;
+no signature here has one. ``generators`` holds one seeded ``torch.Generator`` per input (see
+``loramerge.seeding``); per-input parameters (density, gamma, epsilon) take one value or one per input.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from loramerge.errors import BadInput
 from loramerge.kernels.consensus import Divisor, MajoritySign, consensus_merge
-from loramerge.kernels.sparsify import Rescale, magnitude_trim, outlier_trim, random_drop, ranked_drop
 
 ElectOn = Literal["unweighted", "weighted"]
 Generators = Sequence[torch.Generator | None] | None
-PerInput = float | Sequence[float]
 Cutoffs = Sequence[object] | None  # per input, from the whole tensor; lets a caller merge piece by piece
+_INPUTS = {"tensor", "tasks", "weights", "generator", "cutoff"}  # what a step receives besides its parameters
 
 
-def _each(value: PerInput, count: int) -> list[float]:
-    values = [float(value)] * count if isinstance(value, (int, float)) else [float(v) for v in value]
-    if len(values) != count:
-        raise BadInput(f"expected {count} per-input values, got {len(values)}")
-    return values
-
-
-def _cutoffs(cutoffs: Cutoffs, count: int) -> list[object]:
-    return list(cutoffs) if cutoffs is not None else [None] * count
-
-
-def _generators(generators: Generators, count: int) -> list[torch.Generator | None]:
-    return list(generators) if generators is not None else [None] * count
-
-
-def _sparsify(tasks: torch.Tensor, one: Callable[..., torch.Tensor], *per_input: list) -> torch.Tensor:
-    return torch.stack([one(task, *values) for task, *values in zip(tasks, *per_input, strict=True)])
-
-
-def _sum(sparse: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
-    merged = linear(sparse, weights)
-    total = weights.sum()
-    return merged / total if normalize and total.abs() >= 1e-8 else merged
-
-
-def _consensus(
-    sparse: torch.Tensor, weights: torch.Tensor, majority_sign: MajoritySign, elect_on: ElectOn, divisor: Divisor
-) -> torch.Tensor:
-    return consensus_merge(sparse, weights, majority_sign, elect_on == "weighted", divisor)
-
-
-def linear(tasks: torch.Tensor, weights: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:
-    """Weighted sum: Task Arithmetic (Ilharco et al., ICLR 2023, arXiv:2212.04089); with ``normalize``
-    the weighted average of Model Soups (Wortsman et al., ICML 2022, arXiv:2203.05482)."""
+def weighted_sum(tasks: torch.Tensor, weights: torch.Tensor, *, normalize: bool) -> torch.Tensor:
+    """The combine step of Task Arithmetic (Ilharco et al., ICLR 2023, arXiv:2212.04089): the weighted sum;
+    with ``normalize`` the weighted average of Model Soups (Wortsman et al., ICML 2022, arXiv:2203.05482),
+    left a sum where the weights sum to zero."""
     coefficients = weights.tolist()
     merged = tasks[0] * coefficients[0]
     for task, coefficient in zip(tasks[1:], coefficients[1:], strict=True):
         merged.add_(task, alpha=coefficient)  # in place: no n-times-larger temporary
-    if normalize:
-        return merged.div_(sum(coefficients))
-    return merged
+    total = sum(coefficients)
+    return merged.div_(total) if normalize and abs(total) >= 1e-8 else merged
 
 
-def magnitude_prune(
-    tasks: torch.Tensor,
-    weights: torch.Tensor,
-    *,
-    density: PerInput,
-    rescale: Rescale = "none",
-    normalize: bool = False,
-    cutoffs: Cutoffs = None,
+def consensus(
+    tasks: torch.Tensor, weights: torch.Tensor, *, majority_sign: MajoritySign, elect_on: ElectOn, divisor: Divisor
 ) -> torch.Tensor:
-    """Trim each task to its largest entries, then take the weighted sum (TIES' trim step alone)."""
-    n = len(tasks)
-    trimmed = _sparsify(tasks, magnitude_trim, _each(density, n), [rescale] * n, _cutoffs(cutoffs, n))
-    return _sum(trimmed, weights, normalize)
+    """The combine step of TIES-Merging (Yadav et al., NeurIPS 2023, arXiv:2306.01708): elect a sign per
+    entry, then the disjoint merge of the agreeing entries."""
+    return consensus_merge(tasks, weights, majority_sign, elect_on == "weighted", divisor)
 
 
-def ties(
-    tasks: torch.Tensor,
-    weights: torch.Tensor,
-    *,
-    density: PerInput,
-    majority_sign: MajoritySign = "total",
-    elect_on: ElectOn = "unweighted",
-    divisor: Divisor = "count",
-    rescale: Rescale = "none",
-    cutoffs: Cutoffs = None,
-) -> torch.Tensor:
-    """TIES-Merging: trim, elect sign, disjoint merge (Yadav et al., NeurIPS 2023, arXiv:2306.01708)."""
-    n = len(tasks)
-    trimmed = _sparsify(tasks, magnitude_trim, _each(density, n), [rescale] * n, _cutoffs(cutoffs, n))
-    return _consensus(trimmed, weights, majority_sign, elect_on, divisor)
+@functools.cache
+def step_parameters(step: Callable[..., torch.Tensor]) -> tuple[str, ...]:
+    """The parameters of a step: its keywords besides the tensors, generator and cutoff it is handed."""
+    return tuple(name for name in inspect.signature(step).parameters if name not in _INPUTS)
 
 
-def dare_linear(
-    tasks: torch.Tensor,
-    weights: torch.Tensor,
-    *,
-    density: PerInput,
-    rescale: Rescale = "density",
-    normalize: bool = False,
-    generators: Generators = None,
-) -> torch.Tensor:
-    """DARE then a weighted sum (Yu et al., "Language Models are Super Mario", ICML 2024, arXiv:2311.03099)."""
-    n = len(tasks)
-    dropped = _sparsify(tasks, random_drop, _each(density, n), _generators(generators, n), [rescale] * n)
-    return _sum(dropped, weights, normalize)
+@functools.cache
+def _receives(step: Callable[..., torch.Tensor]) -> frozenset[str]:
+    return frozenset(inspect.signature(step).parameters)
 
 
-def dare_ties(
-    tasks: torch.Tensor,
-    weights: torch.Tensor,
-    *,
-    density: PerInput,
-    majority_sign: MajoritySign = "total",
-    elect_on: ElectOn = "unweighted",
-    divisor: Divisor = "count",
-    rescale: Rescale = "density",
-    generators: Generators = None,
-) -> torch.Tensor:
-    """DARE's random drop, then TIES' sign election and disjoint merge (Yu et al., ICML 2024)."""
-    n = len(tasks)
-    dropped = _sparsify(tasks, random_drop, _each(density, n), _generators(generators, n), [rescale] * n)
-    return _consensus(dropped, weights, majority_sign, elect_on, divisor)
+def _per_input(name: str, value: object, count: int) -> list[object]:
+    """A parameter's value for each input: given once (shared) or once per input."""
+    if isinstance(value, str):
+        return [value] * count
+    values = [value] * count if isinstance(value, int | float) else list(value)  # type: ignore[call-overload]
+    if len(values) != count:
+        raise BadInput(f"expected {count} per-input values, got {len(values)}")
+    return [float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for v in values]
 
 
-def breadcrumbs(
-    tasks: torch.Tensor,
-    weights: torch.Tensor,
-    *,
-    density: PerInput,
-    gamma: PerInput,
-    rescale: Rescale = "none",
-    normalize: bool = False,
-    cutoffs: Cutoffs = None,
-) -> torch.Tensor:
-    """Model Breadcrumbs: drop outliers and small entries, then sum (Davari & Belilovsky, arXiv:2312.06795)."""
-    n = len(tasks)
-    trimmed = _sparsify(tasks, outlier_trim, _each(density, n), _each(gamma, n), [rescale] * n, _cutoffs(cutoffs, n))
-    return _sum(trimmed, weights, normalize)
+@dataclass(frozen=True)
+class SparsifyThenCombine:
+    """A task-vector kernel: ``sparsify`` applied to each task with that input's values, cutoff and
+    generator (None: every entry kept), then ``combine`` on the stack."""
 
+    sparsify: Callable[..., torch.Tensor] | None
+    combine: Callable[..., torch.Tensor]
 
-def breadcrumbs_ties(
-    tasks: torch.Tensor,
-    weights: torch.Tensor,
-    *,
-    density: PerInput,
-    gamma: PerInput,
-    majority_sign: MajoritySign = "total",
-    elect_on: ElectOn = "unweighted",
-    divisor: Divisor = "count",
-    rescale: Rescale = "none",
-    cutoffs: Cutoffs = None,
-) -> torch.Tensor:
-    """Model Breadcrumbs' trim with TIES' sign election and disjoint merge (arXiv:2312.06795)."""
-    n = len(tasks)
-    trimmed = _sparsify(tasks, outlier_trim, _each(density, n), _each(gamma, n), [rescale] * n, _cutoffs(cutoffs, n))
-    return _consensus(trimmed, weights, majority_sign, elect_on, divisor)
+    def __call__(
+        self,
+        tasks: torch.Tensor,
+        weights: torch.Tensor,
+        *,
+        cutoffs: Cutoffs = None,
+        generators: Generators = None,
+        **params: object,
+    ) -> torch.Tensor:
+        if self.sparsify is not None:
+            tasks = self._sparsified(tasks, params, cutoffs, generators)
+        return self.combine(tasks, weights, **{name: params[name] for name in step_parameters(self.combine)})
 
-
-def della(
-    tasks: torch.Tensor,
-    weights: torch.Tensor,
-    *,
-    density: PerInput,
-    epsilon: PerInput,
-    majority_sign: MajoritySign = "total",
-    elect_on: ElectOn = "unweighted",
-    divisor: Divisor = "count",
-    rescale: Rescale = "density",
-    generators: Generators = None,
-) -> torch.Tensor:
-    """DELLA-Merging: MagPrune, elect sign, fuse (Deep et al., 2024, arXiv:2406.11617)."""
-    n = len(tasks)
-    args = (_each(density, n), _each(epsilon, n), _generators(generators, n), [rescale] * n)
-    return _consensus(_sparsify(tasks, ranked_drop, *args), weights, majority_sign, elect_on, divisor)
-
-
-def della_linear(
-    tasks: torch.Tensor,
-    weights: torch.Tensor,
-    *,
-    density: PerInput,
-    epsilon: PerInput,
-    rescale: Rescale = "density",
-    normalize: bool = False,
-    generators: Generators = None,
-) -> torch.Tensor:
-    """DELLA's MagPrune, then a weighted sum (Deep et al., 2024, arXiv:2406.11617)."""
-    n = len(tasks)
-    args = (_each(density, n), _each(epsilon, n), _generators(generators, n), [rescale] * n)
-    return _sum(_sparsify(tasks, ranked_drop, *args), weights, normalize)
+    def _sparsified(
+        self, tasks: torch.Tensor, params: dict[str, object], cutoffs: Cutoffs, generators: Generators
+    ) -> torch.Tensor:
+        count = len(tasks)
+        columns = {name: _per_input(name, params[name], count) for name in step_parameters(self.sparsify)}
+        accepted = _receives(self.sparsify)
+        if "cutoff" in accepted:
+            columns["cutoff"] = list(cutoffs) if cutoffs is not None else [None] * count
+        if "generator" in accepted:
+            columns["generator"] = list(generators) if generators is not None else [None] * count
+        own = [{name: values[i] for name, values in columns.items()} for i in range(count)]
+        return torch.stack([self.sparsify(task, **values) for task, values in zip(tasks, own, strict=True)])
 
 
 def model_stock(tasks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -215,7 +121,10 @@ def model_stock(tasks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return t * tasks.mean(dim=0)
 
 
-def slerp(tasks: torch.Tensor, weights: torch.Tensor, *, t: float, dot_threshold: float = 0.9995) -> torch.Tensor:
+NEARLY_PARALLEL = 0.9995  # slerp: tensors whose directions' cosine is above this are interpolated linearly
+
+
+def slerp(tasks: torch.Tensor, weights: torch.Tensor, *, t: float) -> torch.Tensor:
     """Spherical interpolation from ``tasks[0]`` (t = 0) to ``tasks[1]`` (t = 1) over the whole tensor
     (Shoemake, SIGGRAPH 1985); nearly parallel tensors are interpolated linearly."""
     first, second = tasks[0].reshape(-1), tasks[1].reshape(-1)
@@ -223,7 +132,7 @@ def slerp(tasks: torch.Tensor, weights: torch.Tensor, *, t: float, dot_threshold
     norm_first = norm_first if norm_first > 1e-8 else torch.ones_like(norm_first)
     norm_second = norm_second if norm_second > 1e-8 else torch.ones_like(norm_second)
     dot = ((first / norm_first) * (second / norm_second)).sum().clamp(-1, 1)
-    if dot.abs() > dot_threshold:
+    if dot.abs() > NEARLY_PARALLEL:
         return ((1 - t) * first + t * second).reshape(tasks[0].shape)
     theta = torch.acos(dot)
     sin_theta = torch.sin(theta)
@@ -232,8 +141,9 @@ def slerp(tasks: torch.Tensor, weights: torch.Tensor, *, t: float, dot_threshold
 
 
 def passthrough(
-    tasks: torch.Tensor, weights: torch.Tensor, *, scale: float | Sequence[float | None] | None = None
+    tasks: torch.Tensor, weights: torch.Tensor, *, scale: float | Sequence[float | None] | None
 ) -> torch.Tensor:
-    """One input copied (optionally scaled): the building block of layer stacking ("frankenmerges")."""
+    """One input copied (scaled where ``scale`` is not None): the building block of layer stacking
+    ("frankenmerges")."""
     own = scale if scale is None or isinstance(scale, (int, float)) else scale[0]
     return tasks[0] if own is None else tasks[0] * own

@@ -1,81 +1,49 @@
-"""The element-level methods of the catalogue as kernels: lookup, calling with the parameters each
-accepts, row-block helpers, and the conventions (presets) where PEFT and mergekit disagree."""
+"""Running the catalogue's kernels: calling one with the parameters it accepts, on row blocks of big
+tensors, with the conventions (presets) where PEFT and mergekit disagree."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from loramerge import catalogue
-from loramerge.catalogue import Method
+from loramerge.catalogue import PRESETS, Method
 from loramerge.errors import BadInput
 from loramerge.kernels.sparsify import outlier_cutoffs, trim_cutoff
 
-KernelSpec = Method  # an element-level entry of the catalogue
-
 
 def trim_cutoff_of(task: torch.Tensor, params: dict[str, float]) -> float:
-    """The per-input cutoff of the trimming methods (ties, magnitude_prune)."""
+    """The per-input cutoff of the magnitude trim (ties, magnitude_prune)."""
     return trim_cutoff(task, params["density"]) if params["density"] < 1 else float("-inf")
 
 
 def outlier_cutoffs_of(task: torch.Tensor, params: dict[str, float]) -> tuple[float, float]:
-    """The per-input cutoffs of Breadcrumbs."""
+    """The per-input cutoffs of Breadcrumbs' outlier trim."""
     if params["density"] >= 1:
         return float("-inf"), float("inf")
     return outlier_cutoffs(task, params["density"], params["gamma"])
 
 
-class _Kernels(Mapping[str, Method]):
-    """The element-level methods of the catalogue, read at each use (so registered ones appear)."""
-
-    def __getitem__(self, name: str) -> Method:
-        return catalogue.kernels()[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(catalogue.kernels())
-
-    def __len__(self) -> int:
-        return len(catalogue.kernels())
-
-
-KERNELS: Mapping[str, Method] = _Kernels()
-
-# Where peers disagree (docs/algebra.md) the kernels take the choice as a parameter; a preset names a set.
-PRESETS: dict[str, dict[str, str]] = {
-    "peft": {"elect_on": "unweighted", "divisor": "count", "random_rescale": "density"},
-    "mergekit": {"elect_on": "weighted", "divisor": "weight", "random_rescale": "l1"},
-}
-
-
-def preset_params(preset: str, spec: KernelSpec) -> dict[str, object]:
-    """A preset's conventions as the parameters ``spec`` takes: the rescale rule is for random drops only."""
+def preset_params(preset: str, method: Method) -> dict[str, object]:
+    """A preset's conventions as the parameters ``method`` takes: the rescale rule is for random drops only."""
     conventions = PRESETS[preset]
     params: dict[str, object] = {"elect_on": conventions["elect_on"], "divisor": conventions["divisor"]}
-    params["rescale"] = conventions["random_rescale"] if spec.random else "none"
-    return {key: value for key, value in params.items() if key in spec.params}
+    params["rescale"] = conventions["random_rescale"] if method.random else "none"
+    return {key: value for key, value in params.items() if key in method.params}
 
 
-def mergekit_params(spec: KernelSpec, normalize: object = None, rescale: object = None) -> dict[str, object]:
+def mergekit_params(method: Method, normalize: object = None, rescale: object = None) -> dict[str, object]:
     """mergekit's ``normalize`` and ``rescale`` (None: the method's mergekit default) as kernel parameters."""
-    normalize = bool(spec.mergekit_normalize if normalize is None else normalize)
+    normalize = bool(method.mergekit_normalize if normalize is None else normalize)
     params: dict[str, object] = {}
-    if spec.consensus:
+    if method.consensus:
         params.update(divisor="weight" if normalize else "none", elect_on="weighted", majority_sign="total")
-    elif "normalize" in spec.params:
+    elif "normalize" in method.params:
         params["normalize"] = normalize
-    if "rescale" in spec.params:
-        params["rescale"] = "l1" if (spec.mergekit_rescale if rescale is None else rescale) else "none"
+    if "rescale" in method.params:
+        params["rescale"] = "l1" if (method.mergekit_rescale if rescale is None else rescale) else "none"
     return params
-
-
-def get_kernel(name: str) -> KernelSpec:
-    """An element-level or matrix-level kernel of the catalogue."""
-    try:
-        return KERNELS[name] if name in KERNELS else catalogue.matrix_kernels()[name]
-    except KeyError:
-        raise BadInput(f"unknown merge method {name!r}; known: {', '.join(sorted(KERNELS))}") from None
 
 
 BLOCK_ELEMENTS = 1 << 20  # a row block of about 4 MB in float32: stays in cache, bounds the working memory
@@ -88,32 +56,35 @@ def row_blocks(rows: int, row_elements: int) -> Iterator[slice]:
         yield slice(start, min(rows, start + step))
 
 
-def runs_by_rows(spec: KernelSpec, params: dict[str, object]) -> bool:
+def runs_by_rows(method: Method, params: dict[str, object]) -> bool:
     """Whether the kernel may run on row blocks (an L1 or density rescale needs the whole tensor)."""
-    return spec.piecewise and params.get("rescale", "none") == "none"
+    return method.piecewise and params.get("rescale", "none") == "none"
 
 
-def input_params(spec: KernelSpec, params: dict[str, object], index: int) -> dict[str, float]:
+def input_params(method: Method, params: dict[str, object], index: int) -> dict[str, float]:
     """Input ``index``'s own values of the method's per-input parameters (given once or once per input)."""
     values = {}
-    for key in spec.per_input_parameters:
+    for key in method.per_input_parameters:
         if key in params and key != "weight":
             value = params[key]
             values[key] = float(value if isinstance(value, (int, float)) else value[index])  # type: ignore[index]
     return values
 
 
-def with_cutoffs(spec: KernelSpec, params: dict[str, object], tasks: Iterable[torch.Tensor]) -> dict[str, object]:
+def with_cutoffs(method: Method, params: dict[str, object], tasks: Iterable[torch.Tensor]) -> dict[str, object]:
     """``params`` plus each whole task's cutoff (tasks are made one at a time), so that a piecewise kernel
     can then run on row blocks and give the whole-tensor result."""
-    if spec.cutoff is None:
+    if method.cutoff is None:
         return params
-    given = {**spec.kernel_defaults, **params}
-    return {**params, "cutoffs": [spec.cutoff_fn(task, input_params(spec, given, i)) for i, task in enumerate(tasks)]}
+    given = {**method.kernel_defaults, **params}
+    return {
+        **params,
+        "cutoffs": [method.cutoff_fn(task, input_params(method, given, i)) for i, task in enumerate(tasks)],
+    }
 
 
 def run_by_row_blocks(
-    spec: KernelSpec,
+    method: Method,
     tasks_of: Callable[[slice], torch.Tensor],
     weights: torch.Tensor,
     params: dict[str, object],
@@ -124,9 +95,9 @@ def run_by_row_blocks(
     """A piecewise kernel over row blocks, the one runner of adapter and dense merges: each task's cutoff from
     the whole task (``whole_tasks``, made one at a time), then ``out[block] = finish(block, kernel(tasks_of(block)))``
     block by block, so only one block of every task is in memory."""
-    params = with_cutoffs(spec, params, whole_tasks)
+    params = with_cutoffs(method, params, whole_tasks)
     for block in row_blocks(out.shape[0], out[0].numel()):
-        merged = run_kernel(spec, tasks_of(block), weights, params)
+        merged = run_kernel(method, tasks_of(block), weights, params)
         out[block] = merged if finish is None else finish(block, merged)
     return out
 
@@ -139,7 +110,7 @@ def _kernel_parameter_names() -> set[str]:
 
 
 def run_kernel(
-    spec: KernelSpec,
+    method: Method,
     tasks: torch.Tensor,
     weights: torch.Tensor,
     params: dict[str, object],
@@ -150,10 +121,10 @@ def run_kernel(
     unknown = sorted(set(params) - _kernel_parameter_names())
     if unknown:
         raise BadInput(
-            f"{spec.name}: unknown parameter {', '.join(map(repr, unknown))} (it takes {sorted(spec.params)})"
+            f"{method.name}: unknown parameter {', '.join(map(repr, unknown))} (it takes {sorted(method.params)})"
         )
-    accepted = {**spec.kernel_defaults}
-    accepted.update((key, value) for key, value in params.items() if key in spec.params or key == "cutoffs")
-    if spec.random:
+    accepted = {**method.kernel_defaults}
+    accepted.update((key, value) for key, value in params.items() if key in method.params or key == "cutoffs")
+    if method.random:
         accepted["generators"] = generators
-    return spec.fn(tasks, weights, **accepted)
+    return method.fn(tasks, weights, **accepted)

@@ -1,5 +1,6 @@
-"""Sparsification of one task tensor: magnitude trim (TIES), random drop (DARE), outlier cut
-(Breadcrumbs) and magnitude-ranked drop (DELLA). Each returns the kept entries, rescaled as asked."""
+"""Sparsification of one task tensor, the first step of the task-vector kernels: magnitude trim (TIES),
+random drop (DARE), outlier cut (Breadcrumbs) and magnitude-ranked drop (DELLA). Each returns the kept
+entries, rescaled as asked; the catalogue holds the defaults."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def trim_cutoff(tensor: torch.Tensor, density: float) -> float:
 
 
 def magnitude_trim(
-    tensor: torch.Tensor, density: float, rescale: Rescale = "none", cutoff: float | None = None
+    tensor: torch.Tensor, *, density: float, rescale: Rescale, cutoff: float | None = None
 ) -> torch.Tensor:
     """Keep the top ``int(density * numel)`` entries by absolute value, zero the rest (entries tied at
     the cut are all kept). ``cutoff`` (from ``trim_cutoff`` of the whole tensor) lets a caller trim a
@@ -77,11 +78,7 @@ def outlier_cutoffs(tensor: torch.Tensor, density: float, gamma: float) -> tuple
 
 
 def outlier_trim(
-    tensor: torch.Tensor,
-    density: float,
-    gamma: float,
-    rescale: Rescale = "none",
-    cutoffs: tuple[float, float] | None = None,
+    tensor: torch.Tensor, *, density: float, gamma: float, rescale: Rescale, cutoff: tuple[float, float] | None = None
 ) -> torch.Tensor:
     """Drop the largest ``gamma`` fraction (outliers) and the smallest entries, keeping ``density``.
 
@@ -90,14 +87,14 @@ def outlier_trim(
     """
     if density >= 1.0:
         return tensor
-    low, high = outlier_cutoffs(tensor, density, gamma) if cutoffs is None else cutoffs
+    low, high = outlier_cutoffs(tensor, density, gamma) if cutoff is None else cutoff
     magnitudes = tensor.abs()
     kept = tensor * ((magnitudes >= low) & (magnitudes <= high)).to(tensor.dtype)
     return rescale_kept(tensor, kept, rescale, density)
 
 
 def random_drop(
-    tensor: torch.Tensor, density: float, generator: torch.Generator | None, rescale: Rescale = "density"
+    tensor: torch.Tensor, *, density: float, rescale: Rescale, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Keep each entry with probability ``density`` and rescale the survivors.
 
@@ -111,7 +108,7 @@ def random_drop(
 
 
 def ranked_drop(
-    tensor: torch.Tensor, density: float, epsilon: float, generator: torch.Generator | None, rescale: Rescale
+    tensor: torch.Tensor, *, density: float, epsilon: float, rescale: Rescale, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Keep each entry with a probability that grows with its magnitude rank within its row,
     from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest).

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from loramerge.adapters.dora import BaseReader, base_for_dora
@@ -13,7 +13,7 @@ from loramerge.errors import BadInput
 from loramerge.evaluate.data import Sample
 from loramerge.evaluate.suite import load_datasets
 from loramerge.recipe import Recipe
-from loramerge.search.space import SearchSpace, search_space
+from loramerge.search.space import Bounds, SearchSpace, search_space
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,8 @@ def build_job(
     data: Sequence[str],
     *,
     base: str | None = None,
-    weight_range: str = "0:2",
-    tune: Sequence[str] = (),
+    weight_range: Bounds = (0.0, 2.0),
+    tune: Mapping[str, Bounds] | None = None,
     prompt_field: str | None = None,
     completion_field: str | None = None,
     text_field: str | None = None,

@@ -4,7 +4,7 @@ and a recipe."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,14 +78,14 @@ class SearchSpace:
         return self.recipe.model_copy(update={"adapters": entries, "parameters": parameters})
 
 
-def parse_bounds(text: str, what: str) -> tuple[float, float]:
-    """``LOW:HIGH`` as two floats, LOW < HIGH."""
-    try:
-        low, high = (float(part) for part in text.split(":"))
-    except ValueError:
-        raise BadInput(f"{what}: expected LOW:HIGH (two numbers), got {text!r}") from None
+Bounds = tuple[float, float]
+
+
+def _checked_bounds(bounds: Bounds, what: str, param: str) -> Bounds:
+    """``(low, high)`` as floats, low below high."""
+    low, high = (float(value) for value in bounds)
     if not low < high:
-        raise BadInput(f"{what}: LOW must be below HIGH, got {text!r}")
+        raise BadInput(f"{what}: the low bound must be below the high one, got {low:g} and {high:g}", param=param)
     return low, high
 
 
@@ -101,17 +101,19 @@ def tunable_parameters(options: MergeOptions) -> dict[str, float]:
     return values
 
 
-def search_space(recipe: Recipe, weight_bounds: str = "0:2", tune: Sequence[str] = ()) -> SearchSpace:
-    """The space of an adapter recipe: every adapter's weight within ``weight_bounds``, and each
-    ``NAME=LOW:HIGH`` of ``tune``. The recipe's own values, clipped into the bounds (``warnings`` say
-    so), start the search."""
+def search_space(
+    recipe: Recipe, weight_range: Bounds = (0.0, 2.0), tune: Mapping[str, Bounds] | None = None
+) -> SearchSpace:
+    """The space of an adapter recipe: every adapter's weight within ``weight_range``, and each parameter of
+    ``tune`` within its bounds. The recipe's own values, clipped into the bounds (``warnings`` say so), start
+    the search."""
     if not recipe.is_adapter_recipe:
         raise BadInput("search: the recipe must be an adapter recipe (an `adapters:` list)")
     if recipe.output and recipe.output.format == "dense":
         raise BadInput("search: the recipe folds its merge (output.format: dense); search the adapter merge")
     values = recipe_option_values(recipe)
     options = parse_options(**values)
-    low, high = parse_bounds(weight_bounds, "`weight_range`")
+    low, high = _checked_bounds(weight_range, "`weight_range`", "weight_range")
     names = [Path(entry.adapter).name for entry in recipe.adapters or []]
     if len(set(names)) < len(names):
         names = [str(i) for i in range(len(names))]
@@ -120,16 +122,11 @@ def search_space(recipe: Recipe, weight_bounds: str = "0:2", tune: Sequence[str]
         for i, (name, entry) in enumerate(zip(names, recipe.adapters or [], strict=True))
     ]
     tunable = tunable_parameters(options)
-    for item in tune:
-        name, _, bounds = item.partition("=")
+    for name, bounds in (tune or {}).items():
         if name not in tunable:
             known = ", ".join(sorted(tunable)) or "none"
-            raise BadInput(
-                f"`tune='{item}'`: method {options.method} has no numeric parameter {name!r} ({known})", param="tune"
-            )
-        if any(d.name == name for d in dimensions):
-            raise BadInput(f"`tune='{item}'`: {name} is tuned twice", param="tune")
-        p_low, p_high = parse_bounds(bounds, f"`tune='{name}'`")
+            raise BadInput(f"`tune`: method {options.method} has no numeric parameter {name!r} ({known})", param="tune")
+        p_low, p_high = _checked_bounds(bounds, f"`tune` {name}", "tune")
         dimensions.append(Dimension(name, tunable[name], p_low, p_high))
     space = SearchSpace(recipe, tuple(dimensions), values)
     for corner in ([d.low for d in dimensions], [d.high for d in dimensions]):
