@@ -127,8 +127,9 @@ def evaluate_recipe(
     if base is None:
         raise BadInput("evaluate.base: name the base model to compare with")
     files = [evaluation.data] if isinstance(evaluation.data, str) else evaluation.data
-    datasets = load_datasets(files, text_field=evaluation.text_field, prompt_field=evaluation.prompt_field,
-                             completion_field=evaluation.completion_field, max_samples=evaluation.max_samples)  # fmt: skip
+    fields = {"text_field": evaluation.text_field, "prompt_field": evaluation.prompt_field,
+              "completion_field": evaluation.completion_field}  # fmt: skip
+    datasets = load_datasets(files, **fields, max_samples=evaluation.max_samples)
     return evaluate_models(base, adapters, str(output), datasets, False, device, progress)
 
 
