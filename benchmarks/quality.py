@@ -52,7 +52,7 @@ SPACES = ("core", "full")
 # PEFT's add_weighted_adapter types that accept adapters of different ranks -> our method of the same math
 PEFT_TYPES = {"svd": "svd", "ties_svd": "ties", "dare_ties_svd": "dare_ties"}
 QUICK_METHODS = FULL_METHODS = ("ties", "dare_ties")
-DELLA_EPSILON = next(p.default for p in catalogue.get("della").parameters if p.name == "epsilon")  # its default spread
+DELLA_EPSILON = catalogue.method("della").kernel_defaults["epsilon"]  # its default spread
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,7 @@ def call(method: Method, tasks: torch.Tensor, seed: int = 0, **params) -> torch.
 def test_every_method_runs_on_its_catalogue_defaults_alone(name):
     """Every parameter the function takes without a default of its own has one in the catalogue (or is
     one the user must give: ``required``)."""
-    method = catalogue.get(name)
+    method = catalogue.method(name)
     tasks = stack(0, inputs_of(method))
     merged = call(method, tasks)
     assert merged.shape == tasks.shape[1:] and torch.isfinite(merged).all()
@@ -145,7 +145,7 @@ def test_every_method_runs_on_its_catalogue_defaults_alone(name):
 def test_the_linear_methods_are_linear_and_basis_equivariant(name):
     """``linear``: f(X + 2Y) = f(X) + 2 f(Y), and f(P X Q) = P f(X) Q for orthogonal P, Q (merging in any
     shared basis is exact)."""
-    method = catalogue.get(name)
+    method = catalogue.method(name)
     x, y = stack(1, inputs_of(method)), stack(2, inputs_of(method))
     params = {"density": 0.5} if "density" in method.params else {}  # a pruning method would show here
     torch.testing.assert_close(
@@ -158,7 +158,7 @@ def test_the_linear_methods_are_linear_and_basis_equivariant(name):
 
 @pytest.mark.parametrize("name", [m.name for m in catalogue.methods() if m.linear and m.level == "module"])
 def test_the_linear_factor_methods_are_linear_in_the_weights(name):
-    method = catalogue.get(name)
+    method = catalogue.method(name)
     generator = torch.Generator().manual_seed(5)
     terms = [LowRank(torch.randn(12, r, generator=generator), torch.randn(r, 10, generator=generator)) for r in (2, 3)]
     exact = 5  # Σ r_i: nothing truncated
@@ -174,7 +174,7 @@ def test_the_linear_factor_methods_are_linear_in_the_weights(name):
 def test_the_piecewise_methods_give_the_whole_tensor_result_on_row_blocks(name):
     """``piecewise``: with each whole task's cutoff known, the method on blocks of rows is the method on the
     whole tensor (the full space and dense merges rely on it)."""
-    method = catalogue.get(name)
+    method = catalogue.method(name)
     tasks = stack(6, inputs_of(method))
     params = {"density": 0.5} if "density" in method.params else {}
     whole = call(method, tasks, **params)
@@ -187,7 +187,7 @@ def test_the_piecewise_methods_give_the_whole_tensor_result_on_row_blocks(name):
 def test_the_random_methods_and_only_they_draw_from_their_generators(name):
     """``random``: the result follows the per-input generators (another seed, another result) and nothing
     else; every other method ignores the global random state. (KnOTS draws through its inner method.)"""
-    method = catalogue.get(name)
+    method = catalogue.method(name)
     tasks = stack(7, inputs_of(method))
     params = {"density": 0.5} if "density" in method.params else {}
     params |= {"inner": "dare_ties"} if "inner" in method.params else {}
@@ -203,7 +203,7 @@ def test_the_consensus_methods_elect_a_sign(name):
     """``consensus``: with nothing dropped (density 1), tasks ``[a, a, -1.5 a]`` elect the sign of ``a`` (the
     sign of their sum) and the disjoint mean of the two agreeing tasks is ``a`` — a weighted sum would give
     ``0.5 a`` (TIES-Merging, Yadav et al., NeurIPS 2023)."""
-    method = catalogue.get(name)
+    method = catalogue.method(name)
     a = stack(8, 1)[0]
     params = {"density": 1.0} | ({"epsilon": 0.0} if "epsilon" in method.params else {})
     got = run_kernel(catalogue.method(name), torch.stack([a, a, -1.5 * a]), torch.ones(3), params,
@@ -215,7 +215,7 @@ def test_a_method_can_carry_its_own_default_density(mixed_adapters, tmp_path):
     """della's keep probabilities are density ± epsilon (0.15): the general 0.95 would leave (0, 1)."""
     from loramerge.adapters.options import parse_options
 
-    assert parse_options(method="della").effective_density == catalogue.get("della").adapter_density == 0.8
+    assert parse_options(method="della").effective_density == catalogue.method("della").adapter_density == 0.8
     assert parse_options(method="ties").effective_density == catalogue.DEFAULT_DENSITY
     assert parse_options(method="della", density=0.5).effective_density == 0.5
     result = run("merge", *mixed_adapters, "--method", "della", "-o", tmp_path / "out")

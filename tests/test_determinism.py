@@ -72,7 +72,7 @@ def dense_models(tmp_path_factory):
 
 def dense_recipe(method: Method, base: Path, models: list[Path]) -> dict:
     """A recipe the method accepts, from its catalogue entry: as many inputs as it takes (the base counts as
-    the first input of ``base_first`` methods; a one-input method has no base), a weight and a density per
+    the first input of ``Inputs.BASE_AND_MODEL`` methods; a one-input method has no base), a weight and a density per
     model where it has them, and a value for each parameter it requires."""
     limit = method.max_inputs or len(models)
     count = limit - 1 if method.inputs == catalogue.Inputs.BASE_AND_MODEL else min(limit, len(models))
@@ -93,7 +93,7 @@ def dense_recipe(method: Method, base: Path, models: list[Path]) -> dict:
 @pytest.mark.parametrize("method", DENSE_METHODS)
 def test_dense_merges_are_bit_identical(method, dense_models, tmp_path):
     _, base, models = dense_models
-    recipe = write_recipe(tmp_path / "recipe.yml", dense_recipe(catalogue.get(method), base, models))
+    recipe = write_recipe(tmp_path / "recipe.yml", dense_recipe(catalogue.method(method), base, models))
     digests = []
     for threads, small_work in ((2, 0), (2, 0), (1, 0), (2, loramerge_threads.SMALL_WORK)):
         out = tmp_path / f"out-{len(digests)}"

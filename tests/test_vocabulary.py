@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from cli_helpers import run
 from loramerge.cli.app import app
 from loramerge.cli.options_table import command_options, options_markdown
+from loramerge.errors import BadInput
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,10 +121,12 @@ def test_fold_quantize_with_a_type_still_works_with_one_warning_line(capsys):
         "warning: --quantize fp4 is deprecated and goes in the next release; use --quantize --quant-type fp4"
     )
     assert legacy_quantize(["fold", "--quantize=nf4", "a"]) == ["fold", "--quantize", "--quant-type", "nf4", "a"]
-    for untouched in (
-        ["fold", "--quantize", "adapter"],
-        ["merge", "--quantize", "nf4"],
-        ["fold", "--quant-type", "nf4"],
-    ):
-        assert legacy_quantize(untouched) == untouched
-    assert not capsys.readouterr().err.strip().splitlines()[1:]
+    debug = ["--debug", "fold", "--quantize", "fp4"]
+    assert legacy_quantize(debug) == ["--debug", "fold", "--quantize", "--quant-type", "fp4"]
+    assert legacy_quantize(["fold", "--quantize", "nf4", "--quant-type", "nf4"])[-2:] == ["--quant-type", "nf4"]
+    with pytest.raises(BadInput, match="--quantize nf4 and --quant-type fp4: one 4-bit type now serves both"):
+        legacy_quantize(["fold", "a", "--quantize", "nf4", "--from-dequantized", "--quant-type", "fp4"])
+    assert len(capsys.readouterr().err.strip().splitlines()) == 4  # one warning line for each old spelling
+    untouched = (["fold", "--quantize", "adapter"], ["merge", "--quantize", "nf4"], ["fold", "--quant-type", "nf4"])
+    assert all(legacy_quantize(argv) == argv for argv in untouched)
+    assert capsys.readouterr().err == ""

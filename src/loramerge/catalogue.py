@@ -2,8 +2,9 @@
 (CLI choices and help, recipe validation, mergekit presets, the live API's PEFT names, docs) is
 derived from it. ``register`` adds a method; docs/adding-a-method.md shows how.
 
-Torch-free: an entry names its pure function as ``"module:attribute"`` (or holds the callable), loaded on
-first use, so ``loramerge --help`` stays fast. The defaults at the top were chosen by measurement
+Torch-free: an entry names its pure function as ``"module:attribute"`` (or holds the callable), or, for the
+task-vector methods, the sparsify and combine ``Steps`` it is made of; functions are loaded on first use, so
+``loramerge --help`` stays fast. The defaults at the top were chosen by measurement
 (``benchmarks/quality.py`` on the shipped skill adapters; the README's "Which method?").
 """
 
@@ -47,8 +48,7 @@ class Step:
     """One step of a task-vector kernel (mergekit's generalized task arithmetic: sparsification × consensus).
     A sparsify step keeps some entries of one task tensor; a combine step merges the stack of them."""
 
-    function: str  # "package.module:attribute"
-    paper: str
+    function: str  # "package.module:attribute" (its docstring names the paper)
     defaults: Mapping[str, object] = field(default_factory=dict)  # of the step's parameters
     # sparsify: the per-input cutoff over the whole task; with it the step can run on row blocks
     cutoff: str | None = None
@@ -73,18 +73,15 @@ _K = "loramerge.kernels.methods:"
 _SP = "loramerge.kernels.sparsify:"
 _CUTOFFS = "loramerge.kernels.registry:"
 SPARSIFY: dict[str, Step] = {
-    "magnitude": Step(
-        _SP + "magnitude_trim", _TIES + ", trim", {"rescale": "none"}, cutoff=_CUTOFFS + "trim_cutoff_of"
-    ),
-    "random": Step(_SP + "random_drop", _DARE, {"rescale": "density"}, random=True),
-    "outliers": Step(_SP + "outlier_trim", _BREADCRUMBS, {"rescale": "none"}, cutoff=_CUTOFFS + "outlier_cutoffs_of"),
-    "ranked": Step(_SP + "ranked_drop", _DELLA + ", MagPrune", {"rescale": "density"}, random=True),
+    "magnitude": Step(_SP + "magnitude_trim", {"rescale": "none"}, cutoff=_CUTOFFS + "trim_cutoff_of"),  # TIES
+    "random": Step(_SP + "random_drop", {"rescale": "density"}, random=True),  # DARE
+    "outliers": Step(_SP + "outlier_trim", {"rescale": "none"}, cutoff=_CUTOFFS + "outlier_cutoffs_of"),  # Breadcrumbs
+    "ranked": Step(_SP + "ranked_drop", {"rescale": "density"}, random=True),  # DELLA's MagPrune
 }
 COMBINE: dict[str, Step] = {
-    "sum": Step(_K + "weighted_sum", "Task Arithmetic (Ilharco et al., ICLR 2023, arXiv:2212.04089)",
-                {"normalize": False}),
-    "consensus": Step(_K + "consensus", _TIES + ", elect and disjoint merge",
-                      {"majority_sign": "total", "elect_on": "unweighted", "divisor": "count"}, consensus=True),
+    "sum": Step(_K + "weighted_sum", {"normalize": False}),  # Task Arithmetic
+    "consensus": Step(_K + "consensus", {"majority_sign": "total", "elect_on": "unweighted", "divisor": "count"},
+                      consensus=True),  # TIES' sign election and disjoint merge
 }  # fmt: skip
 
 
@@ -145,7 +142,12 @@ class Method:
 
     def __post_init__(self) -> None:
         if isinstance(self.function, Steps):
-            sparsify = SPARSIFY[self.function.sparsify] if self.function.sparsify else None
+            if self.random or self.consensus or self.piecewise or self.cutoff is not None:
+                raise ValueError(f"method {self.name}: random, consensus, piecewise and cutoff follow from its steps")
+            steps = self.function
+            if steps.sparsify not in (None, *SPARSIFY) or steps.combine not in COMBINE:
+                raise ValueError(f"method {self.name}: steps are {sorted(SPARSIFY)} or None, then {sorted(COMBINE)}")
+            sparsify = SPARSIFY[steps.sparsify] if steps.sparsify else None
             derived = {
                 "random": bool(sparsify and sparsify.random),
                 "consensus": COMBINE[self.function.combine].consensus,
@@ -165,10 +167,8 @@ class Method:
     @functools.cached_property
     def fn(self) -> Callable[..., object]:
         if isinstance(self.function, Steps):
-            from loramerge.kernels.methods import SparsifyThenCombine
-
             sparsify = _load(SPARSIFY[self.function.sparsify].function) if self.function.sparsify else None
-            return SparsifyThenCombine(sparsify, _load(COMBINE[self.function.combine].function))
+            return _load(_K + "SparsifyThenCombine")(sparsify, _load(COMBINE[self.function.combine].function))
         return _load(self.function)
 
     @functools.cached_property
@@ -179,9 +179,7 @@ class Method:
     def params(self) -> frozenset[str]:
         """The keyword parameters the kernel accepts (read for every call, on every row block)."""
         if isinstance(self.function, Steps):
-            from loramerge.kernels.methods import step_parameters
-
-            kernel = self.fn
+            kernel, step_parameters = self.fn, _load(_K + "step_parameters")
             steps = (kernel.sparsify, kernel.combine) if kernel.sparsify else (kernel.combine,)
             return frozenset(name for step in steps for name in step_parameters(step))
         signature = inspect.signature(self.fn).parameters
@@ -393,10 +391,6 @@ for _method in (
 def methods() -> Iterator[Method]:
     """Every method, in catalogue order (the order of CLI help and docs)."""
     return iter(list(_CATALOGUE.values()))
-
-
-def get(name: str) -> Method | None:
-    return _CATALOGUE.get(name)
 
 
 def adapter_methods() -> list[str]:

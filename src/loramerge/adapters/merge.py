@@ -112,7 +112,7 @@ class MergePlan:
         if options.uses_density:
             parts.append(f"density={options.effective_density:g}")
         if options.method_entry.consensus:
-            parts.append(f"majority_sign={options.kernel_arguments['majority_sign']}")
+            parts.append(f"majority_sign={options.kernel_arguments.get('majority_sign')}")
         parts += [f"{name}={value}" for name, value in sorted(options.params.items())]
         parts += [f"weights={','.join(f'{w:g}' for w in self.weights)}", f"seed={options.seed}"]
         kinds = sorted({adapter.kind for adapter in self.adapters})
@@ -128,6 +128,8 @@ class MergePlan:
             "adapters": [{"adapter": name, "weight": weight} for name, weight in inputs],
             **{key: value for key, value in options.items() if value is not None and value != {}},
         }
+        if self.options.method_entry.consensus and "majority_sign" in self.options.kernel_arguments:
+            parameters["majority_sign"] = self.options.kernel_arguments["majority_sign"]  # the catalogue's default
         ranks = sorted({m.output_rank for m in self.modules})
         return MergeRecord(self.options.method, inputs, len(self.modules), ranks, parameters)
 

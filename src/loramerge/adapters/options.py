@@ -48,7 +48,7 @@ class MergeOptions(BaseModel):
 
     @model_validator(mode="after")
     def _method_fits(self) -> MergeOptions:
-        method = catalogue.get(self.method)
+        method = self.method_entry
         own = method.adapter_parameters - set(type(self).model_fields)
         checks = {parameter.name: parameter.check for parameter in method.parameters}
         for name, value in self.params.items():

@@ -17,7 +17,8 @@ def recipe_option_values(recipe: Recipe) -> dict[str, object]:
     """The merge options a recipe's method and ``parameters`` spell, as ``parse_options`` keywords
     (the method's own parameters under ``params``)."""
     values: dict[str, object] = {"method": recipe.merge_method, "dtype": recipe.out_dtype or recipe.dtype}
-    method = catalogue.get(recipe.merge_method)
+    known = recipe.merge_method in catalogue.adapter_methods()  # else parse_options names the problem
+    method = catalogue.method(recipe.merge_method) if known else None
     own = method.adapter_parameters - OPTION_KEYS if method else set()
     method_params: dict[str, object] = {}
     for key, value in (recipe.parameters or {}).items():

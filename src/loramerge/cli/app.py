@@ -12,10 +12,12 @@ import sys
 import warnings
 
 import typer
+from rich.markup import escape
 
 from loramerge.cli import eval_cmd, finetune_cmd, fold_cmd, inspect_cmd, merge_cmd, moe_cmd, run_cmd, search_cmd
 from loramerge.cli.fold_cmd import QUANT_TYPES
-from loramerge.cli.present import deprecated, set_debug
+from loramerge.cli.present import console, deprecated, set_debug
+from loramerge.errors import BadInput
 
 app = typer.Typer(
     add_completion=False,
@@ -79,8 +81,9 @@ def joined_weights(argv: list[str]) -> list[str]:
 
 def legacy_quantize(argv: list[str]) -> list[str]:
     """``fold --quantize nf4`` (before ``--quantize`` became a flag and the type ``--quant-type``'s, one
-    spelling for the 4-bit type) as ``--quantize --quant-type nf4``, with a deprecation line."""
-    if not argv or argv[0] != "fold":
+    spelling for the 4-bit type) as ``--quantize --quant-type nf4``, with a deprecation line. Where the old
+    spelling meets a ``--quant-type`` of another value (the two types could differ before) it is refused."""
+    if next((item for item in argv if not item.startswith("-")), None) != "fold":
         return argv
     result: list[str] = []
     index = 0
@@ -92,6 +95,11 @@ def legacy_quantize(argv: list[str]) -> list[str]:
             value = argv[index]
         if value is not None:
             deprecated(f"--quantize {value}", f"--quantize --quant-type {value}")
+            others = {argv[i + 1] for i, item in enumerate(argv[:-1]) if item == "--quant-type"}
+            others |= {item.partition("=")[2] for item in argv if item.startswith("--quant-type=")}
+            if others - {value}:
+                raise BadInput(f"--quantize {value} and --quant-type {' '.join(sorted(others))}: one 4-bit type now "
+                               "serves both; give it once, as --quant-type")  # fmt: skip
             result += ["--quantize", "--quant-type", value]
         else:
             result.append(item)
@@ -105,4 +113,9 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecations, not results
     # PEFT looks for a config.json beside a GGUF base reference when saving; the vocabulary is unchanged
     warnings.filterwarnings("ignore", message="Could not find a config file", module="peft")
-    app(args=legacy_quantize(joined_weights(sys.argv[1:])))
+    try:
+        argv = legacy_quantize(joined_weights(sys.argv[1:]))
+    except BadInput as error:
+        console.print(f"[bold red]error:[/] {escape(str(error))}", markup=True, soft_wrap=True)
+        raise SystemExit(2) from None
+    app(args=argv)

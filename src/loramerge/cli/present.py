@@ -277,6 +277,8 @@ def _percent(value: float | None) -> str:
 def skills_table(results) -> Table:
     """Exact match (or loss, for plain texts) of every model on every evaluation set. The last column of
     the merge is its mean retention: its score on each set over the best input adapter's, averaged."""
+    from loramerge.evaluate.exact_match import Role
+
     sets = list(dict.fromkeys(r.data for r in results))
     models = list(dict.fromkeys(r.name for r in results))
     score = {(r.name, r.data): r for r in results}
@@ -286,8 +288,6 @@ def skills_table(results) -> Table:
     for name in sets:
         table.add_column(name, justify="right")
     table.add_column("mean" if exact else "mean loss", justify="right")
-    from loramerge.evaluate.exact_match import Role
-
     roles = {r.name: r.role for r in results}
     adapters = [m for m in models if roles[m] == Role.ADAPTER]
     merged = [m for m in models if roles[m] == Role.MERGED]

@@ -24,6 +24,7 @@ from loramerge.dense.vocabulary import Vocabulary, build_vocabulary, read_tokeni
 from loramerge.errors import BadInput
 from loramerge.io.layers import count_layers, is_post_layer, is_vocabulary_tensor, layer_group, layer_index, with_layer
 from loramerge.io.model_card import DenseRecord
+from loramerge.kernels.methods import ZERO_SUM
 from loramerge.kernels.registry import mergekit_params
 from loramerge.recipe import Parameters, Recipe
 
@@ -229,7 +230,7 @@ def _check_weights(output: str, weights: list[object], divides_by_sum: bool) -> 
         return
     if all(w == 0 for w in given):
         raise BadInput(f"tensor {output}: the weights are all zero ({given}); the merge would be empty")
-    if divides_by_sum and abs(sum(given)) < 1e-12:
+    if divides_by_sum and abs(sum(given)) < ZERO_SUM:
         raise BadInput(f"tensor {output}: the weights {given} sum to zero, so normalize: true cannot divide by it")
 
 
@@ -266,9 +267,8 @@ def _plan_tensor(
         _check_fractions(output, ref, params)
     divides_by_sum = bool(shared.get("normalize")) and not method.consensus  # consensus divides per entry
     _check_weights(output, [params.get("weight") for params in per_input], divides_by_sum)
-    if (
-        method.inputs == Inputs.BASE_AND_MODEL
-    ):  # slerp: t = 0 is the base; nearswap, arcee_fusion: the base and the other model
+    # slerp: t = 0 is the base; nearswap, arcee_fusion: the base and the other model
+    if method.inputs == Inputs.BASE_AND_MODEL:
         order = sorted(range(len(inputs)), key=lambda i: inputs[i][0] != base)
         inputs, per_input = [inputs[i] for i in order], [per_input[i] for i in order]
     return TensorPlan(output, inputs, base_input, per_input, {**shared, **_kernel_params(method, shared)}, t)

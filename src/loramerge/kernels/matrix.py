@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from loramerge import catalogue
+from loramerge.errors import BadInput
 from loramerge.kernels.consensus import broadcast_weights
 from loramerge.kernels.methods import weighted_sum
 from loramerge.kernels.registry import run_kernel
@@ -87,6 +88,8 @@ def knots(
         return torch.zeros_like(tasks[0])
     aligned = right_t[:rank].reshape(rank, count, columns).transpose(0, 1).contiguous()  # V_iᵀ: n x rank x b
     method = catalogue.method(inner)
+    if method.level != "element":
+        raise BadInput(f"knots: `inner` must be an element-wise method, got {inner!r}", param="inner")
     params = {"density": density, "majority_sign": majority_sign, "elect_on": elect_on, "divisor": divisor,
               "rescale": rescale if method.random else "none"}  # fmt: skip
     merged = run_kernel(method, aligned, weights, params, generators)

@@ -23,6 +23,7 @@ from loramerge.errors import BadInput
 from loramerge.kernels.consensus import Divisor, MajoritySign, consensus_merge
 
 ElectOn = Literal["unweighted", "weighted"]
+ZERO_SUM = 1e-8  # weights summing to less than this are not normalised by (dense recipes refuse them)
 Generators = Sequence[torch.Generator | None] | None
 Cutoffs = Sequence[object] | None  # per input, from the whole tensor; lets a caller merge piece by piece
 _INPUTS = {"tensor", "tasks", "weights", "generator", "cutoff"}  # what a step receives besides its parameters
@@ -37,7 +38,7 @@ def weighted_sum(tasks: torch.Tensor, weights: torch.Tensor, *, normalize: bool)
     for task, coefficient in zip(tasks[1:], coefficients[1:], strict=True):
         merged.add_(task, alpha=coefficient)  # in place: no n-times-larger temporary
     total = sum(coefficients)
-    return merged.div_(total) if normalize and abs(total) >= 1e-8 else merged
+    return merged.div_(total) if normalize and abs(total) >= ZERO_SUM else merged
 
 
 def consensus(
@@ -65,8 +66,8 @@ def _per_input(name: str, value: object, count: int) -> list[object]:
         return [value] * count
     values = [value] * count if isinstance(value, int | float) else list(value)  # type: ignore[call-overload]
     if len(values) != count:
-        raise BadInput(f"expected {count} per-input values, got {len(values)}")
-    return [float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for v in values]
+        raise BadInput(f"{name}: expected {count} per-input values, got {len(values)}")
+    return [v if isinstance(v, str) else float(v) for v in values]
 
 
 @dataclass(frozen=True)
@@ -146,4 +147,4 @@ def passthrough(
     """One input copied (scaled where ``scale`` is not None): the building block of layer stacking
     ("frankenmerges")."""
     own = scale if scale is None or isinstance(scale, (int, float)) else scale[0]
-    return tasks[0] if own is None else tasks[0] * own
+    return tasks[0] if own is None or own == 1 else tasks[0] * own

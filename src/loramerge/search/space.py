@@ -8,7 +8,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from loramerge import catalogue
 from loramerge.adapters.options import MergeOptions, parse_options
 from loramerge.adapters.recipe import recipe_option_values
 from loramerge.errors import BadInput
@@ -83,7 +82,10 @@ Bounds = tuple[float, float]
 
 def _checked_bounds(bounds: Bounds, what: str, param: str) -> Bounds:
     """``(low, high)`` as floats, low below high."""
-    low, high = (float(value) for value in bounds)
+    try:
+        low, high = (float(value) for value in bounds) if not isinstance(bounds, str) else ()
+    except (TypeError, ValueError):
+        raise BadInput(f"{what}: expected two numbers (low, high), got {bounds!r}", param=param) from None
     if not low < high:
         raise BadInput(f"{what}: the low bound must be below the high one, got {low:g} and {high:g}", param=param)
     return low, high
@@ -91,7 +93,7 @@ def _checked_bounds(bounds: Bounds, what: str, param: str) -> Bounds:
 
 def tunable_parameters(options: MergeOptions) -> dict[str, float]:
     """The numeric merge parameters a search may vary, with their values in ``options``."""
-    method = catalogue.get(options.method)
+    method = options.method_entry
     values = {"density": options.effective_density} if options.uses_density else {}
     for parameter in method.parameters:
         value = options.params.get(parameter.name, parameter.default)
@@ -122,6 +124,8 @@ def search_space(
         for i, (name, entry) in enumerate(zip(names, recipe.adapters or [], strict=True))
     ]
     tunable = tunable_parameters(options)
+    if not isinstance(tune or {}, Mapping):
+        raise BadInput(f"`tune`: expected {{name: (low, high)}}, got {tune!r}", param="tune")
     for name, bounds in (tune or {}).items():
         if name not in tunable:
             known = ", ".join(sorted(tunable)) or "none"
