@@ -23,6 +23,7 @@ from loramerge.evaluate.exact_match import EvalResult
 from loramerge.evaluate.suite import evaluate_models, load_datasets
 from loramerge.folding.stream import fold
 from loramerge.io.atomic import check_output_target
+from loramerge.io.gguf_adapter import GgufAdapterReport, write_gguf_adapter
 from loramerge.recipe import Recipe
 
 Progress = Callable[[int, int, str], None]
@@ -34,10 +35,18 @@ def _silent(total: int | None, label: str) -> AbstractContextManager[Progress | 
     return nullcontext(None)
 
 
-def executed_plan(plan: MergePlan, fold_into: str | None) -> MergePlan:
-    """The plan to execute: a merge folded into a base keeps its factors in float32 (the fold adds them in
-    float32), and the dtype asked for is then the folded model's."""
-    return dataclasses.replace(plan, out_dtype=torch.float32) if fold_into else plan
+@dataclasses.dataclass(frozen=True)
+class GgufOutput:
+    """A merge written as a llama.cpp LoRA adapter for ``base`` (its architecture names the tensors)."""
+
+    base: str
+    gguf_type: str = "f32"
+
+
+def executed_plan(plan: MergePlan, float32: bool) -> MergePlan:
+    """The plan to execute: a merge folded into a base or written as GGUF keeps its factors in float32 (the fold
+    adds them in float32; the GGUF type is applied once, at the end), and the dtype asked for is the model's."""
+    return dataclasses.replace(plan, out_dtype=torch.float32) if float32 else plan
 
 
 def write_merged_adapter(
@@ -50,15 +59,19 @@ def write_merged_adapter(
     card_note: str = "",
     progress: Progress | None = None,
     shard_size: str | None = None,
-) -> None:
-    """Write a merged adapter, or (``fold_into``) that base with the merge folded in (``progress``: the fold;
-    ``shard_size``: its largest shard, default the base's), in the dtype the plan asks for (default: the
-    adapters' or the base's)."""
+    gguf: GgufOutput | None = None,
+) -> GgufAdapterReport | None:
+    """Write a merged adapter (a PEFT folder, or with ``gguf`` a llama.cpp adapter file), or (``fold_into``) that
+    base with the merge folded in (``progress``: the fold; ``shard_size``: its largest shard, default the
+    base's), in the dtype the plan asks for (default: the adapters' or the base's)."""
+    if gguf is not None:
+        return write_gguf_adapter(merged, gguf.base, target, gguf_type=gguf.gguf_type, force=force, progress=progress)
     if fold_into:
         fold(merged, fold_into, target, dtype=plan.options.dtype, force=force, progress=progress, card_note=card_note,
              shard_size=shard_size)  # fmt: skip
     else:
         save_adapter(merged, target, force=force, dtype=plan.out_dtype)
+    return None
 
 
 @dataclasses.dataclass
@@ -69,6 +82,7 @@ class WrittenMerge:
     folded: bool = False
     dtype: str = ""
     size: int = 0  # bytes of the folded model's safetensors
+    gguf: GgufAdapterReport | None = None  # what a GGUF adapter holds and left out
 
 
 def merge_and_write(
@@ -78,20 +92,22 @@ def merge_and_write(
     force: bool = False,
     fold_into: str | None = None,
     shard_size: str | None = None,
+    gguf: GgufOutput | None = None,
     phase: Phase = _silent,
 ) -> WrittenMerge:
-    """Execute a plan and write the merged adapter (or, with ``fold_into``, that base with the merge folded in),
-    reporting the merge and the fold as two ``phase``s."""
+    """Execute a plan and write the merged adapter (with ``gguf``, as a llama.cpp adapter file; with
+    ``fold_into``, that base with the merge folded in), reporting the merge and the writing as ``phase``s."""
     started = time.perf_counter()
     with phase(len(plan.modules), "merging modules") as update:
-        merged = execute_plan(executed_plan(plan, fold_into), update)
-    with phase(None, "folding") if fold_into else nullcontext(None) as update:
+        merged = execute_plan(executed_plan(plan, bool(fold_into or gguf)), update)
+    label = "folding" if fold_into else "writing GGUF"
+    with phase(None, label) if fold_into or gguf else nullcontext(None) as update:
         note = f"Merge: {plan.describe()}."
-        write_merged_adapter(merged, plan, target, force=force, fold_into=fold_into, card_note=note, progress=update,
-                             shard_size=shard_size)  # fmt: skip
+        report = write_merged_adapter(merged, plan, target, force=force, fold_into=fold_into, card_note=note,
+                                      progress=update, shard_size=shard_size, gguf=gguf)  # fmt: skip
     seconds = time.perf_counter() - started
     if not fold_into:
-        return WrittenMerge(seconds)
+        return WrittenMerge(seconds, gguf=report)
     dtype = json.loads((target / "config.json").read_text()).get("dtype", "")
     size = sum(path.stat().st_size for path in target.glob("*.safetensors"))
     return WrittenMerge(seconds, folded=True, dtype=dtype, size=size)

@@ -59,7 +59,9 @@ def parse_weights(text: str | None) -> list[float] | None:
 @reports_errors
 def merge(
     adapters: list[str] = typer.Argument(..., help="PEFT adapter folders or Hub repo ids."),
-    output: Path = typer.Option(..., "-o", "--output", help="Folder to write the merged adapter to."),
+    output: Path = typer.Option(
+        ..., "-o", "--output", help="Folder to write the merged adapter to (with --format gguf: a .gguf file)."
+    ),
     weights: str = typer.Option(None, help="Comma-separated weights, one per adapter (default: 1 each)."),
     method: str = typer.Option(None, help=f"{' | '.join(adapter_methods())} (default {DEFAULT_METHOD})."),
     density: float = typer.Option(
@@ -97,20 +99,28 @@ def merge(
         "(a LoRA extracted from the merge) or --fold-into. Automatic for adapters with no low-rank form (IA3, OFT, "
         "VeRA, ...).",
     ),
+    format: str = typer.Option(
+        "peft",
+        "--format",
+        help="peft (an adapter folder) | gguf (a llama.cpp LoRA adapter file; needs the base's "
+        "architecture: --base, else the adapters' base).",
+    ),
+    gguf_type: str = typer.Option("f32", help="With --format gguf: f32 | f16 | bf16 | q8_0."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
     dry_run: bool = typer.Option(False, help="Print the plan and write nothing."),
     push_to_hub: str = typer.Option(None, help="Upload the output to this Hub repo (REPO_ID)."),
     private: bool = typer.Option(False, help="With --push-to-hub: create the repo private."),
 ) -> None:
-    """Merge LoRA adapters in low-rank space and write a PEFT adapter folder."""
+    """Merge LoRA adapters in low-rank space and write a PEFT adapter folder (or a llama.cpp GGUF adapter)."""
     from loramerge.adapters.dora import base_for_dora
     from loramerge.adapters.files import load_adapter
     from loramerge.adapters.merge import plan_merge
     from loramerge.adapters.options import parse_options
     from loramerge.dense.peft_fold import peft_type_of
     from loramerge.io.atomic import check_output_target
+    from loramerge.io.gguf_adapter import check_gguf_target, check_plain_lora, layout_of
     from loramerge.io.sizes import parse_size
-    from loramerge.workflows import needs_peft_fold
+    from loramerge.workflows import GgufOutput, needs_peft_fold
 
     options = parse_options(
         method=method, density=density, rank=rank, space=space, majority_sign=majority_sign, full_svd=full_svd,
@@ -123,7 +133,13 @@ def merge(
             print_warnings(["`out_shard_size` applies to a full model (`fold_into`); an adapter is one file"])
     base = base or fold_into
     inputs = [Path(ref) for ref in [*adapters, *{ref for ref in (base, fold_into) if ref}]]
-    target = check_output_target(output, force or dry_run, inputs)
+    if format not in ("peft", "gguf"):
+        raise BadInput(f"--format must be peft or gguf, got {format!r}")
+    if format == "gguf":
+        _check_gguf_request(gguf_type, fold_into, via_dense, push_to_hub)
+        target = check_gguf_target(output, force or dry_run)
+    else:
+        target = check_output_target(output, force or dry_run, inputs)
     kinds = [peft_type_of(ref) for ref in adapters]
     dense_only = needs_peft_fold(kinds)
     if via_dense or dense_only:
@@ -138,10 +154,31 @@ def merge(
         return
     with console.status("reading adapters"):
         loaded = [load_adapter(ref, allow_nonfinite=allow_nonfinite) for ref in adapters]
+    gguf = None
+    if format == "gguf":  # what llama.cpp cannot take is refused before the merge runs
+        for adapter in loaded:
+            check_plain_lora(adapter)
+        gguf_base = base or next((a.base_ref for a in loaded if a.base_ref), None)
+        if not gguf_base:
+            raise BadInput("--format gguf names tensors by the base's architecture: give --base MODEL")
+        layout_of(gguf_base)
+        gguf = GgufOutput(gguf_base, gguf_type)
     plan = plan_merge(loaded, parse_weights(weights), options, base_for_dora(loaded, base))
-    run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into, shard_size=out_shard_size)
+    run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into, shard_size=out_shard_size,
+                     gguf=gguf)  # fmt: skip
     if not dry_run:
         publish(target, push_to_hub, private)
+
+
+def _check_gguf_request(gguf_type: str, fold_into: str | None, via_dense: bool, push_to_hub: str | None) -> None:
+    """What ``--format gguf`` cannot be combined with, refused before anything is read."""
+    from loramerge.io.gguf_adapter import GGUF_TYPES
+
+    if gguf_type not in GGUF_TYPES:
+        raise BadInput(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+    for given, flag in ((fold_into, "--fold-into"), (via_dense, "--via-dense"), (push_to_hub, "--push-to-hub")):
+        if given:
+            raise BadInput(f"--format gguf writes a llama.cpp adapter file; it does not combine with {flag}")
 
 
 def _merge_via_dense(adapters, weights, options, base, target, rank, fold_into, force, dry_run, shard_size) -> None:

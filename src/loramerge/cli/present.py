@@ -235,9 +235,11 @@ def run_adapter_plan(
     force: bool,
     fold_into: str | None = None,
     shard_size: str | None = None,
+    gguf=None,
 ) -> None:
     """Print a plan's warnings, then either the plan (dry run) or merge with a progress bar and save
-    the adapter (or, with ``fold_into``, the base with the merge folded in)."""
+    the adapter (with ``gguf``, a ``workflows.GgufOutput``, as a llama.cpp adapter file; with ``fold_into``, the
+    base with the merge folded in)."""
     from loramerge.io.sizes import human_bytes
     from loramerge.workflows import merge_and_write
 
@@ -246,11 +248,21 @@ def run_adapter_plan(
         out.print(plan_table(plan))
         out.print(f"dry run: {plan.describe()}; would write {target}")
         return
-    written = merge_and_write(plan, target, force=force, fold_into=fold_into, shard_size=shard_size,
+    written = merge_and_write(plan, target, force=force, fold_into=fold_into, shard_size=shard_size, gguf=gguf,
                               phase=progress_bar)  # fmt: skip
     mark_written(target)
     seconds = written.seconds
-    if written.folded:  # the output is the full model, not the adapter the plan describes
+    if written.gguf is not None:
+        report = written.gguf
+        if report.dropped:
+            print_warnings([f"llama.cpp adapters hold linear weights only: left out {', '.join(report.dropped)}"])
+        if report.widened:
+            print_warnings([f"{len(report.widened)} tensors have rows q8_0 cannot hold (not a multiple of 32): "
+                            f"written as f16, as llama.cpp's converter does ({report.widened[0]}, …)"])  # fmt: skip
+        size = human_bytes(target.stat().st_size)
+        out.print(f"merged {plan.describe_merge()}: a llama.cpp adapter of {report.modules} modules "
+                  f"({gguf.gguf_type}, alpha {report.alpha:g}, {size}) in {seconds:.2f} s -> {target}")  # fmt: skip
+    elif written.folded:  # the output is the full model, not the adapter the plan describes
         out.print(f"merged {plan.describe_merge()}, folded into {fold_into}: {written.dtype}, "
                   f"{human_bytes(written.size)} in {seconds:.2f} s -> {target}")  # fmt: skip
     else:
