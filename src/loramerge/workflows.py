@@ -21,6 +21,7 @@ from loramerge.adapters.recipe import adapter_merge_inputs
 from loramerge.errors import BadInput
 from loramerge.evaluate.exact_match import EvalResult
 from loramerge.evaluate.suite import evaluate_models, load_datasets
+from loramerge.folding.gguf_out import fold_to_gguf
 from loramerge.folding.stream import fold
 from loramerge.io.atomic import check_output_target
 from loramerge.io.gguf_adapter import GgufAdapterReport, write_gguf_adapter
@@ -64,6 +65,9 @@ def write_merged_adapter(
     """Write a merged adapter (a PEFT folder, or with ``gguf`` a llama.cpp adapter file), or (``fold_into``) that
     base with the merge folded in (``progress``: the fold; ``shard_size``: its largest shard, default the
     base's), in the dtype the plan asks for (default: the adapters' or the base's)."""
+    if gguf is not None and fold_into:
+        fold_to_gguf(merged, fold_into, target, gguf_type=gguf.gguf_type, force=force, progress=progress)
+        return None
     if gguf is not None:
         return write_gguf_adapter(merged, gguf.base, target, gguf_type=gguf.gguf_type, force=force, progress=progress)
     if fold_into:
@@ -108,6 +112,8 @@ def merge_and_write(
     seconds = time.perf_counter() - started
     if not fold_into:
         return WrittenMerge(seconds, gguf=report)
+    if gguf is not None:
+        return WrittenMerge(seconds, folded=True, dtype=f"{gguf.gguf_type} GGUF", size=target.stat().st_size)
     dtype = json.loads((target / "config.json").read_text()).get("dtype", "")
     size = sum(path.stat().st_size for path in target.glob("*.safetensors"))
     return WrittenMerge(seconds, folded=True, dtype=dtype, size=size)

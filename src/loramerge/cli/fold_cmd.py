@@ -40,7 +40,9 @@ def check_dtype(value: str | None) -> str | None:
 def fold_command(
     adapter: str = typer.Argument(..., help="PEFT adapter folder or Hub repo id."),
     base: str = typer.Option(..., "--base", help=BASE_HELP),
-    output: Path = typer.Option(..., "-o", "--output", help="Folder to write the full model to."),
+    output: Path = typer.Option(
+        ..., "-o", "--output", help="Folder to write the full model to (with --format gguf: a .gguf file)."
+    ),
     dtype: str = typer.Option(None, help="float32 | float16 | bfloat16 (default: the base's)."),
     quantize: bool = typer.Option(False, help="Write bitsandbytes 4-bit weights of --quant-type."),
     double_quant: bool = typer.Option(True, help="Double quantization of the 4-bit statistics."),
@@ -49,14 +51,34 @@ def fold_command(
         "nf4", help="The 4-bit type: nf4 | fp4 (of --quantize, and of --from-dequantized for a full-precision base)."
     ),
     out_shard_size: str = typer.Option(None, help=SHARD_HELP),
+    format: str = typer.Option(
+        "safetensors",
+        "--format",
+        help="safetensors (a model folder) | gguf (one llama.cpp model file, from a GGUF base).",
+    ),
+    gguf_type: str = typer.Option("f16", help="With --format gguf: f32 | f16 | bf16 | q8_0 | q4_0."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
     allow_nonfinite: bool = typer.Option(False, help="Use input tensors holding NaN or Inf (refused by default)."),
     push_to_hub: str = typer.Option(None, help="Upload the output to this Hub repo (REPO_ID)."),
     private: bool = typer.Option(False, help="With --push-to-hub: create the repo private."),
 ) -> None:
-    """Add an adapter's deltas into the base weights, streaming the base's shards."""
+    """Add an adapter's deltas into the base weights, streaming the base's shards (or its GGUF tensors)."""
     from loramerge.adapters.files import load_adapter
     from loramerge.folding.stream import fold
+
+    if format == "gguf":
+        _fold_to_gguf(
+            adapter,
+            base,
+            output,
+            gguf_type,
+            force,
+            allow_nonfinite,
+            (quantize, dtype, out_shard_size, push_to_hub, from_dequantized),
+        )
+        return
+    if format != "safetensors":
+        raise BadInput(f"--format must be safetensors or gguf, got {format!r}")
 
     check_dtype(dtype)
     check_quant_type(quant_type, "--quant-type")
@@ -73,6 +95,30 @@ def fold_command(
     seconds = time.perf_counter() - started
     out.print(f"folded {len(loaded.modules)} modules into {base} ({kind}) in {seconds:.2f} s -> {target}")
     publish(target, push_to_hub, private)
+
+
+def _fold_to_gguf(
+    adapter: str, base: str, output: Path, gguf_type: str, force: bool, allow_nonfinite: bool, others: tuple
+) -> None:
+    """``fold --format gguf``: the base's GGUF file with the adapter folded in."""
+    from loramerge.adapters.files import load_adapter
+    from loramerge.folding.gguf_out import DENSE_GGUF_TYPES, fold_to_gguf
+    from loramerge.io.sizes import human_bytes
+
+    for given, flag in zip(others, ("--quantize", "--dtype", "--out-shard-size", "--push-to-hub", "--from-dequantized"),
+                           strict=True):  # fmt: skip
+        if given:
+            raise BadInput(f"--format gguf writes one llama.cpp file in --gguf-type; it does not combine with {flag}")
+    if gguf_type not in DENSE_GGUF_TYPES:
+        raise BadInput(f"--gguf-type must be one of {', '.join(DENSE_GGUF_TYPES)}, got {gguf_type!r}")
+    started = time.perf_counter()
+    loaded = load_adapter(adapter, allow_nonfinite=allow_nonfinite)
+    with progress_bar(None, label="folding") as update:
+        target = fold_to_gguf(loaded, base, output, gguf_type=gguf_type, force=force, progress=update)
+    mark_written(target)
+    seconds = time.perf_counter() - started
+    out.print(f"folded {len(loaded.modules)} modules into {base} ({gguf_type} GGUF, "
+              f"{human_bytes(target.stat().st_size)}) in {seconds:.2f} s -> {target}")  # fmt: skip
 
 
 @reports_errors

@@ -105,7 +105,7 @@ def merge(
         help="peft (an adapter folder) | gguf (a llama.cpp LoRA adapter file; needs the base's "
         "architecture: --base, else the adapters' base).",
     ),
-    gguf_type: str = typer.Option("f32", help="With --format gguf: f32 | f16 | bf16 | q8_0."),
+    gguf_type: str = typer.Option("f32", help="With --format gguf: f32 | f16 | bf16 | q8_0 (--fold-into: also q4_0)."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
     dry_run: bool = typer.Option(False, help="Print the plan and write nothing."),
     push_to_hub: str = typer.Option(None, help="Upload the output to this Hub repo (REPO_ID)."),
@@ -118,6 +118,7 @@ def merge(
     from loramerge.adapters.options import parse_options
     from loramerge.dense.peft_fold import peft_type_of
     from loramerge.io.atomic import check_output_target
+    from loramerge.io.gguf import is_gguf_reference
     from loramerge.io.gguf_adapter import check_gguf_target, check_plain_lora, layout_of
     from loramerge.io.sizes import parse_size
     from loramerge.workflows import GgufOutput, needs_peft_fold
@@ -136,7 +137,7 @@ def merge(
     if format not in ("peft", "gguf"):
         raise BadInput(f"--format must be peft or gguf, got {format!r}")
     if format == "gguf":
-        _check_gguf_request(gguf_type, fold_into, via_dense, push_to_hub)
+        _check_gguf_request(gguf_type, bool(fold_into), via_dense, push_to_hub)
         target = check_gguf_target(output, force or dry_run)
     else:
         target = check_output_target(output, force or dry_run, inputs)
@@ -156,12 +157,17 @@ def merge(
         loaded = [load_adapter(ref, allow_nonfinite=allow_nonfinite) for ref in adapters]
     gguf = None
     if format == "gguf":  # what llama.cpp cannot take is refused before the merge runs
-        for adapter in loaded:
+        for adapter in loaded if not fold_into else ():
             check_plain_lora(adapter)
         gguf_base = base or next((a.base_ref for a in loaded if a.base_ref), None)
         if not gguf_base:
             raise BadInput("--format gguf names tensors by the base's architecture: give --base MODEL")
         layout_of(gguf_base)
+        if fold_into and not is_gguf_reference(fold_into):
+            raise BadInput(
+                f"--fold-into {fold_into}: a GGUF model is written from a GGUF base (its metadata and "
+                "tokenizer); fold to safetensors and convert with llama.cpp's convert_hf_to_gguf.py"
+            )
         gguf = GgufOutput(gguf_base, gguf_type)
     plan = plan_merge(loaded, parse_weights(weights), options, base_for_dora(loaded, base))
     run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into, shard_size=out_shard_size,
@@ -170,15 +176,17 @@ def merge(
         publish(target, push_to_hub, private)
 
 
-def _check_gguf_request(gguf_type: str, fold_into: str | None, via_dense: bool, push_to_hub: str | None) -> None:
+def _check_gguf_request(gguf_type: str, folded: bool, via_dense: bool, push_to_hub: str | None) -> None:
     """What ``--format gguf`` cannot be combined with, refused before anything is read."""
+    from loramerge.folding.gguf_out import DENSE_GGUF_TYPES
     from loramerge.io.gguf_adapter import GGUF_TYPES
 
-    if gguf_type not in GGUF_TYPES:
-        raise BadInput(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
-    for given, flag in ((fold_into, "--fold-into"), (via_dense, "--via-dense"), (push_to_hub, "--push-to-hub")):
+    types = DENSE_GGUF_TYPES if folded else GGUF_TYPES
+    if gguf_type not in types:
+        raise BadInput(f"--gguf-type must be one of {', '.join(types)}, got {gguf_type!r}")
+    for given, flag in ((via_dense, "--via-dense"), (push_to_hub, "--push-to-hub")):
         if given:
-            raise BadInput(f"--format gguf writes a llama.cpp adapter file; it does not combine with {flag}")
+            raise BadInput(f"--format gguf writes a llama.cpp file; it does not combine with {flag}")
 
 
 def _merge_via_dense(adapters, weights, options, base, target, rank, fold_into, force, dry_run, shard_size) -> None:

@@ -108,14 +108,15 @@ def gguf_tensor_name(layout: GgufLayout, module: str) -> str | None:
     return names.get_name(module.removeprefix("base_model.model.") + ".weight", try_suffixes=(".weight",))
 
 
-def llama_cpp_rows(layout: GgufLayout, name: str, rows: torch.Tensor) -> torch.Tensor:
+def llama_cpp_rows(layout: GgufLayout, name: str, rows: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """``rows`` (of a query or key weight, or of its ``lora_b``) in the order llama.cpp stores them: each head's
-    two halves interleaved, for the architectures whose converter permutes them."""
+    two halves interleaved, for the architectures whose converter permutes them (``inverse``: back again)."""
     if not layout.permutes_query_key or not name.endswith(("attn_q.weight", "attn_k.weight")):
         return rows
     heads = layout.heads if name.endswith("attn_q.weight") else layout.kv_heads
     shape = rows.shape
-    return rows.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+    split = (heads, shape[0] // heads // 2, 2) if inverse else (heads, 2, shape[0] // heads // 2)
+    return rows.reshape(*split, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
 def encoded(tensor: torch.Tensor, gguf_type: str) -> tuple[np.ndarray, object, bool]:
