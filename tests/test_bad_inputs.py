@@ -214,6 +214,13 @@ def _gguf(ws: Workspace, name: str, cut: bool = False, **broken) -> Path:
     return path
 
 
+def _foreign_file(ws: Workspace, name: str) -> Path:
+    """A file in the inputs that loramerge did not write."""
+    path = ws.root / name
+    path.write_bytes(b"someone else's file")
+    return path
+
+
 def _existing_output(ws: Workspace) -> list:
     ws.out.mkdir()
     return _merge(ws)
@@ -624,6 +631,37 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
     "fold: unknown dtype": (
         lambda w: ["fold", w.a, "--base", w.base, "-o", w.out, "--dtype", "fp8"],
         "--dtype must be float32, float16 or bfloat16, got 'fp8'",
+    ),
+    "fold: GGUF model from a model folder": (
+        lambda w: ["fold", w.a, "--base", w.base, "--format", "gguf", "-o", w.root.parent / "f.gguf"],
+        "base <in>/base: a GGUF model is written from a GGUF base (its metadata and tokenizer); for a model folder, "
+        "llama.cpp's convert_hf_to_gguf.py converts the folded model",
+    ),
+    "merge: GGUF output not named .gguf": (
+        lambda w: ["merge", w.a, w.b, "--format", "gguf", "--base", w.base, "-o", w.out],
+        "output <out>: a GGUF output is one file named *.gguf",
+    ),
+    "merge: GGUF adapter in a type only models take": (
+        lambda w: ["merge", w.a, w.b, "--format", "gguf", "--gguf-type", "q4_0", "-o", w.root.parent / "m.gguf"],
+        "--gguf-type must be one of f32, f16, bf16, q8_0, got 'q4_0'",
+    ),
+    "merge: GGUF adapter over a file loramerge did not write": (
+        lambda w: ["merge", w.a, "--format", "gguf", "--base", w.base, "-o", _foreign_file(w, "x.gguf"), "--force"],
+        "output <in>/x.gguf is not a GGUF file loramerge wrote; --force replaces only those",
+    ),
+    "merge: GGUF adapter for an architecture llama.cpp names otherwise": (
+        lambda w: [
+            "merge",
+            w.a,
+            "--format",
+            "gguf",
+            "--base",
+            _gguf(w, "odd.gguf", architecture="tinyarch"),
+            "-o",
+            w.root.parent / "m.gguf",
+        ],
+        "base <in>/odd.gguf: llama.cpp adapters are written for llama, qwen2, qwen3, gemma, gemma2, gemma3 bases "
+        "here, not 'tinyarch'",
     ),
     "fold: unknown 4-bit type": (
         lambda w: ["fold", w.a, "--base", w.base, "-o", w.out, "--quantize", "--quant-type", "int3"],

