@@ -11,6 +11,7 @@ embedding (as its converter permutes the base weights), so their ``lora_b`` rows
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -98,13 +99,17 @@ def layout_of(base: str) -> GgufLayout:
     return GgufLayout(architecture, int(config["num_hidden_layers"]), heads, kv_heads)
 
 
+@functools.cache
+def _tensor_names(architecture: str, blocks: int):
+    import gguf
+
+    return gguf.get_tensor_name_map({name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}[architecture], blocks)
+
+
 def gguf_tensor_name(layout: GgufLayout, module: str) -> str | None:
     """The base's GGUF tensor name of a module (``model.layers.0.self_attn.q_proj`` -> ``blk.0.attn_q.weight``),
     or None where the architecture's map has none."""
-    import gguf
-
-    architecture = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}[layout.architecture]
-    names = gguf.get_tensor_name_map(architecture, layout.blocks)
+    names = _tensor_names(layout.architecture, layout.blocks)
     return names.get_name(module.removeprefix("base_model.model.") + ".weight", try_suffixes=(".weight",))
 
 
@@ -129,9 +134,10 @@ def encoded(tensor: torch.Tensor, gguf_type: str) -> tuple[np.ndarray, object, b
     kind = {"f32": kinds.F32, "f16": kinds.F16, "bf16": kinds.BF16, "q8_0": kinds.Q8_0}[gguf_type]
     array = tensor.detach().to(torch.float32).cpu().numpy()
     try:
-        return gguf.quants.quantize(array, kind), kind, False
+        encoded_array, widened = gguf.quants.quantize(array, kind), False
     except gguf.QuantError:
-        return gguf.quants.quantize(array, kinds.F16), kinds.F16, True
+        encoded_array, kind, widened = gguf.quants.quantize(array, kinds.F16), kinds.F16, True
+    return np.ascontiguousarray(encoded_array), kind, widened  # a strided array is written entry by entry
 
 
 def written_by_loramerge(path: Path) -> bool:
