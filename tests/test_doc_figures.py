@@ -26,6 +26,7 @@ SECTIONS = {
     "quality.md": "all",
     "benchmarks.md": "all",
     "after-the-merge.md": "tables",
+    "fold-extract-gguf.md": "tables",
 }
 
 # Phrases of those pages whose numbers are no measurement, each with the reason; each must be in them.
