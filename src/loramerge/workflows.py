@@ -18,6 +18,7 @@ from loramerge.adapters.merge import MergePlan, execute_plan, plan_merge
 from loramerge.adapters.model import LoraAdapter
 from loramerge.adapters.options import MergeOptions
 from loramerge.adapters.recipe import adapter_merge_inputs
+from loramerge.adapters.single_file import save_single_file
 from loramerge.errors import BadInput
 from loramerge.evaluate.exact_match import EvalResult
 from loramerge.evaluate.suite import evaluate_models, load_datasets
@@ -44,6 +45,14 @@ class GgufOutput:
     gguf_type: str = "f32"
 
 
+@dataclasses.dataclass(frozen=True)
+class SingleFileOutput:
+    """A merge written as one kohya or diffusers LoRA file; ``kernels``: the convolutions' down-factor shapes."""
+
+    format: str
+    kernels: dict[str, list]
+
+
 def executed_plan(plan: MergePlan, float32: bool) -> MergePlan:
     """The plan to execute: a merge folded into a base or written as GGUF keeps its factors in float32 (the fold
     adds them in float32; the GGUF type is applied once, at the end), and the dtype asked for is the model's."""
@@ -61,10 +70,14 @@ def write_merged_adapter(
     progress: Progress | None = None,
     shard_size: str | None = None,
     gguf: GgufOutput | None = None,
+    single_file: SingleFileOutput | None = None,
 ) -> GgufAdapterReport | None:
     """Write a merged adapter (a PEFT folder, or with ``gguf`` a llama.cpp adapter file), or (``fold_into``) that
     base with the merge folded in (``progress``: the fold; ``shard_size``: its largest shard, default the
     base's), in the dtype the plan asks for (default: the adapters' or the base's)."""
+    if single_file is not None:
+        save_single_file(merged, target, single_file.format, single_file.kernels, force=force, dtype=plan.out_dtype)
+        return None
     if gguf is not None and fold_into:
         fold_to_gguf(merged, fold_into, target, gguf_type=gguf.gguf_type, force=force, progress=progress)
         return None
@@ -97,6 +110,7 @@ def merge_and_write(
     fold_into: str | None = None,
     shard_size: str | None = None,
     gguf: GgufOutput | None = None,
+    single_file: SingleFileOutput | None = None,
     phase: Phase = _silent,
 ) -> WrittenMerge:
     """Execute a plan and write the merged adapter (with ``gguf``, as a llama.cpp adapter file; with
@@ -108,7 +122,8 @@ def merge_and_write(
     with phase(None, label) if fold_into or gguf else nullcontext(None) as update:
         note = f"Merge: {plan.describe()}."
         report = write_merged_adapter(merged, plan, target, force=force, fold_into=fold_into, card_note=note,
-                                      progress=update, shard_size=shard_size, gguf=gguf)  # fmt: skip
+                                      progress=update, shard_size=shard_size, gguf=gguf,
+                                      single_file=single_file)  # fmt: skip
     seconds = time.perf_counter() - started
     if not fold_into:
         return WrittenMerge(seconds, gguf=report)

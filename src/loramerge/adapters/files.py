@@ -14,6 +14,7 @@ from loramerge.adapters.checks import check_finite
 from loramerge.adapters.model import LoraAdapter, LoraModule
 from loramerge.adapters.param_targets import expert_modules, is_wrapper, join_experts, wrapper_ranks
 from loramerge.adapters.peft_types import peft_type
+from loramerge.adapters.single_file import is_single_file, load_single_file
 from loramerge.errors import BadInput, brief
 from loramerge.io.hub import resolve_folder
 from loramerge.io.output import output_folder
@@ -90,8 +91,10 @@ def _split_state(state: dict[str, torch.Tensor], config: dict[str, Any], source:
 
 
 def load_adapter(ref: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
-    """Read a PEFT adapter (LoRA, DoRA, lora_bias, LoHa, LoKr) from a local folder or a Hub repo id, normalised
-    per module."""
+    """Read a PEFT adapter (LoRA, DoRA, lora_bias, LoHa, LoKr) from a local folder or a Hub repo id, or a kohya or
+    diffusers single-file LoRA (``*.safetensors``), normalised per module."""
+    if is_single_file(ref):
+        return load_single_file(ref, allow_nonfinite=allow_nonfinite)
     source = str(ref)
     folder = resolve_adapter_dir(ref)
     config = read_config(folder, source)

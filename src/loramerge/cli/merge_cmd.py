@@ -100,10 +100,11 @@ def merge(
         "VeRA, ...).",
     ),
     format: str = typer.Option(
-        "peft",
+        None,
         "--format",
-        help="peft (an adapter folder) | gguf (a llama.cpp LoRA adapter file; needs the base's "
-        "architecture: --base, else the adapters' base).",
+        help="peft (an adapter folder) | gguf (a llama.cpp LoRA adapter file; needs the base's architecture: "
+        "--base, else the adapters' base) | kohya | diffusers (one .safetensors file; from single-file inputs). "
+        "Default: the inputs' (kohya where single files differ), else peft.",
     ),
     gguf_type: str = typer.Option("f32", help="With --format gguf: f32 | f16 | bf16 | q8_0 (--fold-into: also q4_0)."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
@@ -116,12 +117,20 @@ def merge(
     from loramerge.adapters.files import load_adapter
     from loramerge.adapters.merge import plan_merge
     from loramerge.adapters.options import parse_options
+    from loramerge.adapters.single_file import FORMATS as SINGLE_FILE_FORMATS
+    from loramerge.adapters.single_file import (
+        KERNELS_KEY,
+        as_kohya_names,
+        check_single_file_target,
+        formats_of,
+        is_single_file,
+    )
     from loramerge.dense.peft_fold import peft_type_of
     from loramerge.io.atomic import check_output_target
     from loramerge.io.gguf import is_gguf_reference
     from loramerge.io.gguf_adapter import check_gguf_target, check_plain_lora, layout_of
     from loramerge.io.sizes import parse_size
-    from loramerge.workflows import GgufOutput, needs_peft_fold
+    from loramerge.workflows import GgufOutput, SingleFileOutput, needs_peft_fold
 
     options = parse_options(
         method=method, density=density, rank=rank, space=space, majority_sign=majority_sign, full_svd=full_svd,
@@ -134,11 +143,23 @@ def merge(
             print_warnings(["`out_shard_size` applies to a full model (`fold_into`); an adapter is one file"])
     base = base or fold_into
     inputs = [Path(ref) for ref in [*adapters, *{ref for ref in (base, fold_into) if ref}]]
-    if format not in ("peft", "gguf"):
-        raise BadInput(f"--format must be peft or gguf, got {format!r}")
+    single = [is_single_file(ref) for ref in adapters]
+    if format is None:
+        formats = formats_of(adapters) if all(single) else set()
+        format = (formats.pop() if len(formats) == 1 else "kohya") if all(single) else "peft"
+    if format not in ("peft", "gguf", *SINGLE_FILE_FORMATS):
+        raise BadInput(f"--format must be peft, gguf, kohya or diffusers, got {format!r}")
     if format == "gguf":
         _check_gguf_request(gguf_type, bool(fold_into), via_dense, push_to_hub)
         target = check_gguf_target(output, force or dry_run)
+    elif format in SINGLE_FILE_FORMATS:
+        for given, flag in ((fold_into, "--fold-into"), (via_dense, "--via-dense"), (push_to_hub, "--push-to-hub")):
+            if given:
+                raise BadInput(f"--format {format} writes one LoRA file; it does not combine with {flag}")
+        if not all(single):
+            raise BadInput(f"--format {format} merges single-file LoRAs (kohya or diffusers .safetensors), not "
+                           f"adapter folders such as {adapters[single.index(False)]}")  # fmt: skip
+        target = check_single_file_target(output, force or dry_run)
     else:
         target = check_output_target(output, force or dry_run, inputs)
     kinds = [peft_type_of(ref) for ref in adapters]
@@ -155,7 +176,12 @@ def merge(
         return
     with console.status("reading adapters"):
         loaded = [load_adapter(ref, allow_nonfinite=allow_nonfinite) for ref in adapters]
-    gguf = None
+    gguf = single_file = None
+    if format == "kohya":  # diffusers-named inputs join kohya ones under kohya's names
+        loaded = [as_kohya_names(adapter) for adapter in loaded]
+    if format in SINGLE_FILE_FORMATS:
+        kernels = {name: k for adapter in loaded for name, k in adapter.config.get(KERNELS_KEY, {}).items()}
+        single_file = SingleFileOutput(format, kernels)
     if format == "gguf":  # what llama.cpp cannot take is refused before the merge runs
         for adapter in loaded if not fold_into else ():
             check_plain_lora(adapter)
@@ -171,7 +197,7 @@ def merge(
         gguf = GgufOutput(gguf_base, gguf_type)
     plan = plan_merge(loaded, parse_weights(weights), options, base_for_dora(loaded, base))
     run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into, shard_size=out_shard_size,
-                     gguf=gguf)  # fmt: skip
+                     gguf=gguf, single_file=single_file)  # fmt: skip
     if not dry_run:
         publish(target, push_to_hub, private)
 

@@ -236,6 +236,7 @@ def run_adapter_plan(
     fold_into: str | None = None,
     shard_size: str | None = None,
     gguf=None,
+    single_file=None,
 ) -> None:
     """Print a plan's warnings, then either the plan (dry run) or merge with a progress bar and save
     the adapter (with ``gguf``, a ``workflows.GgufOutput``, as a llama.cpp adapter file; with ``fold_into``, the
@@ -249,7 +250,7 @@ def run_adapter_plan(
         out.print(f"dry run: {plan.describe()}; would write {target}")
         return
     written = merge_and_write(plan, target, force=force, fold_into=fold_into, shard_size=shard_size, gguf=gguf,
-                              phase=progress_bar)  # fmt: skip
+                              single_file=single_file, phase=progress_bar)  # fmt: skip
     mark_written(target)
     seconds = written.seconds
     if written.gguf is not None:

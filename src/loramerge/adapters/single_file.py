@@ -1,0 +1,265 @@
+"""Single-file LoRAs of the diffusion world, read and written without a base model.
+
+- **kohya** (sd-scripts, A1111, ComfyUI): keys ``<name>.lora_down.weight`` (r x in, or r x in x kh x kw for a
+  convolution), ``<name>.lora_up.weight`` (out x r, or out x r x 1 x 1) and ``<name>.alpha``, where ``<name>`` is
+  the module's path with ``.`` replaced by ``_`` under ``lora_unet_``, ``lora_te_`` (``lora_te1_``/``lora_te2_`` for
+  SDXL's two text encoders). The delta is ``alpha / r · up @ down``; a missing alpha means ``alpha = r``.
+- **diffusers** (``pytorch_lora_weights.safetensors``): PEFT keys under ``unet.``, ``text_encoder.``,
+  ``text_encoder_2.`` or ``transformer.`` (``….lora_A.weight``, ``….lora_B.weight``), each component's rank and alpha
+  in the header's ``lora_adapter_metadata`` (PEFT ``LoraConfig`` fields prefixed by the component); without it,
+  ``alpha = r``.
+
+A convolution is merged as the matrix ``up.flatten(1) @ down.flatten(1)`` (its delta, reshaped, as kohya, LyCORIS,
+PEFT and diffusers compute it), and its kernel shape is kept to write it back in 4-D. Outputs fold each module's
+scale into its up/B factor and state ``alpha = r``: every tool reads the same exact delta.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from loramerge.adapters.checks import check_finite
+from loramerge.adapters.model import LoraAdapter, LoraModule
+from loramerge.errors import BadInput
+
+KOHYA, DIFFUSERS = "kohya", "diffusers"
+FORMATS = (KOHYA, DIFFUSERS)
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' header entry for the components' LoRA configs
+WRITER_KEY = "loramerge_version"
+KERNELS_KEY = "loramerge_kernels"  # config entry: convolution module -> its down factor's (in, kh, kw)
+FORMAT_KEY = "loramerge_format"
+
+
+def is_single_file(ref: str | Path) -> bool:
+    return str(ref).endswith(".safetensors") and Path(ref).is_file()
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}  # noqa: SIM118
+    except Exception as error:  # safetensors raises its own errors for corrupt or truncated files
+        raise BadInput(f"adapter {path}: not a readable safetensors file ({error})") from None
+
+
+def formats_of(refs: list[str]) -> set[str]:
+    """The formats of single-file LoRAs, from their keys alone (no tensor is read)."""
+    found = set()
+    for ref in refs:
+        try:
+            with safe_open(ref, framework="pt") as handle:
+                found.add(file_format(list(handle.keys()), str(ref)))
+        except BadInput:
+            raise
+        except Exception as error:
+            raise BadInput(f"adapter {ref}: not a readable safetensors file ({error})") from None
+    return found
+
+
+def file_format(keys: list[str], source: str) -> str:
+    """kohya or diffusers, from the keys; anything else is refused by name."""
+    if keys and all(key.startswith(KOHYA_PREFIXES) for key in keys):
+        return KOHYA
+    if keys and all(key.split(".", 1)[0] in COMPONENTS for key in keys):
+        return DIFFUSERS
+    odd = next((key for key in keys if not key.startswith(KOHYA_PREFIXES)), keys[0] if keys else "none")
+    raise BadInput(f"adapter {source}: not a kohya or diffusers LoRA file (key {odd!r})")
+
+
+def _module(down: torch.Tensor, up: torch.Tensor, alpha: float, name: str, source: str) -> tuple[LoraModule, list]:
+    rank = down.shape[0]
+    if up.shape[1] != rank or up.dim() != down.dim() or (down.dim() == 4 and tuple(up.shape[2:]) != (1, 1)):
+        raise BadInput(
+            f"adapter {source}: module {name}: down {tuple(down.shape)} and up {tuple(up.shape)} do not pair"
+        )
+    kernel = list(down.shape[1:]) if down.dim() == 4 else []
+    return LoraModule(A=down.flatten(1), B=up.flatten(1), scale=alpha / rank), kernel
+
+
+def _kohya_modules(state: dict[str, torch.Tensor], source: str) -> tuple[dict[str, LoraModule], dict[str, list]]:
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        name, _, part = key.partition(".")
+        if part not in ("lora_down.weight", "lora_up.weight", "alpha"):
+            kind = "LyCORIS " if part.startswith(("hada_", "lokr_", "dora_scale", "lora_mid")) else ""
+            raise BadInput(
+                f"adapter {source}: {kind}tensor {key!r} is not read yet (kohya LoRA: lora_down, lora_up, alpha)"
+            )
+        parts.setdefault(name, {})[part] = tensor
+    modules, kernels = {}, {}
+    for name, found in sorted(parts.items()):
+        if "lora_down.weight" not in found or "lora_up.weight" not in found:
+            raise BadInput(f"adapter {source}: module {name} lacks its lora_down or lora_up weight")
+        down = found["lora_down.weight"]
+        alpha = float(found["alpha"]) if "alpha" in found else float(down.shape[0])
+        modules[name], kernel = _module(down, found["lora_up.weight"], alpha, name, source)
+        if kernel:
+            kernels[name] = kernel
+    return modules, kernels
+
+
+def _pattern_value(patterns: dict, name: str, default: object) -> object:
+    """PEFT's rule for ``rank_pattern``/``alpha_pattern``: a key matches a module path ending with it."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?{key}$", name):
+            return value
+    return default
+
+
+def _diffusers_modules(state, metadata: dict[str, str], source: str):
+    configs = json.loads(metadata.get(METADATA_KEY, "{}") or "{}")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        for suffix, part in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora.down.weight", "A"),
+                             (".lora.up.weight", "B")):  # fmt: skip
+            if key.endswith(suffix):
+                parts.setdefault(key.removesuffix(suffix), {})[part] = tensor
+                break
+        else:
+            raise BadInput(f"adapter {source}: tensor {key!r} is not a LoRA factor (lora_A, lora_B)")
+    modules, kernels = {}, {}
+    for name, found in sorted(parts.items()):
+        if set(found) != {"A", "B"}:
+            raise BadInput(f"adapter {source}: module {name} lacks its lora_A or lora_B weight")
+        component, _, path = name.partition(".")
+        rank = found["A"].shape[0]
+        alpha = float(_pattern_value(configs.get(f"{component}.alpha_pattern") or {}, path,
+                                     configs.get(f"{component}.lora_alpha", rank)))  # fmt: skip
+        if configs.get(f"{component}.use_rslora"):
+            alpha = alpha * rank**0.5  # PEFT's rsLoRA scale alpha / sqrt(r), as alpha' / r
+        modules[name], kernel = _module(found["A"], found["B"], alpha, name, source)
+        if kernel:
+            kernels[name] = kernel
+    return modules, kernels
+
+
+def load_single_file(path: str | Path, *, allow_nonfinite: bool = False) -> LoraAdapter:
+    """A kohya or diffusers LoRA file as a ``LoraAdapter`` named by its keys (kohya stems, or diffusers paths)."""
+    path = Path(path)
+    source = str(path)
+    state, metadata = _read(path)
+    if not allow_nonfinite:
+        check_finite(state, f"adapter {source}")
+    fmt = file_format(list(state), source)
+    modules, kernels = (_kohya_modules if fmt == KOHYA else _diffusers_modules)(
+        state, *(() if fmt == KOHYA else (metadata,)), source
+    )
+    ranks = sorted({m.rank for m in modules.values()})
+    config = {"peft_type": "LORA", "r": ranks[-1], "lora_alpha": ranks[-1], FORMAT_KEY: fmt, KERNELS_KEY: kernels}
+    adapter = LoraAdapter(modules=modules, config=config, source=source)
+    adapter.path = path
+    return adapter
+
+
+def kohya_name(name: str, two_text_encoders: bool) -> str:
+    """A diffusers module path as kohya's key stem (``unet.down_blocks.0…to_q``: ``lora_unet_down_blocks_0_…_to_q``)."""
+    if name.startswith(KOHYA_PREFIXES):
+        return name
+    component, _, path = name.partition(".")
+    prefix = {"unet": "lora_unet", "transformer": "lora_unet", "text_encoder_2": "lora_te2",
+              "text_encoder": "lora_te1" if two_text_encoders else "lora_te"}[component]  # fmt: skip
+    return f"{prefix}_{path.replace('.', '_')}"
+
+
+def as_kohya_names(adapter: LoraAdapter) -> LoraAdapter:
+    """The same adapter with diffusers module paths renamed to kohya stems (to merge with kohya files)."""
+    two = any(name.startswith("text_encoder_2.") for name in adapter.modules)
+    rename = {name: kohya_name(name, two) for name in adapter.modules}
+    kernels = {rename[name]: kernel for name, kernel in adapter.config.get(KERNELS_KEY, {}).items()}
+    config = {**adapter.config, FORMAT_KEY: KOHYA, KERNELS_KEY: kernels}
+    renamed = LoraAdapter(
+        modules={rename[n]: m for n, m in adapter.modules.items()}, config=config, source=adapter.source
+    )
+    renamed.path = adapter.path
+    return renamed
+
+
+def check_single_file_target(target: Path, force: bool) -> Path:
+    """An output ``.safetensors`` file: not a folder, not existing without ``force``, and replaced only where
+    loramerge wrote it."""
+    target = Path(target).absolute()
+    if target.suffix != ".safetensors":
+        raise BadInput(f"output {target}: a single-file LoRA is one file named *.safetensors")
+    if target.is_dir():
+        raise BadInput(f"output {target} is a folder; a single-file LoRA is one file")
+    if target.exists() and not force:
+        raise BadInput(f"output {target} already exists; pass `force=True` to replace it")
+    if target.exists():
+        try:
+            ours = WRITER_KEY in (_read(target)[1])
+        except BadInput:
+            ours = False
+        if not ours:
+            raise BadInput(f"output {target} is not a LoRA file loramerge wrote; `force=True` replaces only those")
+    if not target.parent.is_dir():
+        raise BadInput(f"output {target}: no such folder {target.parent}")
+    return target
+
+
+def save_single_file(
+    adapter: LoraAdapter,
+    path: str | Path,
+    fmt: str,
+    kernels: dict[str, list],
+    *,
+    force: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``adapter`` as one kohya or diffusers LoRA file, atomically; each module's scale is folded into its
+    up (B) factor and its alpha equals its rank. ``kernels``: the convolutions' down-factor shapes."""
+    from importlib.metadata import version
+
+    if fmt not in FORMATS:
+        raise BadInput(f"`format` must be one of {', '.join(FORMATS)}, got {fmt!r}", param="format")
+    target = check_single_file_target(Path(path), force)
+    if adapter.dense or any(m.dora or m.bias is not None for m in adapter.modules.values()):
+        raise BadInput("a single-file LoRA holds plain LoRA factors: no DoRA, lora_bias or saved modules")
+    state: dict[str, torch.Tensor] = {}
+    metadata = {WRITER_KEY: version("loramerge"), "format": "pt"}
+    configs: dict[str, object] = {}
+    for name, module in sorted(adapter.modules.items()):
+        kernel = kernels.get(name, [])
+        down = module.A.reshape(module.rank, *kernel) if kernel else module.A
+        up = module.scale * module.B.to(torch.float32)
+        up = up.reshape(*up.shape, 1, 1) if kernel else up
+        dtype_of = dtype or module.A.dtype
+        if fmt == KOHYA:
+            if not name.startswith(KOHYA_PREFIXES):
+                raise BadInput(f"module {name}: no kohya name")
+            state[f"{name}.lora_down.weight"] = down.to(dtype_of).contiguous()
+            state[f"{name}.lora_up.weight"] = up.to(dtype_of).contiguous()
+            state[f"{name}.alpha"] = torch.tensor(float(module.rank), dtype=dtype_of)
+        else:
+            component, _, module_path = name.partition(".")
+            if component not in COMPONENTS:
+                raise BadInput(f"module {name}: kohya names cannot be turned into diffusers module paths without the "
+                               "model; write --format kohya")  # fmt: skip
+            state[f"{name}.lora_A.weight"] = down.to(dtype_of).contiguous()
+            state[f"{name}.lora_B.weight"] = up.to(dtype_of).contiguous()
+            ranks = configs.setdefault(component, {})
+            ranks[module_path] = module.rank  # type: ignore[index]
+    if fmt == DIFFUSERS:
+        entries = {}
+        for component, ranks in configs.items():
+            top = max(ranks.values())  # type: ignore[union-attr]
+            others = {path: rank for path, rank in ranks.items() if rank != top}  # type: ignore[union-attr]
+            entries.update({f"{component}.r": top, f"{component}.lora_alpha": top, f"{component}.rank_pattern": others,
+                            f"{component}.alpha_pattern": others,
+                            f"{component}.target_modules": sorted(ranks)})  # fmt: skip
+        metadata[METADATA_KEY] = json.dumps(entries)
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        save_file(state, staging, metadata=metadata)
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
+    return target

@@ -1,0 +1,130 @@
+"""Single-file LoRAs of the diffusion world (``src/loramerge/adapters/single_file.py``): kohya and diffusers files
+merged with no base model and written back, checked by diffusers itself. A tiny SD-1.5-shaped pipeline is built
+from configs in the test (no download); diffusers' own ``load_lora_weights`` and ``fuse_lora`` read each input and
+each merge, and the fused weights must move by the weighted sum of what the inputs move them by: attention and
+feed-forward linears, SD 1.5's 1x1 ``proj_in`` convolution and a 3x3 resnet convolution (kohya's LoCon), with
+different ranks and alphas.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cli_helpers import assert_clean_failure, run
+
+diffusers = pytest.importorskip("diffusers")
+
+MODULES = {  # diffusers module path -> ((out, in), kernel or None)
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": ((64, 64), None),
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0": ((64, 64), None),
+    "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj": ((512, 64), None),
+    "down_blocks.1.attentions.0.proj_in": ((64, 64), (1, 1)),
+    "down_blocks.0.resnets.0.conv1": ((32, 32), (3, 3)),
+}
+WEIGHTS = (0.7, -0.4)
+
+
+def pipeline():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=64, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32)  # fmt: skip
+    config = CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                            num_hidden_layers=2, vocab_size=1000)  # fmt: skip
+    text_encoder = CLIPTextModel(config)
+    return StableDiffusionPipeline(vae=None, text_encoder=text_encoder, tokenizer=None, unet=unet,
+                                   scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)  # fmt: skip
+
+
+def kohya_file(path, seed: int, rank: int, alpha: float):
+    """A kohya LoRA (``lora_unet_…lora_down/lora_up/alpha``) as sd-scripts writes one."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, ((rows, columns), kernel) in MODULES.items():
+        stem = "lora_unet_" + name.replace(".", "_")
+        down = torch.randn(rank, columns, *(kernel or ()), generator=generator) * 0.1
+        up = torch.randn(rows, rank, *((1, 1) if kernel else ()), generator=generator) * 0.1
+        state.update({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
+                      f"{stem}.alpha": torch.tensor(alpha)})  # fmt: skip
+    save_file(state, path)
+    return path
+
+
+def diffusers_file(folder, kohya):
+    """The kohya file as diffusers itself saves a LoRA: loaded into the pipeline, then ``save_lora_weights``."""
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = pipeline()
+    pipe.load_lora_weights(str(kohya), adapter_name="x")
+    state = get_peft_model_state_dict(pipe.unet, adapter_name="x")
+    metadata = pipe.unet.peft_config["x"].to_dict()
+    pipe.save_lora_weights(folder, unet_lora_layers=state, unet_lora_adapter_metadata=metadata)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def fused_deltas(path) -> dict[str, torch.Tensor]:
+    """What diffusers' load_lora_weights + fuse_lora add to each UNet weight."""
+    pipe = pipeline()
+    before = {name: p.detach().clone() for name, p in pipe.unet.named_parameters()}
+    pipe.load_lora_weights(str(path), adapter_name="x")
+    pipe.fuse_lora(components=["unet"])
+    pipe.unload_lora_weights()
+    return {name: p.detach() - before[name] for name, p in pipe.unet.named_parameters()
+            if not torch.equal(p.detach(), before[name])}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("single_file")
+    kohya = [kohya_file(root / "a.safetensors", 1, rank=4, alpha=2.0),
+             kohya_file(root / "b.safetensors", 2, rank=8, alpha=8.0)]  # fmt: skip
+    (root / "da").mkdir()
+    (root / "db").mkdir()
+    converted = [diffusers_file(root / "da", kohya[0]), diffusers_file(root / "db", kohya[1])]
+    return {"kohya": kohya, "diffusers": converted, "deltas": [fused_deltas(path) for path in kohya]}
+
+
+@pytest.mark.parametrize("inputs, fmt", [("kohya", "kohya"), ("diffusers", "diffusers"), ("mixed", "kohya")])
+def test_a_linear_merge_is_what_diffusers_fuses_from_the_inputs(files, tmp_path, inputs, fmt):
+    paths = files["kohya"] if inputs == "kohya" else files["diffusers"]
+    if inputs == "mixed":
+        paths = [files["kohya"][0], files["diffusers"][1]]
+    out = tmp_path / "merged.safetensors"
+    result = run("merge", *paths, "--method", "linear", "--weights", ",".join(map(str, WEIGHTS)), "-o", out)
+    assert result.exit_code == 0, result.output
+    assert (out.read_bytes()[:200].count(b"lora_unet_") > 0) == (fmt == "kohya")  # the default: the inputs' format
+    merged = fused_deltas(out)
+    first, second = files["deltas"]
+    assert set(merged) == set(first) and len(merged) == len(MODULES)
+    for name, delta in merged.items():
+        expected = WEIGHTS[0] * first[name] + WEIGHTS[1] * second[name]
+        assert ((delta - expected).norm() / expected.norm()).item() < 1e-5, name
+
+
+def test_other_methods_and_what_is_refused(files, tmp_path):
+    out = tmp_path / "ties.safetensors"
+    result = run("merge", *files["kohya"], "--method", "ties", "--density", "0.5", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert set(fused_deltas(out)) == set(files["deltas"][0])
+    target = tmp_path / "x.safetensors"
+    cases = [
+        (["--format", "diffusers"], "kohya names cannot be turned into diffusers module paths"),
+        (["-o", tmp_path / "folder"], "a single-file LoRA is one file named *.safetensors"),
+    ]
+    for extra, message in cases:
+        argv = ["merge", *files["kohya"], "-o", target, *extra]
+        output = extra[extra.index("-o") + 1] if "-o" in extra else target
+        assert_clean_failure(run(*argv), message, output)
+    lycoris = tmp_path / "loha.safetensors"
+    save_file({"lora_unet_x.hada_w1_a": torch.ones(2, 2)}, lycoris)
+    assert_clean_failure(run("merge", lycoris, "-o", target), "LyCORIS tensor 'lora_unet_x.hada_w1_a'", target)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.ones(1)}, foreign)
+    result = run("merge", *files["kohya"], "-o", foreign, "--force")
+    assert result.exit_code == 2 and "not a LoRA file loramerge wrote" in result.stderr
