@@ -121,10 +121,67 @@ def test_other_methods_and_what_is_refused(files, tmp_path):
         argv = ["merge", *files["kohya"], "-o", target, *extra]
         output = extra[extra.index("-o") + 1] if "-o" in extra else target
         assert_clean_failure(run(*argv), message, output)
-    lycoris = tmp_path / "loha.safetensors"
-    save_file({"lora_unet_x.hada_w1_a": torch.ones(2, 2)}, lycoris)
-    assert_clean_failure(run("merge", lycoris, "-o", target), "LyCORIS tensor 'lora_unet_x.hada_w1_a'", target)
+    dora = tmp_path / "dora.safetensors"
+    save_file({"lora_unet_x.dora_scale": torch.ones(2, 1)}, dora)
+    assert_clean_failure(run("merge", dora, "-o", target), "'lora_unet_x.dora_scale' needs the base model", target)
     foreign = tmp_path / "foreign.safetensors"
     save_file({"x": torch.ones(1)}, foreign)
     result = run("merge", *files["kohya"], "-o", foreign, "--force")
     assert result.exit_code == 2 and "not a LoRA file loramerge wrote" in result.stderr
+
+
+LINEAR = [name for name, (_, kernel) in MODULES.items() if kernel is None]
+
+
+def lycoris_file(path, kind: str, seed: int):
+    """A LyCORIS file of ``kind`` (loha, lokr with a decomposed second side, lokr_full) on the linear modules, and
+    each module's delta by LyCORIS' formula, in float64: LoHa ``(w1a w1b) ⊙ (w2a w2b) · alpha / r``, LoKr
+    ``kron(w1, w2) · alpha / r`` (w2 = w2a w2b; two full sides ignore alpha)."""
+    generator = torch.Generator().manual_seed(seed)
+    state, deltas = {}, {}
+    for name in LINEAR:
+        (rows, columns), _ = MODULES[name]
+        stem = "lora_unet_" + name.replace(".", "_")
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=generator) * 0.1
+
+        if kind == "loha":
+            rank, alpha = 4, 2.0
+            parts = {"hada_w1_a": rand(rows, rank), "hada_w1_b": rand(rank, columns), "hada_w2_a": rand(rows, rank),
+                     "hada_w2_b": rand(rank, columns)}  # fmt: skip
+            p = {k: v.double() for k, v in parts.items()}
+            delta = (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"]) * alpha / rank
+        else:
+            left = (4, 4)  # kron(4 x 4, rows/4 x columns/4)
+            right = (rows // 4, columns // 4)
+            rank, alpha = 2, 3.0  # LyCORIS ignores it where both sides are full
+            parts = {"lokr_w1": rand(*left)}
+            if kind == "lokr":
+                parts.update(lokr_w2_a=rand(right[0], rank), lokr_w2_b=rand(rank, right[1]))
+                w2, scale = parts["lokr_w2_a"].double() @ parts["lokr_w2_b"].double(), alpha / rank
+            else:
+                parts["lokr_w2"] = rand(*right)
+                w2, scale = parts["lokr_w2"].double(), 1.0
+            delta = torch.kron(parts["lokr_w1"].double(), w2) * scale
+        state.update({f"{stem}.{key}": value for key, value in parts.items()})
+        state[f"{stem}.alpha"] = torch.tensor(alpha)
+        deltas[name + ".weight"] = delta
+    save_file(state, path)
+    return path, deltas
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "lokr_full"])
+def test_lycoris_files_merge_with_kohya_ones(files, tmp_path, kind):
+    """A LyCORIS LoHa or LoKr file (diffusers cannot load those for SD) merged with a kohya LoRA: the merge, a kohya
+    LoRA that diffusers loads, moves each weight by the weighted sum of LyCORIS' formula and diffusers' own fuse
+    of the kohya input."""
+    lycoris, formula = lycoris_file(tmp_path / f"{kind}.safetensors", kind, seed=7)
+    out = tmp_path / "merged.safetensors"
+    result = run("merge", lycoris, files["kohya"][0], "--method", "linear", "--weights", "0.6,0.5", "-o", out)
+    assert result.exit_code == 0, result.output
+    merged = fused_deltas(out)
+    kohya = files["deltas"][0]
+    for name, delta in merged.items():
+        expected = 0.5 * kohya[name].double() + (0.6 * formula[name] if name in formula else 0)
+        assert ((delta.double() - expected).norm() / expected.norm()).item() < 1e-5, name

@@ -85,18 +85,43 @@ def _module(down: torch.Tensor, up: torch.Tensor, alpha: float, name: str, sourc
     return LoraModule(A=down.flatten(1), B=up.flatten(1), scale=alpha / rank), kernel
 
 
+LYCORIS_PARTS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2",
+                 "lokr_w2_a", "lokr_w2_b"}  # fmt: skip
+
+
+def _lycoris_module(name: str, parts: dict[str, torch.Tensor], source: str) -> LoraModule:
+    """A LyCORIS LoHa or LoKr module as exact factors (PEFT's builders share its tensor names and shapes). LyCORIS
+    scales by ``alpha / r`` with ``r`` the decomposed factors' rank; a LoKr of two full sides ignores alpha."""
+    from loramerge.adapters.peft_types import TYPES
+
+    factors = {key: tensor for key, tensor in parts.items() if key != "alpha"}
+    if any(tensor.dim() != 2 for tensor in factors.values()):
+        raise BadInput(f"adapter {source}: module {name}: LyCORIS convolutions are not read yet (linear layers only)")
+    if "hada_w1_a" in parts:
+        rank = parts["hada_w1_b"].shape[0] if "hada_w1_b" in parts else 1
+        kind = "LOHA"
+    else:
+        decomposed = parts.get("lokr_w2_b", parts.get("lokr_w1_b"))
+        rank = decomposed.shape[0] if decomposed is not None else None
+        kind = "LOKR"
+    alpha = float(parts["alpha"]) if "alpha" in parts and rank is not None else float(rank or 1)
+    return TYPES[kind].build(name, factors, {"peft_type": kind, "r": rank or 1, "alpha": alpha}, source)
+
+
 def _kohya_modules(state: dict[str, torch.Tensor], source: str) -> tuple[dict[str, LoraModule], dict[str, list]]:
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         name, _, part = key.partition(".")
-        if part not in ("lora_down.weight", "lora_up.weight", "alpha"):
-            kind = "LyCORIS " if part.startswith(("hada_", "lokr_", "dora_scale", "lora_mid")) else ""
-            raise BadInput(
-                f"adapter {source}: {kind}tensor {key!r} is not read yet (kohya LoRA: lora_down, lora_up, alpha)"
-            )
+        if part not in ("lora_down.weight", "lora_up.weight", "alpha") and part not in LYCORIS_PARTS:
+            what = "needs the base model's weights (DoRA)" if part == "dora_scale" else "is not read yet"
+            known = "kohya LoRA: lora_down, lora_up, alpha; LyCORIS LoHa and LoKr"
+            raise BadInput(f"adapter {source}: tensor {key!r} {what} ({known})")
         parts.setdefault(name, {})[part] = tensor
     modules, kernels = {}, {}
     for name, found in sorted(parts.items()):
+        if set(found) & LYCORIS_PARTS:
+            modules[name] = _lycoris_module(name, found, source)
+            continue
         if "lora_down.weight" not in found or "lora_up.weight" not in found:
             raise BadInput(f"adapter {source}: module {name} lacks its lora_down or lora_up weight")
         down = found["lora_down.weight"]
