@@ -214,6 +214,14 @@ def _gguf(ws: Workspace, name: str, cut: bool = False, **broken) -> Path:
     return path
 
 
+def _single_file(ws: Workspace, name: str, tensors: dict) -> Path:
+    """A single-file LoRA in the inputs, holding ``tensors``."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, ws.root / name)
+    return ws.root / name
+
+
 def _foreign_file(ws: Workspace, name: str) -> Path:
     """A file in the inputs that loramerge did not write."""
     path = ws.root / name
@@ -636,6 +644,30 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         lambda w: ["fold", w.a, "--base", w.base, "--format", "gguf", "-o", w.root.parent / "f.gguf"],
         "base <in>/base: a GGUF model is written from a GGUF base (its metadata and tokenizer); for a model folder, "
         "llama.cpp's convert_hf_to_gguf.py converts the folded model",
+    ),
+    "merge: single-file LoRA with DoRA scales": (
+        lambda w: [
+            "merge",
+            _single_file(w, "dora.safetensors", {"lora_unet_x.dora_scale": torch.ones(2, 1)}),
+            "-o",
+            w.root.parent / "m.safetensors",
+        ],
+        "adapter <in>/dora.safetensors: tensor 'lora_unet_x.dora_scale' needs the base model's weights (DoRA) (kohya "
+        "LoRA: lora_down, lora_up, alpha; LyCORIS LoHa and LoKr)",
+    ),
+    "merge: kohya file without its up weight": (
+        lambda w: [
+            "merge",
+            _single_file(w, "half.safetensors", {"lora_unet_x.lora_down.weight": torch.ones(2, 3)}),
+            "-o",
+            w.root.parent / "m.safetensors",
+        ],
+        "adapter <in>/half.safetensors: module lora_unet_x lacks its lora_down or lora_up weight",
+    ),
+    "merge: single-file output from an adapter folder": (
+        lambda w: ["merge", w.a, "--format", "kohya", "-o", w.root.parent / "m.safetensors"],
+        "--format kohya merges single-file LoRAs (kohya or diffusers .safetensors), not adapter folders such as "
+        "<in>/reverse",
     ),
     "merge: GGUF output not named .gguf": (
         lambda w: ["merge", w.a, w.b, "--format", "gguf", "--base", w.base, "-o", w.out],
