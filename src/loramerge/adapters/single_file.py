@@ -267,7 +267,7 @@ def save_single_file(
             component, _, module_path = name.partition(".")
             if component not in COMPONENTS:
                 raise BadInput(f"module {name}: kohya names cannot be turned into diffusers module paths without the "
-                               "model; write --format kohya")  # fmt: skip
+                               "model; write it as `format='kohya'`")  # fmt: skip
             state[f"{name}.lora_A.weight"] = down.to(dtype_of).contiguous()
             state[f"{name}.lora_B.weight"] = up.to(dtype_of).contiguous()
             ranks = configs.setdefault(component, {})
