@@ -666,8 +666,7 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
     ),
     "merge: single-file output from an adapter folder": (
         lambda w: ["merge", w.a, "--format", "kohya", "-o", w.root.parent / "m.safetensors"],
-        "--format kohya merges single-file LoRAs (kohya or diffusers .safetensors), not adapter folders such as "
-        "<in>/reverse",
+        "--format kohya merges single-file LoRAs (kohya or diffusers .safetensors), not <in>/reverse",
     ),
     "merge: GGUF output not named .gguf": (
         lambda w: ["merge", w.a, w.b, "--format", "gguf", "--base", w.base, "-o", w.out],

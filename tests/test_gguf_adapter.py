@@ -119,6 +119,18 @@ def test_what_llama_cpp_cannot_take_is_refused_or_left_out(setup, tmp_path, llam
                            (["--via-dense"], "does not combine with --via-dense")):  # fmt: skip
         target = tmp_path / "x.gguf"
         assert_clean_failure(run("merge", adapters[0], "--format", "gguf", "-o", target, *extra), message, target)
+    ia3 = root / "ia3"
+    if not ia3.exists():
+        from peft import IA3Config, get_peft_model
+
+        config = IA3Config(target_modules=["q_proj"], feedforward_modules=[])
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(dense), config)
+        model.save_pretrained(ia3)
+    target = tmp_path / "ia3.gguf"
+    result = run("merge", adapters[0], ia3, "--format", "gguf", "--base", dense, "-o", target)
+    assert_clean_failure(result, "(IA3) has no low-rank form", target)
+    result = run("merge", adapters[0], "--format", "gguf", "--base", model_gguf, "-o", model_gguf, "--force")
+    assert result.exit_code == 2 and "overlaps the input" in result.stderr and model_gguf.stat().st_size > 0
     foreign = tmp_path / "foreign.gguf"
     foreign.write_bytes(b"not ours")
     result = run("merge", adapters[0], "--format", "gguf", "--base", model_gguf, "-o", foreign, "--force")

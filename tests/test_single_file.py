@@ -114,7 +114,7 @@ def test_other_methods_and_what_is_refused(files, tmp_path):
     assert set(fused_deltas(out)) == set(files["deltas"][0])
     target = tmp_path / "x.safetensors"
     cases = [
-        (["--format", "diffusers"], "kohya names cannot be turned into diffusers module paths"),
+        (["--format", "diffusers"], "names its modules kohya's way, which cannot be turned into diffusers module"),
         (["-o", tmp_path / "folder"], "a single-file LoRA is one file named *.safetensors"),
     ]
     for extra, message in cases:
@@ -182,6 +182,7 @@ def test_lycoris_files_merge_with_kohya_ones(files, tmp_path, kind):
     assert result.exit_code == 0, result.output
     merged = fused_deltas(out)
     kohya = files["deltas"][0]
+    assert set(merged) == set(kohya) | set(formula)
     for name, delta in merged.items():
         expected = 0.5 * kohya[name].double() + (0.6 * formula[name] if name in formula else 0)
         assert ((delta.double() - expected).norm() / expected.norm()).item() < 1e-5, name

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from loramerge.adapters.checks import check_finite
 from loramerge.adapters.model import LoraAdapter, LoraModule
 from loramerge.errors import BadInput
+from loramerge.io.atomic import check_not_an_input
 
 KOHYA, DIFFUSERS = "kohya", "diffusers"
 FORMATS = (KOHYA, DIFFUSERS)
@@ -104,7 +105,8 @@ def _lycoris_module(name: str, parts: dict[str, torch.Tensor], source: str) -> L
         decomposed = parts.get("lokr_w2_b", parts.get("lokr_w1_b"))
         rank = decomposed.shape[0] if decomposed is not None else None
         kind = "LOKR"
-    alpha = float(parts["alpha"]) if "alpha" in parts and rank is not None else float(rank or 1)
+    alpha = float(parts["alpha"]) if "alpha" in parts and rank is not None else 0.0
+    alpha = alpha or float(rank or 1)  # LyCORIS: no alpha, or 0, means alpha = r
     return TYPES[kind].build(name, factors, {"peft_type": kind, "r": rank or 1, "alpha": alpha}, source)
 
 
@@ -125,7 +127,8 @@ def _kohya_modules(state: dict[str, torch.Tensor], source: str) -> tuple[dict[st
         if "lora_down.weight" not in found or "lora_up.weight" not in found:
             raise BadInput(f"adapter {source}: module {name} lacks its lora_down or lora_up weight")
         down = found["lora_down.weight"]
-        alpha = float(found["alpha"]) if "alpha" in found else float(down.shape[0])
+        alpha = float(found["alpha"]) if "alpha" in found else 0.0
+        alpha = alpha or float(down.shape[0])  # kohya: no alpha, or 0, means alpha = r (scale 1)
         modules[name], kernel = _module(down, found["lora_up.weight"], alpha, name, source)
         if kernel:
             kernels[name] = kernel
@@ -190,14 +193,22 @@ def kohya_name(name: str, two_text_encoders: bool) -> str:
     if name.startswith(KOHYA_PREFIXES):
         return name
     component, _, path = name.partition(".")
-    prefix = {"unet": "lora_unet", "transformer": "lora_unet", "text_encoder_2": "lora_te2",
+    if component == "transformer":
+        raise BadInput(f"module {name}: kohya names a transformer's (Flux's) modules its own way, not by their "
+                       "diffusers paths; write it as `format='diffusers'`")  # fmt: skip
+    prefix = {"unet": "lora_unet", "text_encoder_2": "lora_te2",
               "text_encoder": "lora_te1" if two_text_encoders else "lora_te"}[component]  # fmt: skip
     return f"{prefix}_{path.replace('.', '_')}"
 
 
-def as_kohya_names(adapter: LoraAdapter) -> LoraAdapter:
-    """The same adapter with diffusers module paths renamed to kohya stems (to merge with kohya files)."""
-    two = any(name.startswith("text_encoder_2.") for name in adapter.modules)
+def as_kohya_names(adapters: list[LoraAdapter]) -> list[LoraAdapter]:
+    """The adapters with diffusers module paths renamed to kohya stems (to merge with kohya files); SDXL's first
+    text encoder is ``lora_te1_`` where any input has a second one."""
+    two = any(name.startswith(("text_encoder_2.", "lora_te2_")) for adapter in adapters for name in adapter.modules)
+    return [_renamed(adapter, two) for adapter in adapters]
+
+
+def _renamed(adapter: LoraAdapter, two: bool) -> LoraAdapter:
     rename = {name: kohya_name(name, two) for name in adapter.modules}
     kernels = {rename[name]: kernel for name, kernel in adapter.config.get(KERNELS_KEY, {}).items()}
     config = {**adapter.config, FORMAT_KEY: KOHYA, KERNELS_KEY: kernels}
@@ -208,10 +219,11 @@ def as_kohya_names(adapter: LoraAdapter) -> LoraAdapter:
     return renamed
 
 
-def check_single_file_target(target: Path, force: bool) -> Path:
-    """An output ``.safetensors`` file: not a folder, not existing without ``force``, and replaced only where
-    loramerge wrote it."""
+def check_single_file_target(target: Path, force: bool, inputs: list[Path] = ()) -> Path:
+    """An output ``.safetensors`` file: not a folder, not an input, not existing without ``force``, and replaced
+    only where loramerge wrote it."""
     target = Path(target).absolute()
+    check_not_an_input(target, inputs)
     if target.suffix != ".safetensors":
         raise BadInput(f"output {target}: a single-file LoRA is one file named *.safetensors")
     if target.is_dir():
@@ -220,8 +232,9 @@ def check_single_file_target(target: Path, force: bool) -> Path:
         raise BadInput(f"output {target} already exists; pass `force=True` to replace it")
     if target.exists():
         try:
-            ours = WRITER_KEY in (_read(target)[1])
-        except BadInput:
+            with safe_open(target, framework="pt") as handle:
+                ours = WRITER_KEY in (handle.metadata() or {})
+        except Exception:  # not a safetensors file at all
             ours = False
         if not ours:
             raise BadInput(f"output {target} is not a LoRA file loramerge wrote; `force=True` replaces only those")

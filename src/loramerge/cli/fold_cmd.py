@@ -103,6 +103,7 @@ def _fold_to_gguf(
     """``fold --format gguf``: the base's GGUF file with the adapter folded in."""
     from loramerge.adapters.files import load_adapter
     from loramerge.folding.gguf_out import DENSE_GGUF_TYPES, fold_to_gguf
+    from loramerge.io.gguf_adapter import check_gguf_target
     from loramerge.io.sizes import human_bytes
 
     for given, flag in zip(others, ("--quantize", "--dtype", "--out-shard-size", "--push-to-hub", "--from-dequantized"),
@@ -111,6 +112,7 @@ def _fold_to_gguf(
             raise BadInput(f"--format gguf writes one llama.cpp file in --gguf-type; it does not combine with {flag}")
     if gguf_type not in DENSE_GGUF_TYPES:
         raise BadInput(f"--gguf-type must be one of {', '.join(DENSE_GGUF_TYPES)}, got {gguf_type!r}")
+    check_gguf_target(output, force, [Path(adapter), Path(base)])  # before anything is read
     started = time.perf_counter()
     loaded = load_adapter(adapter, allow_nonfinite=allow_nonfinite)
     with progress_bar(None, label="folding") as update:

@@ -58,7 +58,9 @@ def parse_weights(text: str | None) -> list[float] | None:
 
 @reports_errors
 def merge(
-    adapters: list[str] = typer.Argument(..., help="PEFT adapter folders or Hub repo ids."),
+    adapters: list[str] = typer.Argument(
+        ..., help="PEFT adapter folders or Hub repo ids, or kohya/LyCORIS/diffusers .safetensors files."
+    ),
     output: Path = typer.Option(
         ..., "-o", "--output", help="Folder to write the merged adapter to (with --format gguf: a .gguf file)."
     ),
@@ -117,20 +119,9 @@ def merge(
     from loramerge.adapters.files import load_adapter
     from loramerge.adapters.merge import plan_merge
     from loramerge.adapters.options import parse_options
-    from loramerge.adapters.single_file import FORMATS as SINGLE_FILE_FORMATS
-    from loramerge.adapters.single_file import (
-        KERNELS_KEY,
-        as_kohya_names,
-        check_single_file_target,
-        formats_of,
-        is_single_file,
-    )
     from loramerge.dense.peft_fold import peft_type_of
-    from loramerge.io.atomic import check_output_target
-    from loramerge.io.gguf import is_gguf_reference
-    from loramerge.io.gguf_adapter import check_gguf_target, check_plain_lora, layout_of
     from loramerge.io.sizes import parse_size
-    from loramerge.workflows import GgufOutput, SingleFileOutput, needs_peft_fold
+    from loramerge.workflows import needs_peft_fold
 
     options = parse_options(
         method=method, density=density, rank=rank, space=space, majority_sign=majority_sign, full_svd=full_svd,
@@ -143,27 +134,14 @@ def merge(
             print_warnings(["`out_shard_size` applies to a full model (`fold_into`); an adapter is one file"])
     base = base or fold_into
     inputs = [Path(ref) for ref in [*adapters, *{ref for ref in (base, fold_into) if ref}]]
-    single = [is_single_file(ref) for ref in adapters]
-    if format is None:
-        formats = formats_of(adapters) if all(single) else set()
-        format = (formats.pop() if len(formats) == 1 else "kohya") if all(single) else "peft"
-    if format not in ("peft", "gguf", *SINGLE_FILE_FORMATS):
-        raise BadInput(f"--format must be peft, gguf, kohya or diffusers, got {format!r}")
-    if format == "gguf":
-        _check_gguf_request(gguf_type, bool(fold_into), via_dense, push_to_hub)
-        target = check_gguf_target(output, force or dry_run)
-    elif format in SINGLE_FILE_FORMATS:
-        for given, flag in ((fold_into, "--fold-into"), (via_dense, "--via-dense"), (push_to_hub, "--push-to-hub")):
-            if given:
-                raise BadInput(f"--format {format} writes one LoRA file; it does not combine with {flag}")
-        if not all(single):
-            raise BadInput(f"--format {format} merges single-file LoRAs (kohya or diffusers .safetensors), not "
-                           f"adapter folders such as {adapters[single.index(False)]}")  # fmt: skip
-        target = check_single_file_target(output, force or dry_run)
-    else:
-        target = check_output_target(output, force or dry_run, inputs)
+    format = _chosen_format(format, adapters)
+    target = _output_target(format, output, force or dry_run, inputs, adapters, gguf_type=gguf_type,
+                           fold_into=fold_into, via_dense=via_dense, push_to_hub=push_to_hub)  # fmt: skip
     kinds = [peft_type_of(ref) for ref in adapters]
     dense_only = needs_peft_fold(kinds)
+    if dense_only and format != "peft":
+        raise BadInput(f"--format {format}: {adapters[dense_only[0]]} ({kinds[dense_only[0]]}) has no low-rank form; "
+                       "it merges through PEFT's fold into a PEFT adapter or a full model")  # fmt: skip
     if via_dense or dense_only:
         if not base:
             raise BadInput("merging through PEFT's fold needs the base model: give --base MODEL (or --fold-into)")
@@ -176,43 +154,12 @@ def merge(
         return
     with console.status("reading adapters"):
         loaded = [load_adapter(ref, allow_nonfinite=allow_nonfinite) for ref in adapters]
-    gguf = single_file = None
-    if format == "kohya":  # diffusers-named inputs join kohya ones under kohya's names
-        loaded = [as_kohya_names(adapter) for adapter in loaded]
-    if format in SINGLE_FILE_FORMATS:
-        kernels = {name: k for adapter in loaded for name, k in adapter.config.get(KERNELS_KEY, {}).items()}
-        single_file = SingleFileOutput(format, kernels)
-    if format == "gguf":  # what llama.cpp cannot take is refused before the merge runs
-        for adapter in loaded if not fold_into else ():
-            check_plain_lora(adapter)
-        gguf_base = base or next((a.base_ref for a in loaded if a.base_ref), None)
-        if not gguf_base:
-            raise BadInput("--format gguf names tensors by the base's architecture: give --base MODEL")
-        layout_of(gguf_base)
-        if fold_into and not is_gguf_reference(fold_into):
-            raise BadInput(
-                f"--fold-into {fold_into}: a GGUF model is written from a GGUF base (its metadata and "
-                "tokenizer); fold to safetensors and convert with llama.cpp's convert_hf_to_gguf.py"
-            )
-        gguf = GgufOutput(gguf_base, gguf_type)
+    loaded, gguf, single_file = _prepared_output(format, loaded, base=base, fold_into=fold_into, gguf_type=gguf_type)
     plan = plan_merge(loaded, parse_weights(weights), options, base_for_dora(loaded, base))
     run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into, shard_size=out_shard_size,
                      gguf=gguf, single_file=single_file)  # fmt: skip
     if not dry_run:
         publish(target, push_to_hub, private)
-
-
-def _check_gguf_request(gguf_type: str, folded: bool, via_dense: bool, push_to_hub: str | None) -> None:
-    """What ``--format gguf`` cannot be combined with, refused before anything is read."""
-    from loramerge.folding.gguf_out import DENSE_GGUF_TYPES
-    from loramerge.io.gguf_adapter import GGUF_TYPES
-
-    types = DENSE_GGUF_TYPES if folded else GGUF_TYPES
-    if gguf_type not in types:
-        raise BadInput(f"--gguf-type must be one of {', '.join(types)}, got {gguf_type!r}")
-    for given, flag in ((via_dense, "--via-dense"), (push_to_hub, "--push-to-hub")):
-        if given:
-            raise BadInput(f"--format gguf writes a llama.cpp file; it does not combine with {flag}")
 
 
 def _merge_via_dense(adapters, weights, options, base, target, rank, fold_into, force, dry_run, shard_size) -> None:
@@ -234,3 +181,90 @@ def _merge_via_dense(adapters, weights, options, base, target, rank, fold_into, 
     if result.skipped:
         line += f"; not in the LoRA (1-D): {', '.join(result.skipped[:3])}{' …' if len(result.skipped) > 3 else ''}"
     console.print(f"{line} -> {target}")
+
+
+# --format: which output a merge writes, and what each format cannot take, refused before the merge runs
+OUTPUT_FORMATS = ("peft", "gguf", "kohya", "diffusers")
+SINGLE_FILE_FORMATS = ("kohya", "diffusers")
+
+
+def _chosen_format(format: str | None, adapters: list[str]) -> str:
+    """The format asked for; by default the inputs' own (kohya where single files differ), else peft."""
+    from loramerge.adapters.single_file import formats_of, is_single_file
+
+    if format is None:
+        if not all(is_single_file(ref) for ref in adapters):
+            return "peft"
+        formats = formats_of(adapters)
+        return formats.pop() if len(formats) == 1 else "kohya"
+    if format not in OUTPUT_FORMATS:
+        raise BadInput(f"--format must be peft, gguf, kohya or diffusers, got {format!r}")
+    return format
+
+
+def _output_target(format: str, output: Path, force: bool, inputs: list[Path], adapters: list[str], *,
+                  gguf_type: str, fold_into: str | None, via_dense: bool, push_to_hub: str | None) -> Path:  # fmt: skip
+    """The checked output of ``format``, after what it does not combine with is refused."""
+    from loramerge.adapters.single_file import check_single_file_target, is_single_file
+    from loramerge.io.atomic import check_output_target
+    from loramerge.io.gguf_adapter import check_gguf_target
+
+    single = [is_single_file(ref) for ref in adapters]
+    if format == "peft":
+        if any(single):
+            raise BadInput(f"{adapters[single.index(True)]} is a single-file LoRA: write it as --format kohya or "
+                           "--format diffusers")  # fmt: skip
+        return check_output_target(output, force, inputs)
+    if format == "gguf":
+        _check_gguf_type(gguf_type, bool(fold_into))
+        refused = ((via_dense, "--via-dense"), (push_to_hub, "--push-to-hub"))
+    else:
+        refused = ((fold_into, "--fold-into"), (via_dense, "--via-dense"), (push_to_hub, "--push-to-hub"))
+        if not all(single):
+            raise BadInput(f"--format {format} merges single-file LoRAs (kohya or diffusers .safetensors), not "
+                           f"{adapters[single.index(False)]}")  # fmt: skip
+    for given, flag in refused:
+        if given:
+            raise BadInput(f"--format {format} writes one file; it does not combine with {flag}")
+    check = check_gguf_target if format == "gguf" else check_single_file_target
+    return check(output, force, inputs)
+
+
+def _check_gguf_type(gguf_type: str, folded: bool) -> None:
+    from loramerge.folding.gguf_out import DENSE_GGUF_TYPES
+    from loramerge.io.gguf_adapter import GGUF_TYPES
+
+    types = DENSE_GGUF_TYPES if folded else GGUF_TYPES
+    if gguf_type not in types:
+        raise BadInput(f"--gguf-type must be one of {', '.join(types)}, got {gguf_type!r}")
+
+
+def _prepared_output(format: str, loaded: list, *, base: str | None, fold_into: str | None, gguf_type: str):
+    """The inputs as the format merges them, and what ``workflows.merge_and_write`` is told to write (a
+    ``GgufOutput``, a ``SingleFileOutput``, or neither), after every check the written file would fail."""
+    from loramerge.adapters.single_file import FORMAT_KEY, KERNELS_KEY, as_kohya_names
+    from loramerge.folding.gguf_out import check_gguf_fold
+    from loramerge.io.gguf_adapter import adapter_tensor_names, check_plain_lora, layout_of
+    from loramerge.workflows import GgufOutput, SingleFileOutput
+
+    if format in SINGLE_FILE_FORMATS:
+        if format == "kohya":  # diffusers-named inputs join kohya ones under kohya's names
+            loaded = as_kohya_names(loaded)
+        elif named := [adapter.name for adapter in loaded if adapter.config.get(FORMAT_KEY) != "diffusers"]:
+            raise BadInput(f"--format diffusers: {named[0]} names its modules kohya's way, which cannot be turned "
+                           "into diffusers module paths without the model; write --format kohya")  # fmt: skip
+        kernels = {name: kernel for adapter in loaded for name, kernel in adapter.config.get(KERNELS_KEY, {}).items()}
+        return loaded, None, SingleFileOutput(format, kernels)
+    if format != "gguf":
+        return loaded, None, None
+    gguf_base = fold_into or base or next((adapter.base_ref for adapter in loaded if adapter.base_ref), None)
+    if not gguf_base:
+        raise BadInput("--format gguf names tensors by the base's architecture: give --base MODEL")
+    layout = layout_of(gguf_base)
+    for adapter in loaded:
+        if fold_into:
+            check_gguf_fold(adapter, fold_into)
+        else:
+            check_plain_lora(adapter)
+            adapter_tensor_names(adapter, layout)
+    return loaded, GgufOutput(gguf_base, gguf_type), None

@@ -75,15 +75,38 @@ def _out_type(tensor, gguf_type: str):
 
 
 def _copy_metadata(reader, writer, file_type) -> None:
+    """The base's metadata, but for what the output decides itself (type, alignment, the writer's marks)."""
     import gguf
 
+    skipped = ("general.architecture", "general.file_type", "general.alignment", WRITER_KEY)
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type", WRITER_KEY):
+        if key.startswith("GGUF.") or key in skipped:
             continue
         kind = field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY and (len(field.types) != 2 or not field.data):
+            raise BadInput(f"base metadata {key}: an empty or nested array, which the gguf package cannot write")
         sub = field.types[1] if kind == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, field.contents(), kind, sub_type=sub)
+    if "general.alignment" in reader.fields:
+        writer.add_custom_alignment(int(reader.fields["general.alignment"].contents()))
     writer.add_uint32("general.file_type", int(file_type))
+
+
+def check_gguf_fold(adapter: LoraAdapter, base_ref: str) -> None:
+    """What folding ``adapter`` into the GGUF base needs, checked before any work: a whole GGUF file, and a tensor
+    of the right shape for every module."""
+    import gguf
+
+    from loramerge.io.gguf import gguf_path, is_gguf_reference
+
+    if not is_gguf_reference(base_ref):
+        raise BadInput(f"base {base_ref}: a GGUF model is written from a GGUF base (its metadata and tokenizer); "
+                       "for a model folder, llama.cpp's convert_hf_to_gguf.py converts the folded model")  # fmt: skip
+    reader = gguf.GGUFReader(gguf_path(base_ref))
+    if "split.count" in reader.fields and int(reader.fields["split.count"].contents()) > 1:
+        raise BadInput(f"base {base_ref}: a GGUF split in several files; join its parts into one "
+                       "file first (llama.cpp's gguf-split)")  # fmt: skip
+    _gguf_targets(adapter, layout_of(base_ref), {tensor.name: tensor for tensor in reader.tensors})
 
 
 def fold_to_gguf(
@@ -100,20 +123,18 @@ def fold_to_gguf(
 
     import gguf
 
-    from loramerge.io.gguf import gguf_path, is_gguf_reference
+    from loramerge.io.gguf import gguf_path
 
     if gguf_type not in DENSE_GGUF_TYPES:
         raise BadInput(
             f"`gguf_type` must be one of {', '.join(DENSE_GGUF_TYPES)}, got {gguf_type!r}", param="gguf_type"
         )
-    if not is_gguf_reference(base_ref):
-        raise BadInput(f"base {base_ref}: a GGUF model is written from a GGUF base (its metadata and tokenizer); "
-                       "for a model folder, llama.cpp's convert_hf_to_gguf.py converts the folded model")  # fmt: skip
+    check_gguf_fold(adapter, base_ref)
     layout = layout_of(base_ref)
     reader = gguf.GGUFReader(gguf_path(base_ref))
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     targets = _gguf_targets(adapter, layout, tensors)
-    target = check_gguf_target(Path(output), force)
+    target = check_gguf_target(Path(output), force, [Path(gguf_path(base_ref))])
     staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     kinds = {name: _out_type(tensor, gguf_type) for name, tensor in tensors.items()}
     try:

@@ -83,6 +83,14 @@ def check_output_target(target: Path, force: bool, inputs: list[Path] = ()) -> P
     return target
 
 
+def check_not_an_input(target: Path, inputs: list[Path]) -> None:
+    """An output file may not be one of the inputs (a base, an adapter file, or inside an adapter folder)."""
+    for source in inputs:
+        source = Path(source).absolute()
+        if source.exists() and (target.resolve() == source.resolve() or source in target.parents):
+            raise BadInput(f"output {target} overlaps the input {source}; choose another output file")
+
+
 def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from loramerge.errors import BadInput
+from loramerge.io.atomic import check_not_an_input
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what llama.cpp's own LoRA converter writes
 WRITER_KEY = "loramerge.version"  # marks a file loramerge wrote (``force`` replaces no other)
@@ -47,6 +48,8 @@ class GgufLayout:
     blocks: int
     heads: int
     kv_heads: int
+    tensors: frozenset[str] | None = None  # a GGUF base's tensor names (None: a model folder's, not listed)
+    tied: bool = False  # no separate output weight (tied word embeddings)
 
     @property
     def permutes_query_key(self) -> bool:
@@ -86,7 +89,8 @@ def layout_of(base: str) -> GgufLayout:
 
         heads = number("attention.head_count")
         kv_heads = number("attention.head_count_kv") if f"{architecture}.attention.head_count_kv" in fields else heads
-        return GgufLayout(architecture, number("block_count"), heads, kv_heads)
+        tensors = frozenset(tensor.name for tensor in gguf.GGUFReader(gguf_path(base)).tensors)
+        return GgufLayout(architecture, number("block_count"), heads, kv_heads, tensors, "output.weight" not in tensors)
     config_file = Path(base) / "config.json"
     if not config_file.is_file():
         raise BadInput(f"base {base}: a GGUF adapter needs the base's architecture: give a local .gguf or model folder")
@@ -96,7 +100,8 @@ def layout_of(base: str) -> GgufLayout:
     architecture = _checked_architecture(HF_MODEL_TYPES.get(model_type, model_type), f"base {base}")
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
-    return GgufLayout(architecture, int(config["num_hidden_layers"]), heads, kv_heads)
+    tied = bool(config.get("tie_word_embeddings", False))
+    return GgufLayout(architecture, int(config["num_hidden_layers"]), heads, kv_heads, None, tied)
 
 
 @functools.cache
@@ -149,10 +154,11 @@ def written_by_loramerge(path: Path) -> bool:
         return False
 
 
-def check_gguf_target(target: Path, force: bool) -> Path:
-    """An output ``.gguf`` file: refused where it is a folder, exists (without ``force``), or exists and was
-    not written by loramerge."""
+def check_gguf_target(target: Path, force: bool, inputs: list[Path] = ()) -> Path:
+    """An output ``.gguf`` file: refused where it is a folder, an input, exists (without ``force``), or exists and
+    was not written by loramerge."""
     target = Path(target).absolute()
+    check_not_an_input(target, inputs)
     if target.suffix.lower() != ".gguf":
         raise BadInput(f"output {target}: a GGUF output is one file named *.gguf")
     if target.is_dir():
@@ -173,6 +179,21 @@ def check_plain_lora(adapter) -> None:
         more = f" ({len(refused) - 1} more)" if len(refused) > 1 else ""
         raise BadInput(f"{adapter.name}: module {refused[0]}{more}: llama.cpp adapters hold plain LoRA on linear "
                        "weights, not DoRA, lora_bias or per-expert modules")  # fmt: skip
+
+
+def adapter_tensor_names(adapter, layout: GgufLayout) -> dict[str, str]:
+    """Each linear module's GGUF tensor name; a module llama.cpp's base has no tensor for is refused by name."""
+    named = {}
+    for name, module in adapter.modules.items():
+        if module.embedding:
+            continue
+        tensor = gguf_tensor_name(layout, name)
+        missing = tensor is None or (layout.tensors is not None and tensor not in layout.tensors)
+        if missing or (tensor == "output.weight" and layout.tied):
+            why = "its output weight is the tied embedding" if tensor == "output.weight" else "it has no such tensor"
+            raise BadInput(f"module {name}: llama.cpp cannot apply it to this {layout.architecture} base ({why})")
+        named[name] = tensor
+    return named
 
 
 def write_gguf_adapter(
@@ -198,14 +219,12 @@ def write_gguf_adapter(
     check_plain_lora(adapter)
     dropped = sorted(adapter.dense) + sorted(name for name, m in adapter.modules.items() if m.embedding)
     kept = {name: m for name, m in adapter.modules.items() if not m.embedding}
-    named = {name: gguf_tensor_name(layout, name) for name in kept}
-    unnamed = [name for name, tensor_name in named.items() if tensor_name is None]
-    if unnamed:
-        raise BadInput(f"module {unnamed[0]}: no {layout.architecture} tensor of llama.cpp has this name")
+    named = adapter_tensor_names(adapter, layout)
     if not kept:
         raise BadInput("the adapter has no linear module llama.cpp can apply")
-    first = next(iter(kept.values()))
-    alpha = float(first.scale * first.rank)  # then the first module's lora_b is written as it is
+    first = next((m for m in kept.values() if m.scale != 0), next(iter(kept.values())))
+    # the first module's lora_b is written as it is (float32, as the file stores alpha); 1 if every scale is 0
+    alpha = float(np.float32(first.scale * first.rank)) or 1.0
     writer_type = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}[layout.architecture]
     staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     report = GgufAdapterReport(len(kept), alpha, dropped)
