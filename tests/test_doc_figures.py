@@ -27,6 +27,7 @@ SECTIONS = {
     "benchmarks.md": "all",
     "after-the-merge.md": "tables",
     "fold-extract-gguf.md": "tables",
+    "diffusion-loras.md": "tables",
 }
 
 # Phrases of those pages whose numbers are no measurement, each with the reason; each must be in them.
