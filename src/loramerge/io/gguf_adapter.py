@@ -121,9 +121,10 @@ def gguf_tensor_name(layout: GgufLayout, module: str) -> str | None:
 def llama_cpp_rows(layout: GgufLayout, name: str, rows: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """``rows`` (of a query or key weight, or of its ``lora_b``) in the order llama.cpp stores them: each head's
     two halves interleaved, for the architectures whose converter permutes them (``inverse``: back again)."""
-    if not layout.permutes_query_key or not name.endswith(("attn_q.weight", "attn_k.weight")):
+    if not layout.permutes_query_key or not name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias",
+                                                           "attn_k.bias")):  # fmt: skip
         return rows
-    heads = layout.heads if name.endswith("attn_q.weight") else layout.kv_heads
+    heads = layout.heads if ".attn_q." in name else layout.kv_heads
     shape = rows.shape
     split = (heads, shape[0] // heads // 2, 2) if inverse else (heads, 2, shape[0] // heads // 2)
     return rows.reshape(*split, *shape[1:]).swapaxes(1, 2).reshape(shape)
