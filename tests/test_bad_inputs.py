@@ -473,6 +473,35 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         ),
     ),
     # run: recipes
+    "run: single-file LoRA in an adapter recipe": (
+        lambda w: [
+            "run",
+            _recipe(
+                w,
+                {
+                    "merge_method": "linear",
+                    "adapters": [
+                        {
+                            "adapter": str(
+                                _single_file(
+                                    w,
+                                    "k.safetensors",
+                                    {
+                                        "lora_unet_x.lora_down.weight": torch.ones(2, 3),
+                                        "lora_unet_x.lora_up.weight": torch.ones(4, 2),
+                                    },
+                                )
+                            )
+                        }
+                    ],
+                },
+            ),
+            "-o",
+            w.out,
+        ],
+        "adapters: <in>/k.safetensors is a single-file LoRA; recipes write PEFT folders, so merge it with "
+        "`loramerge merge` (kohya or diffusers output)",
+    ),
     "run: missing recipe": (
         lambda w: ["run", w.root / "none.yml", "-o", w.out],
         "recipe <in>/none.yml: cannot read (No such file or directory)",

@@ -18,7 +18,7 @@ from loramerge.adapters.merge import MergePlan, execute_plan, plan_merge
 from loramerge.adapters.model import LoraAdapter
 from loramerge.adapters.options import MergeOptions
 from loramerge.adapters.recipe import adapter_merge_inputs
-from loramerge.adapters.single_file import save_single_file
+from loramerge.adapters.single_file import FORMAT_KEY, save_single_file
 from loramerge.errors import BadInput
 from loramerge.evaluate.exact_match import EvalResult
 from loramerge.evaluate.suite import evaluate_models, load_datasets
@@ -139,6 +139,10 @@ def adapter_recipe_plan(
 ) -> tuple[MergePlan, Path, str | None]:
     """An adapter recipe's plan, its checked output target and the base to fold into (``output.base``)."""
     adapters, weights, options = adapter_merge_inputs(recipe, allow_nonfinite, seed=seed, device=device)
+    single = next((adapter.name for adapter in adapters if adapter.config.get(FORMAT_KEY)), None)
+    if single:
+        raise BadInput(f"adapters: {single} is a single-file LoRA; recipes write PEFT folders, so merge it with "
+                       "`loramerge merge` (kohya or diffusers output)")  # fmt: skip
     fold_into = None
     if recipe.folds_adapters:
         fold_into = recipe.output.base or next((a.base_ref for a in adapters if a.base_ref), None)
