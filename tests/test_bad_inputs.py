@@ -222,6 +222,11 @@ def _single_file(ws: Workspace, name: str, tensors: dict) -> Path:
     return ws.root / name
 
 
+def _merge_single_file(ws: Workspace, name: str, tensors: dict) -> list:
+    """``merge`` of one single-file LoRA holding ``tensors``, into a file beside the inputs."""
+    return ["merge", _single_file(ws, name, tensors), "-o", ws.root.parent / "m.safetensors"]
+
+
 def _foreign_file(ws: Workspace, name: str) -> Path:
     """A file in the inputs that loramerge did not write."""
     path = ws.root / name
@@ -675,22 +680,12 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         "llama.cpp's convert_hf_to_gguf.py converts the folded model",
     ),
     "merge: single-file LoRA with DoRA scales": (
-        lambda w: [
-            "merge",
-            _single_file(w, "dora.safetensors", {"lora_unet_x.dora_scale": torch.ones(2, 1)}),
-            "-o",
-            w.root.parent / "m.safetensors",
-        ],
+        lambda w: _merge_single_file(w, "dora.safetensors", {"lora_unet_x.dora_scale": torch.ones(2, 1)}),
         "adapter <in>/dora.safetensors: tensor 'lora_unet_x.dora_scale' needs the base model's weights (DoRA) (kohya "
         "LoRA: lora_down, lora_up, alpha; LyCORIS LoHa and LoKr)",
     ),
     "merge: kohya file without its up weight": (
-        lambda w: [
-            "merge",
-            _single_file(w, "half.safetensors", {"lora_unet_x.lora_down.weight": torch.ones(2, 3)}),
-            "-o",
-            w.root.parent / "m.safetensors",
-        ],
+        lambda w: _merge_single_file(w, "half.safetensors", {"lora_unet_x.lora_down.weight": torch.ones(2, 3)}),
         "adapter <in>/half.safetensors: module lora_unet_x lacks its lora_down or lora_up weight",
     ),
     "merge: single-file output from an adapter folder": (

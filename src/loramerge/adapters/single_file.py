@@ -17,7 +17,6 @@ scale into its up/B factor and state ``alpha = r``: every tool reads the same ex
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from safetensors.torch import save_file
 from loramerge.adapters.checks import check_finite
 from loramerge.adapters.model import LoraAdapter, LoraModule
 from loramerge.errors import BadInput
-from loramerge.io.atomic import check_not_an_input
+from loramerge.io.atomic import atomic_output_file, check_output_file
 
 KOHYA, DIFFUSERS = "kohya", "diffusers"
 FORMATS = (KOHYA, DIFFUSERS)
@@ -219,28 +218,19 @@ def _renamed(adapter: LoraAdapter, two: bool) -> LoraAdapter:
     return renamed
 
 
+def written_by_loramerge(path: Path) -> bool:
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return WRITER_KEY in (handle.metadata() or {})
+    except Exception:  # not a safetensors file at all
+        return False
+
+
 def check_single_file_target(target: Path, force: bool, inputs: list[Path] = ()) -> Path:
     """An output ``.safetensors`` file: not a folder, not an input, not existing without ``force``, and replaced
     only where loramerge wrote it."""
-    target = Path(target).absolute()
-    check_not_an_input(target, inputs)
-    if target.suffix != ".safetensors":
-        raise BadInput(f"output {target}: a single-file LoRA is one file named *.safetensors")
-    if target.is_dir():
-        raise BadInput(f"output {target} is a folder; a single-file LoRA is one file")
-    if target.exists() and not force:
-        raise BadInput(f"output {target} already exists; pass `force=True` to replace it")
-    if target.exists():
-        try:
-            with safe_open(target, framework="pt") as handle:
-                ours = WRITER_KEY in (handle.metadata() or {})
-        except Exception:  # not a safetensors file at all
-            ours = False
-        if not ours:
-            raise BadInput(f"output {target} is not a LoRA file loramerge wrote; `force=True` replaces only those")
-    if not target.parent.is_dir():
-        raise BadInput(f"output {target}: no such folder {target.parent}")
-    return target
+    return check_output_file(target, force, inputs, suffix=".safetensors", what="single-file LoRA", ours="LoRA file",
+                             written_by_loramerge=written_by_loramerge)  # fmt: skip
 
 
 def save_single_file(
@@ -294,10 +284,6 @@ def save_single_file(
                             f"{component}.alpha_pattern": others,
                             f"{component}.target_modules": sorted(ranks)})  # fmt: skip
         metadata[METADATA_KEY] = json.dumps(entries)
-    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output_file(target) as staging:
         save_file(state, staging, metadata=metadata)
-        os.replace(staging, target)
-    finally:
-        staging.unlink(missing_ok=True)
     return target

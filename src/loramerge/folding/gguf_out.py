@@ -10,7 +10,6 @@ tensor.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,9 +19,11 @@ import torch
 from loramerge.adapters.model import LoraAdapter
 from loramerge.errors import BadInput
 from loramerge.folding.math import adapter_targets, folded_tensor, weight_shape
+from loramerge.io.atomic import atomic_output_file
 from loramerge.io.gguf_adapter import (
     WRITER_KEY,
     check_gguf_target,
+    ggml_type,
     gguf_tensor_name,
     layout_of,
     llama_cpp_rows,
@@ -32,13 +33,13 @@ DENSE_GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 Progress = Callable[[int, int, str], None]
 
 
-def _kinds():
+def _file_type(gguf_type: str):
+    """``general.file_type`` of a model whose weights are ``gguf_type``."""
     import gguf
 
-    kinds, files = gguf.GGMLQuantizationType, gguf.LlamaFileType
-    return {"f32": (kinds.F32, files.ALL_F32), "f16": (kinds.F16, files.MOSTLY_F16),
-            "bf16": (kinds.BF16, files.MOSTLY_BF16), "q8_0": (kinds.Q8_0, files.MOSTLY_Q8_0),
-            "q4_0": (kinds.Q4_0, files.MOSTLY_Q4_0)}  # fmt: skip
+    files = gguf.LlamaFileType
+    return {"f32": files.ALL_F32, "f16": files.MOSTLY_F16, "bf16": files.MOSTLY_BF16, "q8_0": files.MOSTLY_Q8_0,
+            "q4_0": files.MOSTLY_Q4_0}[gguf_type]  # fmt: skip
 
 
 def _gguf_targets(adapter: LoraAdapter, layout, tensors: dict) -> dict[str, tuple[str, object]]:
@@ -69,7 +70,7 @@ def _out_type(tensor, gguf_type: str):
     kinds = gguf.GGMLQuantizationType
     if len(tensor.shape) < 2:
         return kinds.F32
-    kind = _kinds()[gguf_type][0]
+    kind = ggml_type(gguf_type)
     block = gguf.GGML_QUANT_SIZES[kind][0]
     return kind if int(tensor.shape[0]) % block == 0 else kinds.F16
 
@@ -92,9 +93,9 @@ def _copy_metadata(reader, writer, file_type) -> None:
     writer.add_uint32("general.file_type", int(file_type))
 
 
-def check_gguf_fold(adapter: LoraAdapter, base_ref: str) -> None:
-    """What folding ``adapter`` into the GGUF base needs, checked before any work: a whole GGUF file, and a tensor
-    of the right shape for every module."""
+def _fold_inputs(adapter: LoraAdapter, base_ref: str):
+    """The GGUF base's reader, layout and, per tensor name, what the adapter does to it; refused before any work
+    unless the base is one whole GGUF file with a tensor of the right shape for every module."""
     import gguf
 
     from loramerge.io.gguf import gguf_path, is_gguf_reference
@@ -106,7 +107,13 @@ def check_gguf_fold(adapter: LoraAdapter, base_ref: str) -> None:
     if "split.count" in reader.fields and int(reader.fields["split.count"].contents()) > 1:
         raise BadInput(f"base {base_ref}: a GGUF split in several files; join its parts into one "
                        "file first (llama.cpp's gguf-split)")  # fmt: skip
-    _gguf_targets(adapter, layout_of(base_ref), {tensor.name: tensor for tensor in reader.tensors})
+    layout = layout_of(base_ref)
+    return reader, layout, _gguf_targets(adapter, layout, {tensor.name: tensor for tensor in reader.tensors})
+
+
+def check_gguf_fold(adapter: LoraAdapter, base_ref: str) -> None:
+    """What folding ``adapter`` into the GGUF base needs, checked before any work (``_fold_inputs``)."""
+    _fold_inputs(adapter, base_ref)
 
 
 def fold_to_gguf(
@@ -129,17 +136,13 @@ def fold_to_gguf(
         raise BadInput(
             f"`gguf_type` must be one of {', '.join(DENSE_GGUF_TYPES)}, got {gguf_type!r}", param="gguf_type"
         )
-    check_gguf_fold(adapter, base_ref)
-    layout = layout_of(base_ref)
-    reader = gguf.GGUFReader(gguf_path(base_ref))
+    reader, layout, targets = _fold_inputs(adapter, base_ref)
     tensors = {tensor.name: tensor for tensor in reader.tensors}
-    targets = _gguf_targets(adapter, layout, tensors)
     target = check_gguf_target(Path(output), force, [Path(gguf_path(base_ref))])
-    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     kinds = {name: _out_type(tensor, gguf_type) for name, tensor in tensors.items()}
-    try:
+    with atomic_output_file(target) as staging:
         writer = gguf.GGUFWriter(staging, layout.architecture)
-        _copy_metadata(reader, writer, _kinds()[gguf_type][1])
+        _copy_metadata(reader, writer, _file_type(gguf_type))
         writer.add_string(WRITER_KEY, version("loramerge"))
         for name, tensor in tensors.items():
             shape = [int(n) for n in reversed(tensor.shape)]  # numpy's order: rows, then columns
@@ -155,9 +158,6 @@ def fold_to_gguf(
             if progress is not None:
                 progress(done, len(tensors), name)
         writer.close()
-        os.replace(staging, target)
-    finally:
-        staging.unlink(missing_ok=True)
     return target
 
 

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -89,6 +89,45 @@ def check_not_an_input(target: Path, inputs: list[Path]) -> None:
         source = Path(source).absolute()
         if source.exists() and (target.resolve() == source.resolve() or source in target.parents):
             raise BadInput(f"output {target} overlaps the input {source}; choose another output file")
+
+
+def check_output_file(
+    target: Path,
+    force: bool,
+    inputs: list[Path],
+    *,
+    suffix: str,
+    what: str,
+    ours: str,
+    written_by_loramerge: Callable[[Path], bool],
+    ignore_case: bool = False,
+) -> Path:
+    """A one-file output (``what``, named ``*suffix``): refused where it is an input, misnamed, a folder, existing
+    without ``force``, or existing and not written by loramerge (``ours`` names what loramerge writes)."""
+    target = Path(target).absolute()
+    check_not_an_input(target, inputs)
+    if (target.suffix.lower() if ignore_case else target.suffix) != suffix:
+        raise BadInput(f"output {target}: a {what} is one file named *{suffix}")
+    if target.is_dir():
+        raise BadInput(f"output {target} is a folder; a {what} is one file")
+    if target.exists() and not force:
+        raise BadInput(f"output {target} already exists; pass `force=True` to replace it")
+    if target.exists() and not written_by_loramerge(target):
+        raise BadInput(f"output {target} is not a {ours} loramerge wrote; `force=True` replaces only those")
+    if not target.parent.is_dir():
+        raise BadInput(f"output {target}: no such folder {target.parent}")
+    return target
+
+
+@contextmanager
+def atomic_output_file(target: Path) -> Iterator[Path]:
+    """A staging path beside ``target``; renamed onto it when the block succeeds, removed in every case."""
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        yield staging
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def current_umask() -> int:

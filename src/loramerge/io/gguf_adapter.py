@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from loramerge.errors import BadInput
-from loramerge.io.atomic import check_not_an_input
+from loramerge.io.atomic import atomic_output_file, check_output_file
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what llama.cpp's own LoRA converter writes
 WRITER_KEY = "loramerge.version"  # marks a file loramerge wrote (``force`` replaces no other)
@@ -81,7 +80,8 @@ def layout_of(base: str) -> GgufLayout:
     if is_gguf_reference(base):
         import gguf
 
-        fields = gguf.GGUFReader(gguf_path(base)).fields
+        reader = gguf.GGUFReader(gguf_path(base))
+        fields = reader.fields
         architecture = _checked_architecture(str(fields["general.architecture"].contents()), f"base {base}")
 
         def number(key: str) -> int:
@@ -89,7 +89,7 @@ def layout_of(base: str) -> GgufLayout:
 
         heads = number("attention.head_count")
         kv_heads = number("attention.head_count_kv") if f"{architecture}.attention.head_count_kv" in fields else heads
-        tensors = frozenset(tensor.name for tensor in gguf.GGUFReader(gguf_path(base)).tensors)
+        tensors = frozenset(tensor.name for tensor in reader.tensors)
         return GgufLayout(architecture, number("block_count"), heads, kv_heads, tensors, "output.weight" not in tensors)
     config_file = Path(base) / "config.json"
     if not config_file.is_file():
@@ -130,6 +130,13 @@ def llama_cpp_rows(layout: GgufLayout, name: str, rows: torch.Tensor, inverse: b
     return rows.reshape(*split, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
+def ggml_type(gguf_type: str):
+    """The GGML type of a ``--gguf-type`` name (``f32``, ``f16``, ``bf16``, ``q8_0``, ``q4_0``)."""
+    import gguf
+
+    return gguf.GGMLQuantizationType[gguf_type.upper()]
+
+
 def encoded(tensor: torch.Tensor, gguf_type: str) -> tuple[np.ndarray, object, bool]:
     """A float tensor as GGUF stores it in ``gguf_type`` (``gguf.quants``): the array, its GGML type, and whether
     q8_0 could not hold it (rows not a multiple of its 32-entry block), so that it went to f16 as llama.cpp's
@@ -137,7 +144,7 @@ def encoded(tensor: torch.Tensor, gguf_type: str) -> tuple[np.ndarray, object, b
     import gguf
 
     kinds = gguf.GGMLQuantizationType
-    kind = {"f32": kinds.F32, "f16": kinds.F16, "bf16": kinds.BF16, "q8_0": kinds.Q8_0}[gguf_type]
+    kind = ggml_type(gguf_type)
     array = tensor.detach().to(torch.float32).cpu().numpy()
     try:
         encoded_array, widened = gguf.quants.quantize(array, kind), False
@@ -158,19 +165,8 @@ def written_by_loramerge(path: Path) -> bool:
 def check_gguf_target(target: Path, force: bool, inputs: list[Path] = ()) -> Path:
     """An output ``.gguf`` file: refused where it is a folder, an input, exists (without ``force``), or exists and
     was not written by loramerge."""
-    target = Path(target).absolute()
-    check_not_an_input(target, inputs)
-    if target.suffix.lower() != ".gguf":
-        raise BadInput(f"output {target}: a GGUF output is one file named *.gguf")
-    if target.is_dir():
-        raise BadInput(f"output {target} is a folder; a GGUF output is one file")
-    if target.exists() and not force:
-        raise BadInput(f"output {target} already exists; pass `force=True` to replace it")
-    if target.exists() and not written_by_loramerge(target):
-        raise BadInput(f"output {target} is not a GGUF file loramerge wrote; `force=True` replaces only those")
-    if not target.parent.is_dir():
-        raise BadInput(f"output {target}: no such folder {target.parent}")
-    return target
+    return check_output_file(target, force, inputs, suffix=".gguf", what="GGUF output", ours="GGUF file",
+                             written_by_loramerge=written_by_loramerge, ignore_case=True)  # fmt: skip
 
 
 def check_plain_lora(adapter) -> None:
@@ -227,9 +223,8 @@ def write_gguf_adapter(
     # the first module's lora_b is written as it is (float32, as the file stores alpha); 1 if every scale is 0
     alpha = float(np.float32(first.scale * first.rank)) or 1.0
     writer_type = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}[layout.architecture]
-    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     report = GgufAdapterReport(len(kept), alpha, dropped)
-    try:
+    with atomic_output_file(target) as staging:
         writer = gguf.GGUFWriter(staging, gguf.MODEL_ARCH_NAMES[writer_type])
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -249,7 +244,4 @@ def write_gguf_adapter(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(staging, target)
-    finally:
-        staging.unlink(missing_ok=True)
     return report
