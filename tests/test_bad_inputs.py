@@ -222,6 +222,17 @@ def _single_file(ws: Workspace, name: str, tensors: dict) -> Path:
     return ws.root / name
 
 
+def _tiny_kohya(ws: Workspace) -> Path:
+    """A kohya LoRA of one module in the inputs."""
+    tensors = {"lora_unet_x.lora_down.weight": torch.ones(2, 3), "lora_unet_x.lora_up.weight": torch.ones(4, 2)}
+    return _single_file(ws, "k.safetensors", tensors)
+
+
+def _recipe_of(adapters: list, **fields) -> dict:
+    """A linear adapter recipe of ``adapters`` (and other top-level ``fields``)."""
+    return {"merge_method": "linear", "adapters": [{"adapter": str(path)} for path in adapters], **fields}
+
+
 def _merge_single_file(ws: Workspace, name: str, tensors: dict) -> list:
     """``merge`` of one single-file LoRA holding ``tensors``, into a file beside the inputs."""
     return ["merge", _single_file(ws, name, tensors), "-o", ws.root.parent / "m.safetensors"]
@@ -478,34 +489,14 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         ),
     ),
     # run: recipes
-    "run: single-file LoRA in an adapter recipe": (
-        lambda w: [
-            "run",
-            _recipe(
-                w,
-                {
-                    "merge_method": "linear",
-                    "adapters": [
-                        {
-                            "adapter": str(
-                                _single_file(
-                                    w,
-                                    "k.safetensors",
-                                    {
-                                        "lora_unet_x.lora_down.weight": torch.ones(2, 3),
-                                        "lora_unet_x.lora_up.weight": torch.ones(4, 2),
-                                    },
-                                )
-                            )
-                        }
-                    ],
-                },
-            ),
-            "-o",
-            w.out,
-        ],
-        "adapters: <in>/k.safetensors is a single-file LoRA; recipes write PEFT folders, so merge it with "
-        "`loramerge merge` (kohya or diffusers output)",
+    "run: single-file LoRA beside a PEFT adapter": (
+        lambda w: ["run", _recipe(w, _recipe_of([_tiny_kohya(w), w.a])), "-o", w.out],
+        "adapters: <in>/k.safetensors is a single-file LoRA and <in>/reverse a PEFT adapter; merge files with files, "
+        "folders with folders",
+    ),
+    "run: single-file LoRA written as a PEFT folder": (
+        lambda w: ["run", _recipe(w, _recipe_of([_tiny_kohya(w)], output={"format": "adapter"})), "-o", w.out],
+        "output.format: <in>/k.safetensors is a single-file LoRA; write it as kohya or diffusers, not adapter",
     ),
     "run: missing recipe": (
         lambda w: ["run", w.root / "none.yml", "-o", w.out],

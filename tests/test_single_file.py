@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from cli_helpers import assert_clean_failure, run
@@ -105,6 +106,30 @@ def test_a_linear_merge_is_what_diffusers_fuses_from_the_inputs(files, tmp_path,
     for name, delta in merged.items():
         expected = WEIGHTS[0] * first[name] + WEIGHTS[1] * second[name]
         assert ((delta - expected).norm() / expected.norm()).item() < 1e-5, name
+
+
+@pytest.mark.parametrize("inputs, fmt", [("diffusers", None), ("kohya", "kohya"), ("mixed", "kohya")])
+def test_a_recipe_writes_what_merge_writes(files, tmp_path, inputs, fmt):
+    """An adapter recipe of single files writes the file ``loramerge merge`` writes (default: the inputs' format)."""
+    from safetensors.torch import load_file
+
+    paths = files["kohya"] if inputs == "kohya" else files["diffusers"]
+    if inputs == "mixed":
+        paths = [files["kohya"][0], files["diffusers"][1]]
+    entries = [{"adapter": str(path), "weight": weight} for path, weight in zip(paths, WEIGHTS, strict=True)]
+    recipe = {"merge_method": "ties", "parameters": {"density": 0.5}, "adapters": entries}
+    if fmt:
+        recipe["output"] = {"format": fmt}
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
+    result = run("run", tmp_path / "r.yml", "-o", tmp_path / "recipe.safetensors")
+    assert result.exit_code == 0, result.output
+    weights = ",".join(map(str, WEIGHTS))
+    result = run("merge", *paths, "--method", "ties", "--density", "0.5", "--weights", weights, "-o",
+                 tmp_path / "merge.safetensors")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    by_recipe, by_merge = load_file(tmp_path / "recipe.safetensors"), load_file(tmp_path / "merge.safetensors")
+    assert by_recipe.keys() == by_merge.keys() and all(torch.equal(by_recipe[k], by_merge[k]) for k in by_merge)
+    assert any(key.startswith("lora_unet_") for key in by_recipe) == (fmt == "kohya")
 
 
 def test_other_methods_and_what_is_refused(files, tmp_path):

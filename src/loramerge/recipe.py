@@ -74,9 +74,10 @@ class AdapterEntry(Strict):
 
 
 class Output(Strict):
-    """What to write: a PEFT adapter (adapter recipes' default) or a full model (``dense``)."""
+    """What to write: a PEFT adapter (adapter recipes' default), a full model (``dense``), or one kohya or diffusers
+    LoRA file (single-file inputs' default: their own format)."""
 
-    format: Literal["adapter", "dense"] | None = None
+    format: Literal["adapter", "dense", "kohya", "diffusers"] | None = None
     base: str | None = None  # the base an adapter recipe is folded into (default: the adapters' base model)
 
 
@@ -115,7 +116,7 @@ class Recipe(Strict):
             raise ValueError("adapter recipes take no tokenizer_source, tokenizer or chat_template")
         if self.tokenizer_source and self.tokenizer:
             raise ValueError("give tokenizer_source or a tokenizer block, not both")
-        if not self.adapters and self.output and (self.output.format == "adapter" or self.output.base):
+        if not self.adapters and self.output and (self.output.format not in (None, "dense") or self.output.base):
             raise ValueError("a dense recipe writes a full model; use `loramerge extract` for an adapter of it")
         return self
 

@@ -18,7 +18,14 @@ from loramerge.adapters.merge import MergePlan, execute_plan, plan_merge
 from loramerge.adapters.model import LoraAdapter
 from loramerge.adapters.options import MergeOptions
 from loramerge.adapters.recipe import adapter_merge_inputs
-from loramerge.adapters.single_file import FORMAT_KEY, save_single_file
+from loramerge.adapters.single_file import (
+    FORMAT_KEY,
+    FORMATS,
+    check_single_file_target,
+    default_format,
+    save_single_file,
+    single_file_inputs,
+)
 from loramerge.errors import BadInput
 from loramerge.evaluate.exact_match import EvalResult
 from loramerge.evaluate.suite import evaluate_models, load_datasets
@@ -136,13 +143,11 @@ def merge_and_write(
 
 def adapter_recipe_plan(
     recipe: Recipe, output: Path, *, seed: int | None, device: str, force: bool, allow_nonfinite: bool
-) -> tuple[MergePlan, Path, str | None]:
-    """An adapter recipe's plan, its checked output target and the base to fold into (``output.base``)."""
+) -> tuple[MergePlan, Path, str | None, SingleFileOutput | None]:
+    """An adapter recipe's plan, its checked output target, the base to fold into (``output.base``) and, for
+    single-file inputs, the file it writes."""
     adapters, weights, options = adapter_merge_inputs(recipe, allow_nonfinite, seed=seed, device=device)
-    single = next((adapter.name for adapter in adapters if adapter.config.get(FORMAT_KEY)), None)
-    if single:
-        raise BadInput(f"adapters: {single} is a single-file LoRA; recipes write PEFT folders, so merge it with "
-                       "`loramerge merge` (kohya or diffusers output)")  # fmt: skip
+    adapters, single_file = _recipe_single_file(recipe, adapters)
     fold_into = None
     if recipe.folds_adapters:
         fold_into = recipe.output.base or next((a.base_ref for a in adapters if a.base_ref), None)
@@ -150,8 +155,34 @@ def adapter_recipe_plan(
             raise BadInput("output.base: name the base to fold into (the adapters record none)")
     base = recipe.base_model or fold_into
     inputs = [a.path for a in adapters if a.path] + [Path(ref) for ref in {base, fold_into} if ref]
-    target = check_output_target(output, force, inputs)
-    return plan_merge(adapters, weights, options, base_for_dora(adapters, base)), target, fold_into
+    check = check_single_file_target if single_file else check_output_target
+    target = check(output, force, inputs)
+    return plan_merge(adapters, weights, options, base_for_dora(adapters, base)), target, fold_into, single_file
+
+
+def _recipe_single_file(
+    recipe: Recipe, adapters: list[LoraAdapter]
+) -> tuple[list[LoraAdapter], SingleFileOutput | None]:
+    """Single-file inputs as the recipe's ``output.format`` (default: theirs) writes them; PEFT folders as they are."""
+    asked = recipe.output.format if recipe.output else None
+    formats = {adapter.config.get(FORMAT_KEY) for adapter in adapters}
+    if formats == {None}:
+        if asked in FORMATS:
+            raise BadInput(f"output.format: {asked} writes single-file LoRAs (kohya or diffusers .safetensors "
+                           "inputs), not PEFT adapter folders")  # fmt: skip
+        return adapters, None
+    single = next(adapter.name for adapter in adapters if adapter.config.get(FORMAT_KEY))
+    if None in formats:
+        folder = next(adapter.name for adapter in adapters if not adapter.config.get(FORMAT_KEY))
+        raise BadInput(f"adapters: {single} is a single-file LoRA and {folder} a PEFT adapter; merge files with "
+                       "files, folders with folders")  # fmt: skip
+    if asked is not None and asked not in FORMATS:
+        raise BadInput(f"output.format: {single} is a single-file LoRA; write it as kohya or diffusers, not {asked}")
+    if recipe.evaluate is not None:
+        raise BadInput(f"evaluate: {single} is a single-file LoRA; the evaluation runs language-model adapters")
+    fmt = asked or default_format(formats)  # type: ignore[arg-type]
+    adapters, kernels = single_file_inputs(adapters, fmt)
+    return adapters, SingleFileOutput(fmt, kernels)
 
 
 def evaluate_recipe(

@@ -187,6 +187,24 @@ def load_single_file(path: str | Path, *, allow_nonfinite: bool = False) -> Lora
     return adapter
 
 
+def default_format(formats: set[str]) -> str:
+    """What a merge of single files writes by default: their own format, kohya where they differ."""
+    return formats.pop() if len(formats) == 1 else KOHYA
+
+
+def single_file_inputs(adapters: list[LoraAdapter], fmt: str) -> tuple[list[LoraAdapter], dict[str, list]]:
+    """Single-file adapters named as ``fmt`` writes them (diffusers paths join kohya files under kohya names; kohya
+    names have no diffusers paths without the model), and the convolutions' down-factor shapes."""
+    if fmt == KOHYA:
+        adapters = as_kohya_names(adapters)
+    elif named := [adapter.name for adapter in adapters if adapter.config.get(FORMAT_KEY) != DIFFUSERS]:
+        raise BadInput(f"{named[0]} names its modules kohya's way, which cannot be turned into diffusers module paths "
+                       "without the model; write it as `format='kohya'` (diffusers' load_lora_weights reads kohya "
+                       "files)")  # fmt: skip
+    kernels = {name: kernel for adapter in adapters for name, kernel in adapter.config.get(KERNELS_KEY, {}).items()}
+    return adapters, kernels
+
+
 def kohya_name(name: str, two_text_encoders: bool) -> str:
     """A diffusers module path as kohya's key stem (``unet.down_blocks.0…to_q``: ``lora_unet_down_blocks_0_…_to_q``)."""
     if name.startswith(KOHYA_PREFIXES):

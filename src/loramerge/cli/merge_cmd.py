@@ -190,13 +190,12 @@ SINGLE_FILE_FORMATS = ("kohya", "diffusers")
 
 def _chosen_format(format: str | None, adapters: list[str]) -> str:
     """The format asked for; by default the inputs' own (kohya where single files differ), else peft."""
-    from loramerge.adapters.single_file import formats_of, is_single_file
+    from loramerge.adapters.single_file import default_format, formats_of, is_single_file
 
     if format is None:
         if not all(is_single_file(ref) for ref in adapters):
             return "peft"
-        formats = formats_of(adapters)
-        return formats.pop() if len(formats) == 1 else "kohya"
+        return default_format(formats_of(adapters))
     if format not in OUTPUT_FORMATS:
         raise BadInput(f"--format must be peft, gguf, kohya or diffusers, got {format!r}")
     return format
@@ -242,18 +241,13 @@ def _check_gguf_type(gguf_type: str, folded: bool) -> None:
 def _prepared_output(format: str, loaded: list, *, base: str | None, fold_into: str | None, gguf_type: str):
     """The inputs as the format merges them, and what ``workflows.merge_and_write`` is told to write (a
     ``GgufOutput``, a ``SingleFileOutput``, or neither), after every check the written file would fail."""
-    from loramerge.adapters.single_file import FORMAT_KEY, KERNELS_KEY, as_kohya_names
+    from loramerge.adapters.single_file import single_file_inputs
     from loramerge.folding.gguf_out import check_gguf_fold
     from loramerge.io.gguf_adapter import adapter_tensor_names, check_plain_lora, layout_of
     from loramerge.workflows import GgufOutput, SingleFileOutput
 
     if format in SINGLE_FILE_FORMATS:
-        if format == "kohya":  # diffusers-named inputs join kohya ones under kohya's names
-            loaded = as_kohya_names(loaded)
-        elif named := [adapter.name for adapter in loaded if adapter.config.get(FORMAT_KEY) != "diffusers"]:
-            raise BadInput(f"--format diffusers: {named[0]} names its modules kohya's way, which cannot be turned "
-                           "into diffusers module paths without the model; write --format kohya")  # fmt: skip
-        kernels = {name: kernel for adapter in loaded for name, kernel in adapter.config.get(KERNELS_KEY, {}).items()}
+        loaded, kernels = single_file_inputs(loaded, format)
         return loaded, None, SingleFileOutput(format, kernels)
     if format != "gguf":
         return loaded, None, None

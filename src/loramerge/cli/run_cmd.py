@@ -75,12 +75,13 @@ def _run_adapters(
 
     if shard_size:
         parse_size(shard_size)
-    plan, target, fold_into = adapter_recipe_plan(
+    plan, target, fold_into, single_file = adapter_recipe_plan(
         parsed, output, seed=seed, device=device, force=force or dry_run, allow_nonfinite=allow_nonfinite
     )
     if shard_size and not fold_into:
         print_warnings(["`out_shard_size` applies to a full model; this recipe writes an adapter (one file)"])
-    run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into, shard_size=shard_size)
+    run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into, shard_size=shard_size,
+                     single_file=single_file)  # fmt: skip
 
 
 def _run_dense(
