@@ -673,7 +673,36 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
     "merge: single-file LoRA with DoRA scales": (
         lambda w: _merge_single_file(w, "dora.safetensors", {"lora_unet_x.dora_scale": torch.ones(2, 1)}),
         "adapter <in>/dora.safetensors: tensor 'lora_unet_x.dora_scale' needs the base model's weights (DoRA) (kohya "
-        "LoRA: lora_down, lora_up, alpha; LyCORIS LoHa and LoKr)",
+        "LoRA and LoCon: lora_down, lora_up, lora_mid, alpha; LyCORIS LoHa and LoKr)",
+    ),
+    "merge: LyCORIS Tucker core of another rank": (
+        lambda w: _merge_single_file(
+            w,
+            "tucker.safetensors",
+            {
+                "lora_unet_x.hada_t1": torch.ones(4, 4, 3, 3),
+                "lora_unet_x.hada_w1_a": torch.ones(2, 8),
+                "lora_unet_x.hada_w1_b": torch.ones(2, 8),
+                "lora_unet_x.hada_t2": torch.ones(4, 4, 3, 3),
+                "lora_unet_x.hada_w2_a": torch.ones(2, 8),
+                "lora_unet_x.hada_w2_b": torch.ones(2, 8),
+            },
+        ),
+        "adapter <in>/tucker.safetensors: module lora_unet_x: Tucker factors hada_t1 (4, 4, 3, 3), hada_w1_a (2, 8), "
+        "hada_w1_b (2, 8) do not pair",
+    ),
+    "merge: kohya LoCon core without a 1x1 down": (
+        lambda w: _merge_single_file(
+            w,
+            "mid.safetensors",
+            {
+                "lora_unet_x.lora_down.weight": torch.ones(2, 8, 3, 3),
+                "lora_unet_x.lora_mid.weight": torch.ones(2, 2, 3, 3),
+                "lora_unet_x.lora_up.weight": torch.ones(8, 2, 1, 1),
+            },
+        ),
+        "adapter <in>/mid.safetensors: module lora_unet_x: lora_mid (2, 2, 3, 3) and lora_down (2, 8, 3, 3) do not "
+        "pair",
     ),
     "merge: kohya file without its up weight": (
         lambda w: _merge_single_file(w, "half.safetensors", {"lora_unet_x.lora_down.weight": torch.ones(2, 3)}),

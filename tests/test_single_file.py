@@ -155,52 +155,91 @@ def test_other_methods_and_what_is_refused(files, tmp_path):
     assert result.exit_code == 2 and "not a LoRA file loramerge wrote" in result.stderr
 
 
-LINEAR = [name for name, (_, kernel) in MODULES.items() if kernel is None]
+def _loha(rand, rows, columns, kernel, tucker):
+    """LoHa factors (rank 4, alpha 2) and the delta by LyCORIS' formula: ``(w1a w1b) ⊙ (w2a w2b) · alpha / r``, for a
+    convolution with a 4-D down factor, or (``tucker``) each side rebuilt from its core as LyCORIS'
+    ``HadaWeightTucker`` does."""
+    rank, alpha = 4, 2.0
+    if tucker:
+        # factors of 0.3, not 0.1: a product of two Tucker rebuilds is otherwise too small to measure on fused weights
+        shapes = {"t1": (rank, rank, *kernel), "w1_a": (rank, rows), "w1_b": (rank, columns),
+                  "t2": (rank, rank, *kernel), "w2_a": (rank, rows), "w2_b": (rank, columns)}  # fmt: skip
+        parts = {f"hada_{key}": 3 * rand(*shape) for key, shape in shapes.items()}
+        p = {k: v.double() for k, v in parts.items()}
+        sides = [torch.einsum("i j k l, j r, i p -> p r k l", p[f"hada_t{i}"], p[f"hada_w{i}_b"], p[f"hada_w{i}_a"])
+                 for i in (1, 2)]  # fmt: skip
+        return parts, sides[0] * sides[1] * alpha / rank, alpha
+    parts = {"hada_w1_a": rand(rows, rank), "hada_w1_b": rand(rank, columns, *(kernel or ())),
+             "hada_w2_a": rand(rows, rank), "hada_w2_b": rand(rank, columns, *(kernel or ()))}  # fmt: skip
+    p = {k: v.double().flatten(1) for k, v in parts.items()}
+    delta = (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"]) * alpha / rank
+    return parts, delta.reshape(rows, columns, *(kernel or ())), alpha
+
+
+def _lokr(rand, rows, columns, kernel, full, tucker):
+    """LoKr factors and the delta by LyCORIS' formula: ``kron(w1, w2) · alpha / r`` (w1 of 4 x 4; w2 = w2a w2b, or
+    full, where alpha is ignored; a convolution's w2 is 4-D, or rebuilt from its Tucker core)."""
+    rank, alpha = 2, 3.0
+    right = (rows // 4, columns // 4)
+    parts = {"lokr_w1": rand(4, 4)}
+    if tucker:
+        parts.update(lokr_t2=rand(rank, rank, *kernel), lokr_w2_a=rand(rank, right[0]), lokr_w2_b=rand(rank, right[1]))
+        p = {k: v.double() for k, v in parts.items()}
+        w2 = torch.einsum("i j k l, i p, j r -> p r k l", p["lokr_t2"], p["lokr_w2_a"], p["lokr_w2_b"])
+        scale = alpha / rank
+    elif full:
+        parts["lokr_w2"] = rand(*right, *(kernel or ()))
+        w2, scale = parts["lokr_w2"].double(), 1.0
+    else:
+        parts.update(lokr_w2_a=rand(right[0], rank), lokr_w2_b=rand(rank, right[1]))
+        w2, scale = parts["lokr_w2_a"].double() @ parts["lokr_w2_b"].double(), alpha / rank
+    w1 = parts["lokr_w1"].double()
+    return parts, torch.kron(w1[:, :, None, None] if w2.dim() == 4 else w1, w2.contiguous()) * scale, alpha
+
+
+def _locon_tucker(rand, rows, columns, kernel):
+    """kohya's LoCon with a Tucker core (``lora_mid``), and its delta as LyCORIS' ``make_weight`` rebuilds it."""
+    rank, alpha = 4, 1.0
+    parts = {"lora_down.weight": rand(rank, columns, 1, 1), "lora_mid.weight": rand(rank, rank, *kernel),
+             "lora_up.weight": rand(rows, rank, 1, 1)}  # fmt: skip
+    p = {k: v.double() for k, v in parts.items()}
+    delta = torch.einsum("i j k l, p i, j r -> p r k l", p["lora_mid.weight"], p["lora_up.weight"].flatten(1),
+                         p["lora_down.weight"].flatten(1))  # fmt: skip
+    return parts, delta * alpha / rank, alpha
 
 
 def lycoris_file(path, kind: str, seed: int):
-    """A LyCORIS file of ``kind`` (loha, lokr with a decomposed second side, lokr_full) on the linear modules, and
-    each module's delta by LyCORIS' formula, in float64: LoHa ``(w1a w1b) ⊙ (w2a w2b) · alpha / r``, LoKr
-    ``kron(w1, w2) · alpha / r`` (w2 = w2a w2b; two full sides ignore alpha)."""
+    """A LyCORIS file of ``kind`` on every module of ``MODULES`` (the 1x1 and 3x3 convolutions included, the 3x3 one
+    Tucker-factored where the kind has that form), and each module's delta by LyCORIS' formula, in float64."""
     generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator) * 0.1
+
     state, deltas = {}, {}
-    for name in LINEAR:
-        (rows, columns), _ = MODULES[name]
-        stem = "lora_unet_" + name.replace(".", "_")
-
-        def rand(*shape):
-            return torch.randn(*shape, generator=generator) * 0.1
-
+    for name, ((rows, columns), kernel) in MODULES.items():
+        tucker = kernel == (3, 3)
         if kind == "loha":
-            rank, alpha = 4, 2.0
-            parts = {"hada_w1_a": rand(rows, rank), "hada_w1_b": rand(rank, columns), "hada_w2_a": rand(rows, rank),
-                     "hada_w2_b": rand(rank, columns)}  # fmt: skip
-            p = {k: v.double() for k, v in parts.items()}
-            delta = (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"]) * alpha / rank
+            parts, delta, alpha = _loha(rand, rows, columns, kernel, tucker)
+        elif kind == "locon_tucker":
+            if not tucker:
+                continue
+            parts, delta, alpha = _locon_tucker(rand, rows, columns, kernel)
         else:
-            left = (4, 4)  # kron(4 x 4, rows/4 x columns/4)
-            right = (rows // 4, columns // 4)
-            rank, alpha = 2, 3.0  # LyCORIS ignores it where both sides are full
-            parts = {"lokr_w1": rand(*left)}
-            if kind == "lokr":
-                parts.update(lokr_w2_a=rand(right[0], rank), lokr_w2_b=rand(rank, right[1]))
-                w2, scale = parts["lokr_w2_a"].double() @ parts["lokr_w2_b"].double(), alpha / rank
-            else:
-                parts["lokr_w2"] = rand(*right)
-                w2, scale = parts["lokr_w2"].double(), 1.0
-            delta = torch.kron(parts["lokr_w1"].double(), w2) * scale
+            parts, delta, alpha = _lokr(rand, rows, columns, kernel, kind == "lokr_full", tucker and kind == "lokr")
+        stem = "lora_unet_" + name.replace(".", "_")
         state.update({f"{stem}.{key}": value for key, value in parts.items()})
         state[f"{stem}.alpha"] = torch.tensor(alpha)
-        deltas[name + ".weight"] = delta
+        deltas[name + ".weight"] = delta.reshape(rows, columns, *(kernel or ()))
     save_file(state, path)
     return path, deltas
 
 
-@pytest.mark.parametrize("kind", ["loha", "lokr", "lokr_full"])
+@pytest.mark.parametrize("kind", ["loha", "lokr", "lokr_full", "locon_tucker"])
 def test_lycoris_files_merge_with_kohya_ones(files, tmp_path, kind):
-    """A LyCORIS LoHa or LoKr file (diffusers cannot load those for SD) merged with a kohya LoRA: the merge, a kohya
-    LoRA that diffusers loads, moves each weight by the weighted sum of LyCORIS' formula and diffusers' own fuse
-    of the kohya input."""
+    """A LyCORIS LoHa or LoKr file, or a Tucker LoCon (diffusers cannot load those for SD), merged with a kohya LoRA:
+    the merge, a kohya LoRA that diffusers loads, moves each weight (linear, 1x1 and 3x3 convolutions) by the
+    weighted sum of LyCORIS' formula and diffusers' own fuse of the kohya input."""
     lycoris, formula = lycoris_file(tmp_path / f"{kind}.safetensors", kind, seed=7)
     out = tmp_path / "merged.safetensors"
     result = run("merge", lycoris, files["kohya"][0], "--method", "linear", "--weights", "0.6,0.5", "-o", out)
@@ -211,3 +250,9 @@ def test_lycoris_files_merge_with_kohya_ones(files, tmp_path, kind):
     for name, delta in merged.items():
         expected = 0.5 * kohya[name].double() + (0.6 * formula[name] if name in formula else 0)
         assert ((delta.double() - expected).norm() / expected.norm()).item() < 1e-5, name
+    if kind == "lokr":  # its 1x1 convolution's factors are 2-D (LyCORIS flattens them): the kernel comes from kohya's
+        return
+    alone = tmp_path / "alone.safetensors"  # each convolution's kernel as the LyCORIS file shows it
+    assert run("merge", lycoris, "--method", "linear", "-o", alone).exit_code == 0
+    for name, delta in fused_deltas(alone).items():
+        assert ((delta.double() - formula[name]).norm() / formula[name].norm()).item() < 1e-5, name

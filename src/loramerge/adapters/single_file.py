@@ -85,18 +85,57 @@ def _module(down: torch.Tensor, up: torch.Tensor, alpha: float, name: str, sourc
     return LoraModule(A=down.flatten(1), B=up.flatten(1), scale=alpha / rank), kernel
 
 
-LYCORIS_PARTS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2",
-                 "lokr_w2_a", "lokr_w2_b"}  # fmt: skip
+LYCORIS_PARTS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a",
+                 "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}  # fmt: skip
+# a Tucker core and the factors it joins: LyCORIS then stores both as r x out and r x in
+TUCKER_CORES = {"hada_t1": ("hada_w1_a", "hada_w1_b"), "hada_t2": ("hada_w2_a", "hada_w2_b"),
+                "lokr_t2": ("lokr_w2_a", "lokr_w2_b")}  # fmt: skip
+KERNEL_SIDES = ("hada_w1_b", "hada_w2_b", "lokr_w2", "lokr_w2_b")  # the factors a convolution's kernel shape is in
 
 
-def _lycoris_module(name: str, parts: dict[str, torch.Tensor], source: str) -> LoraModule:
-    """A LyCORIS LoHa or LoKr module as exact factors (PEFT's builders share its tensor names and shapes). LyCORIS
-    scales by ``alpha / r`` with ``r`` the decomposed factors' rank; a LoKr of two full sides ignores alpha."""
+def tucker_down(core: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """A Tucker-factored convolution (Kim et al., "Compression of Deep Convolutional Neural Networks", ICLR 2016,
+    as LyCORIS and kohya's LoCon use it): ``ΔW[p, c, k, l] = Σ_ij up[p, i] core[i, j, k, l] down[j, c]`` is the
+    product of ``up`` (out x r) and this r x in x kh x kw down factor, ``Σ_j core[i, j, k, l] down[j, c]``."""
+    return torch.einsum("ijkl,jc->ickl", core.to(torch.float32), down.flatten(1).to(torch.float32))
+
+
+def _lycoris_matrices(name: str, parts: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], list]:
+    """LyCORIS factors as the 2-D ones PEFT's LoHa and LoKr builders take, and a convolution's down-factor shape
+    (in, kh, kw), or [] where the file does not show it. A 4-D down factor (or LoKr's full ``lokr_w2``) is
+    flattened, as LyCORIS' own ``diff_weight`` reshapes it; a Tucker core is contracted into its down factor."""
+    matrices = dict(parts)
+    for core_key, (up_key, down_key) in TUCKER_CORES.items():
+        core = matrices.pop(core_key, None)
+        if core is None:
+            continue
+        up, down = matrices.get(up_key), matrices.get(down_key)
+        if up is None or down is None or core.dim() != 4 or tuple(core.shape[:2]) != (up.shape[0], down.shape[0]):
+            shapes = ", ".join(
+                f"{key} {tuple(t.shape)}" for key, t in parts.items() if key in (core_key, up_key, down_key)
+            )
+            raise BadInput(f"adapter {source}: module {name}: Tucker factors {shapes} do not pair")
+        matrices[up_key], matrices[down_key] = up.T, tucker_down(core, down)
+    kernel: list = []
+    for key, tensor in matrices.items():
+        if tensor.dim() == 4 and key in KERNEL_SIDES:
+            kernel = list(tensor.shape[1:])
+            if key.startswith("lokr"):  # kron(W1, W2): the input channels are W1's columns times W2's
+                first = matrices.get("lokr_w1", matrices.get("lokr_w1_b"))
+                kernel[0] *= first.shape[1] if first is not None else 1
+        elif tensor.dim() not in (2, 4) or (tensor.dim() == 4 and tuple(tensor.shape[2:]) != (1, 1)):
+            raise BadInput(f"adapter {source}: module {name}: {key} of shape {tuple(tensor.shape)} is not a factor of "
+                           "a linear or 2-D convolution layer")  # fmt: skip
+    return {key: tensor.flatten(1).contiguous() for key, tensor in matrices.items()}, kernel
+
+
+def _lycoris_module(name: str, parts: dict[str, torch.Tensor], source: str) -> tuple[LoraModule, list]:
+    """A LyCORIS LoHa or LoKr module as exact factors (PEFT's builders share its tensor names and shapes), and its
+    convolution kernel. LyCORIS scales by ``alpha / r`` with ``r`` the decomposed factors' rank; a LoKr of two full
+    sides ignores alpha."""
     from loramerge.adapters.peft_types import TYPES
 
-    factors = {key: tensor for key, tensor in parts.items() if key != "alpha"}
-    if any(tensor.dim() != 2 for tensor in factors.values()):
-        raise BadInput(f"adapter {source}: module {name}: LyCORIS convolutions are not read yet (linear layers only)")
+    factors, kernel = _lycoris_matrices(name, {key: t for key, t in parts.items() if key != "alpha"}, source)
     if "hada_w1_a" in parts:
         rank = parts["hada_w1_b"].shape[0] if "hada_w1_b" in parts else 1
         kind = "LOHA"
@@ -106,32 +145,44 @@ def _lycoris_module(name: str, parts: dict[str, torch.Tensor], source: str) -> L
         kind = "LOKR"
     alpha = float(parts["alpha"]) if "alpha" in parts and rank is not None else 0.0
     alpha = alpha or float(rank or 1)  # LyCORIS: no alpha, or 0, means alpha = r
-    return TYPES[kind].build(name, factors, {"peft_type": kind, "r": rank or 1, "alpha": alpha}, source)
+    config = {"peft_type": kind, "r": rank or 1, "alpha": alpha}
+    return TYPES[kind].build(name, factors, config, source), kernel
 
 
 def _kohya_modules(state: dict[str, torch.Tensor], source: str) -> tuple[dict[str, LoraModule], dict[str, list]]:
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         name, _, part = key.partition(".")
-        if part not in ("lora_down.weight", "lora_up.weight", "alpha") and part not in LYCORIS_PARTS:
+        if part not in ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha") and part not in LYCORIS_PARTS:
             what = "needs the base model's weights (DoRA)" if part == "dora_scale" else "is not read yet"
-            known = "kohya LoRA: lora_down, lora_up, alpha; LyCORIS LoHa and LoKr"
+            known = "kohya LoRA and LoCon: lora_down, lora_up, lora_mid, alpha; LyCORIS LoHa and LoKr"
             raise BadInput(f"adapter {source}: tensor {key!r} {what} ({known})")
         parts.setdefault(name, {})[part] = tensor
     modules, kernels = {}, {}
     for name, found in sorted(parts.items()):
         if set(found) & LYCORIS_PARTS:
-            modules[name] = _lycoris_module(name, found, source)
-            continue
-        if "lora_down.weight" not in found or "lora_up.weight" not in found:
-            raise BadInput(f"adapter {source}: module {name} lacks its lora_down or lora_up weight")
-        down = found["lora_down.weight"]
-        alpha = float(found["alpha"]) if "alpha" in found else 0.0
-        alpha = alpha or float(down.shape[0])  # kohya: no alpha, or 0, means alpha = r (scale 1)
-        modules[name], kernel = _module(down, found["lora_up.weight"], alpha, name, source)
+            modules[name], kernel = _lycoris_module(name, found, source)
+        else:
+            modules[name], kernel = _locon_module(name, found, source)
         if kernel:
             kernels[name] = kernel
     return modules, kernels
+
+
+def _locon_module(name: str, found: dict[str, torch.Tensor], source: str) -> tuple[LoraModule, list]:
+    """A kohya LoRA or LoCon module: down, up, alpha, and for a Tucker convolution a ``lora_mid`` core."""
+    if "lora_down.weight" not in found or "lora_up.weight" not in found:
+        raise BadInput(f"adapter {source}: module {name} lacks its lora_down or lora_up weight")
+    down, up = found["lora_down.weight"], found["lora_up.weight"]
+    if "lora_mid.weight" in found:
+        mid = found["lora_mid.weight"]
+        if mid.dim() != 4 or down.dim() != 4 or tuple(down.shape[2:]) != (1, 1) or mid.shape[1] != down.shape[0]:
+            raise BadInput(f"adapter {source}: module {name}: lora_mid {tuple(mid.shape)} and lora_down "
+                           f"{tuple(down.shape)} do not pair")  # fmt: skip
+        down, up = tucker_down(mid, down), up.to(torch.float32)
+    alpha = float(found["alpha"]) if "alpha" in found else 0.0
+    alpha = alpha or float(down.shape[0])  # kohya: no alpha, or 0, means alpha = r (scale 1)
+    return _module(down, up, alpha, name, source)
 
 
 def _pattern_value(patterns: dict, name: str, default: object) -> object:
