@@ -720,6 +720,18 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         lambda w: ["merge", w.a, w.b, "--format", "gguf", "--gguf-type", "q4_0", "-o", w.root.parent / "m.gguf"],
         "--gguf-type must be one of f32, f16, bf16, q8_0, got 'q4_0'",
     ),
+    "merge: GGUF type without a GGUF output": (
+        lambda w: ["merge", w.a, w.b, "--gguf-type", "f16", "-o", w.out],
+        "--gguf-type is the tensor type of --format gguf; --format peft takes --dtype",
+    ),
+    "merge: GGUF adapter with a dtype": (
+        lambda w: ["merge", w.a, w.b, "--format", "gguf", "--dtype", "float16", "-o", w.root.parent / "m.gguf"],
+        "--format gguf writes its tensors in --gguf-type; it does not combine with --dtype",
+    ),
+    "fold: GGUF type for a safetensors fold": (
+        lambda w: ["fold", w.a, "--base", w.base, "--gguf-type", "q8_0", "-o", w.out],
+        "--gguf-type is the tensor type of --format gguf; a safetensors fold takes --dtype or --quantize",
+    ),
     "merge: GGUF adapter over a file loramerge did not write": (
         lambda w: ["merge", w.a, "--format", "gguf", "--base", w.base, "-o", _foreign_file(w, "x.gguf"), "--force"],
         "output <in>/x.gguf is not a GGUF file loramerge wrote; --force replaces only those",

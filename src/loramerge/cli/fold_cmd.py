@@ -56,7 +56,7 @@ def fold_command(
         "--format",
         help="safetensors (a model folder) | gguf (one llama.cpp model file, from a GGUF base).",
     ),
-    gguf_type: str = typer.Option("f16", help="With --format gguf: f32 | f16 | bf16 | q8_0 | q4_0."),
+    gguf_type: str = typer.Option(None, help="With --format gguf: f32 | f16 | bf16 | q8_0 | q4_0 (default f16)."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
     allow_nonfinite: bool = typer.Option(False, help="Use input tensors holding NaN or Inf (refused by default)."),
     push_to_hub: str = typer.Option(None, help="Upload the output to this Hub repo (REPO_ID)."),
@@ -71,7 +71,7 @@ def fold_command(
             adapter,
             base,
             output,
-            gguf_type,
+            gguf_type or "f16",
             force,
             allow_nonfinite,
             (quantize, dtype, out_shard_size, push_to_hub, from_dequantized),
@@ -79,6 +79,10 @@ def fold_command(
         return
     if format != "safetensors":
         raise BadInput(f"--format must be safetensors or gguf, got {format!r}")
+    if gguf_type:
+        raise BadInput(
+            "--gguf-type is the tensor type of --format gguf; a safetensors fold takes --dtype or --quantize"
+        )
 
     check_dtype(dtype)
     check_quant_type(quant_type, "--quant-type")

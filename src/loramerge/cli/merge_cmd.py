@@ -108,7 +108,9 @@ def merge(
         "--base, else the adapters' base) | kohya | diffusers (one .safetensors file; from single-file inputs). "
         "Default: the inputs' (kohya where single files differ), else peft.",
     ),
-    gguf_type: str = typer.Option("f32", help="With --format gguf: f32 | f16 | bf16 | q8_0 (--fold-into: also q4_0)."),
+    gguf_type: str = typer.Option(
+        None, help="With --format gguf: f32 (default) | f16 | bf16 | q8_0; with --fold-into also q4_0 (default f16)."
+    ),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
     dry_run: bool = typer.Option(False, help="Print the plan and write nothing."),
     push_to_hub: str = typer.Option(None, help="Upload the output to this Hub repo (REPO_ID)."),
@@ -135,7 +137,9 @@ def merge(
     base = base or fold_into
     inputs = [Path(ref) for ref in [*adapters, *{ref for ref in (base, fold_into) if ref}]]
     format = _chosen_format(format, adapters)
-    target = _output_target(format, output, force or dry_run, inputs, adapters, gguf_type=gguf_type,
+    if format == "gguf":
+        gguf_type = gguf_type or ("f16" if fold_into else "f32")  # fold's default for a model, lossless for factors
+    target = _output_target(format, output, force or dry_run, inputs, adapters, gguf_type=gguf_type, dtype=dtype,
                            fold_into=fold_into, via_dense=via_dense, push_to_hub=push_to_hub)  # fmt: skip
     kinds = [peft_type_of(ref) for ref in adapters]
     dense_only = needs_peft_fold(kinds)
@@ -202,13 +206,16 @@ def _chosen_format(format: str | None, adapters: list[str]) -> str:
 
 
 def _output_target(format: str, output: Path, force: bool, inputs: list[Path], adapters: list[str], *,
-                  gguf_type: str, fold_into: str | None, via_dense: bool, push_to_hub: str | None) -> Path:  # fmt: skip
+                  gguf_type: str | None, dtype: str | None, fold_into: str | None, via_dense: bool,
+                  push_to_hub: str | None) -> Path:  # fmt: skip
     """The checked output of ``format``, after what it does not combine with is refused."""
     from loramerge.adapters.single_file import check_single_file_target, is_single_file
     from loramerge.io.atomic import check_output_target
     from loramerge.io.gguf_adapter import check_gguf_target
 
     single = [is_single_file(ref) for ref in adapters]
+    if gguf_type and format != "gguf":
+        raise BadInput(f"--gguf-type is the tensor type of --format gguf; --format {format} takes --dtype")
     if format == "peft":
         if any(single):
             raise BadInput(f"{adapters[single.index(True)]} is a single-file LoRA: write it as --format kohya or "
@@ -216,6 +223,8 @@ def _output_target(format: str, output: Path, force: bool, inputs: list[Path], a
         return check_output_target(output, force, inputs)
     if format == "gguf":
         _check_gguf_type(gguf_type, bool(fold_into))
+        if dtype:
+            raise BadInput("--format gguf writes its tensors in --gguf-type; it does not combine with --dtype")
         refused = ((via_dense, "--via-dense"), (push_to_hub, "--push-to-hub"))
     else:
         refused = ((fold_into, "--fold-into"), (via_dense, "--via-dense"), (push_to_hub, "--push-to-hub"))
@@ -238,7 +247,7 @@ def _check_gguf_type(gguf_type: str, folded: bool) -> None:
         raise BadInput(f"--gguf-type must be one of {', '.join(types)}, got {gguf_type!r}")
 
 
-def _prepared_output(format: str, loaded: list, *, base: str | None, fold_into: str | None, gguf_type: str):
+def _prepared_output(format: str, loaded: list, *, base: str | None, fold_into: str | None, gguf_type: str | None):
     """The inputs as the format merges them, and what ``workflows.merge_and_write`` is told to write (a
     ``GgufOutput``, a ``SingleFileOutput``, or neither), after every check the written file would fail."""
     from loramerge.adapters.single_file import single_file_inputs

@@ -239,9 +239,11 @@ def write_gguf_adapter(
                     report.widened.append(tensor_name + suffix)
                 writer.add_tensor(tensor_name + suffix, array, raw_dtype=kind)
             if progress is not None:
-                progress(done, len(kept), name)
+                progress(done, len(kept) + 1, name)  # the last step: the bytes, written after every tensor is encoded
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+    if progress is not None:
+        progress(len(kept) + 1, len(kept) + 1, str(target))
     return report
