@@ -670,10 +670,18 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         "base <in>/base: a GGUF model is written from a GGUF base (its metadata and tokenizer); for a model folder, "
         "llama.cpp's convert_hf_to_gguf.py converts the folded model",
     ),
-    "merge: single-file LoRA with DoRA scales": (
-        lambda w: _merge_single_file(w, "dora.safetensors", {"lora_unet_x.dora_scale": torch.ones(2, 1)}),
-        "adapter <in>/dora.safetensors: tensor 'lora_unet_x.dora_scale' needs the base model's weights (DoRA) (kohya "
-        "LoRA and LoCon: lora_down, lora_up, lora_mid, alpha; LyCORIS LoHa and LoKr)",
+    "merge: single-file LoRA with DoRA norms per input column": (
+        lambda w: _merge_single_file(
+            w,
+            "dora.safetensors",
+            {
+                "lora_unet_x.lora_down.weight": torch.ones(2, 3),
+                "lora_unet_x.lora_up.weight": torch.ones(4, 2),
+                "lora_unet_x.dora_scale": torch.ones(1, 3),
+            },
+        ),
+        "adapter <in>/dora.safetensors: module lora_unet_x: dora_scale (1, 3) holds a norm per input column (LyCORIS' "
+        "wd_on_out=False); only DoRA with a norm per output row (out x 1) merges",
     ),
     "merge: LyCORIS Tucker core of another rank": (
         lambda w: _merge_single_file(

@@ -14,33 +14,9 @@ import yaml
 from safetensors.torch import save_file
 
 from cli_helpers import assert_clean_failure, run
+from diffusion_helpers import MODULES, WEIGHTS, pipeline
 
 diffusers = pytest.importorskip("diffusers")
-
-MODULES = {  # diffusers module path -> ((out, in), kernel or None)
-    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": ((64, 64), None),
-    "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0": ((64, 64), None),
-    "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj": ((512, 64), None),
-    "down_blocks.1.attentions.0.proj_in": ((64, 64), (1, 1)),
-    "down_blocks.0.resnets.0.conv1": ((32, 32), (3, 3)),
-}
-WEIGHTS = (0.7, -0.4)
-
-
-def pipeline():
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=64, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32)  # fmt: skip
-    config = CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                            num_hidden_layers=2, vocab_size=1000)  # fmt: skip
-    text_encoder = CLIPTextModel(config)
-    return StableDiffusionPipeline(vae=None, text_encoder=text_encoder, tokenizer=None, unet=unet,
-                                   scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)  # fmt: skip
 
 
 def kohya_file(path, seed: int, rank: int, alpha: float):
@@ -147,8 +123,9 @@ def test_other_methods_and_what_is_refused(files, tmp_path):
         output = extra[extra.index("-o") + 1] if "-o" in extra else target
         assert_clean_failure(run(*argv), message, output)
     dora = tmp_path / "dora.safetensors"
-    save_file({"lora_unet_x.dora_scale": torch.ones(2, 1)}, dora)
-    assert_clean_failure(run("merge", dora, "-o", target), "'lora_unet_x.dora_scale' needs the base model", target)
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 3), "lora_unet_x.lora_up.weight": torch.ones(4, 2),
+               "lora_unet_x.dora_scale": torch.ones(4, 1)}, dora)  # fmt: skip
+    assert_clean_failure(run("merge", dora, "-o", target), "is a DoRA adapter: merging it needs the base model", target)
     foreign = tmp_path / "foreign.safetensors"
     save_file({"x": torch.ones(1)}, foreign)
     result = run("merge", *files["kohya"], "-o", foreign, "--force")

@@ -132,8 +132,16 @@ def dora_delta(module: LoraModule, weight: torch.Tensor) -> torch.Tensor:
 
 def base_for_dora(adapters: Sequence[LoraAdapter], base: str | BaseReader | None) -> str | BaseReader | None:
     """The base a merge reads: only where an input is DoRA (its row norms); None otherwise, so a merge of plain
-    LoRA never opens a base it was given for folding or scoring."""
-    return base if any(adapter.needs_base for adapter in adapters) else None
+    LoRA never opens a base it was given for folding or scoring. Single-file (diffusion) LoRAs read a diffusion
+    model's weights by their own module names (``DiffusionBaseWeights``)."""
+    from loramerge.adapters.diffusion_base import DiffusionBaseWeights
+    from loramerge.adapters.single_file import FORMAT_KEY
+
+    if not any(adapter.needs_base for adapter in adapters):
+        return None
+    if isinstance(base, str) and any(adapter.config.get(FORMAT_KEY) for adapter in adapters):
+        return DiffusionBaseWeights(base)
+    return base
 
 
 class BaseReader(Protocol):

@@ -1,13 +1,16 @@
-"""Single-file LoRAs of the diffusion world, read and written without a base model.
+"""Single-file LoRAs of the diffusion world, read and written without a base model (DoRA's merge reads the base's
+row norms, ``loramerge.adapters.diffusion_base``).
 
 - **kohya** (sd-scripts, A1111, ComfyUI): keys ``<name>.lora_down.weight`` (r x in, or r x in x kh x kw for a
   convolution), ``<name>.lora_up.weight`` (out x r, or out x r x 1 x 1) and ``<name>.alpha``, where ``<name>`` is
   the module's path with ``.`` replaced by ``_`` under ``lora_unet_``, ``lora_te_`` (``lora_te1_``/``lora_te2_`` for
-  SDXL's two text encoders). The delta is ``alpha / r · up @ down``; a missing alpha means ``alpha = r``.
+  SDXL's two text encoders). The delta is ``alpha / r · up @ down``; a missing alpha means ``alpha = r``. LyCORIS
+  writes its LoHa and LoKr factors (``hada_…``, ``lokr_…``), Tucker cores and DoRA's ``dora_scale`` under the same
+  names.
 - **diffusers** (``pytorch_lora_weights.safetensors``): PEFT keys under ``unet.``, ``text_encoder.``,
   ``text_encoder_2.`` or ``transformer.`` (``….lora_A.weight``, ``….lora_B.weight``), each component's rank and alpha
   in the header's ``lora_adapter_metadata`` (PEFT ``LoraConfig`` fields prefixed by the component); without it,
-  ``alpha = r``.
+  ``alpha = r``. DoRA's magnitudes are ``….lora_magnitude_vector``.
 
 A convolution is merged as the matrix ``up.flatten(1) @ down.flatten(1)`` (its delta, reshaped, as kohya, LyCORIS,
 PEFT and diffusers compute it), and its kernel shape is kept to write it back in 4-D. Outputs fold each module's
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -85,6 +89,7 @@ def _module(down: torch.Tensor, up: torch.Tensor, alpha: float, name: str, sourc
     return LoraModule(A=down.flatten(1), B=up.flatten(1), scale=alpha / rank), kernel
 
 
+KOHYA_PARTS = {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale"}
 LYCORIS_PARTS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a",
                  "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}  # fmt: skip
 # a Tucker core and the factors it joins: LyCORIS then stores both as r x out and r x in
@@ -153,20 +158,36 @@ def _kohya_modules(state: dict[str, torch.Tensor], source: str) -> tuple[dict[st
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         name, _, part = key.partition(".")
-        if part not in ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha") and part not in LYCORIS_PARTS:
-            what = "needs the base model's weights (DoRA)" if part == "dora_scale" else "is not read yet"
-            known = "kohya LoRA and LoCon: lora_down, lora_up, lora_mid, alpha; LyCORIS LoHa and LoKr"
-            raise BadInput(f"adapter {source}: tensor {key!r} {what} ({known})")
+        if part not in KOHYA_PARTS and part not in LYCORIS_PARTS:
+            known = "kohya LoRA and LoCon: lora_down, lora_up, lora_mid, alpha, dora_scale; LyCORIS LoHa and LoKr"
+            raise BadInput(f"adapter {source}: tensor {key!r} is not read yet ({known})")
         parts.setdefault(name, {})[part] = tensor
     modules, kernels = {}, {}
     for name, found in sorted(parts.items()):
+        dora_scale = found.pop("dora_scale", None)
         if set(found) & LYCORIS_PARTS:
             modules[name], kernel = _lycoris_module(name, found, source)
         else:
             modules[name], kernel = _locon_module(name, found, source)
+        if dora_scale is not None:
+            modules[name] = _with_dora_scale(modules[name], dora_scale, name, source)
         if kernel:
             kernels[name] = kernel
     return modules, kernels
+
+
+def _with_dora_scale(module: LoraModule, dora_scale: torch.Tensor, name: str, source: str) -> LoraModule:
+    """LyCORIS' DoRA (``weight_decompose``): ``W' = (W0 + Δ) · dora_scale / ‖W0 + Δ‖``. With one norm per output
+    row (``dora_scale`` out x 1, LyCORIS' ``wd_on_out``) it is PEFT's DoRA of magnitude ``dora_scale``; one norm
+    per input column (1 x in) is another decomposition, refused by name."""
+    rows = module.B.shape[0]
+    shape = tuple(dora_scale.shape)
+    if dora_scale.dim() >= 2 and shape[0] == rows and dora_scale.numel() == rows:
+        return replace(module, magnitude=dora_scale.flatten())
+    if dora_scale.dim() >= 2 and shape[0] == 1 and rows > 1:
+        raise BadInput(f"adapter {source}: module {name}: dora_scale {shape} holds a norm per input column "
+                       "(LyCORIS' wd_on_out=False); only DoRA with a norm per output row (out x 1) merges")  # fmt: skip
+    raise BadInput(f"adapter {source}: module {name}: dora_scale {shape} does not match its {rows} output rows")
 
 
 def _locon_module(name: str, found: dict[str, torch.Tensor], source: str) -> tuple[LoraModule, list]:
@@ -198,7 +219,8 @@ def _diffusers_modules(state, metadata: dict[str, str], source: str):
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         for suffix, part in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora.down.weight", "A"),
-                             (".lora.up.weight", "B")):  # fmt: skip
+                             (".lora.up.weight", "B"), (".lora_magnitude_vector", "M"),
+                             (".lora_magnitude_vector.weight", "M")):  # fmt: skip
             if key.endswith(suffix):
                 parts.setdefault(key.removesuffix(suffix), {})[part] = tensor
                 break
@@ -206,6 +228,7 @@ def _diffusers_modules(state, metadata: dict[str, str], source: str):
             raise BadInput(f"adapter {source}: tensor {key!r} is not a LoRA factor (lora_A, lora_B)")
     modules, kernels = {}, {}
     for name, found in sorted(parts.items()):
+        magnitude = found.pop("M", None)
         if set(found) != {"A", "B"}:
             raise BadInput(f"adapter {source}: module {name} lacks its lora_A or lora_B weight")
         component, _, path = name.partition(".")
@@ -215,6 +238,8 @@ def _diffusers_modules(state, metadata: dict[str, str], source: str):
         if configs.get(f"{component}.use_rslora"):
             alpha = alpha * rank**0.5  # PEFT's rsLoRA scale alpha / sqrt(r), as alpha' / r
         modules[name], kernel = _module(found["A"], found["B"], alpha, name, source)
+        if magnitude is not None:  # PEFT's DoRA, as diffusers saves it
+            modules[name] = _with_dora_scale(modules[name], magnitude.reshape(-1, 1), name, source)
         if kernel:
             kernels[name] = kernel
     return modules, kernels
@@ -232,7 +257,8 @@ def load_single_file(path: str | Path, *, allow_nonfinite: bool = False) -> Lora
         state, *(() if fmt == KOHYA else (metadata,)), source
     )
     ranks = sorted({m.rank for m in modules.values()})
-    config = {"peft_type": "LORA", "r": ranks[-1], "lora_alpha": ranks[-1], FORMAT_KEY: fmt, KERNELS_KEY: kernels}
+    config = {"peft_type": "LORA", "r": ranks[-1], "lora_alpha": ranks[-1], FORMAT_KEY: fmt, KERNELS_KEY: kernels,
+              "use_dora": any(module.dora for module in modules.values())}  # fmt: skip
     adapter = LoraAdapter(modules=modules, config=config, source=source)
     adapter.path = path
     return adapter
@@ -295,6 +321,30 @@ def written_by_loramerge(path: Path) -> bool:
         return False
 
 
+def _kohya_tensors(name: str, rank: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One module's kohya tensors; its scale is in ``up``, so ``alpha`` is its rank."""
+    if not name.startswith(KOHYA_PREFIXES):
+        raise BadInput(f"module {name}: no kohya name")
+    state = {f"{name}.lora_down.weight": tensors["down"], f"{name}.lora_up.weight": tensors["up"],
+             f"{name}.alpha": torch.tensor(float(rank), dtype=tensors["down"].dtype)}  # fmt: skip
+    if "magnitude" in tensors:  # LyCORIS' name and (out x 1) shape for DoRA's magnitude
+        state[f"{name}.dora_scale"] = tensors["magnitude"]
+    return state
+
+
+def _diffusers_configs(ranks_by_component: dict[str, dict[str, int]], dora: set[str]) -> dict[str, object]:
+    """The ``lora_adapter_metadata`` of a diffusers file: each component's PEFT ``LoraConfig`` fields (its largest
+    rank, the others as a pattern, alpha equal to rank as every scale is in ``lora_B``)."""
+    entries: dict[str, object] = {}
+    for component, ranks in ranks_by_component.items():
+        top = max(ranks.values())
+        others = {path: rank for path, rank in ranks.items() if rank != top}
+        entries.update({f"{component}.r": top, f"{component}.lora_alpha": top, f"{component}.rank_pattern": others,
+                        f"{component}.alpha_pattern": others, f"{component}.target_modules": sorted(ranks),
+                        f"{component}.use_dora": component in dora})  # fmt: skip
+    return entries
+
+
 def check_single_file_target(target: Path, force: bool, inputs: list[Path] = ()) -> Path:
     """An output ``.safetensors`` file: not a folder, not an input, not existing without ``force``, and replaced
     only where loramerge wrote it."""
@@ -318,41 +368,35 @@ def save_single_file(
     if fmt not in FORMATS:
         raise BadInput(f"`format` must be one of {', '.join(FORMATS)}, got {fmt!r}", param="format")
     target = check_single_file_target(Path(path), force)
-    if adapter.dense or any(m.dora or m.bias is not None for m in adapter.modules.values()):
-        raise BadInput("a single-file LoRA holds plain LoRA factors: no DoRA, lora_bias or saved modules")
+    if adapter.dense or any(m.bias is not None for m in adapter.modules.values()):
+        raise BadInput("a single-file LoRA holds LoRA factors (and DoRA's magnitudes): no lora_bias or saved modules")
     state: dict[str, torch.Tensor] = {}
     metadata = {WRITER_KEY: version("loramerge"), "format": "pt"}
-    configs: dict[str, object] = {}
+    configs: dict[str, dict[str, int]] = {}
+    dora: set[str] = set()
     for name, module in sorted(adapter.modules.items()):
         kernel = kernels.get(name, [])
-        down = module.A.reshape(module.rank, *kernel) if kernel else module.A
-        up = module.scale * module.B.to(torch.float32)
-        up = up.reshape(*up.shape, 1, 1) if kernel else up
-        dtype_of = dtype or module.A.dtype
+        one_by_one = [1, 1] if kernel else []
+        tensors = {"down": module.A.reshape(module.rank, *kernel) if kernel else module.A,
+                   "up": (module.scale * module.B.to(torch.float32)).reshape(*module.B.shape, *one_by_one)}  # fmt: skip
+        if module.magnitude is not None:  # kohya (LyCORIS): out x 1 (x 1 x 1); diffusers (PEFT): out or out x 1 x 1 x 1
+            trailing = [1, *one_by_one] if fmt == KOHYA or kernel else []
+            tensors["magnitude"] = module.magnitude.reshape(-1, *trailing)
+        tensors = {part: tensor.to(dtype or module.A.dtype).contiguous() for part, tensor in tensors.items()}
         if fmt == KOHYA:
-            if not name.startswith(KOHYA_PREFIXES):
-                raise BadInput(f"module {name}: no kohya name")
-            state[f"{name}.lora_down.weight"] = down.to(dtype_of).contiguous()
-            state[f"{name}.lora_up.weight"] = up.to(dtype_of).contiguous()
-            state[f"{name}.alpha"] = torch.tensor(float(module.rank), dtype=dtype_of)
-        else:
-            component, _, module_path = name.partition(".")
-            if component not in COMPONENTS:
-                raise BadInput(f"module {name}: kohya names cannot be turned into diffusers module paths without the "
-                               "model; write it as `format='kohya'`")  # fmt: skip
-            state[f"{name}.lora_A.weight"] = down.to(dtype_of).contiguous()
-            state[f"{name}.lora_B.weight"] = up.to(dtype_of).contiguous()
-            ranks = configs.setdefault(component, {})
-            ranks[module_path] = module.rank  # type: ignore[index]
+            state.update(_kohya_tensors(name, module.rank, tensors))
+            continue
+        component, _, module_path = name.partition(".")
+        if component not in COMPONENTS:
+            raise BadInput(f"module {name}: kohya names cannot be turned into diffusers module paths without the "
+                           "model; write it as `format='kohya'`")  # fmt: skip
+        parts = {"down": "lora_A.weight", "up": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
+        state.update({f"{name}.{parts[part]}": tensor for part, tensor in tensors.items()})
+        configs.setdefault(component, {})[module_path] = module.rank
+        if module.magnitude is not None:
+            dora.add(component)
     if fmt == DIFFUSERS:
-        entries = {}
-        for component, ranks in configs.items():
-            top = max(ranks.values())  # type: ignore[union-attr]
-            others = {path: rank for path, rank in ranks.items() if rank != top}  # type: ignore[union-attr]
-            entries.update({f"{component}.r": top, f"{component}.lora_alpha": top, f"{component}.rank_pattern": others,
-                            f"{component}.alpha_pattern": others,
-                            f"{component}.target_modules": sorted(ranks)})  # fmt: skip
-        metadata[METADATA_KEY] = json.dumps(entries)
+        metadata[METADATA_KEY] = json.dumps(_diffusers_configs(configs, dora))
     with atomic_output_file(target) as staging:
         save_file(state, staging, metadata=metadata)
     return target

@@ -1,0 +1,146 @@
+"""DoRA in single-file LoRAs (``src/loramerge/adapters/single_file.py``, ``diffusion_base.py``): LyCORIS' kohya-style
+``dora_scale`` and diffusers' ``lora_magnitude_vector``, merged with the row norms of a diffusion base read by the
+files' own module names. A tiny SD-1.5-shaped UNet is built from its config and saved as a pipeline folder
+(``unet/``). kohya inputs and outputs are checked against LyCORIS' formula, written out in the test in float64
+(``W' = (W0 + Δ) · dora_scale / ‖W0 + Δ‖_row``); diffusers-format ones by diffusers itself (``load_lora_weights``
+and ``fuse_lora``, which run PEFT's DoRA). A linear merge must move every weight by the weighted sum of what the
+inputs move it by, convolutions included.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cli_helpers import assert_clean_failure, run
+from diffusion_helpers import MODULES, WEIGHTS, pipeline
+
+diffusers = pytest.importorskip("diffusers")
+
+LINEAR = [name for name, (_, kernel) in MODULES.items() if kernel is None]
+
+
+def lycoris_dora(weight: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
+    """LyCORIS' ``apply_weight_decompose`` with ``wd_on_out``: each output row of ``W0 + Δ`` rescaled to its
+    ``dora_scale``."""
+    merged = weight + delta
+    norms = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (merged.dim() - 1))
+    return merged * dora_scale / norms
+
+
+def kohya_deltas(state: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a kohya DoRA file (LyCORIS' layout) moves each base weight by, in float64."""
+    moved = {}
+    for name in MODULES:
+        stem = "lora_unet_" + name.replace(".", "_")
+        down, up = state[f"{stem}.lora_down.weight"].double(), state[f"{stem}.lora_up.weight"].double()
+        weight = base[name + ".weight"].double()
+        delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * float(state[f"{stem}.alpha"]) / down.shape[0]
+        moved[name + ".weight"] = lycoris_dora(weight, delta, state[f"{stem}.dora_scale"].double()) - weight
+    return moved
+
+
+def kohya_dora_file(path, base: dict[str, torch.Tensor], seed: int, rank: int, alpha: float):
+    """A LyCORIS DoRA file (kohya names, ``dora_scale`` out x 1 (x 1 x 1)), its magnitudes near the base's norms."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, ((rows, columns), kernel) in MODULES.items():
+        stem = "lora_unet_" + name.replace(".", "_")
+        weight = base[name + ".weight"]
+        norms = weight.reshape(rows, -1).norm(dim=1).reshape(rows, 1, *((1, 1) if kernel else ()))
+        state.update({
+            f"{stem}.lora_down.weight": torch.randn(rank, columns, *(kernel or ()), generator=generator) * 0.1,
+            f"{stem}.lora_up.weight": torch.randn(rows, rank, *((1, 1) if kernel else ()), generator=generator) * 0.1,
+            f"{stem}.alpha": torch.tensor(alpha),
+            f"{stem}.dora_scale": norms * (1 + 0.2 * torch.rand(norms.shape, generator=generator)),
+        })  # fmt: skip
+    save_file(state, path)
+    return path
+
+
+def diffusers_dora_file(folder, seed: int, rank: int):
+    """A DoRA LoRA as diffusers saves one: PEFT's DoRA on the UNet's linear modules, trained weights stood in for by
+    random ones, written by ``save_lora_weights`` with its config."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = pipeline()
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=2 * rank, use_dora=True, target_modules=LINEAR), "x")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in pipe.unet.named_parameters():
+            if "lora_" in name:
+                parameter.mul_(1 + 0.2 * torch.rand(parameter.shape, generator=generator))
+                if "lora_B" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    state = get_peft_model_state_dict(pipe.unet, adapter_name="x")
+    metadata = pipe.unet.peft_config["x"].to_dict()
+    pipe.save_lora_weights(folder, unet_lora_layers=state, unet_lora_adapter_metadata=metadata)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def fused_deltas(path) -> dict[str, torch.Tensor]:
+    """What diffusers' load_lora_weights + fuse_lora add to each UNet weight."""
+    pipe = pipeline()
+    before = {name: p.detach().clone() for name, p in pipe.unet.named_parameters()}
+    pipe.load_lora_weights(str(path), adapter_name="x")
+    pipe.fuse_lora(components=["unet"])
+    pipe.unload_lora_weights()
+    return {name: p.detach() - before[name] for name, p in pipe.unet.named_parameters()
+            if not torch.equal(p.detach(), before[name])}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dora_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dora")
+    unet = pipeline().unet
+    unet.save_pretrained(root / "base" / "unet")
+    base = {name: p.detach().clone() for name, p in unet.state_dict().items()}
+    kohya = [kohya_dora_file(root / "a.safetensors", base, 1, rank=4, alpha=2.0),
+             kohya_dora_file(root / "b.safetensors", base, 2, rank=8, alpha=8.0)]  # fmt: skip
+    (root / "da").mkdir()
+    (root / "db").mkdir()
+    converted = [diffusers_dora_file(root / "da", 3, rank=4), diffusers_dora_file(root / "db", 4, rank=8)]
+    return {"root": root, "base": base, "kohya": kohya, "diffusers": converted}
+
+
+def test_a_kohya_dora_merge_moves_weights_by_the_weighted_sum(dora_setup, tmp_path):
+    """LyCORIS' formula applied to each input and to the merge (dora_scale and factors as written): the merge moves
+    every weight, linear or convolution, by the weighted sum of the inputs' moves."""
+    base = dora_setup["base"]
+    out = tmp_path / "merged.safetensors"
+    weights = ",".join(map(str, WEIGHTS))
+    result = run("merge", *dora_setup["kohya"], "--method", "linear", "--weights", weights, "--base",
+                 dora_setup["root"] / "base", "-o", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    written = load_file(out)
+    assert {key.rsplit(".", 1)[-1] for key in written if "dora_scale" in key} == {"dora_scale"}
+    merged = kohya_deltas(written, base)
+    first, second = (kohya_deltas(load_file(path), base) for path in dora_setup["kohya"])
+    for name, delta in merged.items():
+        expected = WEIGHTS[0] * first[name] + WEIGHTS[1] * second[name]
+        assert ((delta - expected).norm() / expected.norm()).item() < 1e-5, name
+
+
+def test_a_diffusers_dora_merge_is_what_diffusers_fuses(dora_setup, tmp_path):
+    out = tmp_path / "merged.safetensors"
+    weights = ",".join(map(str, WEIGHTS))
+    result = run("merge", *dora_setup["diffusers"], "--method", "linear", "--weights", weights, "--base",
+                 dora_setup["root"] / "base", "-o", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    merged = fused_deltas(out)
+    first, second = (fused_deltas(path) for path in dora_setup["diffusers"])
+    assert set(merged) == set(first) and len(merged) == len(LINEAR)
+    for name, delta in merged.items():
+        expected = WEIGHTS[0] * first[name] + WEIGHTS[1] * second[name]
+        assert ((delta - expected).norm() / expected.norm()).item() < 1e-5, name
+
+
+def test_a_dora_merge_needs_the_base_it_names(dora_setup, tmp_path):
+    target = tmp_path / "x.safetensors"
+    kohya = dora_setup["kohya"]
+    assert_clean_failure(run("merge", *kohya, "-o", target), "is a DoRA adapter: merging it needs the base", target)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_clean_failure(run("merge", *kohya, "--base", empty, "-o", target), "no .safetensors weights", target)
