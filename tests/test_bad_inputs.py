@@ -228,6 +228,13 @@ def _tiny_kohya(ws: Workspace) -> Path:
     return _single_file(ws, "k.safetensors", tensors)
 
 
+def _kohya_dora(ws: Workspace, dora_scale: torch.Tensor) -> list:
+    """``merge`` of a kohya DoRA file of one 4 x 3 module with this ``dora_scale``."""
+    tensors = {"lora_unet_x.lora_down.weight": torch.ones(2, 3), "lora_unet_x.lora_up.weight": torch.ones(4, 2),
+               "lora_unet_x.dora_scale": dora_scale}  # fmt: skip
+    return _merge_single_file(ws, "dora.safetensors", tensors)
+
+
 def _recipe_of(adapters: list, **fields) -> dict:
     """A linear adapter recipe of ``adapters`` (and other top-level ``fields``)."""
     return {"merge_method": "linear", "adapters": [{"adapter": str(path)} for path in adapters], **fields}
@@ -671,17 +678,13 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         "llama.cpp's convert_hf_to_gguf.py converts the folded model",
     ),
     "merge: single-file LoRA with DoRA norms per input column": (
-        lambda w: _merge_single_file(
-            w,
-            "dora.safetensors",
-            {
-                "lora_unet_x.lora_down.weight": torch.ones(2, 3),
-                "lora_unet_x.lora_up.weight": torch.ones(4, 2),
-                "lora_unet_x.dora_scale": torch.ones(1, 3),
-            },
-        ),
+        lambda w: _kohya_dora(w, torch.ones(1, 3)),
         "adapter <in>/dora.safetensors: module lora_unet_x: dora_scale (1, 3) holds a norm per input column (LyCORIS' "
         "wd_on_out=False); only DoRA with a norm per output row (out x 1) merges",
+    ),
+    "merge: single-file DoRA on a base without its module": (
+        lambda w: [*_kohya_dora(w, torch.ones(4, 1)), "--base", w.base],
+        "module lora_unet_x: the base <in>/base has no weight for it (components: transformer, unet)",
     ),
     "merge: LyCORIS Tucker core of another rank": (
         lambda w: _merge_single_file(
