@@ -1,5 +1,5 @@
-"""The methods that need whole matrices (Iso-C, TSV-M, KnOTS) against direct dense implementations of their
-papers' definitions, their identities, and core space = full space where the method is basis-equivariant."""
+"""The methods that need whole matrices (Iso-C, Iso-CTS, TSV-M, KnOTS, WUDI) against direct dense implementations of
+their papers' definitions, their identities, and core space = full space where the method is basis-equivariant."""
 
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def test_matrix_methods_refuse_the_factor_space_and_unknown_parameters():
 
 
 @pytest.mark.parametrize(("method", "params"), [("iso_c", {"alpha": 1.2}), ("tsv_m", {"keep": 0.5}),
-                                                ("knots", {"inner": "linear"})])  # fmt: skip
+                                                ("knots", {"inner": "linear"}), ("wudi", {"alpha": 0.9})])  # fmt: skip
 def test_core_space_equals_full_space(method, params):
     """Every basis these methods need lies in the span of the stacked factors: the R x R cores suffice."""
     close(merged_delta(mixed(), method, "core", **params), merged_delta(mixed(), method, "full", **params), 1e-5)
@@ -193,7 +193,7 @@ def test_iso_cts_with_the_whole_common_subspace_is_iso_c():
     close(merged_delta(adapters, "iso_cts", "core", common=0.6), merged_delta(adapters, "iso_cts", "full", common=0.6))
 
 
-@pytest.mark.parametrize("method", ["iso_c", "iso_cts", "tsv_m", "knots", "robustmerge"])
+@pytest.mark.parametrize("method", ["iso_c", "iso_cts", "tsv_m", "knots", "robustmerge", "wudi"])
 def test_a_module_missing_from_an_adapter_contributes_nothing(method):
     """Adapter 2 lacks the second module: there the method merges the two others alone."""
     adapters = mixed()
@@ -207,11 +207,59 @@ def test_a_module_missing_from_an_adapter_contributes_nothing(method):
     close(merged.modules["layer.other"].delta(), alone.modules[NAME].delta())
 
 
+def wudi_objective(merged, tasks, weights) -> float:
+    """WUDI-Merging's loss as the paper writes it: Σ_i ‖(τ − w_i τ_i) τ_iᵀ‖²_F / ‖τ_i‖²_F."""
+    return sum(float(((merged - w * t) @ t.T).norm() ** 2 / t.norm() ** 2) for w, t in zip(weights, tasks, strict=True))
+
+
+def wudi_reference(tasks, weights):
+    """The loss's minimum-norm minimiser, by least squares written from the loss itself (numpy, float64): each row
+    m of τ minimises Σ_i ‖(m − w_i t_i) τ_iᵀ‖² / ‖τ_i‖², one linear least-squares problem per row."""
+    import numpy as np
+
+    tasks = [t.double().numpy() for t in tasks]
+    design = np.concatenate([t.T / np.linalg.norm(t) for t in tasks], axis=1)  # in x (n · out)
+    rows = []
+    for r in range(tasks[0].shape[0]):
+        goal = np.concatenate([w * t[r] @ t.T / np.linalg.norm(t) for w, t in zip(weights, tasks, strict=True)])
+        rows.append(np.linalg.lstsq(design.T, goal, rcond=1e-5)[0])  # float32 tasks: their null space is ~1e-7
+    return torch.tensor(np.stack(rows), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("space", ["core", "full"])
+def test_wudi_is_the_minimiser_of_its_loss(space):
+    adapters = mixed()
+    tasks = deltas(adapters)
+    result = merged_delta(adapters, "wudi", space)
+    expected = wudi_reference(tasks, WEIGHTS)
+    close(result, expected, 1e-4)
+    loss = wudi_objective(result.double(), [t.double() for t in tasks], WEIGHTS)
+    generator = torch.Generator().manual_seed(3)
+    total = sum(w * t for w, t in zip(WEIGHTS, tasks, strict=True)).double()
+    assert loss < wudi_objective(total, [t.double() for t in tasks], WEIGHTS)  # it moved off the plain sum
+    for _ in range(3):  # and no nearby point does better
+        nearby = result.double() + 1e-3 * torch.randn(result.shape, generator=generator, dtype=torch.float64)
+        assert loss <= wudi_objective(nearby, [t.double() for t in tasks], WEIGHTS)
+    close(merged_delta(adapters, "wudi", space, alpha=0.5), 0.5 * result)
+
+
+def test_wudi_of_tasks_on_separate_inputs_is_their_weighted_sum():
+    """Row spaces that do not meet: no task interferes with another, so the minimiser is the plain weighted sum; and
+    one task alone is itself."""
+    generator = torch.Generator().manual_seed(5)
+    A = torch.linalg.qr(torch.randn(30, 13, generator=generator))[0].T  # 13 orthonormal rows, split 4 / 6 / 3
+    adapters = [adapter(i, r, A=A[s : s + r]) for i, (s, r) in enumerate([(0, 4), (4, 6), (10, 3)])]
+    total = sum(w * t for w, t in zip(WEIGHTS, deltas(adapters), strict=True))
+    close(merged_delta(adapters, "wudi", "core"), total)
+    close(merge_adapters(adapters[:1], [0.7], "wudi").modules[NAME].delta(), 0.7 * deltas(adapters)[0])
+
+
 REFERENCES = {
     "iso_c": lambda tasks, weights: iso_c_reference(tasks, weights, 1.0),
     "iso_cts": lambda tasks, weights: iso_cts_reference(tasks, weights, 1.0, 0.8),
     "tsv_m": lambda tasks, weights: tsv_reference(tasks, weights, 1.0, 1 / len(tasks)),
     "knots": lambda tasks, weights: sum(w * t for w, t in zip(weights, tasks, strict=True)),
+    "wudi": wudi_reference,
 }
 
 

@@ -329,6 +329,9 @@ for _method in (
            level="matrix", parameters=(_ALPHA, Parameter("common", 0.8, help="fraction of the sum's rank kept as "
            "the common subspace", check=_positive_fraction)), exact_rank=True, dense=False, any_basis=True,
            lone="flattens its singular values"),
+    Method("wudi", _M + "wudi", "WUDI-Merging (Cheng et al., ICML 2025, arXiv:2503.08099)",
+           "the update interfering least with each task on its own row space (solved exactly)", level="matrix",
+           parameters=(_ALPHA,), exact_rank=True, dense=False, any_basis=True),
     Method("robustmerge", "loramerge.lowrank.robust:robust_merge",
            "RobustMerge (Zeng et al., NeurIPS 2025, arXiv:2502.17159)",
            "each task's factors pruned, rescaled per component by the mass pruned, normalised across tasks",

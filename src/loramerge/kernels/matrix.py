@@ -118,3 +118,27 @@ def iso_cts(tasks: torch.Tensor, weights: torch.Tensor, *, alpha: float, common:
             lefts.append(t_left[:, :t_rank]), rights.append(t_right_t[:t_rank].T), sigmas.append(t_values[:t_rank])
     flat = torch.cat(sigmas).mean()
     return alpha * flat * polar_factor(torch.cat(lefts, dim=1)) @ polar_factor(torch.cat(rights, dim=1)).T
+
+
+def wudi(tasks: torch.Tensor, weights: torch.Tensor, *, alpha: float) -> torch.Tensor:
+    """WUDI-Merging (Cheng et al., "Whoever Started the Interference Should End It", ICML 2025): the update ``τ``
+    minimising ``Σ_i ‖(τ − w_i T_i) T_iᵀ‖²_F / ‖T_i‖²_F``, each task's interference measured on its own row space
+    (which stands in for its inputs), times ``alpha``. With ``P_i = T_iᵀ T_i / ‖T_i‖²`` the objective is
+    ``Σ_i tr((τ − w_i T_i) P_i (τ − w_i T_i)ᵀ)``, whose gradient vanishes where ``τ Σ_i P_i = Σ_i w_i T_i P_i``:
+    solved exactly, the minimum-norm solution ``(Σ_i w_i T_i P_i)(Σ_i P_i)⁺`` (the point gradient descent from the
+    sum converges to; the authors stop 300 Adam steps in). An orthonormal change of basis ``T → U T Vᵀ`` maps the
+    solution the same way, so the R x R cores suffice."""
+    work = tasks.to(torch.float64)
+    norms = work.flatten(1).norm(dim=1).square()
+    present = norms > 0
+    if not bool(present.any()):
+        return torch.zeros_like(tasks[0])
+    work, norms, scales = work[present], norms[present], weights.to(torch.float64)[present]
+    grams = work.transpose(1, 2) @ work / norms.view(-1, 1, 1)  # P_i, b x b each
+    target = ((scales.view(-1, 1, 1) * work) @ grams).sum(dim=0)
+    values, vectors = torch.linalg.eigh(grams.sum(dim=0))
+    # eigenvalues of Σ P_i are at most n and those of its rank at least the tasks' smallest σ²/‖T‖²: the cut only
+    # drops round-off, at a size-independent level so that the core and the full space keep the same ones
+    kept = values > values[-1] * 1e-10
+    inverse = (vectors[:, kept] / values[kept]) @ vectors[:, kept].T
+    return (alpha * target @ inverse).to(tasks.dtype)
