@@ -28,3 +28,15 @@ def pipeline():
     return StableDiffusionPipeline(vae=None, text_encoder=text_encoder, tokenizer=None, unet=unet,
                                    scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)  # fmt: skip
+
+
+def fused_deltas(path, make_pipeline=pipeline, component: str = "unet") -> dict[str, torch.Tensor]:
+    """What diffusers' load_lora_weights + fuse_lora add to each weight of a pipeline's ``component``."""
+    pipe = make_pipeline()
+    model = getattr(pipe, component)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    pipe.load_lora_weights(str(path), adapter_name="x")
+    pipe.fuse_lora(components=[component])
+    pipe.unload_lora_weights()
+    return {name: p.detach() - before[name] for name, p in model.named_parameters()
+            if not torch.equal(p.detach(), before[name])}  # fmt: skip

@@ -240,6 +240,11 @@ def _recipe_of(adapters: list, **fields) -> dict:
     return {"merge_method": "linear", "adapters": [{"adapter": str(path)} for path in adapters], **fields}
 
 
+def _single_file_run(ws: Workspace, *extra, **fields) -> list:
+    """``run`` of a recipe of one kohya file (and top-level ``fields``) into a file beside the inputs."""
+    return ["run", _recipe(ws, _recipe_of([_tiny_kohya(ws)], **fields)), "-o", ws.root.parent / "m.safetensors", *extra]
+
+
 def _merge_single_file(ws: Workspace, name: str, tensors: dict) -> list:
     """``merge`` of one single-file LoRA holding ``tensors``, into a file beside the inputs."""
     return ["merge", _single_file(ws, name, tensors), "-o", ws.root.parent / "m.safetensors"]
@@ -443,7 +448,7 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         (
             "method: unknown method 'average'; choose one of cat, svd, linear, task_arithmetic, ties, "
             "dare_linear, dare_ties, magnitude_prune, breadcrumbs, breadcrumbs_ties, della, "
-            "della_linear, knots, tsv_m, iso_c, iso_cts, robustmerge"
+            "della_linear, knots, tsv_m, iso_c, iso_cts, wudi, robustmerge"
         ),
     ),
     "merge: unknown space": (
@@ -504,6 +509,15 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
     "run: single-file LoRA written as a PEFT folder": (
         lambda w: ["run", _recipe(w, _recipe_of([_tiny_kohya(w)], output={"format": "adapter"})), "-o", w.out],
         "output.format: <in>/k.safetensors is a single-file LoRA; write it as kohya or diffusers, not adapter",
+    ),
+    "run: single-file recipe pushed to the Hub": (
+        lambda w: _single_file_run(w, "--push-to-hub", "me/merged"),
+        "--push-to-hub uploads a folder; this recipe writes one single-file LoRA",
+    ),
+    "run: single-file recipe folded into a base": (
+        lambda w: _single_file_run(w, output={"base": str(w.base)}),
+        "output.base: <in>/k.safetensors is a single-file LoRA, written as one file, not folded (a DoRA merge reads "
+        "its base from base_model)",
     ),
     "run: missing recipe": (
         lambda w: ["run", w.root / "none.yml", "-o", w.out],

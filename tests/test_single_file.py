@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import save_file
 
 from cli_helpers import assert_clean_failure, run
-from diffusion_helpers import MODULES, WEIGHTS, pipeline
+from diffusion_helpers import MODULES, WEIGHTS, fused_deltas, pipeline
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -43,17 +43,6 @@ def diffusers_file(folder, kohya):
     metadata = pipe.unet.peft_config["x"].to_dict()
     pipe.save_lora_weights(folder, unet_lora_layers=state, unet_lora_adapter_metadata=metadata)
     return folder / "pytorch_lora_weights.safetensors"
-
-
-def fused_deltas(path) -> dict[str, torch.Tensor]:
-    """What diffusers' load_lora_weights + fuse_lora add to each UNet weight."""
-    pipe = pipeline()
-    before = {name: p.detach().clone() for name, p in pipe.unet.named_parameters()}
-    pipe.load_lora_weights(str(path), adapter_name="x")
-    pipe.fuse_lora(components=["unet"])
-    pipe.unload_lora_weights()
-    return {name: p.detach() - before[name] for name, p in pipe.unet.named_parameters()
-            if not torch.equal(p.detach(), before[name])}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +123,8 @@ def test_other_methods_and_what_is_refused(files, tmp_path):
 
 def _loha(rand, rows, columns, kernel, tucker):
     """LoHa factors (rank 4, alpha 2) and the delta by LyCORIS' formula: ``(w1a w1b) ⊙ (w2a w2b) · alpha / r``, for a
-    convolution with a 4-D down factor, or (``tucker``) each side rebuilt from its core as LyCORIS'
-    ``HadaWeightTucker`` does."""
+    convolution with flat factors (in · kh · kw columns), or (``tucker``) each side rebuilt from its core as
+    LyCORIS' ``HadaWeightTucker`` does."""
     rank, alpha = 4, 2.0
     if tucker:
         # factors of 0.3, not 0.1: a product of two Tucker rebuilds is otherwise too small to measure on fused weights
@@ -146,8 +135,9 @@ def _loha(rand, rows, columns, kernel, tucker):
         sides = [torch.einsum("i j k l, j r, i p -> p r k l", p[f"hada_t{i}"], p[f"hada_w{i}_b"], p[f"hada_w{i}_a"])
                  for i in (1, 2)]  # fmt: skip
         return parts, sides[0] * sides[1] * alpha / rank, alpha
-    parts = {"hada_w1_a": rand(rows, rank), "hada_w1_b": rand(rank, columns, *(kernel or ())),
-             "hada_w2_a": rand(rows, rank), "hada_w2_b": rand(rank, columns, *(kernel or ()))}  # fmt: skip
+    flat = columns * (kernel[0] * kernel[1] if kernel else 1)  # LyCORIS stores a convolution's factors flat
+    parts = {"hada_w1_a": rand(rows, rank), "hada_w1_b": rand(rank, flat), "hada_w2_a": rand(rows, rank),
+             "hada_w2_b": rand(rank, flat)}  # fmt: skip
     p = {k: v.double().flatten(1) for k, v in parts.items()}
     delta = (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"]) * alpha / rank
     return parts, delta.reshape(rows, columns, *(kernel or ())), alpha
@@ -227,9 +217,8 @@ def test_lycoris_files_merge_with_kohya_ones(files, tmp_path, kind):
     for name, delta in merged.items():
         expected = 0.5 * kohya[name].double() + (0.6 * formula[name] if name in formula else 0)
         assert ((delta.double() - expected).norm() / expected.norm()).item() < 1e-5, name
-    if kind == "lokr":  # its 1x1 convolution's factors are 2-D (LyCORIS flattens them): the kernel comes from kohya's
-        return
-    alone = tmp_path / "alone.safetensors"  # each convolution's kernel as the LyCORIS file shows it
-    assert run("merge", lycoris, "--method", "linear", "-o", alone).exit_code == 0
+    alone = tmp_path / "alone.safetensors"  # kernels of flat convolution factors from the base, the rest from the file
+    pipeline().unet.save_pretrained(tmp_path / "base" / "unet")
+    assert run("merge", lycoris, "--method", "linear", "--base", tmp_path / "base", "-o", alone).exit_code == 0
     for name, delta in fused_deltas(alone).items():
         assert ((delta.double() - formula[name]).norm() / formula[name].norm()).item() < 1e-5, name

@@ -14,11 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cli_helpers import assert_clean_failure, run
-from diffusion_helpers import MODULES, WEIGHTS, pipeline
+from diffusion_helpers import MODULES, WEIGHTS, fused_deltas, pipeline
 
 diffusers = pytest.importorskip("diffusers")
-
-LINEAR = [name for name, (_, kernel) in MODULES.items() if kernel is None]
 
 
 def lycoris_dora(weight: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
@@ -60,13 +58,13 @@ def kohya_dora_file(path, base: dict[str, torch.Tensor], seed: int, rank: int, a
 
 
 def diffusers_dora_file(folder, seed: int, rank: int):
-    """A DoRA LoRA as diffusers saves one: PEFT's DoRA on the UNet's linear modules, trained weights stood in for by
-    random ones, written by ``save_lora_weights`` with its config."""
+    """A DoRA LoRA as diffusers saves one: PEFT's DoRA on the UNet's linear and convolution modules, trained weights
+    stood in for by random ones, written by ``save_lora_weights`` with its config."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     pipe = pipeline()
-    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=2 * rank, use_dora=True, target_modules=LINEAR), "x")
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=2 * rank, use_dora=True, target_modules=list(MODULES)), "x")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in pipe.unet.named_parameters():
@@ -78,17 +76,6 @@ def diffusers_dora_file(folder, seed: int, rank: int):
     metadata = pipe.unet.peft_config["x"].to_dict()
     pipe.save_lora_weights(folder, unet_lora_layers=state, unet_lora_adapter_metadata=metadata)
     return folder / "pytorch_lora_weights.safetensors"
-
-
-def fused_deltas(path) -> dict[str, torch.Tensor]:
-    """What diffusers' load_lora_weights + fuse_lora add to each UNet weight."""
-    pipe = pipeline()
-    before = {name: p.detach().clone() for name, p in pipe.unet.named_parameters()}
-    pipe.load_lora_weights(str(path), adapter_name="x")
-    pipe.fuse_lora(components=["unet"])
-    pipe.unload_lora_weights()
-    return {name: p.detach() - before[name] for name, p in pipe.unet.named_parameters()
-            if not torch.equal(p.detach(), before[name])}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +118,7 @@ def test_a_diffusers_dora_merge_is_what_diffusers_fuses(dora_setup, tmp_path):
     assert result.exit_code == 0, result.output
     merged = fused_deltas(out)
     first, second = (fused_deltas(path) for path in dora_setup["diffusers"])
-    assert set(merged) == set(first) and len(merged) == len(LINEAR)
+    assert set(merged) == set(first) and len(merged) == len(MODULES)
     for name, delta in merged.items():
         expected = WEIGHTS[0] * first[name] + WEIGHTS[1] * second[name]
         assert ((delta - expected).norm() / expected.norm()).item() < 1e-5, name

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import diffusion_helpers
 from cli_helpers import assert_clean_failure, run
 
 diffusers = pytest.importorskip("diffusers")
@@ -64,14 +65,7 @@ def diffusers_flux_file(folder, kohya):
 
 
 def fused_deltas(path) -> dict[str, torch.Tensor]:
-    """What diffusers' load_lora_weights + fuse_lora add to each transformer weight."""
-    pipe = flux_pipeline()
-    before = {name: p.detach().clone() for name, p in pipe.transformer.named_parameters()}
-    pipe.load_lora_weights(str(path), adapter_name="x")
-    pipe.fuse_lora(components=["transformer"])
-    pipe.unload_lora_weights()
-    return {name: p.detach() - before[name] for name, p in pipe.transformer.named_parameters()
-            if not torch.equal(p.detach(), before[name])}  # fmt: skip
+    return diffusion_helpers.fused_deltas(path, flux_pipeline, "transformer")
 
 
 @pytest.fixture(scope="module")

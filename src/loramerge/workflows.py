@@ -180,8 +180,14 @@ def _recipe_single_file(
         raise BadInput(f"output.format: {single} is a single-file LoRA; write it as kohya or diffusers, not {asked}")
     if recipe.evaluate is not None:
         raise BadInput(f"evaluate: {single} is a single-file LoRA; the evaluation runs language-model adapters")
+    if recipe.output is not None and recipe.output.base:
+        raise BadInput(f"output.base: {single} is a single-file LoRA, written as one file, not folded (a DoRA merge "
+                       "reads its base from base_model)")  # fmt: skip
     fmt = asked or default_format(formats)  # type: ignore[arg-type]
-    adapters, kernels = single_file_inputs(adapters, fmt)
+    try:
+        adapters, kernels = single_file_inputs(adapters, fmt, recipe.base_model)
+    except BadInput as error:
+        raise BadInput(f"output.format {fmt}: {error}") from None
     return adapters, SingleFileOutput(fmt, kernels)
 
 

@@ -19,7 +19,8 @@ from loramerge.errors import BadInput
 
 # the kohya prefix of each component's modules (SD 1.x names its only text encoder lora_te_)
 KOHYA_COMPONENTS = {"lora_unet_": ("unet", "transformer"), "lora_te_": ("text_encoder",),
-                    "lora_te1_": ("text_encoder",), "lora_te2_": ("text_encoder_2",)}  # fmt: skip
+                    "lora_te1_": ("text_encoder",), "lora_te2_": ("text_encoder_2",),
+                    "lora_te3_": ("text_encoder_3",)}  # fmt: skip
 DENOISERS = ("unet", "transformer")
 
 
@@ -58,6 +59,16 @@ class DiffusionBaseWeights:
         with safe_open(self.components[component][key], framework="pt") as handle:
             shape = handle.get_slice(key).get_shape()
         return (shape[0], int(torch.tensor(shape[1:]).prod())) if len(shape) > 2 else tuple(shape)
+
+    def kernel(self, module: str) -> list[int]:
+        """A convolution's (in, kh, kw), from its weight; [] for a linear layer or a module the base lacks."""
+        try:
+            component, key = self._where(module)
+        except BadInput:
+            return []
+        with safe_open(self.components[component][key], framework="pt") as handle:
+            shape = handle.get_slice(key).get_shape()
+        return list(shape[1:]) if len(shape) == 4 else []
 
     def weight(self, module: str) -> torch.Tensor:
         return self._tensor(module).to(torch.float32).flatten(1)

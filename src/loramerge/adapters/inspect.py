@@ -61,7 +61,7 @@ def delta_norm(adapter: LoraAdapter, name: str) -> float:
 def summarize_adapter(adapter: LoraAdapter) -> AdapterSummary:
     config = adapter.config
     modules = adapter.modules.values()
-    if adapter.stored_dtype is None:  # LoRA and DoRA: the alpha the scale was made from
+    if str(config.get("peft_type", "LORA")).upper() not in ("LOHA", "LOKR"):  # LoRA, DoRA: the scale's alpha
         alphas = sorted({m.scale * (math.sqrt(m.rank) if config.get("use_rslora") else m.rank) for m in modules})
     else:  # LoHa and LoKr: ranks here are the exact factors' (r², rank(W1)·rank(W2)), not the config's r
         alphas = sorted({module_rank_and_alpha(config, name)[1] for name in adapter.modules})

@@ -176,7 +176,9 @@ def _kohya_modules(state: dict[str, torch.Tensor], source: str) -> tuple[dict[st
     return modules, kernels
 
 
-def _with_dora_scale(module: LoraModule, dora_scale: torch.Tensor, name: str, source: str) -> LoraModule:
+def _with_dora_scale(
+    module: LoraModule, dora_scale: torch.Tensor, name: str, source: str, what: str = "dora_scale"
+) -> LoraModule:
     """LyCORIS' DoRA (``weight_decompose``): ``W' = (W0 + Δ) · dora_scale / ‖W0 + Δ‖``. With one norm per output
     row (``dora_scale`` out x 1, LyCORIS' ``wd_on_out``) it is PEFT's DoRA of magnitude ``dora_scale``; one norm
     per input column (1 x in) is another decomposition, refused by name."""
@@ -185,9 +187,9 @@ def _with_dora_scale(module: LoraModule, dora_scale: torch.Tensor, name: str, so
     if dora_scale.dim() >= 2 and shape[0] == rows and dora_scale.numel() == rows:
         return replace(module, magnitude=dora_scale.flatten())
     if dora_scale.dim() >= 2 and shape[0] == 1 and rows > 1:
-        raise BadInput(f"adapter {source}: module {name}: dora_scale {shape} holds a norm per input column "
+        raise BadInput(f"adapter {source}: module {name}: {what} {shape} holds a norm per input column "
                        "(LyCORIS' wd_on_out=False); only DoRA with a norm per output row (out x 1) merges")  # fmt: skip
-    raise BadInput(f"adapter {source}: module {name}: dora_scale {shape} does not match its {rows} output rows")
+    raise BadInput(f"adapter {source}: module {name}: {what} {shape} does not match its {rows} output rows")
 
 
 def _locon_module(name: str, found: dict[str, torch.Tensor], source: str) -> tuple[LoraModule, list]:
@@ -239,7 +241,8 @@ def _diffusers_modules(state, metadata: dict[str, str], source: str):
             alpha = alpha * rank**0.5  # PEFT's rsLoRA scale alpha / sqrt(r), as alpha' / r
         modules[name], kernel = _module(found["A"], found["B"], alpha, name, source)
         if magnitude is not None:  # PEFT's DoRA, as diffusers saves it
-            modules[name] = _with_dora_scale(modules[name], magnitude.reshape(-1, 1), name, source)
+            modules[name] = _with_dora_scale(modules[name], magnitude.reshape(-1, 1), name, source,
+                                             "lora_magnitude_vector")  # fmt: skip
         if kernel:
             kernels[name] = kernel
     return modules, kernels
@@ -259,7 +262,10 @@ def load_single_file(path: str | Path, *, allow_nonfinite: bool = False) -> Lora
     ranks = sorted({m.rank for m in modules.values()})
     config = {"peft_type": "LORA", "r": ranks[-1], "lora_alpha": ranks[-1], FORMAT_KEY: fmt, KERNELS_KEY: kernels,
               "use_dora": any(module.dora for module in modules.values())}  # fmt: skip
-    adapter = LoraAdapter(modules=modules, config=config, source=source)
+    # Tucker cores and LyCORIS products are computed in float32; the merge is written in the file's own dtype
+    stored = {tensor.dtype for tensor in state.values() if tensor.dim() > 0 and tensor.is_floating_point()}
+    adapter = LoraAdapter(modules=modules, config=config, source=source,
+                          stored_dtype=stored.pop() if len(stored) == 1 else None)  # fmt: skip
     adapter.path = path
     return adapter
 
@@ -269,16 +275,25 @@ def default_format(formats: set[str]) -> str:
     return formats.pop() if len(formats) == 1 else KOHYA
 
 
-def single_file_inputs(adapters: list[LoraAdapter], fmt: str) -> tuple[list[LoraAdapter], dict[str, list]]:
+def single_file_inputs(
+    adapters: list[LoraAdapter], fmt: str, base: str | None = None
+) -> tuple[list[LoraAdapter], dict[str, list]]:
     """Single-file adapters named as ``fmt`` writes them (diffusers paths join kohya files under kohya names; kohya
-    names have no diffusers paths without the model), and the convolutions' down-factor shapes."""
+    names have no diffusers paths without the model), and the convolutions' down-factor shapes: from the files, and
+    from ``base`` (a diffusion model) for the convolutions whose factors LyCORIS stored flat."""
     if fmt == KOHYA:
         adapters = as_kohya_names(adapters)
     elif named := [adapter.name for adapter in adapters if adapter.config.get(FORMAT_KEY) != DIFFUSERS]:
         raise BadInput(f"{named[0]} names its modules kohya's way, which cannot be turned into diffusers module paths "
-                       "without the model; write it as `format='kohya'` (diffusers' load_lora_weights reads kohya "
+                       "without the model; write it in kohya's format (diffusers' load_lora_weights reads kohya "
                        "files)")  # fmt: skip
     kernels = {name: kernel for adapter in adapters for name, kernel in adapter.config.get(KERNELS_KEY, {}).items()}
+    if base is not None:
+        from loramerge.adapters.diffusion_base import DiffusionBaseWeights
+
+        reader = DiffusionBaseWeights(base)
+        names = {name for adapter in adapters for name in adapter.modules} - set(kernels)
+        kernels.update({name: kernel for name in sorted(names) if (kernel := reader.kernel(name))})
     return adapters, kernels
 
 
@@ -289,7 +304,7 @@ def kohya_name(name: str, two_text_encoders: bool) -> str:
     component, _, path = name.partition(".")
     if component == "transformer":
         raise BadInput(f"module {name}: kohya names a transformer's (Flux's) modules its own way, not by their "
-                       "diffusers paths; write it as `format='diffusers'`")  # fmt: skip
+                       "diffusers paths; write it in diffusers' format")  # fmt: skip
     prefix = {"unet": "lora_unet", "text_encoder_2": "lora_te2",
               "text_encoder": "lora_te1" if two_text_encoders else "lora_te"}[component]  # fmt: skip
     return f"{prefix}_{path.replace('.', '_')}"
@@ -306,9 +321,8 @@ def _renamed(adapter: LoraAdapter, two: bool) -> LoraAdapter:
     rename = {name: kohya_name(name, two) for name in adapter.modules}
     kernels = {rename[name]: kernel for name, kernel in adapter.config.get(KERNELS_KEY, {}).items()}
     config = {**adapter.config, FORMAT_KEY: KOHYA, KERNELS_KEY: kernels}
-    renamed = LoraAdapter(
-        modules={rename[n]: m for n, m in adapter.modules.items()}, config=config, source=adapter.source
-    )
+    renamed = LoraAdapter(modules={rename[n]: m for n, m in adapter.modules.items()}, config=config,
+                          source=adapter.source, stored_dtype=adapter.stored_dtype)  # fmt: skip
     renamed.path = adapter.path
     return renamed
 
@@ -379,9 +393,9 @@ def save_single_file(
         one_by_one = [1, 1] if kernel else []
         tensors = {"down": module.A.reshape(module.rank, *kernel) if kernel else module.A,
                    "up": (module.scale * module.B.to(torch.float32)).reshape(*module.B.shape, *one_by_one)}  # fmt: skip
-        if module.magnitude is not None:  # kohya (LyCORIS): out x 1 (x 1 x 1); diffusers (PEFT): out or out x 1 x 1 x 1
-            trailing = [1, *one_by_one] if fmt == KOHYA or kernel else []
-            tensors["magnitude"] = module.magnitude.reshape(-1, *trailing)
+        if module.magnitude is not None:  # kohya (LyCORIS): out x 1 (x 1 x 1); PEFT: out, or 1 x out x 1 x 1 (conv)
+            shape = [1, -1, 1, 1] if fmt == DIFFUSERS and kernel else [-1, *([1, *one_by_one] if fmt == KOHYA else [])]
+            tensors["magnitude"] = module.magnitude.reshape(shape)
         tensors = {part: tensor.to(dtype or module.A.dtype).contiguous() for part, tensor in tensors.items()}
         if fmt == KOHYA:
             state.update(_kohya_tensors(name, module.rank, tensors))
@@ -389,7 +403,7 @@ def save_single_file(
         component, _, module_path = name.partition(".")
         if component not in COMPONENTS:
             raise BadInput(f"module {name}: kohya names cannot be turned into diffusers module paths without the "
-                           "model; write it as `format='kohya'`")  # fmt: skip
+                           "model; write it in kohya's format")  # fmt: skip
         parts = {"down": "lora_A.weight", "up": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
         state.update({f"{name}.{parts[part]}": tensor for part, tensor in tensors.items()})
         configs.setdefault(component, {})[module_path] = module.rank

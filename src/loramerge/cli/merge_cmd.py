@@ -256,7 +256,7 @@ def _prepared_output(format: str, loaded: list, *, base: str | None, fold_into: 
     from loramerge.workflows import GgufOutput, SingleFileOutput
 
     if format in SINGLE_FILE_FORMATS:
-        loaded, kernels = single_file_inputs(loaded, format)
+        loaded, kernels = single_file_inputs(loaded, format, base)
         return loaded, None, SingleFileOutput(format, kernels)
     if format != "gguf":
         return loaded, None, None
@@ -266,7 +266,7 @@ def _prepared_output(format: str, loaded: list, *, base: str | None, fold_into: 
     layout = layout_of(gguf_base)
     for adapter in loaded:
         if fold_into:
-            check_gguf_fold(adapter, fold_into)
+            check_gguf_fold(adapter, fold_into, gguf_type)
         else:
             check_plain_lora(adapter)
             adapter_tensor_names(adapter, layout)

@@ -21,6 +21,7 @@ from loramerge.cli.present import (
     reports_errors,
     run_adapter_plan,
 )
+from loramerge.errors import BadInput
 from loramerge.io.sizes import human_bytes
 
 
@@ -45,7 +46,7 @@ def run(
     parsed = load_recipe(recipe)
     started = time.perf_counter()
     if parsed.is_adapter_recipe:
-        _run_adapters(parsed, output, out_shard_size, seed, device, dry_run, force, allow_nonfinite)
+        _run_adapters(parsed, output, out_shard_size, seed, device, dry_run, force, allow_nonfinite, push_to_hub)
     else:
         _run_dense(parsed, output, out_shard_size or DEFAULT_SHARD_SIZE, seed, device, dry_run, force, allow_nonfinite)
     if not dry_run:
@@ -68,7 +69,7 @@ def _evaluate(parsed, output: Path, device: str) -> None:
 
 def _run_adapters(
     parsed, output: Path, shard_size: str | None, seed: int | None, device: str, dry_run: bool, force: bool,
-    allow_nonfinite: bool,
+    allow_nonfinite: bool, push_to_hub: str | None,
 ) -> None:  # fmt: skip
     from loramerge.io.sizes import parse_size
     from loramerge.workflows import adapter_recipe_plan
@@ -78,6 +79,8 @@ def _run_adapters(
     plan, target, fold_into, single_file = adapter_recipe_plan(
         parsed, output, seed=seed, device=device, force=force or dry_run, allow_nonfinite=allow_nonfinite
     )
+    if single_file and push_to_hub:
+        raise BadInput("--push-to-hub uploads a folder; this recipe writes one single-file LoRA")
     if shard_size and not fold_into:
         print_warnings(["`out_shard_size` applies to a full model; this recipe writes an adapter (one file)"])
     run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into, shard_size=shard_size,

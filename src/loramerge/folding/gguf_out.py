@@ -113,9 +113,11 @@ def _fold_inputs(adapter: LoraAdapter, base_ref: str):
     return reader, layout, _gguf_targets(adapter, layout, {tensor.name: tensor for tensor in reader.tensors})
 
 
-def check_gguf_fold(adapter: LoraAdapter, base_ref: str) -> None:
-    """What folding ``adapter`` into the GGUF base needs, checked before any work (``_fold_inputs``)."""
-    _fold_inputs(adapter, base_ref)
+def check_gguf_fold(adapter: LoraAdapter, base_ref: str, gguf_type: str) -> None:
+    """What folding ``adapter`` into the GGUF base in ``gguf_type`` needs, checked before any work."""
+    reader, _, _ = _fold_inputs(adapter, base_ref)
+    for tensor in reader.tensors:
+        _out_type(tensor.name, tensor, gguf_type)
 
 
 def fold_to_gguf(
