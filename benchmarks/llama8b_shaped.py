@@ -1,6 +1,7 @@
 """Three rank-16 bfloat16 adapters shaped like Llama-3-8B (32 layers; q,k,v,o,gate,up,down).
 
     python benchmarks/llama8b_shaped.py [--layers 32] [--repeats 3] [--skip-peft] [--skip-error] [--skip-full]
+    python benchmarks/llama8b_shaped.py --only wudi [--repeats 3]   # some runs alone: llama8b_shaped_<labels>.*
 
 Runs, as a user would and in fresh processes, ``loramerge merge`` with the defaults (no ``--method`` or
 ``--space``), with ``--method svd``, ``--method ties`` (core space, density 0.95), the whole-matrix methods,
@@ -81,6 +82,7 @@ RUNS = {  # label -> extra flags of `loramerge merge`
     "iso_c": ["--method", "iso_c"],
     "iso_cts": ["--method", "iso_cts"],
     "robustmerge": ["--method", "robustmerge"],
+    "wudi": ["--method", "wudi"],
 }
 PEFT_PEERS = (("svd", "svd"), ("ties", "ties_svd"), ("ties full 0.5", "ties_svd"))  # ours -> PEFT's same job
 
@@ -108,10 +110,15 @@ def truncation_errors(work: Path, shapes: dict[str, tuple[int, int]]) -> list[di
     return rows
 
 
-def merge_runs(work: Path, repeats: int, skip_full: bool, full_repeats: int) -> dict[str, dict[str, object]]:
-    """Every ``RUNS`` entry, each in ``repeats`` fresh processes (the full-space one ``full_repeats`` times)."""
+def merge_runs(
+    work: Path, repeats: int, skip_full: bool, full_repeats: int, only: list[str] | None = None
+) -> dict[str, dict[str, object]]:
+    """Every ``RUNS`` entry (or those in ``only``), each in ``repeats`` fresh processes (the full-space one
+    ``full_repeats`` times)."""
     results = {}
     for label, flags in RUNS.items():
+        if only and label not in only:
+            continue
         if skip_full and "--space" in flags:
             continue
         command = [sys.executable, "-m", "loramerge.cli", "merge", *(str(work / n) for n in "abc"), *flags,
@@ -197,6 +204,29 @@ def remeasure_peft(layers: int) -> None:
     print(text)
 
 
+def only_runs(layers: int, repeats: int, labels: list[str]) -> None:
+    """Some merges of the 8B-shaped set alone, beside the main results (which stay as they are)."""
+    work = Path(tempfile.mkdtemp(prefix="loramerge-bench-"))
+    try:
+        shapes = llama_shapes(layers)
+        for seed, name in enumerate("abc"):
+            synthetic_adapter(work / name, shapes, RANK, seed)
+        runs = merge_runs(work, repeats, True, 0, labels)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rows = []
+    for label, run in runs.items():
+        seconds = run["seconds"]
+        rows.append(f"| {label} | {statistics.median(seconds):.1f} s ({min(seconds):.1f}–{max(seconds):.1f} s) | "
+                    f"{max(run['rss_mib']):.0f} MiB |")  # fmt: skip
+    text = "\n".join([f"`loramerge merge` of three rank-16 adapters shaped like Llama-3-8B ({len(shapes)} modules), "
+                      f"each run {repeats} times in a fresh process:", "", "| merge | wall time, median (min–max) | "
+                      "peak RSS |", "|---|---|---|", *rows])  # fmt: skip
+    write_results("llama8b_shaped_" + "_".join(labels), {"layers": layers, "runs": runs,
+                  "load_average": load_averages()}, text)  # fmt: skip
+    print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=32)
@@ -210,9 +240,14 @@ def main() -> None:
         action="store_true",
         help="Measure PEFT again against the runs already in benchmarks/results/llama8b_shaped.json.",
     )
+    parser.add_argument("--only", nargs="+", choices=list(RUNS), help="Run these merges alone (no error, PEFT or "
+                        "full-space runs); results in llama8b_shaped_<labels>.json and .md.")  # fmt: skip
     args = parser.parse_args()
     if args.peft_only:
         remeasure_peft(args.layers)
+        return
+    if args.only:
+        only_runs(args.layers, args.repeats, args.only)
         return
     work = Path(tempfile.mkdtemp(prefix="loramerge-bench-"))
     load_before = load_averages()
