@@ -88,6 +88,7 @@ def configs(densities: list[float], seeds: list[int], quick: bool, every_full: b
         runs += [Config("knots", "core", d, 0, (("inner", "ties"),)) for d in (0.8, 0.95)]
         runs += [Config("iso_cts", "core", None, 0, (("alpha", alpha),)) for alpha in (1.0, 1.5)]
         runs += [Config("iso_cts", "core", None, 0, (("alpha", 1.5), ("common", c))) for c in (0.5, 0.95)]
+        runs += [Config("wudi", "core", None, 0, (("alpha", alpha),)) for alpha in (1.0, 1.5)]
         # RobustMerge works on the factors (no space): the authors' setting, then gentler pruning
         grid = [(0.2, a) for a in (1.0, 1.5, 2.0, 3.0, 4.0)] + [(0.5, 1.0), (0.5, 2.0), (0.8, 1.0)]
         runs += [Config("robustmerge", "exact", d, 0, (("alpha", a),)) for d, a in grid]
@@ -156,7 +157,7 @@ def run(args) -> list[dict[str, object]]:
     torch.set_num_threads(args.threads)
     skills = tuple(args.skills)
     adapters = {skill: load_adapter(str(args.adapters / skill)) for skill in skills}
-    base_ref = args.base or adapters[skills[0]].base_model
+    base_ref = args.base or adapters[skills[0]].base_ref
     model, tokenizer = load_model(str(resolve_model_dir(base_ref)))
     base_state = {key: value.clone() for key, value in model.state_dict().items()}
     samples = {
