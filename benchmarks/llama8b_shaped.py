@@ -83,6 +83,7 @@ RUNS = {  # label -> extra flags of `loramerge merge`
     "iso_cts": ["--method", "iso_cts"],
     "robustmerge": ["--method", "robustmerge"],
     "wudi": ["--method", "wudi"],
+    "dc_merge": ["--method", "dc_merge"],
 }
 PEFT_PEERS = (("svd", "svd"), ("ties", "ties_svd"), ("ties full 0.5", "ties_svd"))  # ours -> PEFT's same job
 

@@ -89,6 +89,8 @@ def configs(densities: list[float], seeds: list[int], quick: bool, every_full: b
         runs += [Config("iso_cts", "core", None, 0, (("alpha", alpha),)) for alpha in (1.0, 1.5)]
         runs += [Config("iso_cts", "core", None, 0, (("alpha", 1.5), ("common", c))) for c in (0.5, 0.95)]
         runs += [Config("wudi", "core", None, 0, (("alpha", alpha),)) for alpha in (1.0, 1.5)]
+        # DC-Merge: the authors' keep (0.1 % of each task's projected entries), then more of them
+        runs += [Config("dc_merge", "core", None, 0, (("keep", keep),)) for keep in (0.001, 0.1, 1.0)]
         # RobustMerge works on the factors (no space): the authors' setting, then gentler pruning
         grid = [(0.2, a) for a in (1.0, 1.5, 2.0, 3.0, 4.0)] + [(0.5, 1.0), (0.5, 2.0), (0.8, 1.0)]
         runs += [Config("robustmerge", "exact", d, 0, (("alpha", a),)) for d, a in grid]

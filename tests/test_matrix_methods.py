@@ -1,5 +1,6 @@
-"""The methods that need whole matrices (Iso-C, Iso-CTS, TSV-M, KnOTS, WUDI) against direct dense implementations of
-their papers' definitions, their identities, and core space = full space where the method is basis-equivariant."""
+"""The methods that need whole matrices (Iso-C, Iso-CTS, TSV-M, KnOTS, WUDI, DC-Merge) against direct dense
+implementations of their papers' definitions, their identities, and core space = full space where the method is
+basis-equivariant."""
 
 from __future__ import annotations
 
@@ -154,7 +155,8 @@ def test_matrix_methods_refuse_the_factor_space_and_unknown_parameters():
 
 
 @pytest.mark.parametrize(("method", "params"), [("iso_c", {"alpha": 1.2}), ("tsv_m", {"keep": 0.5}),
-                                                ("knots", {"inner": "linear"}), ("wudi", {"alpha": 0.9})])  # fmt: skip
+                                                ("knots", {"inner": "linear"}), ("wudi", {"alpha": 0.9}),
+                                                ("dc_merge", {"keep": 0.3})])  # fmt: skip
 def test_core_space_equals_full_space(method, params):
     """Every basis these methods need lies in the span of the stacked factors: the R x R cores suffice."""
     close(merged_delta(mixed(), method, "core", **params), merged_delta(mixed(), method, "full", **params), 1e-5)
@@ -193,7 +195,7 @@ def test_iso_cts_with_the_whole_common_subspace_is_iso_c():
     close(merged_delta(adapters, "iso_cts", "core", common=0.6), merged_delta(adapters, "iso_cts", "full", common=0.6))
 
 
-@pytest.mark.parametrize("method", ["iso_c", "iso_cts", "tsv_m", "knots", "robustmerge", "wudi"])
+@pytest.mark.parametrize("method", ["iso_c", "iso_cts", "tsv_m", "knots", "robustmerge", "wudi", "dc_merge"])
 def test_a_module_missing_from_an_adapter_contributes_nothing(method):
     """Adapter 2 lacks the second module: there the method merges the two others alone."""
     adapters = mixed()
@@ -254,13 +256,65 @@ def test_wudi_of_tasks_on_separate_inputs_is_their_weighted_sum():
     close(merge_adapters(adapters[:1], [0.7], "wudi").modules[NAME].delta(), 0.7 * deltas(adapters)[0])
 
 
+def dc_merge_reference(tasks, weights, alpha=1.0, smoothing="uniform", rho=5.0, keep=0.001):
+    """DC-Merge as its paper and code describe it, in float64: per task the top-r SVD with the singular values made
+    uniform (or a ramp from min(ρ, σ_1/σ_r) to 1) at the same sum; stacked U's and V's orthogonalised as
+    M (MᵀM)^(-1/2); M_i = Uᵀ T̃_i V keeps its ⌊keep · size⌋ (at least 1) largest |entries|; the sign of Σ M_i is
+    elected and agreeing entries averaged; only each task's own diagonal block is kept; U M Vᵀ times α."""
+    lefts, rights, smoothed, ranks = [], [], [], []
+    for w, t in zip(weights, tasks, strict=True):
+        U, S, Vh = torch.linalg.svd(w * t.double(), full_matrices=False)
+        r = int(torch.linalg.matrix_rank(t))
+        S = S[:r]
+        if smoothing == "uniform":
+            S = torch.full_like(S, S.sum().item() / r)
+        else:
+            ramp = torch.linspace(min(rho, (S[0] / S[-1]).item()), 1.0, r, dtype=torch.float64)
+            S = S.sum() * ramp / ramp.sum()
+        lefts.append(U[:, :r]), rights.append(Vh[:r].T), ranks.append(r)
+        smoothed.append(U[:, :r] @ torch.diag(S) @ Vh[:r])
+    U, V = orthogonalize(torch.cat(lefts, 1)), orthogonalize(torch.cat(rights, 1))
+    kept = []
+    for t in smoothed:
+        M = U.T @ t @ V
+        k = max(1, int(keep * M.numel()))
+        threshold = M.abs().flatten().sort(descending=True).values[k - 1]
+        kept.append(torch.where(M.abs() >= threshold, M, torch.zeros_like(M)))
+    total = sum(kept)
+    merged = torch.zeros_like(total)
+    for i in range(total.shape[0]):
+        for j in range(total.shape[1]):
+            agreeing = [m[i, j] for m in kept if m[i, j] != 0 and torch.sign(m[i, j]) == torch.sign(total[i, j])]
+            merged[i, j] = sum(agreeing) / len(agreeing) if agreeing and total[i, j] != 0 else 0.0
+    mask = torch.block_diag(*[torch.ones(r, r, dtype=torch.float64) for r in ranks])
+    return (alpha * U @ (merged * mask) @ V.T).float()
+
+
+@pytest.mark.parametrize("space", ["core", "full"])
+@pytest.mark.parametrize("params", [{}, {"keep": 0.2, "alpha": 1.3}, {"smoothing": "linear", "rho": 3.0, "keep": 0.5}])
+def test_dc_merge_against_the_paper(space, params):
+    adapters = mixed()
+    close(merged_delta(adapters, "dc_merge", space, **params), dc_merge_reference(deltas(adapters), WEIGHTS, **params),
+          1e-4)  # fmt: skip
+
+
+def test_dc_merge_of_one_task_kept_whole_is_its_flat_spectrum():
+    """One task, uniform smoothing, every entry kept: its own directions with its singular values made equal, Iso-C."""
+    lone = mixed()[:1]
+    close(merge_adapters(lone, [0.8], "dc_merge", params={"keep": 1.0}).modules[NAME].delta(),
+          merge_adapters(lone, [0.8], "iso_c").modules[NAME].delta())  # fmt: skip
+
+
 REFERENCES = {
     "iso_c": lambda tasks, weights: iso_c_reference(tasks, weights, 1.0),
     "iso_cts": lambda tasks, weights: iso_cts_reference(tasks, weights, 1.0, 0.8),
     "tsv_m": lambda tasks, weights: tsv_reference(tasks, weights, 1.0, 1 / len(tasks)),
     "knots": lambda tasks, weights: sum(w * t for w, t in zip(weights, tasks, strict=True)),
     "wudi": wudi_reference,
+    # the default keeps one entry per task here, among near-equal ones (a flat spectrum): round-off picks which
+    "dc_merge": lambda tasks, weights: dc_merge_reference(tasks, weights, smoothing="linear", keep=0.5),
 }
+PARAMS = {"knots": {"inner": "linear"}, "dc_merge": {"smoothing": "linear", "keep": 0.5}}
 
 
 @pytest.mark.parametrize("method", list(REFERENCES))
@@ -268,8 +322,7 @@ def test_real_peft_adapters_with_rslora_patterns_and_embeddings(method, llama_ba
     """Mixed ranks, rsLoRA (scale α/√r), rank and alpha patterns, an embedding LoRA and modules missing from
     some adapters; every task matrix is PEFT's own ``get_delta_weight``, and the merge is read back by PEFT."""
     weights = [1.0, -0.5, 0.8]
-    params = {"inner": "linear"} if method == "knots" else {}
-    merged = merge_adapters([load_adapter(p) for p in mixed_adapters], weights, method, params=params)
+    merged = merge_adapters([load_adapter(p) for p in mixed_adapters], weights, method, params=PARAMS.get(method, {}))
     save_adapter(merged, tmp_path / "merged")
     inputs = peft_with_adapters(llama_base, {f"in{i}": p for i, p in enumerate(mixed_adapters)})
     output = peft_with_adapters(llama_base, {"merged": tmp_path / "merged"})

@@ -223,6 +223,10 @@ def _positive_fraction(value: object) -> str | None:
     return None if isinstance(value, int | float) and 0 < value <= 1 else "must be a number in (0, 1]"
 
 
+def _at_least_one(value: object) -> str | None:
+    return None if isinstance(value, int | float) and value >= 1 else "must be a number of at least 1"
+
+
 def _element_method(value: object) -> str | None:
     names = [name for name, method in element_methods().items() if method.adapters]
     return None if value in names else f"must be an element-wise adapter method: {', '.join(names)}"
@@ -329,6 +333,15 @@ for _method in (
            level="matrix", parameters=(_ALPHA, Parameter("common", 0.8, help="fraction of the sum's rank kept as "
            "the common subspace", check=_positive_fraction)), exact_rank=True, dense=False, any_basis=True,
            lone="flattens its singular values"),
+    Method("dc_merge", _M + "dc_merge", "DC-Merge (Zhang et al., CVPR 2026, arXiv:2603.06242)",
+           "smoothed task spectra in shared orthogonal bases, sparsified and sign-elected per task block",
+           level="matrix", parameters=(_ALPHA,
+               Parameter("smoothing", "uniform", help="each task's singular values: uniform | linear (a capped ramp)",
+                         check=lambda v: None if v in ("uniform", "linear") else "must be uniform or linear"),
+               Parameter("rho", 5.0, help="the linear ramp's largest ratio", check=_at_least_one),
+               Parameter("keep", 0.001, help="fraction of each task's projected entries kept (at least one)",
+                         check=_positive_fraction)),
+           exact_rank=True, dense=False, any_basis=True, lone="smooths its spectrum and keeps its largest entries"),
     Method("wudi", _M + "wudi", "WUDI-Merging (Cheng et al., ICML 2025, arXiv:2503.08099)",
            "the update interfering least with each task on its own row space (solved exactly)", level="matrix",
            parameters=(_ALPHA,), exact_rank=True, dense=False, any_basis=True),

@@ -142,3 +142,48 @@ def wudi(tasks: torch.Tensor, weights: torch.Tensor, *, alpha: float) -> torch.T
     kept = values > values[-1] * 1e-10
     inverse = (vectors[:, kept] / values[kept]) @ vectors[:, kept].T
     return (alpha * target @ inverse).to(tasks.dtype)
+
+
+def smoothed_spectrum(values: torch.Tensor, smoothing: str, rho: float) -> torch.Tensor:
+    """DC-Merge's smoothing of one task's singular values, their sum kept: ``uniform`` (each the mean) or ``linear``
+    (a ramp from ``min(rho, σ_1/σ_r)`` down to 1, scaled to the same sum)."""
+    if smoothing == "uniform":
+        return torch.full_like(values, float(values.mean()))
+    ratio = min(rho, float(values[0] / values[-1]))
+    ramp = torch.linspace(ratio, 1.0, len(values), dtype=values.dtype)
+    return values.sum() * ramp / ramp.sum()
+
+
+def dc_merge(
+    tasks: torch.Tensor, weights: torch.Tensor, *, alpha: float, smoothing: str, rho: float, keep: float
+) -> torch.Tensor:
+    """DC-Merge (Zhang et al., CVPR 2026, arXiv:2603.06242, as the authors' code runs it): each (weighted) task
+    truncated to its rank with its singular values smoothed (``smoothed_spectrum``); the tasks' left and right
+    singular vectors stacked, each stack replaced by its polar factor (shared bases ``U``, ``V``); each task
+    expressed in them (``M_i = Uᵀ T̃_i V``), its largest ``keep`` fraction of entries kept (at least one), merged by
+    TIES' sign election (the mean of the entries agreeing with the sign of the sum), only the diagonal blocks of
+    each task's own directions kept, mapped back (``U M Vᵀ``) and times ``alpha``."""
+    lefts, rights, smoothed, ranks = [], [], [], []
+    for task, weight in zip(tasks, weights.tolist(), strict=True):
+        left, values, right_t = reproducible_svd(weight * task)
+        rank = numerical_rank(values, task.shape)
+        if rank == 0:
+            continue
+        lefts.append(left[:, :rank])
+        rights.append(right_t[:rank].T)
+        smoothed.append((left[:, :rank] * smoothed_spectrum(values[:rank], smoothing, rho)) @ right_t[:rank])
+        ranks.append(rank)
+    if not ranks:
+        return torch.zeros_like(tasks[0])
+    shared_left, shared_right = polar_factor(torch.cat(lefts, dim=1)), polar_factor(torch.cat(rights, dim=1))
+    projected = torch.stack([shared_left.T @ task @ shared_right for task in smoothed])
+    flat = projected.flatten(1).abs()
+    count = max(1, int(keep * flat.shape[1]))
+    threshold = flat.topk(count, dim=1).values[:, -1:]
+    kept = projected * (flat >= threshold).reshape(projected.shape)
+    total = kept.sum(dim=0)
+    agreeing = torch.sign(kept) == torch.sign(total)
+    merged = (kept * agreeing).sum(dim=0) / agreeing.sum(dim=0).clamp_min(1)
+    merged = torch.where(total == 0, torch.zeros_like(merged), merged)
+    mask = torch.block_diag(*[torch.ones(rank, rank, dtype=merged.dtype) for rank in ranks])
+    return alpha * shared_left @ (merged * mask) @ shared_right.T
