@@ -400,15 +400,21 @@ def test_lokr_core_space_from_the_kronecker_sides_equals_the_stacked_qr(typed, t
     assert {"iso_c", "iso_cts", "tsv_m"} <= set(methods)
     for method in methods:
         taken.clear()
-        fast = merge_adapters(inputs, [0.8, -0.6], method)
+        # DC-Merge's default keeps one entry per task among near-equal ones (a flat spectrum of Kronecker
+        # products): round-off picks which on either path, so the basis is compared with every entry kept
+        params = {"keep": 1.0} if method == "dc_merge" else {}
+        fast = merge_adapters(inputs, [0.8, -0.6], method, params=params)
         assert len(taken) == len(fast.modules) and all(found is not None for found in taken), method
-        slow = merge_adapters(plain, [0.8, -0.6], method)
+        slow = merge_adapters(plain, [0.8, -0.6], method, params=params)
         for name, module in slow.modules.items():
             got, want = fast.modules[name].factors().dense(), module.factors().dense()
             # A Kronecker delta's singular values are products σ_i(W1) σ_j(W2), many nearly equal, and Iso-CTS
             # cuts its spectrum between common and task directions: that cut amplifies float32 round-off on
             # either path (both are up to 7 % from a float64 Iso-CTS here); a wrong basis would be off by O(1).
-            assert rel_err(got, want) < (1e-2 if method == "iso_cts" else 1e-5), (method, name)
+            # DC-Merge stacks every task's whole rank: 16 + 24 singular vectors in a 40-dimensional space here, a
+            # square stack whose polar factor amplifies round-off (6 % on either path at most)
+            tolerance = {"iso_cts": 1e-2, "dc_merge": 1e-1}.get(method, 1e-5)
+            assert rel_err(got, want) < tolerance, (method, name)
 
 
 @pytest.mark.parametrize(("first", "second"), [((112, 112), (128, 3)), ((3, 2), (50, 40)), ((7, 3), (5, 2))])

@@ -162,7 +162,9 @@ def dc_merge(
     singular vectors stacked, each stack replaced by its polar factor (shared bases ``U``, ``V``); each task
     expressed in them (``M_i = Uᵀ T̃_i V``), its largest ``keep`` fraction of entries kept (at least one), merged by
     TIES' sign election (the mean of the entries agreeing with the sign of the sum), only the diagonal blocks of
-    each task's own directions kept, mapped back (``U M Vᵀ``) and times ``alpha``."""
+    each task's own directions kept, mapped back (``U M Vᵀ``) and times ``alpha``. The stacks must be narrower
+    than the module (``Σ r_i ≤ min(out, in)``, as the authors require): near it, the polar factors amplify
+    round-off."""
     lefts, rights, smoothed, ranks = [], [], [], []
     for task, weight in zip(tasks, weights.tolist(), strict=True):
         left, values, right_t = reproducible_svd(weight * task)
