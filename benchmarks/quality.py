@@ -296,39 +296,54 @@ def markdown(summary: dict[tuple, dict[str, float]], sizes: list[int]) -> str:
     return "\n".join(lines)
 
 
+# the default merge (``loramerge merge`` with no method or parameter) as the summary names it
+DEFAULT_LABEL = (f"{catalogue.DEFAULT_METHOD} alpha=1.0", catalogue.DEFAULT_SPACE)
+
+
+def _family(method: str, space: str) -> str:
+    """The colour group of a row: the peer, the exact references, whole-matrix methods, element-wise ones."""
+    name = method.split(" ")[0]
+    if space == "peft":
+        return "PEFT add_weighted_adapter"
+    if space == "exact":
+        return "exact / on the factors"
+    return "whole-matrix (core)" if name in catalogue.matrix_methods() else f"element-wise ({space})"
+
+
 def plot(summary: dict[tuple, dict[str, float]], sizes: list[int], path: Path) -> None:
+    """One panel per number of adapters: every merge the benchmark ran, sorted by score (min–max over seeds as
+    error bars), coloured by kind, the default marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), sharey=True, squeeze=False)
-    colors = dict(zip(DENSITY_METHODS, plt.get_cmap("tab10").colors, strict=False))
-    densities = sorted({key[3] for key in summary if key[3] != ""})
+    rows = max(sum(1 for key in summary if key[0] == size) for size in sizes)
+    figure, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 0.17 * rows + 1.6), squeeze=False)
+    families = sorted({_family(key[1], key[2]) for key in summary})
+    colors = dict(zip(families, plt.get_cmap("tab10").colors, strict=False))
     for ax, size in zip(axes[0], sizes, strict=True):
-        for method in DENSITY_METHODS:
-            for space, style in (("core", "-"), ("full", "--"), ("peft", ":")):
-                keys = [(size, method, space, d) for d in densities]
-                points = [(key[3], summary[key]) for key in keys if key in summary]
-                if not points:
-                    continue
-                xs = [d for d, _ in points]
-                label = f"{method} ({'PEFT' if space == 'peft' else space})"
-                ax.plot(xs, [s["mean"] for _, s in points], style, color=colors[method], marker="o", markersize=3,
-                        label=label)  # fmt: skip
-                ax.fill_between(xs, [s["min"] for _, s in points], [s["max"] for _, s in points],
-                                color=colors[method], alpha=0.12)  # fmt: skip
-        for method, color in (("base", "tab:red"), ("linear", "black"), ("svd", "grey")):
-            if (size, method, "exact", "") in summary:
-                label = "base alone" if method == "base" else f"{method} (exact)"
-                ax.axhline(summary[(size, method, "exact", "")]["mean"], color=color, lw=1, ls="-.", label=label)
+        entries = sorted(((key, stats) for key, stats in summary.items() if key[0] == size),
+                         key=lambda entry: entry[1]["mean"])  # fmt: skip
+        default = [(key[1], key[2]) == DEFAULT_LABEL for key, _ in entries]
+        names = [f"{key[1]} · {key[2]}" + (f" · {key[3]:g}" if key[3] != "" else "") + ("  (default)" if mark else "")
+                 for (key, _), mark in zip(entries, default, strict=True)]  # fmt: skip
+        means = [stats["mean"] for _, stats in entries]
+        spread = [[m - stats["min"] for m, (_, stats) in zip(means, entries, strict=True)],
+                  [stats["max"] - m for m, (_, stats) in zip(means, entries, strict=True)]]  # fmt: skip
+        ax.barh(range(len(entries)), means, xerr=spread, error_kw={"lw": 0.6},
+                color=[colors[_family(key[1], key[2])] for key, _ in entries])  # fmt: skip
+        ax.set_yticks(range(len(entries)), names, fontsize=6)
+        for tick, mark in zip(ax.get_yticklabels(), default, strict=True):
+            tick.set_fontweight("bold" if mark else "normal")
         ax.set_title(f"{size} adapters")
-        ax.set_xlabel("density")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy / own adapter's accuracy")
-    axes[0][-1].legend(fontsize=6, ncol=2, loc="lower right")
+        ax.set_xlabel("accuracy / own adapter's accuracy")
+        ax.set_xlim(0, 1.05)
+        ax.grid(axis="x", alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[family]) for family in families]
+    axes[0][0].legend(handles, families, fontsize=7, loc="lower right")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -357,8 +372,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--adapters", type=Path, default=ROOT / "adapters", help="The demo folder.")
     parser.add_argument("--from-csv", type=Path, help="Only redo the summary and plot from an earlier CSV.")
+    parser.add_argument("--plot-only", type=Path, help="Only redraw the plot from this CSV (no summary is rewritten).")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(summarise(read_rows(args.plot_only)), args.sizes, args.out / "quality.png")
+        return
     if args.quick:
         args.samples, args.sizes, args.seeds = min(args.samples, 20), [2, 4], args.seeds[:1]
     import datasets
