@@ -275,9 +275,9 @@ def dc_merge_reference(tasks, weights, alpha=1.0, smoothing="uniform", rho=5.0, 
         smoothed.append(U[:, :r] @ torch.diag(S) @ Vh[:r])
     U, V = orthogonalize(torch.cat(lefts, 1)), orthogonalize(torch.cat(rights, 1))
     kept = []
-    for t in smoothed:
+    for t, r in zip(smoothed, ranks, strict=True):
         M = U.T @ t @ V
-        k = max(1, int(keep * M.numel()))
+        k = max(r, int(keep * M.numel()))
         threshold = M.abs().flatten().sort(descending=True).values[k - 1]
         kept.append(torch.where(M.abs() >= threshold, M, torch.zeros_like(M)))
     total = sum(kept)
@@ -298,11 +298,52 @@ def test_dc_merge_against_the_paper(space, params):
           1e-4)  # fmt: skip
 
 
-def test_dc_merge_of_one_task_kept_whole_is_its_flat_spectrum():
-    """One task, uniform smoothing, every entry kept: its own directions with its singular values made equal, Iso-C."""
+@pytest.mark.parametrize("keep", [0.001, 1.0])
+def test_dc_merge_of_one_task_is_its_flat_spectrum(keep):
+    """One task, uniform smoothing: its own directions with its singular values made equal, Iso-C — with the
+    default too, which keeps the r entries of its flat diagonal, not one of them picked by round-off."""
     lone = mixed()[:1]
-    close(merge_adapters(lone, [0.8], "dc_merge", params={"keep": 1.0}).modules[NAME].delta(),
-          merge_adapters(lone, [0.8], "iso_c").modules[NAME].delta())  # fmt: skip
+    iso_c = merge_adapters(lone, [0.8], "iso_c").modules[NAME].delta()
+    for space in ("core", "full"):
+        close(merge_adapters(lone, [0.8], "dc_merge", space=space, params={"keep": keep}).modules[NAME].delta(), iso_c)
+
+
+def test_dc_merge_of_tasks_sharing_directions_is_one_matrix():
+    """Two of three adapters with the same A: the stacked right singular vectors are dependent; the partial
+    isometry over their rank makes the merge one well-defined matrix, the same in both spaces."""
+    generator = torch.Generator().manual_seed(11)
+    A = torch.randn(4, 30, generator=generator)
+    pair = [adapter(20, 4, A=A), adapter(21, 4, A=A), adapter(22, 3)]
+    close(merged_delta(pair, "dc_merge", "core", keep=0.3), merged_delta(pair, "dc_merge", "full", keep=0.3))
+
+
+def wudi_ridge_reference(tasks, weights, ridge):
+    """WUDI's loss plus ridge · λ_max(Σ P_i) · ‖τ‖², by an augmented least squares per row (numpy, float64)."""
+    import numpy as np
+
+    tasks = [t.double().numpy() for t in tasks]
+    lam = ridge * np.linalg.eigvalsh(sum(t.T @ t / np.linalg.norm(t) ** 2 for t in tasks))[-1]
+    design = np.concatenate([t.T / np.linalg.norm(t) for t in tasks] + [np.sqrt(lam) * np.eye(tasks[0].shape[1])], 1)
+    rows = []
+    for r in range(tasks[0].shape[0]):
+        goal = np.concatenate([w * t[r] @ t.T / np.linalg.norm(t) for w, t in zip(weights, tasks, strict=True)]
+                              + [np.zeros(tasks[0].shape[1])])  # fmt: skip
+        rows.append(np.linalg.lstsq(design.T, goal, rcond=None)[0])
+    return torch.tensor(np.stack(rows), dtype=torch.float32)
+
+
+def test_wudi_with_a_ridge_tames_nearly_shared_inputs():
+    """Row spaces that nearly coincide (one A, plus 1e-3 noise): the exact minimiser grows far beyond the tasks;
+    a ridge keeps it near them, and is the ridge-regularised least squares of the loss, in both spaces."""
+    generator = torch.Generator().manual_seed(12)
+    A = torch.randn(4, 30, generator=generator)
+    near = [adapter(30 + i, 4, A=A + 1e-3 * torch.randn(4, 30, generator=generator)) for i in range(3)]
+    total = sum(w * t for w, t in zip(WEIGHTS, deltas(near), strict=True))
+    assert merged_delta(near, "wudi", "core").norm() > 10 * total.norm()
+    for space in ("core", "full"):
+        ridged = merged_delta(near, "wudi", space, ridge=0.01)
+        close(ridged, wudi_ridge_reference(deltas(near), WEIGHTS, 0.01), 1e-4)
+    assert ridged.norm() < 2 * total.norm()
 
 
 REFERENCES = {

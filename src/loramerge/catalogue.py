@@ -223,6 +223,10 @@ def _positive_fraction(value: object) -> str | None:
     return None if isinstance(value, int | float) and 0 < value <= 1 else "must be a number in (0, 1]"
 
 
+def _non_negative(value: object) -> str | None:
+    return None if isinstance(value, int | float) and value >= 0 else "must be a number of at least 0"
+
+
 def _at_least_one(value: object) -> str | None:
     return None if isinstance(value, int | float) and value >= 1 else "must be a number of at least 1"
 
@@ -339,12 +343,13 @@ for _method in (
                Parameter("smoothing", "uniform", help="each task's singular values: uniform | linear (a capped ramp)",
                          check=lambda v: None if v in ("uniform", "linear") else "must be uniform or linear"),
                Parameter("rho", 5.0, help="the linear ramp's largest ratio", check=_at_least_one),
-               Parameter("keep", 0.001, help="fraction of each task's projected entries kept (at least one)",
+               Parameter("keep", 0.001, help="fraction of each task's projected entries kept (at least its rank)",
                          check=_positive_fraction)),
            exact_rank=True, dense=False, any_basis=True, lone="smooths its spectrum and keeps its largest entries"),
     Method("wudi", _M + "wudi", "WUDI-Merging (Cheng et al., ICML 2025, arXiv:2503.08099)",
            "the update interfering least with each task on its own row space (solved exactly)", level="matrix",
-           parameters=(_ALPHA,), exact_rank=True, dense=False, any_basis=True),
+           parameters=(_ALPHA, Parameter("ridge", 0.0, help="Tikhonov term, a fraction of the largest eigenvalue "
+           "(0: the exact minimiser)", check=_non_negative)), exact_rank=True, dense=False, any_basis=True),
     Method("robustmerge", "loramerge.lowrank.robust:robust_merge",
            "RobustMerge (Zeng et al., NeurIPS 2025, arXiv:2502.17159)",
            "each task's factors pruned, rescaled per component by the mass pruned, normalised across tasks",

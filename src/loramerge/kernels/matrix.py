@@ -120,14 +120,17 @@ def iso_cts(tasks: torch.Tensor, weights: torch.Tensor, *, alpha: float, common:
     return alpha * flat * polar_factor(torch.cat(lefts, dim=1)) @ polar_factor(torch.cat(rights, dim=1)).T
 
 
-def wudi(tasks: torch.Tensor, weights: torch.Tensor, *, alpha: float) -> torch.Tensor:
+def wudi(tasks: torch.Tensor, weights: torch.Tensor, *, alpha: float, ridge: float) -> torch.Tensor:
     """WUDI-Merging (Cheng et al., "Whoever Started the Interference Should End It", ICML 2025): the update ``τ``
     minimising ``Σ_i ‖(τ − w_i T_i) T_iᵀ‖²_F / ‖T_i‖²_F``, each task's interference measured on its own row space
     (which stands in for its inputs), times ``alpha``. With ``P_i = T_iᵀ T_i / ‖T_i‖²`` the objective is
-    ``Σ_i tr((τ − w_i T_i) P_i (τ − w_i T_i)ᵀ)``, whose gradient vanishes where ``τ Σ_i P_i = Σ_i w_i T_i P_i``:
-    solved exactly, the minimum-norm solution ``(Σ_i w_i T_i P_i)(Σ_i P_i)⁺`` (the point gradient descent from the
-    sum converges to; the authors stop 300 Adam steps in). An orthonormal change of basis ``T → U T Vᵀ`` maps the
-    solution the same way, so the R x R cores suffice."""
+    ``Σ_i tr((τ − w_i T_i) P_i (τ − w_i T_i)ᵀ)``, whose gradient vanishes where ``τ C = D``, ``C = Σ_i P_i``,
+    ``D = Σ_i w_i T_i P_i``: solved exactly, the minimum-norm solution ``D C⁺`` (the point plain gradient descent
+    from the sum converges to; the authors stop 300 Adam steps in). Tasks whose row spaces nearly coincide give
+    ``C`` eigenvalues near 0 and a large exact solution: ``ridge`` > 0 solves ``D (C + ridge · λ_max(C) I)⁻¹``
+    instead (the loss plus ``ridge · λ_max ‖τ‖²``). A task of weight 0 still counts in ``C``: it asks to be left
+    unchanged. An orthonormal change of basis ``T → U T Vᵀ`` maps the solution the same way, so the R x R cores
+    suffice."""
     work = tasks.to(torch.float64)
     norms = work.flatten(1).norm(dim=1).square()
     present = norms > 0
@@ -137,10 +140,10 @@ def wudi(tasks: torch.Tensor, weights: torch.Tensor, *, alpha: float) -> torch.T
     grams = work.transpose(1, 2) @ work / norms.view(-1, 1, 1)  # P_i, b x b each
     target = ((scales.view(-1, 1, 1) * work) @ grams).sum(dim=0)
     values, vectors = torch.linalg.eigh(grams.sum(dim=0))
-    # eigenvalues of Σ P_i are at most n and those of its rank at least the tasks' smallest σ²/‖T‖²: the cut only
-    # drops round-off, at a size-independent level so that the core and the full space keep the same ones
+    # the cut drops round-off (float32 tasks leave ~1e-14 of λ_max there), at a size-independent level so that
+    # the core and the full space keep the same eigenvalues; D has no component outside the kept ones
     kept = values > values[-1] * 1e-10
-    inverse = (vectors[:, kept] / values[kept]) @ vectors[:, kept].T
+    inverse = (vectors[:, kept] / (values[kept] + ridge * values[-1])) @ vectors[:, kept].T
     return (alpha * target @ inverse).to(tasks.dtype)
 
 
@@ -154,17 +157,26 @@ def smoothed_spectrum(values: torch.Tensor, smoothing: str, rho: float) -> torch
     return values.sum() * ramp / ramp.sum()
 
 
+def partial_isometry(matrix: torch.Tensor) -> torch.Tensor:
+    """``P Qᵀ`` over the nonzero singular values of ``M = P S Qᵀ``: the polar factor where ``M`` has full column
+    rank, and still one well-defined matrix (not an arbitrary completion) where its columns are dependent."""
+    left, values, right_t = reproducible_svd(matrix)
+    rank = numerical_rank(values, matrix.shape)
+    return left[:, :rank] @ right_t[:rank]
+
+
 def dc_merge(
     tasks: torch.Tensor, weights: torch.Tensor, *, alpha: float, smoothing: str, rho: float, keep: float
 ) -> torch.Tensor:
     """DC-Merge (Zhang et al., CVPR 2026, arXiv:2603.06242, as the authors' code runs it): each (weighted) task
     truncated to its rank with its singular values smoothed (``smoothed_spectrum``); the tasks' left and right
     singular vectors stacked, each stack replaced by its polar factor (shared bases ``U``, ``V``); each task
-    expressed in them (``M_i = Uᵀ T̃_i V``), its largest ``keep`` fraction of entries kept (at least one), merged by
-    TIES' sign election (the mean of the entries agreeing with the sign of the sum), only the diagonal blocks of
-    each task's own directions kept, mapped back (``U M Vᵀ``) and times ``alpha``. The stacks must be narrower
-    than the module (``Σ r_i ≤ min(out, in)``, as the authors require): near it, the polar factors amplify
-    round-off."""
+    expressed in them (``M_i = Uᵀ T̃_i V``), its largest ``keep`` fraction of entries kept, and at least as many as
+    its rank (the authors' 0.1 % is exactly that many in their 8-task, rank-16 setting; fewer would pick among the
+    equal entries of a flat spectrum by round-off), merged by TIES' sign election (the mean of the entries
+    agreeing with the sign of the sum), only the diagonal blocks of each task's own directions kept, mapped back
+    (``U M Vᵀ``) and times ``alpha``. Stacks with dependent columns (tasks sharing directions) use the partial
+    isometry over their rank; near-dependent ones amplify round-off, as the polar factor does."""
     lefts, rights, smoothed, ranks = [], [], [], []
     for task, weight in zip(tasks, weights.tolist(), strict=True):
         left, values, right_t = reproducible_svd(weight * task)
@@ -177,11 +189,12 @@ def dc_merge(
         ranks.append(rank)
     if not ranks:
         return torch.zeros_like(tasks[0])
-    shared_left, shared_right = polar_factor(torch.cat(lefts, dim=1)), polar_factor(torch.cat(rights, dim=1))
+    shared_left = partial_isometry(torch.cat(lefts, dim=1))
+    shared_right = partial_isometry(torch.cat(rights, dim=1))
     projected = torch.stack([shared_left.T @ task @ shared_right for task in smoothed])
     flat = projected.flatten(1).abs()
-    count = max(1, int(keep * flat.shape[1]))
-    threshold = flat.topk(count, dim=1).values[:, -1:]
+    counts = torch.tensor([[max(rank, int(keep * flat.shape[1]))] for rank in ranks])
+    threshold = flat.sort(dim=1, descending=True).values.gather(1, counts - 1)
     kept = projected * (flat >= threshold).reshape(projected.shape)
     total = kept.sum(dim=0)
     agreeing = torch.sign(kept) == torch.sign(total)
