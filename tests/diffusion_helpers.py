@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from safetensors.torch import save_file
 
 MODULES = {  # diffusers module path -> ((out, in), kernel or None)
     "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": ((64, 64), None),
@@ -40,3 +41,38 @@ def fused_deltas(path, make_pipeline=pipeline, component: str = "unet") -> dict[
     pipe.unload_lora_weights()
     return {name: p.detach() - before[name] for name, p in model.named_parameters()
             if not torch.equal(p.detach(), before[name])}  # fmt: skip
+
+
+def kohya_lora_file(path, modules: dict, seed: int, rank: int, alpha: float):
+    """A kohya LoRA (``<stem>.lora_down/lora_up/alpha``) as sd-scripts writes one; ``modules``: stem -> ((out, in),
+    kernel or None)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for stem, ((rows, columns), kernel) in modules.items():
+        down = torch.randn(rank, columns, *(kernel or ()), generator=generator) * 0.1
+        up = torch.randn(rows, rank, *((1, 1) if kernel else ()), generator=generator) * 0.1
+        state.update({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
+                      f"{stem}.alpha": torch.tensor(alpha)})  # fmt: skip
+    save_file(state, path)
+    return path
+
+
+def saved_as_diffusers(pipe, component: str, folder):
+    """The PEFT adapter "x" on a pipeline's ``component``, written as diffusers writes a LoRA (``save_lora_weights``
+    with its config); tensors are cloned, as a trainer's are separate (diffusers' converter shares some)."""
+    from peft.utils import get_peft_model_state_dict
+
+    model = getattr(pipe, component)
+    state = {key: value.clone() for key, value in get_peft_model_state_dict(model, adapter_name="x").items()}
+    metadata = model.peft_config["x"].to_dict()
+    pipe.save_lora_weights(
+        folder, **{f"{component}_lora_layers": state, f"{component}_lora_adapter_metadata": metadata}
+    )
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def assert_weighted_sum(merged: dict, first: dict, second: dict, weights=WEIGHTS) -> None:
+    """Every weight the merge moves, moved by the weighted sum of what the two inputs move it by (1e-5)."""
+    for name, delta in merged.items():
+        expected = weights[0] * first[name] + weights[1] * second[name]
+        assert ((delta - expected).norm() / expected.norm()).item() < 1e-5, name

@@ -14,35 +14,30 @@ import yaml
 from safetensors.torch import save_file
 
 from cli_helpers import assert_clean_failure, run
-from diffusion_helpers import MODULES, WEIGHTS, fused_deltas, pipeline
+from diffusion_helpers import (
+    MODULES,
+    WEIGHTS,
+    assert_weighted_sum,
+    fused_deltas,
+    kohya_lora_file,
+    pipeline,
+    saved_as_diffusers,
+)
 
 diffusers = pytest.importorskip("diffusers")
 
 
 def kohya_file(path, seed: int, rank: int, alpha: float):
-    """A kohya LoRA (``lora_unet_…lora_down/lora_up/alpha``) as sd-scripts writes one."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, ((rows, columns), kernel) in MODULES.items():
-        stem = "lora_unet_" + name.replace(".", "_")
-        down = torch.randn(rank, columns, *(kernel or ()), generator=generator) * 0.1
-        up = torch.randn(rows, rank, *((1, 1) if kernel else ()), generator=generator) * 0.1
-        state.update({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
-                      f"{stem}.alpha": torch.tensor(alpha)})  # fmt: skip
-    save_file(state, path)
-    return path
+    """A kohya LoRA of ``MODULES`` (``lora_unet_…lora_down/lora_up/alpha``) as sd-scripts writes one."""
+    return kohya_lora_file(path, {"lora_unet_" + name.replace(".", "_"): spec for name, spec in MODULES.items()},
+                           seed, rank, alpha)  # fmt: skip
 
 
 def diffusers_file(folder, kohya):
     """The kohya file as diffusers itself saves a LoRA: loaded into the pipeline, then ``save_lora_weights``."""
-    from peft.utils import get_peft_model_state_dict
-
     pipe = pipeline()
     pipe.load_lora_weights(str(kohya), adapter_name="x")
-    state = get_peft_model_state_dict(pipe.unet, adapter_name="x")
-    metadata = pipe.unet.peft_config["x"].to_dict()
-    pipe.save_lora_weights(folder, unet_lora_layers=state, unet_lora_adapter_metadata=metadata)
-    return folder / "pytorch_lora_weights.safetensors"
+    return saved_as_diffusers(pipe, "unet", folder)
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +63,7 @@ def test_a_linear_merge_is_what_diffusers_fuses_from_the_inputs(files, tmp_path,
     merged = fused_deltas(out)
     first, second = files["deltas"]
     assert set(merged) == set(first) and len(merged) == len(MODULES)
-    for name, delta in merged.items():
-        expected = WEIGHTS[0] * first[name] + WEIGHTS[1] * second[name]
-        assert ((delta - expected).norm() / expected.norm()).item() < 1e-5, name
+    assert_weighted_sum(merged, first, second)
 
 
 @pytest.mark.parametrize("inputs, fmt", [("diffusers", None), ("kohya", "kohya"), ("mixed", "kohya")])

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cli_helpers import assert_clean_failure, run
-from diffusion_helpers import MODULES, WEIGHTS, fused_deltas, pipeline
+from diffusion_helpers import MODULES, WEIGHTS, assert_weighted_sum, fused_deltas, pipeline, saved_as_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -61,7 +61,6 @@ def diffusers_dora_file(folder, seed: int, rank: int):
     """A DoRA LoRA as diffusers saves one: PEFT's DoRA on the UNet's linear and convolution modules, trained weights
     stood in for by random ones, written by ``save_lora_weights`` with its config."""
     from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     pipe = pipeline()
     pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=2 * rank, use_dora=True, target_modules=list(MODULES)), "x")
@@ -72,10 +71,7 @@ def diffusers_dora_file(folder, seed: int, rank: int):
                 parameter.mul_(1 + 0.2 * torch.rand(parameter.shape, generator=generator))
                 if "lora_B" in name:
                     parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    state = get_peft_model_state_dict(pipe.unet, adapter_name="x")
-    metadata = pipe.unet.peft_config["x"].to_dict()
-    pipe.save_lora_weights(folder, unet_lora_layers=state, unet_lora_adapter_metadata=metadata)
-    return folder / "pytorch_lora_weights.safetensors"
+    return saved_as_diffusers(pipe, "unet", folder)
 
 
 @pytest.fixture(scope="module")
@@ -92,36 +88,31 @@ def dora_setup(tmp_path_factory):
     return {"root": root, "base": base, "kohya": kohya, "diffusers": converted}
 
 
+def linear_merge(dora_setup, kind: str, tmp_path):
+    """``merge --method linear`` of the two ``kind`` DoRA files with the base's row norms; the written file."""
+    out = tmp_path / "merged.safetensors"
+    weights = ",".join(map(str, WEIGHTS))
+    result = run("merge", *dora_setup[kind], "--method", "linear", "--weights", weights, "--base",
+                 dora_setup["root"] / "base", "-o", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out
+
+
 def test_a_kohya_dora_merge_moves_weights_by_the_weighted_sum(dora_setup, tmp_path):
     """LyCORIS' formula applied to each input and to the merge (dora_scale and factors as written): the merge moves
     every weight, linear or convolution, by the weighted sum of the inputs' moves."""
     base = dora_setup["base"]
-    out = tmp_path / "merged.safetensors"
-    weights = ",".join(map(str, WEIGHTS))
-    result = run("merge", *dora_setup["kohya"], "--method", "linear", "--weights", weights, "--base",
-                 dora_setup["root"] / "base", "-o", out)  # fmt: skip
-    assert result.exit_code == 0, result.output
-    written = load_file(out)
+    written = load_file(linear_merge(dora_setup, "kohya", tmp_path))
     assert {key.rsplit(".", 1)[-1] for key in written if "dora_scale" in key} == {"dora_scale"}
-    merged = kohya_deltas(written, base)
     first, second = (kohya_deltas(load_file(path), base) for path in dora_setup["kohya"])
-    for name, delta in merged.items():
-        expected = WEIGHTS[0] * first[name] + WEIGHTS[1] * second[name]
-        assert ((delta - expected).norm() / expected.norm()).item() < 1e-5, name
+    assert_weighted_sum(kohya_deltas(written, base), first, second)
 
 
 def test_a_diffusers_dora_merge_is_what_diffusers_fuses(dora_setup, tmp_path):
-    out = tmp_path / "merged.safetensors"
-    weights = ",".join(map(str, WEIGHTS))
-    result = run("merge", *dora_setup["diffusers"], "--method", "linear", "--weights", weights, "--base",
-                 dora_setup["root"] / "base", "-o", out)  # fmt: skip
-    assert result.exit_code == 0, result.output
-    merged = fused_deltas(out)
+    merged = fused_deltas(linear_merge(dora_setup, "diffusers", tmp_path))
     first, second = (fused_deltas(path) for path in dora_setup["diffusers"])
     assert set(merged) == set(first) and len(merged) == len(MODULES)
-    for name, delta in merged.items():
-        expected = WEIGHTS[0] * first[name] + WEIGHTS[1] * second[name]
-        assert ((delta - expected).norm() / expected.norm()).item() < 1e-5, name
+    assert_weighted_sum(merged, first, second)
 
 
 def test_a_dora_merge_needs_the_base_it_names(dora_setup, tmp_path):

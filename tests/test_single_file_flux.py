@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import diffusion_helpers
 from cli_helpers import assert_clean_failure, run
@@ -40,28 +39,15 @@ def flux_pipeline():
 
 
 def kohya_flux_file(path, seed: int, rank: int, alpha: float):
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, (rows, columns) in MODULES.items():
-        stem = f"lora_unet_{name}"
-        state.update({f"{stem}.lora_down.weight": torch.randn(rank, columns, generator=generator) * 0.1,
-                      f"{stem}.lora_up.weight": torch.randn(rows, rank, generator=generator) * 0.1,
-                      f"{stem}.alpha": torch.tensor(alpha)})  # fmt: skip
-    save_file(state, path)
-    return path
+    return diffusion_helpers.kohya_lora_file(path, {f"lora_unet_{name}": (shape, None) for name, shape in
+                                                    MODULES.items()}, seed, rank, alpha)  # fmt: skip
 
 
 def diffusers_flux_file(folder, kohya):
     """The kohya file as diffusers itself saves a Flux LoRA: loaded into the pipeline, then ``save_lora_weights``."""
-    from peft.utils import get_peft_model_state_dict
-
     pipe = flux_pipeline()
     pipe.load_lora_weights(str(kohya), adapter_name="x")
-    # diffusers' converter gives q, k and v one shared down factor: saved as separate tensors, as a trainer would
-    state = {key: value.clone() for key, value in get_peft_model_state_dict(pipe.transformer, adapter_name="x").items()}
-    metadata = pipe.transformer.peft_config["x"].to_dict()
-    pipe.save_lora_weights(folder, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata)
-    return folder / "pytorch_lora_weights.safetensors"
+    return diffusion_helpers.saved_as_diffusers(pipe, "transformer", folder)
 
 
 def fused_deltas(path) -> dict[str, torch.Tensor]:
@@ -89,9 +75,7 @@ def test_a_flux_merge_is_what_diffusers_fuses_from_the_inputs(flux_files, tmp_pa
     merged = fused_deltas(out)
     first, second = flux_files["deltas"]
     assert set(merged) == set(first) and len(merged) == len(MODULES) + 4  # each fused q/k/v is three weights
-    for name, delta in merged.items():
-        expected = WEIGHTS[0] * first[name] + WEIGHTS[1] * second[name]
-        assert ((delta - expected).norm() / expected.norm()).item() < 1e-5, name
+    diffusion_helpers.assert_weighted_sum(merged, first, second, WEIGHTS)
 
 
 def test_flux_names_do_not_cross_formats(flux_files, tmp_path):

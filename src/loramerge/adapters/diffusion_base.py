@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from loramerge.errors import BadInput
+from loramerge.io.checkpoint import safetensors_keys
 
 # the kohya prefix of each component's modules (SD 1.x names its only text encoder lora_te_)
 KOHYA_COMPONENTS = {"lora_unet_": ("unet", "transformer"), "lora_te_": ("text_encoder",),
@@ -49,29 +50,27 @@ class DiffusionBaseWeights:
                            f"{', '.join(sorted(self.components))})")  # fmt: skip
         return found
 
-    def _tensor(self, module: str) -> torch.Tensor:
+    def _stored_shape(self, module: str) -> list[int]:
         component, key = self._where(module)
         with safe_open(self.components[component][key], framework="pt") as handle:
-            return handle.get_tensor(key)
+            return handle.get_slice(key).get_shape()
 
     def shape(self, module: str) -> tuple[int, ...]:
-        component, key = self._where(module)
-        with safe_open(self.components[component][key], framework="pt") as handle:
-            shape = handle.get_slice(key).get_shape()
+        shape = self._stored_shape(module)
         return (shape[0], int(torch.tensor(shape[1:]).prod())) if len(shape) > 2 else tuple(shape)
 
     def kernel(self, module: str) -> list[int]:
         """A convolution's (in, kh, kw), from its weight; [] for a linear layer or a module the base lacks."""
         try:
-            component, key = self._where(module)
+            shape = self._stored_shape(module)
         except BadInput:
             return []
-        with safe_open(self.components[component][key], framework="pt") as handle:
-            shape = handle.get_slice(key).get_shape()
         return list(shape[1:]) if len(shape) == 4 else []
 
     def weight(self, module: str) -> torch.Tensor:
-        return self._tensor(module).to(torch.float32).flatten(1)
+        component, key = self._where(module)
+        with safe_open(self.components[component][key], framework="pt") as handle:
+            return handle.get_tensor(key).to(torch.float32).flatten(1)
 
 
 def _components(base: Path) -> dict[str, dict[str, Path]]:
@@ -92,11 +91,4 @@ def _components(base: Path) -> dict[str, dict[str, Path]]:
 
 
 def _keys(files: list[Path]) -> dict[str, Path]:
-    keys = {}
-    for path in files:
-        try:
-            with safe_open(path, framework="pt") as handle:
-                keys.update(dict.fromkeys(handle.keys(), path))
-        except Exception as error:  # safetensors raises its own errors for corrupt or truncated files
-            raise BadInput(f"base {path}: not a readable safetensors file ({error})") from None
-    return keys
+    return {key: path for path in files for key in safetensors_keys(path, "base")}

@@ -32,6 +32,7 @@ from loramerge.adapters.checks import check_finite
 from loramerge.adapters.model import LoraAdapter, LoraModule
 from loramerge.errors import BadInput
 from loramerge.io.atomic import atomic_output_file, check_output_file
+from loramerge.io.checkpoint import safetensors_keys
 
 KOHYA, DIFFUSERS = "kohya", "diffusers"
 FORMATS = (KOHYA, DIFFUSERS)
@@ -57,16 +58,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def formats_of(refs: list[str]) -> set[str]:
     """The formats of single-file LoRAs, from their keys alone (no tensor is read)."""
-    found = set()
-    for ref in refs:
-        try:
-            with safe_open(ref, framework="pt") as handle:
-                found.add(file_format(list(handle.keys()), str(ref)))
-        except BadInput:
-            raise
-        except Exception as error:
-            raise BadInput(f"adapter {ref}: not a readable safetensors file ({error})") from None
-    return found
+    return {file_format(safetensors_keys(ref, "adapter"), str(ref)) for ref in refs}
 
 
 def file_format(keys: list[str], source: str) -> str:

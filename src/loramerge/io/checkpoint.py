@@ -144,3 +144,12 @@ def open_checkpoint(ref: str) -> Checkpoint:
     else:
         raise BadInput(f"model {ref}: no {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN} or {BIN_INDEX}")
     return Checkpoint(folder=folder, source=ref, files=files, config=config)
+
+
+def safetensors_keys(path: str | Path, what: str) -> list[str]:
+    """The tensor names of a safetensors file (no tensor is read); an unreadable file is refused as ``what``."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as error:  # safetensors raises its own errors for corrupt or truncated files
+        raise BadInput(f"{what} {path}: not a readable safetensors file ({error})") from None
