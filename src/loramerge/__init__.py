@@ -21,6 +21,7 @@ _EXPORTS = {
     "plan_merge": "loramerge.adapters.merge",
     "load_adapter": "loramerge.adapters.files",
     "add_weighted_adapter": "loramerge.adapters.live",
+    "calibration_grams": "loramerge.evaluate.activations",
     "fold": "loramerge.folding.stream",
     "merge_checkpoints": "loramerge.dense.engine",
     "extract_lora": "loramerge.folding.extract",
@@ -33,6 +34,7 @@ __all__ = [
     "MergeOptions",
     "MergePlan",
     "add_weighted_adapter",
+    "calibration_grams",
     "execute_plan",
     "extract_lora",
     "fold",
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
     from loramerge.adapters.options import MergeOptions
     from loramerge.dense.engine import merge_checkpoints
     from loramerge.errors import BadInput
+    from loramerge.evaluate.activations import calibration_grams
     from loramerge.folding.extract import extract_lora
     from loramerge.folding.stream import fold
 

@@ -139,6 +139,9 @@ class Method:
     max_inputs: int | None = None
     # adapters: what it does to a single adapter (None: copies it; the density methods copy it at density 1)
     lone: str | None = None
+    # adapters: needs each input's activations, the base's on a calibration file of prompts per input (RegMean);
+    # its function is then called with ``grams=`` (one input Gram matrix per term)
+    calibrated: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.function, Steps):
@@ -360,6 +363,11 @@ for _method in (
                Parameter("alpha", 1.0, help="scale of the merged update (4: the authors' 2 on each factor)")),
            exact_rank=True, dense=False, adapter_density=0.2,
            lone="prunes its factors and rescales their components"),
+    Method("regmean", "loramerge.lowrank.regmean:regmean", "RegMean (Jin et al., ICLR 2023, arXiv:2212.09849)",
+           "the update closest to every task's outputs on its own prompts' activations (a calibration file each)",
+           level="module", parameters=(Parameter("off_diagonal", 0.9, help="fraction of the input Gram matrices' "
+           "off-diagonal entries kept (the paper's α)", check=_fraction),),
+           exact_rank=True, dense=False, calibrated=True),
     Method("model_stock", _K + "model_stock", "Model Stock (Jang et al., ECCV 2024, arXiv:2403.19522)",
            "the mean moved towards the base by the inputs' angle",
            parameters=(Parameter("filter_wise", False, help="one ratio per row instead of per tensor"),),

@@ -71,6 +71,7 @@ class TokenizerSettings(Strict):
 class AdapterEntry(Strict):
     adapter: str
     weight: float = 1.0
+    calibration: str | None = None  # prompts the base is run on, for a method that merges with activations
 
 
 class Output(Strict):

@@ -27,6 +27,7 @@ from loramerge.adapters.single_file import (
     single_file_inputs,
 )
 from loramerge.errors import BadInput
+from loramerge.evaluate.activations import calibration_grams
 from loramerge.evaluate.exact_match import EvalResult
 from loramerge.evaluate.suite import evaluate_models, load_datasets
 from loramerge.folding.gguf_out import fold_to_gguf
@@ -142,10 +143,17 @@ def merge_and_write(
 
 
 def adapter_recipe_plan(
-    recipe: Recipe, output: Path, *, seed: int | None, device: str, force: bool, allow_nonfinite: bool
+    recipe: Recipe,
+    output: Path,
+    *,
+    seed: int | None,
+    device: str,
+    force: bool,
+    allow_nonfinite: bool,
+    phase: Phase = _silent,
 ) -> tuple[MergePlan, Path, str | None, SingleFileOutput | None]:
     """An adapter recipe's plan, its checked output target, the base to fold into (``output.base``) and, for
-    single-file inputs, the file it writes."""
+    single-file inputs, the file it writes; the calibration (RegMean's activations) is a ``phase``."""
     adapters, weights, options = adapter_merge_inputs(recipe, allow_nonfinite, seed=seed, device=device)
     adapters, single_file = _recipe_single_file(recipe, adapters)
     fold_into = None
@@ -157,7 +165,31 @@ def adapter_recipe_plan(
     inputs = [a.path for a in adapters if a.path] + [Path(ref) for ref in {base, fold_into} if ref]
     check = check_single_file_target if single_file else check_output_target
     target = check(output, force, inputs)
-    return plan_merge(adapters, weights, options, base_for_dora(adapters, base)), target, fold_into, single_file
+    grams = _recipe_grams(recipe, options, adapters, device, phase)
+    plan = plan_merge(adapters, weights, options, base_for_dora(adapters, base), grams)
+    return plan, target, fold_into, single_file
+
+
+def _recipe_grams(
+    recipe: Recipe, options: MergeOptions, adapters: list[LoraAdapter], device: str, phase: Phase
+) -> list | None:
+    """The adapters' input statistics on their ``calibration`` files, where the method merges with activations."""
+    entries = recipe.adapters or []
+    given = [i for i, entry in enumerate(entries) if entry.calibration]
+    if not options.method_entry.calibrated:
+        if given:
+            raise BadInput(f"adapters[{given[0]}].calibration: method {options.method} does not use activations")
+        return None
+    missing = next((i for i, entry in enumerate(entries) if not entry.calibration), None)
+    if missing is not None:
+        raise BadInput(f"adapters[{missing}].calibration: method {options.method} runs the base on a file of "
+                       "prompts per adapter; give each adapter one")  # fmt: skip
+    base = recipe.base_model or next((a.base_ref for a in adapters if a.base_ref), None)
+    if not base:
+        raise BadInput(f"base_model: method {options.method} runs the base model on the calibration prompts")
+    with phase(None, "calibration") as update:
+        files = [entry.calibration or "" for entry in entries]
+        return calibration_grams(base, files, adapters, device=device, progress=update)
 
 
 def _recipe_single_file(

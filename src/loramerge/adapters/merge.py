@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -73,6 +73,8 @@ class MergePlan:
     out_dtype: torch.dtype
     warnings: list[str] = field(default_factory=list)
     base: BaseReader | None = None  # the base's weights, read once per module where DoRA needs them
+    # per adapter, its modules' input Gram matrices on its calibration prompts (RegMean), by module name
+    grams: list[Mapping[str, torch.Tensor]] | None = None
 
     @property
     def dora(self) -> bool:
@@ -195,9 +197,12 @@ def plan_merge(
     weights: Sequence[float] | None = None,
     options: MergeOptions | None = None,
     base: str | BaseReader | None = None,
+    grams: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> MergePlan:
     """Check the inputs and decide every module's output rank; no tensor math yet. ``base`` (a model loramerge
-    reads) is needed where an input is DoRA: its row norms come from the base's weights."""
+    reads) is needed where an input is DoRA: its row norms come from the base's weights. ``grams`` (one mapping
+    per adapter: module name -> the mean Gram matrix of its inputs, ``loramerge.evaluate.activations``) is
+    needed by the methods that merge with activations (RegMean)."""
     if not adapters:
         raise BadInput("give at least one adapter to merge")
     options = options or MergeOptions()
@@ -222,7 +227,33 @@ def plan_merge(
         )
     if plan.dora:
         plan.base = _dora_base(plan, base)
+    if options.method_entry.calibrated:
+        plan.grams = _checked_grams(plan, grams)
     return plan
+
+
+def _checked_grams(plan: MergePlan, grams: Sequence[Mapping[str, torch.Tensor]] | None) -> list:
+    """The inputs' Gram matrices of a method that merges with activations, checked against every module."""
+    method = plan.options.method
+    if grams is None:
+        raise BadInput(f"method {method} merges with each adapter's activations: give the base model and one "
+                       "calibration file of prompts per adapter (`calibration`)")  # fmt: skip
+    if len(grams) != len(plan.adapters):
+        raise BadInput(f"method {method}: {len(grams)} calibration sets for {len(plan.adapters)} adapters; give one "
+                       "per adapter, in the adapters' order")  # fmt: skip
+    if plan.dora:
+        raise BadInput(f"method {method} merges LoRA directions, not DoRA's normalised ones; merge DoRA adapters "
+                       "with another method")  # fmt: skip
+    for module in plan.modules:
+        if module.embedding:
+            raise BadInput(f"module {module.name}: method {method} merges linear layers, not an embedding")
+        for i in module.inputs:
+            gram = grams[i].get(module.name)
+            if gram is None or tuple(gram.shape) != (module.shape[1],) * 2:
+                found = "none" if gram is None else f"a {tuple(gram.shape)} one"
+                raise BadInput(f"module {module.name}: needs a {module.shape[1]} x {module.shape[1]} input Gram "
+                               f"matrix for adapter {plan.adapters[i].name}, got {found}")  # fmt: skip
+    return list(grams)
 
 
 def _dora_base(plan: MergePlan, base: str | BaseReader | None) -> BaseReader:
@@ -350,7 +381,8 @@ def merge_module(plan: MergePlan, module: ModulePlan, pieces: Sequence[LoraModul
     rank = module.output_rank
     strategy = options.strategy
     if strategy == "module":
-        result = options.method_entry.fn(terms, weights, rank=rank, **options.kernel_arguments)
+        extra = {"grams": [plan.grams[i][module.name] for i in module.inputs]} if plan.grams is not None else {}
+        result = options.method_entry.fn(terms, weights, rank=rank, **options.kernel_arguments, **extra)
     elif strategy in ("concat", "factors"):
         result = concat(terms, weights) if strategy == "concat" else _factor_space(plan, module, pieces, weights)
         if options.rank is not None and options.rank < result.rank:
@@ -452,11 +484,12 @@ def merge_adapters(
     method: str | None = None,
     *,
     base: str | None = None,
+    grams: Sequence[Mapping[str, torch.Tensor]] | None = None,
     progress: Progress | None = None,
     **params: object,
 ) -> LoraAdapter:
     """Merge adapters of one base model; ``params`` are the ``MergeOptions`` fields (density, rank, space…).
     ``method`` defaults to ``loramerge.catalogue.DEFAULT_METHOD``; ``base`` (a model folder, Hub id, GGUF file or
-    4-bit checkpoint) is needed where an input is DoRA."""
+    4-bit checkpoint) is needed where an input is DoRA; ``grams`` (``loramerge.calibration_grams``) by RegMean."""
     options = parse_options(method=method, **params)
-    return execute_plan(plan_merge(adapters, weights, options, base), progress)
+    return execute_plan(plan_merge(adapters, weights, options, base, grams), progress)

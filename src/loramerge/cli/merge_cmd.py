@@ -10,10 +10,12 @@ import typer
 from loramerge.catalogue import DEFAULT_DENSITY, DEFAULT_METHOD, DEFAULT_SPACE, SPACES, adapter_methods, methods
 from loramerge.cli.present import (
     BASE_HELP,
+    DATA_HELP,
     DEVICE_HELP,
     SHARD_HELP,
     console,
     print_warnings,
+    progress_bar,
     publish,
     reports_errors,
     run_adapter_plan,
@@ -92,7 +94,15 @@ def merge(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     strict: bool = typer.Option(False, help="Refuse adapters that name different base models."),
     allow_nonfinite: bool = typer.Option(False, help="Use input tensors holding NaN or Inf (refused by default)."),
-    base: str = typer.Option(None, help=BASE_HELP + " DoRA inputs need its weights (default: --fold-into)."),
+    base: str = typer.Option(
+        None, help=BASE_HELP + " DoRA inputs need its weights, regmean its activations (default: --fold-into)."
+    ),
+    calibration: list[Path] = typer.Option(
+        [],
+        "--calibration",
+        help="With --method regmean: a file of prompts per adapter, in order (repeatable); "
+        "the base's activations on them weigh the merge. " + DATA_HELP.removesuffix(" (repeatable)."),
+    ),
     fold_into: str = typer.Option(None, help="Fold the merge into this base and write the full model instead."),
     out_shard_size: str = typer.Option(None, help=SHARD_HELP + " With --fold-into."),
     via_dense: bool = typer.Option(
@@ -159,11 +169,28 @@ def merge(
     with console.status("reading adapters"):
         loaded = [load_adapter(ref, allow_nonfinite=allow_nonfinite) for ref in adapters]
     loaded, gguf, single_file = _prepared_output(format, loaded, base=base, fold_into=fold_into, gguf_type=gguf_type)
-    plan = plan_merge(loaded, parse_weights(weights), options, base_for_dora(loaded, base))
+    grams = _calibration(options, calibration, loaded, base, device)
+    plan = plan_merge(loaded, parse_weights(weights), options, base_for_dora(loaded, base), grams)
     run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into, shard_size=out_shard_size,
                      gguf=gguf, single_file=single_file)  # fmt: skip
     if not dry_run:
         publish(target, push_to_hub, private)
+
+
+def _calibration(options, calibration: list[Path], loaded: list, base: str | None, device: str) -> list | None:
+    """The adapters' input statistics, for a method that merges with activations (RegMean)."""
+    if not options.method_entry.calibrated:
+        if calibration:
+            raise BadInput(f"--calibration: method {options.method} does not use activations (regmean does)")
+        return None
+    if not calibration:
+        return None  # the plan says what is missing
+    if not base:
+        raise BadInput(f"--method {options.method} runs the base model on the calibration prompts: give --base MODEL")
+    from loramerge.evaluate.activations import calibration_grams
+
+    with progress_bar(None, "calibration") as update:
+        return calibration_grams(base, calibration, loaded, device=device, progress=update)
 
 
 def _merge_via_dense(adapters, weights, options, base, target, rank, fold_into, force, dry_run, shard_size) -> None:

