@@ -49,8 +49,25 @@ def search(
     data: list[Path] = typer.Option([], "--data", help="A dev data file (repeatable; one score per file)."),
     dev: list[Path] = typer.Option([], "--dev", hidden=True),  # the old spelling of --data
     output: Path = typer.Option(..., "-o", "--output", help="Folder for best.yml, history.csv/png, search.json."),
-    budget: int = typer.Option(32, help="Candidate merges to score (the recipe's own values are the first)."),
-    batch: int = typer.Option(4, help="Candidates asked of the optimiser at once (its parallelism; not --workers)."),
+    budget: int = typer.Option(
+        32, help="Candidate merges to score (the recipe's own values are the first); with --gradient: steps."
+    ),
+    batch: int = typer.Option(
+        None,
+        help="Candidates asked of the optimiser at once (its parallelism; not --workers); with --gradient: rows "
+        "of each dev file per step (default 4; with --gradient 16).",
+    ),
+    gradient: bool = typer.Option(
+        False,
+        help="AdaMerging: learn task arithmetic's coefficients by gradient descent (the recipe's method: "
+        "linear, cat or task_arithmetic), one per adapter and layer; writes OUTPUT/adapter.",
+    ),
+    granularity: str = typer.Option(
+        "layer",
+        help="With --gradient: layer (a coefficient per adapter and layer) | "
+        "task (one per adapter; also writes best.yml).",
+    ),
+    learning_rate: float = typer.Option(0.01, help="With --gradient: Adam's learning rate."),
     workers: int = typer.Option(
         None,
         help="Parallel evaluators: local processes, or Ray actors with --ray-address "
@@ -59,7 +76,11 @@ def search(
     ray_address: str = typer.Option(None, help="A Ray cluster (auto, ray://HOST:10001, HOST:6379), or 'local'."),
     weight_range: str = typer.Option("0:2", help="Bounds of every adapter weight, LOW:HIGH."),
     tune: list[str] = typer.Option([], "--tune", help="Also search a parameter: NAME=LOW:HIGH (alpha, density…)."),
-    objective: str = typer.Option("exact_match", help="exact_match (kept vs. adapters) | loss (mean dev loss)."),
+    objective: str = typer.Option(
+        None,
+        help="exact_match (kept vs. adapters; the default) | loss (mean dev loss); with --gradient: entropy "
+        "(of the next token after each prompt, no labels needed; the default) | loss.",
+    ),
     optimizer: str = typer.Option("CMA", help="A nevergrad optimiser: CMA, TwoPointsDE, DE, OnePlusOne, …"),
     base: str = typer.Option(None, help=BASE_HELP + " Default: evaluate.base, else the adapters' base."),
     prompt_field: str = typer.Option(None, help=PROMPT_FIELD_HELP),
@@ -73,7 +94,8 @@ def search(
     load_in_4bit: bool = typer.Option(False, help="Quantize the base to nf4 at load."),
     force: bool = typer.Option(False, help="Replace an existing output folder."),
 ) -> None:
-    """Gradient-free search of adapter weights (nevergrad), candidates scored in parallel."""
+    """Search adapter weights on dev sets: gradient-free (nevergrad, candidates scored in parallel) or, with
+    --gradient, AdaMerging's coefficients by gradient descent."""
     from loramerge.io.atomic import check_output_target
     from loramerge.recipe import load_recipe
     from loramerge.search.job import build_job
@@ -87,6 +109,16 @@ def search(
     data = [*data, *dev]
     parsed = load_recipe(recipe)
     bounds = parse_bounds(weight_range, "--weight-range")
+    if gradient:
+        _gradient_search(parsed, recipe, data, output, bounds, budget=budget, batch=batch or 16,
+                         granularity=granularity,
+                         objective=objective or "entropy", learning_rate=learning_rate, base=base,
+                         prompt_field=prompt_field, completion_field=completion_field, text_field=text_field,
+                         max_samples=max_samples, seed=seed, threads=threads, device=device,
+                         load_in_4bit=load_in_4bit, force=force, tune=tune, workers=workers,
+                         ray_address=ray_address)  # fmt: skip
+        return
+    objective, batch = objective or "exact_match", batch or 4
     job = build_job(parsed, [str(p) for p in data], base=base, weight_range=bounds, tune=parse_tune(tune),
                     prompt_field=prompt_field, completion_field=completion_field, text_field=text_field,
                     max_samples=max_samples, seed=seed, device=device, load_in_4bit=load_in_4bit,
@@ -124,3 +156,39 @@ def search(
               f"({values})")  # fmt: skip
     out.print(f"{budget} candidates in {time.perf_counter() - started:.1f} s -> {target.absolute()} "
               f"({', '.join(written)})")  # fmt: skip
+
+
+def _gradient_search(parsed, recipe: Path, data: list[Path], output: Path, bounds, *, budget: int, batch: int,
+                     granularity: str, objective: str, learning_rate: float, base, prompt_field, completion_field,
+                     text_field, max_samples, seed: int, threads: int, device: str, load_in_4bit: bool, force: bool,
+                     tune: list[str], workers, ray_address) -> None:  # fmt: skip
+    """``search --gradient``: AdaMerging in this process (one model, its gradients)."""
+    from loramerge.io.atomic import check_output_target
+    from loramerge.search.gradient import gradient_search
+    from loramerge.search.job import build_job
+    from loramerge.search.report import write_gradient_search
+
+    if tune:
+        raise BadInput("--tune: with --gradient only the adapters' weights are learned")
+    if workers or ray_address:
+        raise BadInput("--gradient runs in this process: leave out --workers and --ray-address")
+    if granularity not in ("layer", "task"):
+        raise BadInput(f"--granularity {granularity}: choose layer or task")
+    job = build_job(parsed, [str(p) for p in data], base=base, weight_range=bounds, prompt_field=prompt_field,
+                    completion_field=completion_field, text_field=text_field, max_samples=max_samples, seed=seed,
+                    device=device, load_in_4bit=load_in_4bit, threads=threads)  # fmt: skip
+    inputs = [recipe, *data, *(a.path for a in job.adapters if a.path), Path(job.base)]
+    target = check_output_target(output, force, inputs)
+    started = time.perf_counter()
+    with progress_bar(budget, label="steps") as update:
+        result, merged = gradient_search(job, steps=budget, batch=batch, granularity=granularity,
+                                         objective=objective, learning_rate=learning_rate, progress=update)  # fmt: skip
+    settings = {"recipe": str(recipe), "dev": [str(p) for p in data], "gradient": True, "steps": budget,
+                "batch": batch, "granularity": granularity, "objective": objective, "learning_rate": learning_rate,
+                "seed": seed, "weight_range": f"{bounds[0]:g}:{bounds[1]:g}", "max_samples": max_samples,
+                "base": job.base, "threads": job.threads}  # fmt: skip
+    written = write_gradient_search(target, job, result, merged, settings, force=force)
+    kept = ", ".join(f"{k} {v:.3f}" for k, v in result.scores.exact_match.items() if v is not None)
+    out.print(f"{len(result.groups)} coefficient(s) per adapter over {budget} steps ({result.forward_passes} rows "
+              f"with gradients); the merge's dev exact match: {kept}")  # fmt: skip
+    out.print(f"in {time.perf_counter() - started:.1f} s -> {target.absolute()} ({', '.join(written)})")

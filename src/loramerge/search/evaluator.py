@@ -125,21 +125,33 @@ class Evaluator:
             modules[name] = replace(module, magnitude=row_norms(weight, module.factors(device=weight.device)).cpu())
         return modules
 
-    def score(self, task: Task) -> Scores:
-        if task.reference is not None:
-            adapter = self.job.adapters[task.reference]
-            candidate = self._adapter(self._alone(task.reference), {**self.dense, **adapter.dense})
-        else:
-            try:  # a point the merge refuses (all weights 0, DELLA's density + epsilon past 1) is not fatal
-                merged = execute_plan(self.job.plan(task.point, self.reader))
-            except BadInput as error:
-                return Scores(task.index, refused=str(error))
-            candidate = self._adapter(merged.modules, merged.dense)
-        state = {key: value.to(torch.float32) for key, value in adapter_state_dict(candidate).items()}
+    def put(self, modules: dict[str, LoraModule], dense: dict[str, torch.Tensor]) -> None:
+        """Load a merge (or one adapter) into the slot."""
+        state = {
+            key: value.to(torch.float32) for key, value in adapter_state_dict(self._adapter(modules, dense)).items()
+        }
         loaded = self.load_state(self.model, state)
         if loaded.unexpected_keys:
             raise AssertionError(f"the LoRA slot lacks {loaded.unexpected_keys[:3]}")
-        results = {name: evaluate(self.model, self.tokenizer, samples, f"task {task.index}", data=name)
+
+    def score_adapter(self, modules: dict[str, LoraModule], dense: dict[str, torch.Tensor], index: int) -> Scores:
+        """Put a merge into the slot and score it on every dev set."""
+        self.put(modules, dense)
+        results = {name: evaluate(self.model, self.tokenizer, samples, f"task {index}", data=name)
                    for name, samples in self.job.dev.items()}  # fmt: skip
-        return Scores(task.index, {k: r.exact_match for k, r in results.items()},
+        return Scores(index, {k: r.exact_match for k, r in results.items()},
                       {k: r.loss for k, r in results.items()})  # fmt: skip
+
+    def score_reference(self, index: int) -> Scores:
+        """Input adapter ``index`` alone on every dev set."""
+        adapter = self.job.adapters[index]
+        return self.score_adapter(self._alone(index), {**self.dense, **adapter.dense}, -1 - index)
+
+    def score(self, task: Task) -> Scores:
+        if task.reference is not None:
+            return replace(self.score_reference(task.reference), index=task.index)
+        try:  # a point the merge refuses (all weights 0, DELLA's density + epsilon past 1) is not fatal
+            merged = execute_plan(self.job.plan(task.point, self.reader))
+        except BadInput as error:
+            return Scores(task.index, refused=str(error))
+        return self.score_adapter(merged.modules, merged.dense, task.index)

@@ -10,9 +10,12 @@ from pathlib import Path
 import yaml
 
 from loramerge.adapters.merge import execute_plan
+from loramerge.adapters.model import LoraAdapter
+from loramerge.evaluate.suite import retention
 from loramerge.io.output import OutputFolder, output_folder
+from loramerge.search.gradient import GradientResult
 from loramerge.search.job import SearchJob
-from loramerge.search.optimise import SearchResult
+from loramerge.search.optimise import SearchResult, best_exact_match
 
 
 def history_rows(job: SearchJob, result: SearchResult) -> list[dict[str, object]]:
@@ -126,3 +129,51 @@ def _write_adapter(folder: OutputFolder, job: SearchJob, point) -> None:
 def _recipe_text(recipe, index: int, score: float) -> str:
     head = f"# found by loramerge search: candidate {index}, score {score:.4f} on the dev sets\n"
     return head + yaml.safe_dump(recipe.model_dump(exclude_none=True), sort_keys=False)
+
+
+def gradient_summary(job: SearchJob, result: GradientResult, settings: dict[str, object]) -> dict[str, object]:
+    """The learned coefficients by adapter and group, the objective per step, and the merge's dev scores."""
+    names = [d.name.removeprefix("weight:") for d in job.space.dimensions]
+    best = best_exact_match(result.references, "loss")
+    return {
+        "settings": settings,
+        "groups": result.groups,
+        "start": dict(zip(names, result.start, strict=True)),
+        "coefficients": dict(zip(names, result.coefficients, strict=True)),
+        "objective": result.objective,
+        "forward_passes": result.forward_passes,
+        "merge": {
+            "exact_match": result.scores.exact_match,
+            "loss": result.scores.loss,
+            "kept": retention(result.scores.exact_match, best),
+        },
+        "adapters_alone": {name: s.exact_match for name, s in zip(names, result.references, strict=True)},
+        "best_adapter_exact_match": best,
+    }
+
+
+def write_gradient_search(
+    target: Path,
+    job: SearchJob,
+    result: GradientResult,
+    merged: LoraAdapter,
+    settings: dict[str, object],
+    *,
+    force: bool = False,
+) -> list[str]:
+    """Write ``search.json``, ``history.csv`` (the objective per step), ``adapter/`` (the merge at the learned
+    coefficients) and, for one coefficient per adapter, ``best.yml`` (the recipe with them as its weights)."""
+    from loramerge.adapters.files import save_adapter
+
+    with output_folder(target, force=force) as folder:
+        folder.json("search.json", gradient_summary(job, result, settings))
+        folder.text("history.csv", "step,objective\n" + "".join(f"{i},{v!r}\n" for i, v in enumerate(result.objective)))
+        save_adapter(merged, folder.staging / "adapter", dtype=job.plan(job.space.start).out_dtype)
+        written = ["search.json", "history.csv", "adapter/"]
+        if len(result.groups) == 1:
+            point = [row[0] for row in result.coefficients]
+            score = retention(result.scores.exact_match, best_exact_match(result.references, "loss")) or 0.0
+            recipe = job.space.recipe_at(point, job.merge_seed)
+            folder.text("best.yml", _recipe_text(recipe, 0, score).replace("candidate 0", "gradient search"))
+            written.insert(0, "best.yml")
+    return written
