@@ -38,6 +38,7 @@ from _common import this_command, write_earlier_results, write_results
 
 from loramerge import catalogue, load_adapter, merge_adapters
 from loramerge.evaluate import evaluate, load_model, load_samples
+from loramerge.evaluate.activations import calibration_prompts, input_grams
 from loramerge.folding.math import adapter_targets, folded_tensor
 from loramerge.io.checkpoint import resolve_model_dir
 
@@ -94,6 +95,9 @@ def configs(densities: list[float], seeds: list[int], quick: bool, every_full: b
         # RobustMerge works on the factors (no space): the authors' setting, then gentler pruning
         grid = [(0.2, a) for a in (1.0, 1.5, 2.0, 3.0, 4.0)] + [(0.5, 1.0), (0.5, 2.0), (0.8, 1.0)]
         runs += [Config("robustmerge", "exact", d, 0, (("alpha", a),)) for d, a in grid]
+        # RegMean with each skill's 64 dev prompts as its calibration: the off-diagonal shrinkage its authors use
+        # most (0.9), and the strong one of their other settings (0.1)
+        runs += [Config("regmean", "exact", None, 0, (("off_diagonal", a),)) for a in (0.9, 0.1)]
     runs.append(Config("ties", "peft", top))
     if every_full:
         runs.append(Config("ties", "full_exact", top))  # the randomized truncation against the exact one
@@ -101,8 +105,10 @@ def configs(densities: list[float], seeds: list[int], quick: bool, every_full: b
     return runs
 
 
-def merge(adapters, config: Config):
+def merge(adapters, config: Config, grams=None):
     params: dict[str, object] = {"seed": config.seed}
+    if catalogue.method(config.method).calibrated:
+        params["grams"] = grams
     if config.space == "full_exact":
         params.update(space="full", full_svd="exact")
     elif config.space != "exact":
@@ -163,10 +169,18 @@ def run(args) -> list[dict[str, object]]:
     model, tokenizer = load_model(str(resolve_model_dir(base_ref)))
     base_state = {key: value.clone() for key, value in model.state_dict().items()}
     samples = {
-        skill: load_samples(args.adapters / f"data/{skill}.eval.jsonl", prompt_field="prompt",
+        skill: load_samples(args.data / f"{skill}.eval.jsonl", prompt_field="prompt",
                             completion_field="completion", max_samples=args.samples)
         for skill in skills
     }  # fmt: skip
+    plan = configs(args.densities, args.seeds, args.quick, args.every_full, args.full_density)
+    plan = [config for config in plan if not args.only or config.space in args.only]
+    plan = [config for config in plan if not args.methods or config.method in args.methods]
+    grams = {}  # RegMean's calibration: the base's activations on each skill's dev prompts
+    if any(catalogue.method(config.method).calibrated for config in plan if config.method != "base"):
+        for skill in skills:
+            prompts = calibration_prompts(args.data / f"{skill}.dev.jsonl")
+            grams[skill] = input_grams(model, tokenizer, prompts, sorted(adapters[skill].modules))
     own = {}
     for skill in skills:
         load_folded(model, base_state, adapters[skill])
@@ -176,9 +190,6 @@ def run(args) -> list[dict[str, object]]:
     peft_model = peft_model_with(model, args.adapters, skills)
     rows = []
     subsets = [s for k in args.sizes for s in itertools.combinations(skills, k)]
-    plan = configs(args.densities, args.seeds, args.quick, args.every_full, args.full_density)
-    plan = [config for config in plan if not args.only or config.space in args.only]
-    plan = [config for config in plan if not args.methods or config.method in args.methods]
     for number, subset in enumerate(subsets, start=1):
         chosen = [adapters[skill] for skill in subset]
         started = time.perf_counter()
@@ -186,7 +197,8 @@ def run(args) -> list[dict[str, object]]:
             if config.space == "peft":
                 accuracy, seconds = peft_scores(peft_model, tokenizer, samples, subset, config)
             else:
-                merged, seconds = (None, 0.0) if config.method == "base" else merge(chosen, config)
+                subset_grams = [grams.get(skill) for skill in subset]
+                merged, seconds = (None, 0.0) if config.method == "base" else merge(chosen, config, subset_grams)
                 load_folded(model, base_state, merged)
                 accuracy = scores(model, tokenizer, samples, subset)
             for skill, value in accuracy.items():
@@ -370,7 +382,8 @@ def main() -> None:
     parser.add_argument("--base", help="The base model (default: the adapters' base_model_name_or_path).")
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 3, 4], help="Numbers of adapters merged.")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--adapters", type=Path, default=ROOT / "adapters", help="The demo folder.")
+    parser.add_argument("--adapters", type=Path, default=ROOT / "adapters", help="The skill adapters' folder.")
+    parser.add_argument("--data", type=Path, default=ROOT / "adapters" / "data", help="<skill>.eval/dev.jsonl.")
     parser.add_argument("--from-csv", type=Path, help="Only redo the summary and plot from an earlier CSV.")
     parser.add_argument("--plot-only", type=Path, help="Only redraw the plot from this CSV (no summary is rewritten).")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")

@@ -18,7 +18,7 @@ from conftest import CHARDEMO, rel_err
 from loramerge import calibration_grams, load_adapter, merge_adapters
 from loramerge.errors import BadInput
 from loramerge.lowrank import LowRank
-from loramerge.lowrank.regmean import regmean
+from loramerge.lowrank.regmean import regmean, solve_psd
 
 SKILLS = ("add", "reverse", "sort")
 
@@ -162,3 +162,12 @@ def test_a_recipe_names_each_adapters_calibration_file(tmp_path):
         recipe.write_text(yaml.safe_dump({"merge_method": method, "base_model": base, "adapters": [*entries, entry]}))
         refused = run("run", recipe, "-o", tmp_path / "refused")
         assert refused.exit_code == 2 and message in refused.stderr, refused.stderr
+
+
+def test_the_solve_takes_the_pseudo_inverse_where_no_prompt_reached_a_direction():
+    generator = torch.Generator().manual_seed(4)
+    rows = torch.randn(3, 6, generator=generator, dtype=torch.float64)
+    singular, definite = rows.T @ rows, rows.T @ rows + torch.eye(6, dtype=torch.float64)
+    rhs = torch.randn(2, 6, generator=generator, dtype=torch.float64)
+    assert torch.allclose(solve_psd(singular, rhs), rhs @ torch.linalg.pinv(singular, hermitian=True), atol=1e-10)
+    assert torch.allclose(solve_psd(definite, rhs), torch.linalg.solve(definite, rhs.T).T, atol=1e-10)

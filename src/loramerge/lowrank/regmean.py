@@ -25,14 +25,18 @@ def shrink_off_diagonal(gram: torch.Tensor, kept: float) -> torch.Tensor:
     return kept * gram + (1.0 - kept) * torch.diag_embed(gram.diagonal())
 
 
-def psd_pseudo_inverse(matrix: torch.Tensor) -> torch.Tensor:
-    """The pseudo-inverse of a symmetric positive semi-definite matrix by its eigendecomposition; eigenvalues
-    below ``1e-10 λ_max`` (directions no prompt reached, round-off) count as zero."""
+def solve_psd(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``X`` with ``X M = rhs`` for a symmetric positive semi-definite ``M``: by Cholesky where ``M`` is definite
+    (the shrunk Gram matrices are, wherever every input feature was active), else by the pseudo-inverse from its
+    eigendecomposition, eigenvalues below ``1e-10 λ_max`` (directions no prompt reached) counting as zero."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs.T, factor).T
     values, vectors = torch.linalg.eigh(matrix)
     if float(values[-1]) <= 0:
-        return torch.zeros_like(matrix)
+        return torch.zeros_like(rhs)
     kept = values > values[-1] * 1e-10
-    return (vectors[:, kept] / values[kept]) @ vectors[:, kept].T
+    return ((rhs @ vectors[:, kept]) / values[kept]) @ vectors[:, kept].T
 
 
 def regmean(
@@ -51,11 +55,9 @@ def regmean(
         raise BadInput("regmean weighs each task's inputs: its weights must not be negative")
     device = terms[0].A.device
     shrunk = [shrink_off_diagonal(gram.to(device, torch.float64), off_diagonal) for gram in grams]
-    inverse = psd_pseudo_inverse(sum(weight * gram for weight, gram in zip(weights, shrunk, strict=True)))
-    rights = [
-        weight * (term.A.to(torch.float64) @ gram) @ inverse
-        for term, weight, gram in zip(terms, weights, shrunk, strict=True)
-    ]
-    dtype = terms[0].A.dtype
-    merged = LowRank(torch.cat([term.B for term in terms], dim=1), torch.cat(rights, dim=0).to(dtype))
+    total = sum(weight * gram for weight, gram in zip(weights, shrunk, strict=True))
+    stacked = torch.cat([weight * (term.A.to(torch.float64) @ gram)
+                         for term, weight, gram in zip(terms, weights, shrunk, strict=True)])  # fmt: skip
+    rights = solve_psd(total, stacked)  # every term's w_i A_i G_i M⁻¹ at once
+    merged = LowRank(torch.cat([term.B for term in terms], dim=1), rights.to(terms[0].A.dtype))
     return truncate_rank(merged, rank) if rank < merged.rank else merged
