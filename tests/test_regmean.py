@@ -69,7 +69,7 @@ def module_inputs(model, tokenizer, prompts: list[str], names: list[str]) -> dic
     return {name: torch.cat(found).to(torch.float64) for name, found in rows.items()}
 
 
-def calibration_files(root: Path, count: int = 12) -> list[Path]:
+def calibration_files(root: Path, count: int = 20) -> list[Path]:
     files = []
     for skill in SKILLS:
         rows = (CHARDEMO / "data" / f"{skill}.eval.jsonl").read_text().splitlines()[:count]
@@ -82,10 +82,13 @@ def calibration_files(root: Path, count: int = 12) -> list[Path]:
 def test_regmean_equals_the_dense_closed_form_on_a_real_models_activations(tmp_path):
     """Δ* = (Σ w_i Δ_i G̃_i)(Σ w_i G̃_i)⁻¹ with G_i the mean of x xᵀ over task i's prompt tokens and G̃_i its
     off-diagonal entries scaled by α, written out densely in float64 from the base's own activations; the merge
-    batches and pads the prompts, so this also checks that padding is left out."""
+    batches (20 prompts: two batches) and pads the prompts, so this also checks that padding is left out. One
+    adapter lacks a module: there its Δ is 0, and its inputs still count."""
     base = CHARDEMO / "base"
     files = calibration_files(tmp_path)
     adapters = [load_adapter(CHARDEMO / skill) for skill in SKILLS]
+    missing = "model.layers.1.self_attn.v_proj"
+    del adapters[1].modules[missing]
     weights, alpha = [1.0, 0.5, 2.0], 0.7
     grams = calibration_grams(str(base), files, adapters)
     merged = merge_adapters(adapters, weights, "regmean", grams=grams, params={"off_diagonal": alpha})
@@ -93,6 +96,7 @@ def test_regmean_equals_the_dense_closed_form_on_a_real_models_activations(tmp_p
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(base)
     names = sorted(adapters[0].modules)
+    assert missing in names
     inputs = [module_inputs(model, tokenizer, [json.loads(r)["prompt"] for r in f.read_text().splitlines()], names)
               for f in files]  # fmt: skip
     for name in names:
@@ -100,7 +104,8 @@ def test_regmean_equals_the_dense_closed_form_on_a_real_models_activations(tmp_p
         for rows in inputs:
             gram = rows[name].T @ rows[name] / len(rows[name])
             shrunk.append(alpha * gram + (1 - alpha) * torch.diag(torch.diag(gram)))
-        deltas = [adapter.modules[name].factors(torch.float64).dense() for adapter in adapters]
+        zero = torch.zeros(adapters[0].modules[name].shape, dtype=torch.float64)
+        deltas = [a.modules[name].factors(torch.float64).dense() if name in a.modules else zero for a in adapters]
         numerator = sum(w * d @ g for w, d, g in zip(weights, deltas, shrunk, strict=True))
         denominator = sum(w * g for w, g in zip(weights, shrunk, strict=True))
         expected = torch.linalg.solve(denominator, numerator.T).T  # X M = N with M symmetric
@@ -129,7 +134,11 @@ def test_the_cli_merges_with_calibration_files_and_refuses_what_it_cannot_use(tm
         assert rel_err(written.modules[name].factors().dense(), module.factors().dense()) < 1e-6
     refusals = [
         ("method regmean merges with each adapter's activations", ("--method", "regmean", "--base", base)),
-        ("1 calibration files for 2 adapters", ("--method", "regmean", "--base", base, *given[:2])),
+        ("--calibration: 1 files for 2 adapters", ("--method", "regmean", "--base", base, *given[:2])),
+        (
+            "method regmean weighs each adapter's inputs: its weights must not be",
+            ("--method", "regmean", "--base", base, "--weights", "1,-1", *given),
+        ),
         ("--calibration: method iso_c does not use activations", ("--base", base, *given)),
         ("runs the base model on the calibration prompts: give --base MODEL", ("--method", "regmean", *given)),
     ]
@@ -137,6 +146,8 @@ def test_the_cli_merges_with_calibration_files_and_refuses_what_it_cannot_use(tm
         refused = run("merge", *adapters, *flags, "-o", tmp_path / "refused")
         assert refused.exit_code == 2 and message in refused.stderr, (message, refused.stderr)
         assert not (tmp_path / "refused").exists()
+    planned = run("merge", *adapters, "--method", "regmean", "--base", "no/such/base", *given, "--dry-run", "-o", out)
+    assert planned.exit_code == 0 and "regmean" in planned.stdout, planned.output  # no model is loaded
 
 
 def test_a_recipe_names_each_adapters_calibration_file(tmp_path):
@@ -171,3 +182,11 @@ def test_the_solve_takes_the_pseudo_inverse_where_no_prompt_reached_a_direction(
     rhs = torch.randn(2, 6, generator=generator, dtype=torch.float64)
     assert torch.allclose(solve_psd(singular, rhs), rhs @ torch.linalg.pinv(singular, hermitian=True), atol=1e-10)
     assert torch.allclose(solve_psd(definite, rhs), torch.linalg.solve(definite, rhs.T).T, atol=1e-10)
+    # fewer tokens than features, and a trace of round-off: "definite" to Cholesky, with pivots ~1e-14
+    for seed in range(20):
+        few = torch.randn(30, 40, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        gram = few.T @ few / 30 + 1e-14 * torch.eye(40, dtype=torch.float64)
+        assert int(torch.linalg.cholesky_ex(gram)[1]) == 0
+        right = torch.randn(3, 40, generator=generator, dtype=torch.float64)
+        reference = right @ torch.linalg.pinv(gram, rtol=1e-10, hermitian=True)
+        assert rel_err(solve_psd(gram, right), reference) < 1e-6, seed

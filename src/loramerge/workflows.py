@@ -14,7 +14,7 @@ import torch
 
 from loramerge.adapters.dora import base_for_dora
 from loramerge.adapters.files import load_adapter, save_adapter
-from loramerge.adapters.merge import MergePlan, execute_plan, plan_merge
+from loramerge.adapters.merge import MergePlan, execute_plan, plan_merge, with_grams
 from loramerge.adapters.model import LoraAdapter
 from loramerge.adapters.options import MergeOptions
 from loramerge.adapters.recipe import adapter_merge_inputs
@@ -151,9 +151,11 @@ def adapter_recipe_plan(
     force: bool,
     allow_nonfinite: bool,
     phase: Phase = _silent,
+    calibrate: bool = True,
 ) -> tuple[MergePlan, Path, str | None, SingleFileOutput | None]:
     """An adapter recipe's plan, its checked output target, the base to fold into (``output.base``) and, for
-    single-file inputs, the file it writes; the calibration (RegMean's activations) is a ``phase``."""
+    single-file inputs, the file it writes; the calibration (RegMean's activations) is a ``phase``, checked but not
+    taken with ``calibrate`` False (a dry run)."""
     adapters, weights, options = adapter_merge_inputs(recipe, allow_nonfinite, seed=seed, device=device)
     adapters, single_file = _recipe_single_file(recipe, adapters)
     fold_into = None
@@ -165,31 +167,32 @@ def adapter_recipe_plan(
     inputs = [a.path for a in adapters if a.path] + [Path(ref) for ref in {base, fold_into} if ref]
     check = check_single_file_target if single_file else check_output_target
     target = check(output, force, inputs)
-    grams = _recipe_grams(recipe, options, adapters, device, phase)
-    plan = plan_merge(adapters, weights, options, base_for_dora(adapters, base), grams)
+    plan = plan_merge(adapters, weights, options, base_for_dora(adapters, base))
+    _calibrate(plan, recipe, device, phase, calibrate)
     return plan, target, fold_into, single_file
 
 
-def _recipe_grams(
-    recipe: Recipe, options: MergeOptions, adapters: list[LoraAdapter], device: str, phase: Phase
-) -> list | None:
-    """The adapters' input statistics on their ``calibration`` files, where the method merges with activations."""
-    entries = recipe.adapters or []
+def _calibrate(plan: MergePlan, recipe: Recipe, device: str, phase: Phase, take: bool) -> None:
+    """The adapters' input statistics on their ``calibration`` files, where the method merges with activations,
+    taken once the plan has passed every other check."""
+    entries, method = recipe.adapters or [], plan.options.method
     given = [i for i, entry in enumerate(entries) if entry.calibration]
-    if not options.method_entry.calibrated:
+    if not plan.options.method_entry.calibrated:
         if given:
-            raise BadInput(f"adapters[{given[0]}].calibration: method {options.method} does not use activations")
-        return None
+            raise BadInput(f"adapters[{given[0]}].calibration: method {method} does not use activations")
+        return
     missing = next((i for i, entry in enumerate(entries) if not entry.calibration), None)
     if missing is not None:
-        raise BadInput(f"adapters[{missing}].calibration: method {options.method} runs the base on a file of "
-                       "prompts per adapter; give each adapter one")  # fmt: skip
-    base = recipe.base_model or next((a.base_ref for a in adapters if a.base_ref), None)
+        raise BadInput(f"adapters[{missing}].calibration: method {method} runs the base on a file of prompts per "
+                       "adapter; give each adapter one")  # fmt: skip
+    base = recipe.base_model or next((a.base_ref for a in plan.adapters if a.base_ref), None)
     if not base:
-        raise BadInput(f"base_model: method {options.method} runs the base model on the calibration prompts")
+        raise BadInput(f"base_model: method {method} runs the base model on the calibration prompts")
+    if not take:
+        return
     with phase(None, "calibration") as update:
         files = [entry.calibration or "" for entry in entries]
-        return calibration_grams(base, files, adapters, device=device, progress=update)
+        with_grams(plan, calibration_grams(base, files, plan.adapters, device=device, progress=update))
 
 
 def _recipe_single_file(

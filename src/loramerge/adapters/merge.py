@@ -228,32 +228,41 @@ def plan_merge(
     if plan.dora:
         plan.base = _dora_base(plan, base)
     if options.method_entry.calibrated:
-        plan.grams = _checked_grams(plan, grams)
+        _check_calibrated(plan)
+        if grams is not None:
+            with_grams(plan, grams)
     return plan
 
 
-def _checked_grams(plan: MergePlan, grams: Sequence[Mapping[str, torch.Tensor]] | None) -> list:
-    """The inputs' Gram matrices of a method that merges with activations, checked against every module."""
+def _check_calibrated(plan: MergePlan) -> None:
+    """What a method that merges with activations refuses, before any activation is taken."""
     method = plan.options.method
-    if grams is None:
-        raise BadInput(f"method {method} merges with each adapter's activations: give the base model and one "
-                       "calibration file of prompts per adapter (`calibration`)")  # fmt: skip
-    if len(grams) != len(plan.adapters):
-        raise BadInput(f"method {method}: {len(grams)} calibration sets for {len(plan.adapters)} adapters; give one "
-                       "per adapter, in the adapters' order")  # fmt: skip
     if plan.dora:
         raise BadInput(f"method {method} merges LoRA directions, not DoRA's normalised ones; merge DoRA adapters "
                        "with another method")  # fmt: skip
+    if any(weight < 0 for weight in plan.weights):
+        raise BadInput(f"method {method} weighs each adapter's inputs: its weights must not be negative")
+    embedded = next((module.name for module in plan.modules if module.embedding), None)
+    if embedded:
+        raise BadInput(f"module {embedded}: method {method} merges linear layers, not an embedding")
+
+
+def with_grams(plan: MergePlan, grams: Sequence[Mapping[str, torch.Tensor]]) -> MergePlan:
+    """Give a plan the adapters' input Gram matrices (``loramerge.calibration_grams``: every adapter's, for every
+    module any adapter adapts), checked against every module."""
+    method = plan.options.method
+    if len(grams) != len(plan.adapters):
+        raise BadInput(f"method {method}: {len(grams)} calibration sets for {len(plan.adapters)} adapters; give one "
+                       "per adapter, in the adapters' order")  # fmt: skip
     for module in plan.modules:
-        if module.embedding:
-            raise BadInput(f"module {module.name}: method {method} merges linear layers, not an embedding")
-        for i in module.inputs:
+        for i, adapter in enumerate(plan.adapters):
             gram = grams[i].get(module.name)
             if gram is None or tuple(gram.shape) != (module.shape[1],) * 2:
                 found = "none" if gram is None else f"a {tuple(gram.shape)} one"
                 raise BadInput(f"module {module.name}: needs a {module.shape[1]} x {module.shape[1]} input Gram "
-                               f"matrix for adapter {plan.adapters[i].name}, got {found}")  # fmt: skip
-    return list(grams)
+                               f"matrix for adapter {adapter.name}, got {found}")  # fmt: skip
+    plan.grams = list(grams)
+    return plan
 
 
 def _dora_base(plan: MergePlan, base: str | BaseReader | None) -> BaseReader:
@@ -381,8 +390,8 @@ def merge_module(plan: MergePlan, module: ModulePlan, pieces: Sequence[LoraModul
     rank = module.output_rank
     strategy = options.strategy
     if strategy == "module":
-        extra = {"grams": [plan.grams[i][module.name] for i in module.inputs]} if plan.grams is not None else {}
-        result = options.method_entry.fn(terms, weights, rank=rank, **options.kernel_arguments, **extra)
+        result = options.method_entry.fn(terms, weights, rank=rank, **options.kernel_arguments,
+                                         **_activation_arguments(plan, module))  # fmt: skip
     elif strategy in ("concat", "factors"):
         result = concat(terms, weights) if strategy == "concat" else _factor_space(plan, module, pieces, weights)
         if options.rank is not None and options.rank < result.rank:
@@ -403,6 +412,19 @@ def merge_module(plan: MergePlan, module: ModulePlan, pieces: Sequence[LoraModul
     if result.rank != module.output_rank:
         raise AssertionError(f"module {module.name}: planned rank {module.output_rank}, got {result.rank}")
     return result
+
+
+def _activation_arguments(plan: MergePlan, module: ModulePlan) -> dict[str, object]:
+    """A method that merges with activations gets the Gram matrices of the module's inputs (``grams``) and the
+    weights and Gram matrices of the adapters without it (``absent``)."""
+    if not plan.options.method_entry.calibrated:
+        return {}
+    if plan.grams is None:
+        raise BadInput(f"method {plan.options.method} merges with each adapter's activations: give the base model "
+                       "and one calibration file of prompts per adapter (`calibration`)")  # fmt: skip
+    absent = [(plan.weights[j], plan.grams[j][module.name]) for j in range(len(plan.adapters))
+              if j not in module.inputs]  # fmt: skip
+    return {"grams": [plan.grams[i][module.name] for i in module.inputs], "absent": absent}
 
 
 def merged_module(plan: MergePlan, module: ModulePlan) -> LoraModule:

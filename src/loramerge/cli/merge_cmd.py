@@ -169,28 +169,37 @@ def merge(
     with console.status("reading adapters"):
         loaded = [load_adapter(ref, allow_nonfinite=allow_nonfinite) for ref in adapters]
     loaded, gguf, single_file = _prepared_output(format, loaded, base=base, fold_into=fold_into, gguf_type=gguf_type)
-    grams = _calibration(options, calibration, loaded, base, device)
-    plan = plan_merge(loaded, parse_weights(weights), options, base_for_dora(loaded, base), grams)
+    plan = plan_merge(loaded, parse_weights(weights), options, base_for_dora(loaded, base))
+    _calibrate(plan, calibration, base, device, dry_run)
     run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into, shard_size=out_shard_size,
                      gguf=gguf, single_file=single_file)  # fmt: skip
     if not dry_run:
         publish(target, push_to_hub, private)
 
 
-def _calibration(options, calibration: list[Path], loaded: list, base: str | None, device: str) -> list | None:
-    """The adapters' input statistics, for a method that merges with activations (RegMean)."""
-    if not options.method_entry.calibrated:
+def _calibrate(plan, calibration: list[Path], base: str | None, device: str, dry_run: bool) -> None:
+    """The adapters' input statistics, for a method that merges with activations (RegMean), taken once the plan
+    has passed every other check; a dry run takes none."""
+    method = plan.options.method
+    if not plan.options.method_entry.calibrated:
         if calibration:
-            raise BadInput(f"--calibration: method {options.method} does not use activations (regmean does)")
-        return None
+            raise BadInput(f"--calibration: method {method} does not use activations (regmean does)")
+        return
     if not calibration:
-        return None  # the plan says what is missing
+        raise BadInput(f"--method {method} merges with each adapter's activations: give one --calibration FILE of "
+                       "prompts per adapter")  # fmt: skip
     if not base:
-        raise BadInput(f"--method {options.method} runs the base model on the calibration prompts: give --base MODEL")
+        raise BadInput(f"--method {method} runs the base model on the calibration prompts: give --base MODEL")
+    if len(calibration) != len(plan.adapters):
+        raise BadInput(f"--calibration: {len(calibration)} files for {len(plan.adapters)} adapters; give one per "
+                       "adapter, in the adapters' order")  # fmt: skip
+    if dry_run:
+        return
+    from loramerge.adapters.merge import with_grams
     from loramerge.evaluate.activations import calibration_grams
 
     with progress_bar(None, "calibration") as update:
-        return calibration_grams(base, calibration, loaded, device=device, progress=update)
+        with_grams(plan, calibration_grams(base, calibration, plan.adapters, device=device, progress=update))
 
 
 def _merge_via_dense(adapters, weights, options, base, target, rank, fold_into, force, dry_run, shard_size) -> None:

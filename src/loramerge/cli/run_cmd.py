@@ -78,7 +78,7 @@ def _run_adapters(
         parse_size(shard_size)
     plan, target, fold_into, single_file = adapter_recipe_plan(
         parsed, output, seed=seed, device=device, force=force or dry_run, allow_nonfinite=allow_nonfinite,
-        phase=progress_bar,
+        phase=progress_bar, calibrate=not dry_run,
     )  # fmt: skip
     if single_file and push_to_hub:
         raise BadInput("--push-to-hub uploads a folder; this recipe writes one single-file LoRA")

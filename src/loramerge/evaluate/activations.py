@@ -35,6 +35,9 @@ class _Collector:
                 self.same_as[name] = self.last[1]
                 return
             self.last = (hidden, name)
+            if hidden.shape[:-1] != self.mask.shape:  # a layer fed flattened tokens (routed experts, say)
+                raise BadInput(f"module {name}: takes {tuple(hidden.shape)} inputs, not one row per prompt token; "
+                               "input statistics are taken on the layers of every token")  # fmt: skip
             rows = hidden[self.mask.bool()].to(torch.float64)
             product = (rows.T @ rows).cpu()
             self.sums[name] = self.sums[name] + product if name in self.sums else product
@@ -49,7 +52,8 @@ def _linear_modules(model, names: Sequence[str]) -> dict[str, torch.nn.Module]:
     for name in names:
         module = found.get(name)
         if module is None:
-            raise BadInput(f"module {name}: the base model has no such module")
+            raise BadInput(f"module {name}: the base model has no such linear layer (input statistics are taken on "
+                           "the inputs of linear layers)")  # fmt: skip
         if not (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"):
             raise BadInput(f"module {name}: input statistics are taken on linear layers, not {type(module).__name__}")
         modules[name] = module
@@ -63,7 +67,7 @@ def input_grams(
     names: Sequence[str],
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``Xᵀ X / n`` (float32, in x in) of each named linear module's inputs over the ``n`` tokens of ``prompts``
+    """``Xᵀ X / n`` (float64, in x in) of each named linear module's inputs over the ``n`` tokens of ``prompts``
     (with the tokenizer's special tokens, as evaluation reads them), one forward pass per batch, no gradients."""
     if not prompts:
         raise BadInput("no prompts to take input statistics on")
@@ -89,7 +93,8 @@ def input_grams(
     finally:
         for handle in handles:
             handle.remove()
-    sums = {name: (total / collector.tokens).to(torch.float32) for name, total in collector.sums.items()}
+    # float64: a few prompts leave these nearly singular, and RegMean solves with their sum
+    sums = {name: total / collector.tokens for name, total in collector.sums.items()}
     return {name: sums[collector.same_as.get(name, name)] for name in names}
 
 
@@ -113,7 +118,8 @@ def calibration_grams(
     device: str = "cpu",
     progress: Callable[[int, int, str], None] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """Per adapter, the mean input Gram matrices of the modules it adapts, from the base's activations on its own
+    """Per adapter, the mean input Gram matrices of every module any of them adapts (a task's inputs count where
+    it adds nothing too), from the base's activations on its own
     calibration file (``calibration[i]``: ``calibration_prompts``): what RegMean merges with. The base is loaded
     once; ``adapters`` are ``LoraAdapter``s."""
     if len(calibration) != len(adapters):
@@ -121,9 +127,10 @@ def calibration_grams(
                        "in the adapters' order")  # fmt: skip
     prompt_sets = [calibration_prompts(path) for path in calibration]
     model, tokenizer = load_model(base, device=device)
+    names = sorted({name for adapter in adapters for name in adapter.modules})
     grams = []
-    for i, (prompts, adapter) in enumerate(zip(prompt_sets, adapters, strict=True)):
+    for i, prompts in enumerate(prompt_sets):
         label = f"calibration {i + 1}/{len(adapters)} ({Path(calibration[i]).name})"
         report = (lambda done, total, label=label: progress(done, total, label)) if progress else None
-        grams.append(input_grams(model, tokenizer, prompts, sorted(adapter.modules), report))
+        grams.append(input_grams(model, tokenizer, prompts, names, report))
     return grams

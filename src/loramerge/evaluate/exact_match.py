@@ -41,7 +41,7 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"] if text else []
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return 0 if pad is None else pad
 
@@ -101,7 +101,7 @@ def score_batch(model, rows: list[tuple[list[int], list[int]]], pad: int) -> lis
 def greedy_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: list[int]) -> list[str]:
     """Greedy continuations of left-padded prompts; each is cut to its own ``max_new_tokens``."""
     device = next(model.parameters()).device
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     ids, mask = _padded(prompts, pad, left=True, device=device)
     with torch.no_grad():
         output = model.generate(
@@ -147,7 +147,7 @@ def evaluate(
     runs only for the rare rows the teacher-forced argmaxes leave undecided."""
     total, count, matches = 0.0, 0, 0
     with_prompts = any(sample.prompt for sample in samples)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
         rows = []

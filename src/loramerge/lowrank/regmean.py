@@ -30,7 +30,9 @@ def solve_psd(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     (the shrunk Gram matrices are, wherever every input feature was active), else by the pseudo-inverse from its
     eigendecomposition, eigenvalues below ``1e-10 λ_max`` (directions no prompt reached) counting as zero."""
     factor, info = torch.linalg.cholesky_ex(matrix)
-    if int(info) == 0:
+    pivots = factor.diagonal().square()
+    # Cholesky also "succeeds" on a singular matrix that round-off left slightly definite, dividing by ~1e-14
+    if int(info) == 0 and float(pivots.min()) > 1e-10 * float(matrix.diagonal().max()):
         return torch.cholesky_solve(rhs.T, factor).T
     values, vectors = torch.linalg.eigh(matrix)
     if float(values[-1]) <= 0:
@@ -46,16 +48,20 @@ def regmean(
     rank: int,
     grams: Sequence[torch.Tensor],
     off_diagonal: float,
+    absent: Sequence[tuple[float, torch.Tensor]] = (),
 ) -> LowRank:
     """RegMean's merge of one module from its inputs' factors and input Gram matrices (``grams``, in x in, one
     per term), each Gram's off-diagonal entries scaled by ``off_diagonal`` (the paper's α); the result has rank
-    Σ r_i, truncated to ``rank`` where that is smaller. The weights weigh the tasks' inputs against each other
-    (RegMean is a mean: scaling every weight by the same factor changes nothing)."""
-    if any(weight < 0 for weight in weights):
+    Σ r_i, truncated to ``rank`` where that is smaller. ``absent``: the (weight, Gram matrix) of each task that
+    does not adapt this module (``Δ_j = 0``: its inputs still ask for the base's outputs). The weights weigh the
+    tasks' inputs against each other (RegMean is a mean: scaling every weight by the same factor changes
+    nothing)."""
+    if any(weight < 0 for weight in [*weights, *(w for w, _ in absent)]):
         raise BadInput("regmean weighs each task's inputs: its weights must not be negative")
     device = terms[0].A.device
     shrunk = [shrink_off_diagonal(gram.to(device, torch.float64), off_diagonal) for gram in grams]
-    total = sum(weight * gram for weight, gram in zip(weights, shrunk, strict=True))
+    others = [weight * shrink_off_diagonal(gram.to(device, torch.float64), off_diagonal) for weight, gram in absent]
+    total = sum(weight * gram for weight, gram in zip(weights, shrunk, strict=True)) + sum(others)
     stacked = torch.cat([weight * (term.A.to(torch.float64) @ gram)
                          for term, weight, gram in zip(terms, weights, shrunk, strict=True)])  # fmt: skip
     rights = solve_psd(total, stacked)  # every term's w_i A_i G_i M⁻¹ at once

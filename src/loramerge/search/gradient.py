@@ -25,6 +25,7 @@ from loramerge.adapters.merge import execute_plan
 from loramerge.adapters.model import LoraAdapter
 from loramerge.errors import BadInput
 from loramerge.evaluate.data import Sample
+from loramerge.evaluate.exact_match import pad_id
 from loramerge.search.evaluator import Evaluator, Scores
 from loramerge.search.job import SearchJob
 
@@ -59,7 +60,7 @@ def check_gradient_job(job: SearchJob) -> None:
     """What AdaMerging's task arithmetic can learn: a linear merge of low-rank modules, at its exact rank."""
     options = job.space.options(job.space.start)
     method = options.method_entry
-    if not method.linear or options.strategy != "concat":
+    if not (method.linear and method.exact_rank and options.strategy in ("concat", "module")):
         raise BadInput(f"search with gradients learns task arithmetic's coefficients (AdaMerging): the recipe's "
                        f"method must be linear, cat or task_arithmetic, not {options.method}")  # fmt: skip
     if options.rank is not None:
@@ -75,22 +76,26 @@ def check_gradient_job(job: SearchJob) -> None:
         embedded = next((name for name, m in adapter.modules.items() if m.embedding), None)
         if embedded:
             raise BadInput(f"module {embedded}: search with gradients scales linear layers' LoRA, not embeddings")
+        if adapter.config.get("lora_bias") or adapter.dense:
+            what = "lora_bias" if adapter.config.get("lora_bias") else "modules_to_save"
+            raise BadInput(f"adapter {adapter.name} has {what}: search with gradients learns the low-rank updates' "
+                           "coefficients only")  # fmt: skip
 
 
 def _encode(tokenizer, rows: Sequence[Sample], objective: GradientObjective) -> dict[str, torch.Tensor]:
-    """With ``loss``: right-padded prompts and completions (and end-of-sequence), the completion tokens as labels;
+    """With ``loss``: right-padded prompts and completions (and end-of-sequence), those tokens as labels;
     with ``entropy``: left-padded prompts, so that every prompt's last token is the last position."""
     sequences, labels = [], []
     for row in rows:
         prompt = tokenizer(row.prompt or row.completion)["input_ids"]
         answer = []
-        if objective == "loss":
-            answer = tokenizer(row.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if objective == "loss":  # as the adapters were trained: the completion, then the end of the sequence
+            end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+            answer = tokenizer(row.completion, add_special_tokens=False)["input_ids"] + end
         sequences.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)
     width = max(len(s) for s in sequences)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((len(rows), width), pad)
+    ids = torch.full((len(rows), width), pad_id(tokenizer))
     target = torch.full((len(rows), width), -100)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (sequence, label) in enumerate(zip(sequences, labels, strict=True)):
@@ -106,7 +111,10 @@ def objective_value(model, batch: dict[str, torch.Tensor], objective: GradientOb
     if objective == "loss":
         return model(input_ids=ids, attention_mask=mask, labels=batch["labels"].to(device)).loss
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt's positions start at 0
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
+    try:
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
+    except TypeError:  # an architecture without logits_to_keep
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     return -(log_probs.exp() * log_probs).sum(dim=-1).mean()
 
@@ -116,21 +124,23 @@ class CoefficientSlot:
     hooks that scale each input's rank components by its coefficient in the module's group."""
 
     def __init__(self, evaluator: Evaluator, job: SearchJob, granularity: Granularity) -> None:
-        plan = job.plan([1.0] * len(job.space.dimensions))  # the coefficients scale these weights of 1
+        # the coefficients scale these weights of 1; float32 factors, cast once when written
+        plan = replace(job.plan([1.0] * len(job.space.dimensions)), out_dtype=torch.float32)
         self.plan = plan
         self.merged = execute_plan(plan)
         self.groups = sorted({layer_of(m.name) for m in plan.modules}, key=_group_order) if granularity == "layer" \
             else ["all"]  # fmt: skip
         start = torch.tensor(job.space.start, dtype=torch.float64)
         self.start = start[:, None].repeat(1, len(self.groups))
-        self.coefficients = torch.nn.Parameter(self.start.clone().to(torch.float32))
         evaluator.put(self.merged.modules, self.merged.dense)
         self.model = evaluator.model
+        device = next(self.model.parameters()).device
+        self.coefficients = torch.nn.Parameter(self.start.clone().to(device, torch.float32))
         self.handles = []
         root = self.model.base_model.model
         for module in plan.modules:
             group = self.groups.index(layer_of(module.name)) if granularity == "layer" else 0
-            owners = torch.repeat_interleave(torch.tensor(module.inputs), torch.tensor(module.input_ranks))
+            owners = torch.repeat_interleave(torch.tensor(module.inputs), torch.tensor(module.input_ranks)).to(device)
             layer = root.get_submodule(module.name).lora_A["default"]
             self.handles.append(layer.register_forward_hook(self._scaler(owners, group)))
 
@@ -138,7 +148,7 @@ class CoefficientSlot:
         width = len(owners)
 
         def scale(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
-            factors = self.coefficients[owners, group].to(output.dtype)
+            factors = self.coefficients[owners, group].to(output.device, output.dtype)
             padding = output.shape[-1] - width  # the slot may be wider than this module's Σ r_i
             if padding:
                 factors = torch.cat([factors, factors.new_zeros(padding)])
@@ -154,7 +164,7 @@ class CoefficientSlot:
             group = self.groups.index(layer_of(module.name)) if len(self.groups) > 1 else 0
             owners = torch.repeat_interleave(torch.tensor(module.inputs), torch.tensor(module.input_ranks))
             merged = self.merged.modules[module.name]
-            rows = self.coefficients.detach()[owners, group].to(merged.A.dtype)
+            rows = self.coefficients.detach().cpu()[owners, group]
             modules[module.name] = replace(merged, A=merged.A * rows[:, None])
         return replace(self.merged, modules=modules)
 
@@ -186,7 +196,6 @@ def gradient_search(
         raise BadInput(f"`objective='{objective}'`: with gradients choose entropy or loss", param="objective")
     if objective == "loss" and not all(all(s.prompt for s in rows) for rows in job.dev.values()):
         raise BadInput("`objective='loss'` with gradients needs prompt/completion dev data", param="objective")
-    torch.manual_seed(job.seed)
     evaluator = Evaluator(job)
     references = [evaluator.score_reference(i) for i in range(len(job.adapters))]
     slot = CoefficientSlot(evaluator, job, granularity)
