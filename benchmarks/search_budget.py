@@ -32,7 +32,7 @@ SKILLS = ("sentiment", "arithmetic", "dates", "orders")
 
 
 def cli(*args: object) -> None:
-    command = [sys.executable, "-m", "loramerge", *map(str, args)]
+    command = [sys.executable, "-m", "loramerge.cli", *map(str, args)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr}")

@@ -122,3 +122,18 @@ def test_what_gradients_cannot_learn_is_refused(recipe_body, flags, message, tmp
     refused = run("search", recipe, "--gradient", "--data", DEV[0], "--base", BASE, *flags, "-o", tmp_path / "out")
     assert refused.exit_code == 2 and message in refused.stderr, refused.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_linear_methods_at_their_exact_rank_are_what_it_learns(tmp_path):
+    from loramerge.errors import BadInput
+    from loramerge.search.gradient import check_gradient_job
+
+    adapters = [{"adapter": str(CHARDEMO / "add")}, {"adapter": str(CHARDEMO / "reverse")}]
+    for method in ("cat", "linear", "task_arithmetic", "svd"):
+        recipe = write_recipe(tmp_path / f"{method}.yml", {"merge_method": method, "adapters": adapters})
+        job = build_job(load_recipe(recipe), [str(DEV[0])], base=str(BASE), max_samples=2)
+        if method == "svd":  # a truncation of the sum, not linear in the weights at the rank it keeps
+            with pytest.raises(BadInput, match="must be linear, cat or task_arithmetic, not svd"):
+                check_gradient_job(job)
+        else:
+            check_gradient_job(job)
