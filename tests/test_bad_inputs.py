@@ -443,6 +443,18 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         lambda w: _merge(w, "--rank", "100000"),
         ("--rank 100000 is larger than any module allows: at most 128 (module model.layers.0.mlp.down_proj, 128x256)"),
     ),
+    "merge: regmean without calibration files": (
+        lambda w: _merge(w, "--method", "regmean", "--base", w.base),
+        "--method regmean merges with each adapter's activations: give one --calibration FILE of prompts per adapter",
+    ),
+    "merge: regmean with too few calibration files": (
+        lambda w: _merge(w, "--method", "regmean", "--base", w.base, "--calibration", w.data),
+        "--calibration: 1 files for 2 adapters; give one per adapter, in the adapters' order",
+    ),
+    "merge: calibration for a method that takes no activations": (
+        lambda w: _merge(w, "--calibration", w.data, "--calibration", w.data),
+        "--calibration: method iso_c does not use activations (regmean does)",
+    ),
     "merge: unknown method": (
         lambda w: _merge(w, "--method", "average"),
         (
@@ -908,6 +920,15 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
     "search: exact match on plain text": (
         lambda w: _search(w, "--data", _file(w, "plain.txt", "reverse abc=cba\n"), "--text-field", "text"),
         "--objective exact_match needs prompt/completion dev data; use --objective loss",
+    ),
+    "search: gradients through a method that is not linear in its weights": (
+        lambda w: _search(w, "--gradient"),
+        "search with gradients learns task arithmetic's coefficients (AdaMerging): the recipe's method must be "
+        "linear, cat or task_arithmetic, not ties",
+    ),
+    "search: gradients on exact match": (
+        lambda w: _search(w, "--gradient", "--objective", "exact_match"),
+        "--objective exact_match: with gradients choose entropy or loss",
     ),
     "search: an empty dev file": (
         lambda w: _search(w, "--data", _file(w, "empty.jsonl", "")),

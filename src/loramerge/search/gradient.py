@@ -189,13 +189,13 @@ def gradient_search(
 ) -> tuple[GradientResult, LoraAdapter]:
     """AdaMerging's coefficients for the job's adapters on its dev sets; deterministic for the job's seed (the
     rows of every step are drawn from it). Returns the search and the merge at the learned coefficients."""
-    check_gradient_job(job)
     if steps < 1 or batch < 1:
         raise BadInput(f"`budget` (steps) and `batch` must be at least 1 (got {steps} and {batch})", param="budget")
     if objective not in ("entropy", "loss"):
         raise BadInput(f"`objective='{objective}'`: with gradients choose entropy or loss", param="objective")
     if objective == "loss" and not all(all(s.prompt for s in rows) for rows in job.dev.values()):
         raise BadInput("`objective='loss'` with gradients needs prompt/completion dev data", param="objective")
+    check_gradient_job(job)
     evaluator = Evaluator(job)
     references = [evaluator.score_reference(i) for i in range(len(job.adapters))]
     slot = CoefficientSlot(evaluator, job, granularity)
