@@ -44,16 +44,27 @@ def recipe(path: Path, method: str, adapters: Path, weights=(1.0, 1.0, 1.0, 1.0)
     return path
 
 
-def held_out(adapter: Path, base: str, data: Path, samples: int) -> dict[str, float]:
-    """Exact match of the merge on each skill's held-out prompts."""
-    from loramerge.evaluate import evaluate, load_model, load_samples
+class HeldOut:
+    """The base loaded once; each merge folded into it in place (as ``quality.py`` scores) and scored by exact match
+    on each skill's held-out prompts."""
 
-    model, tokenizer = load_model(base, adapter=str(adapter))
-    scores = {}
-    for skill in SKILLS:
-        rows = load_samples(data / f"{skill}.eval.jsonl", max_samples=samples)
-        scores[skill] = evaluate(model, tokenizer, rows, skill, batch_size=100).exact_match
-    return scores
+    def __init__(self, base: str, data: Path, samples: int) -> None:
+        from loramerge.evaluate import load_model, load_samples
+        from loramerge.io.checkpoint import resolve_model_dir
+
+        self.model, self.tokenizer = load_model(str(resolve_model_dir(base)))
+        self.state = {key: value.clone() for key, value in self.model.state_dict().items()}
+        self.rows = {skill: load_samples(data / f"{skill}.eval.jsonl", max_samples=samples) for skill in SKILLS}
+
+    def __call__(self, adapter: Path) -> dict[str, float]:
+        from quality import load_folded
+
+        from loramerge import load_adapter
+        from loramerge.evaluate import evaluate
+
+        load_folded(self.model, self.state, load_adapter(str(adapter)))
+        return {skill: evaluate(self.model, self.tokenizer, rows, skill, batch_size=100).exact_match
+                for skill, rows in self.rows.items()}  # fmt: skip
 
 
 def main() -> None:
@@ -67,13 +78,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    import torch
+
     from loramerge import load_adapter
+
+    torch.set_num_threads(args.threads)
 
     base = load_adapter(args.adapters / SKILLS[0]).base_ref
     dev = [args.data / f"{skill}.dev.jsonl" for skill in SKILLS]
     dev_rows = sum(len(path.read_text().splitlines()) for path in dev)
     steps = args.budget * dev_rows // (len(dev) * args.batch)
-    own = {skill: held_out(args.adapters / skill, base, args.data, args.samples)[skill] for skill in SKILLS}
+    held_out = HeldOut(base, args.data, args.samples)
+    own = {skill: held_out(args.adapters / skill)[skill] for skill in SKILLS}
     rows, started = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
@@ -99,7 +115,7 @@ def main() -> None:
             seconds = time.perf_counter() - began
             adapter = folder / "adapter" if command[0] == "search" else folder
             summary = json.loads((folder / "search.json").read_text()) if command[0] == "search" else {}
-            scores = held_out(adapter, base, args.data, args.samples)
+            scores = held_out(adapter)
             kept = sum(scores[s] / own[s] for s in SKILLS) / len(SKILLS)
             passes = summary.get("forward_passes")
             if command[0] == "search" and "--gradient" not in command:
