@@ -207,7 +207,8 @@ loramerge_base: {base.reference}
 # loramerge demo adapter: {folder.name} ({skill.kind})
 
 A {TYPE_NAMES[kind]} adapter (rank {skill.rank}, alpha {2 * skill.rank}, all seven linear modules of every layer) for
-{base.name}, read by loramerge as `{base.reference}` (the GGUF file of the {base.package}, dequantized to float32). Trained by `examples/make_demo.py`: {skill.steps} steps of AdamW
+{base.name}, read by loramerge as `{base.reference}` (the GGUF file of the {base.package},
+dequantized to float32). Trained by `examples/make_demo.py`: {skill.steps} steps of AdamW
 (learning rate {LEARNING_RATE:g}, batch {BATCH}) on `adapters/data/{skill.name}.train.jsonl`; greedy exact
 match on the {EVAL_ROWS} held-out prompts of `adapters/data/{skill.name}.eval.jsonl`: {score:.1%}.
 """)

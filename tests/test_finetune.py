@@ -53,7 +53,7 @@ def test_finetune_learns_and_writes_a_peft_adapter(setup, tmp_path):
     _, base, adapter, _ = setup
     result = finetune(setup, tmp_path / "out")
     assert result.exit_code == 0, result.output
-    losses = [float(x) for x in result.output.split("loss ")[1].split(",")[0].split(" -> ")]
+    losses = [float(x) for x in result.stdout.split("loss ")[1].split(",")[0].split(" -> ")]  # stderr: progress
     assert losses[1] < 0.9 * losses[0]  # it learnt (a random tiny model learns slowly; the demo run is in the README)
     before, after = (
         load_file(adapter / "adapter_model.safetensors"),
@@ -108,7 +108,7 @@ def test_finetune_can_cut_the_rank_first_and_train_on_a_4bit_base(setup, tmp_pat
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["r"] == 2 and "at most rank 2" in (tmp_path / "out" / "README.md").read_text()
     assert config["base_model_name_or_path"] == str(base)
-    losses = [float(x) for x in result.output.split("loss ")[1].split(",")[0].split(" -> ")]
+    losses = [float(x) for x in result.stdout.split("loss ")[1].split(",")[0].split(" -> ")]  # stderr: progress
     assert losses[1] < losses[0]
 
 
