@@ -35,6 +35,7 @@ from loramerge.io.portable_base import portable_base
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
 @dataclass(frozen=True)
 class Base:
     reference: str  # what loramerge reads
