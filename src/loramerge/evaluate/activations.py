@@ -12,6 +12,7 @@ import torch
 
 from loramerge.errors import BadInput
 from loramerge.evaluate.data import load_samples
+from loramerge.evaluate.exact_match import pad_id, padded_batch
 from loramerge.evaluate.models import load_model
 
 BATCH = 16
@@ -75,19 +76,15 @@ def input_grams(
     handles = [module.register_forward_pre_hook(collector.hook(name)) for name, module in
                _linear_modules(model, names).items()]  # fmt: skip
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer)
     try:
         for start in range(0, len(prompts), BATCH):
             rows = [tokenizer(text)["input_ids"] for text in prompts[start : start + BATCH]]
-            width = max(len(row) for row in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, row in enumerate(rows):
-                ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row, dtype=torch.long), 1
-            collector.mask, collector.last = mask.to(device), None
+            ids, mask = padded_batch(rows, pad, left=False, device=device)
+            collector.mask, collector.last = mask, None
             collector.tokens += int(mask.sum())
             with torch.no_grad():
-                model(input_ids=ids.to(device), attention_mask=mask.to(device))
+                model(input_ids=ids, attention_mask=mask)
             if progress is not None:
                 progress(min(start + BATCH, len(prompts)), len(prompts))
     finally:

@@ -46,7 +46,7 @@ def pad_id(tokenizer) -> int:
     return 0 if pad is None else pad
 
 
-def _padded(rows: list[list[int]], pad: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_batch(rows: list[list[int]], pad: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask of ``rows`` padded to one length (on the left for generation)."""
     width = max(len(row) for row in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -77,7 +77,7 @@ def score_batch(model, rows: list[tuple[list[int], list[int]]], pad: int) -> lis
     if not scored:
         return results
     device = next(model.parameters()).device
-    ids, mask = _padded([rows[i][0] + rows[i][1] for i in scored], pad, left=True, device=device)
+    ids, mask = padded_batch([rows[i][0] + rows[i][1] for i in scored], pad, left=True, device=device)
     keep = max(len(rows[i][1]) for i in scored) + 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -102,7 +102,7 @@ def greedy_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: lis
     """Greedy continuations of left-padded prompts; each is cut to its own ``max_new_tokens``."""
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
-    ids, mask = _padded(prompts, pad, left=True, device=device)
+    ids, mask = padded_batch(prompts, pad, left=True, device=device)
     with torch.no_grad():
         output = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max(max_new_tokens), do_sample=False, pad_token_id=pad

@@ -25,7 +25,7 @@ from loramerge.adapters.merge import execute_plan
 from loramerge.adapters.model import LoraAdapter
 from loramerge.errors import BadInput
 from loramerge.evaluate.data import Sample
-from loramerge.evaluate.exact_match import pad_id
+from loramerge.evaluate.exact_match import pad_id, padded_batch
 from loramerge.search.evaluator import Evaluator, Scores
 from loramerge.search.job import SearchJob
 
@@ -94,13 +94,9 @@ def _encode(tokenizer, rows: Sequence[Sample], objective: GradientObjective) -> 
             answer = tokenizer(row.completion, add_special_tokens=False)["input_ids"] + end
         sequences.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(rows), width), pad_id(tokenizer))
-    target = torch.full((len(rows), width), -100)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (sequence, label) in enumerate(zip(sequences, labels, strict=True)):
-        span = slice(0, len(sequence)) if objective == "loss" else slice(width - len(sequence), width)
-        ids[i, span], target[i, span], mask[i, span] = torch.tensor(sequence), torch.tensor(label), 1
+    left = objective == "entropy"
+    ids, mask = padded_batch(sequences, pad_id(tokenizer), left=left, device="cpu")
+    target, _ = padded_batch(labels, -100, left=left, device="cpu")
     return {"input_ids": ids, "attention_mask": mask, "labels": target}
 
 
@@ -126,7 +122,6 @@ class CoefficientSlot:
     def __init__(self, evaluator: Evaluator, job: SearchJob, granularity: Granularity) -> None:
         # the coefficients scale these weights of 1; float32 factors, cast once when written
         plan = replace(job.plan([1.0] * len(job.space.dimensions)), out_dtype=torch.float32)
-        self.plan = plan
         self.merged = execute_plan(plan)
         self.groups = sorted({layer_of(m.name) for m in plan.modules}, key=_group_order) if granularity == "layer" \
             else ["all"]  # fmt: skip
@@ -136,13 +131,16 @@ class CoefficientSlot:
         self.model = evaluator.model
         device = next(self.model.parameters()).device
         self.coefficients = torch.nn.Parameter(self.start.clone().to(device, torch.float32))
-        self.handles = []
-        root = self.model.base_model.model
-        for module in plan.modules:
-            group = self.groups.index(layer_of(module.name)) if granularity == "layer" else 0
-            owners = torch.repeat_interleave(torch.tensor(module.inputs), torch.tensor(module.input_ranks)).to(device)
-            layer = root.get_submodule(module.name).lora_A["default"]
-            self.handles.append(layer.register_forward_hook(self._scaler(owners, group)))
+        # per module: the input each rank component comes from, and the column of its coefficients
+        self.places = {
+            module.name: (torch.repeat_interleave(torch.tensor(module.inputs), torch.tensor(module.input_ranks)),
+                          self.groups.index(layer_of(module.name)) if granularity == "layer" else 0)
+            for module in plan.modules
+        }  # fmt: skip
+        root, self.handles = self.model.base_model.model, []
+        for name, (owners, group) in self.places.items():
+            layer = root.get_submodule(name).lora_A["default"]
+            self.handles.append(layer.register_forward_hook(self._scaler(owners.to(device), group)))
 
     def _scaler(self, owners: torch.Tensor, group: int):
         width = len(owners)
@@ -159,13 +157,10 @@ class CoefficientSlot:
     def adapter(self) -> LoraAdapter:
         """The merge at the current coefficients: every module's stacked factors, each input's rows of ``A``
         times its coefficient (exactly what the hooked slot computes)."""
-        modules = {}
-        for module in self.plan.modules:
-            group = self.groups.index(layer_of(module.name)) if len(self.groups) > 1 else 0
-            owners = torch.repeat_interleave(torch.tensor(module.inputs), torch.tensor(module.input_ranks))
-            merged = self.merged.modules[module.name]
-            rows = self.coefficients.detach().cpu()[owners, group]
-            modules[module.name] = replace(merged, A=merged.A * rows[:, None])
+        coefficients, modules = self.coefficients.detach().cpu(), {}
+        for name, (owners, group) in self.places.items():
+            merged = self.merged.modules[name]
+            modules[name] = replace(merged, A=merged.A * coefficients[owners, group][:, None])
         return replace(self.merged, modules=modules)
 
     def close(self) -> None:
