@@ -98,6 +98,10 @@ def configs(densities: list[float], seeds: list[int], quick: bool, every_full: b
         # RegMean with each skill's 64 dev prompts as its calibration: the off-diagonal shrinkage its authors use
         # most (0.9), and the strong one of their other settings (0.1)
         runs += [Config("regmean", "exact", None, 0, (("off_diagonal", a),)) for a in (0.9, 0.1)]
+        # LARV's per-module scales (they read the base's weights) on the three mergers it is offered for: the
+        # tiered gate the paper recommends, and for the default merge the continuous one
+        runs += [Config(m, "core", None, 0, (("larv", "tiered"),)) for m in ("iso_c", "iso_cts", "tsv_m")]
+        runs.append(Config("iso_c", "core", None, 0, (("larv", "continuous"),)))
     runs.append(Config("ties", "peft", top))
     if every_full:
         runs.append(Config("ties", "full_exact", top))  # the randomized truncation against the exact one
@@ -105,10 +109,12 @@ def configs(densities: list[float], seeds: list[int], quick: bool, every_full: b
     return runs
 
 
-def merge(adapters, config: Config, grams=None):
+def merge(adapters, config: Config, grams=None, base: str | None = None):
     params: dict[str, object] = {"seed": config.seed}
     if catalogue.method(config.method).calibrated:
         params["grams"] = grams
+    if dict(config.params).get("larv", "none") != "none":
+        params["base"] = base
     if config.space == "full_exact":
         params.update(space="full", full_svd="exact")
     elif config.space != "exact":
@@ -176,6 +182,7 @@ def run(args) -> list[dict[str, object]]:
     plan = configs(args.densities, args.seeds, args.quick, args.every_full, args.full_density)
     plan = [config for config in plan if not args.only or config.space in args.only]
     plan = [config for config in plan if not args.methods or config.method in args.methods]
+    plan = [config for config in plan if not args.with_param or args.with_param in dict(config.params)]
     grams = {}  # RegMean's calibration: the base's activations on each skill's dev prompts
     if any(catalogue.method(config.method).calibrated for config in plan if config.method != "base"):
         for skill in skills:
@@ -198,7 +205,9 @@ def run(args) -> list[dict[str, object]]:
                 accuracy, seconds = peft_scores(peft_model, tokenizer, samples, subset, config)
             else:
                 subset_grams = [grams.get(skill) for skill in subset]
-                merged, seconds = (None, 0.0) if config.method == "base" else merge(chosen, config, subset_grams)
+                merged, seconds = (
+                    (None, 0.0) if config.method == "base" else merge(chosen, config, subset_grams, base_ref)
+                )
                 load_folded(model, base_state, merged)
                 accuracy = scores(model, tokenizer, samples, subset)
             for skill, value in accuracy.items():
@@ -377,6 +386,7 @@ def main() -> None:
         help="Run only the merges in these spaces (the others' rows: --keep-from).",
     )
     parser.add_argument("--methods", nargs="+", help="Run only these methods (the others' rows: --keep-from).")
+    parser.add_argument("--with-param", help="Run only the merges setting this parameter (larv, say).")
     parser.add_argument("--keep-from", type=Path, help="With --only/--methods: the other rows from this earlier CSV.")
     parser.add_argument("--skills", nargs="+", default=list(SKILLS), help="Adapter folders under --adapters.")
     parser.add_argument("--base", help="The base model (default: the adapters' base_model_name_or_path).")
@@ -404,11 +414,12 @@ def main() -> None:
         rows = read_rows(args.from_csv)
     else:
         rows = run(args)
-        if (args.only or args.methods) and args.keep_from:
+        if (args.only or args.methods or args.with_param) and args.keep_from:
 
             def rerun(row: dict[str, object]) -> bool:
                 in_space = not args.only or row["space"] in args.only
-                return in_space and (not args.methods or str(row["method"]).split(" ")[0] in args.methods)
+                in_method = not args.methods or str(row["method"]).split(" ")[0] in args.methods
+                return in_space and in_method and (not args.with_param or f" {args.with_param}=" in str(row["method"]))
 
             rows = [row for row in read_rows(args.keep_from) if not rerun(row)] + rows
         with open(args.out / "quality.csv", "w", newline="") as handle:
@@ -417,8 +428,10 @@ def main() -> None:
             writer.writerows(rows)
     summary = summarise(rows)
     table = overview(summary, args.sizes) + "\n" + markdown(summary, args.sizes)
-    if (args.only or args.methods) and args.keep_from and not args.from_csv:
-        rerun = " ".join([*(args.methods or []), *(args.only or [])])
+    if (args.only or args.methods or args.with_param) and args.keep_from and not args.from_csv:
+        rerun = " ".join(
+            [*(args.methods or []), *(args.only or []), *([f"with {args.with_param}"] * bool(args.with_param))]
+        )
         table += (
             f"\nOnly the rows of {rerun} were run now (machine below); the others are kept from "
             f"{args.keep_from}, an earlier run, with that run's timings.\n"

@@ -451,6 +451,14 @@ CASES: dict[str, tuple[Callable[[Workspace], list], str]] = {
         lambda w: _merge(w, "--method", "regmean", "--base", w.base, "--calibration", w.data),
         "--calibration: 1 files for 2 adapters; give one per adapter, in the adapters' order",
     ),
+    "merge: larv without a base": (
+        lambda w: _merge(w, "--param", "larv=tiered"),
+        "larv=tiered compares each module's update with the base model's weight: give the base model (--base)",
+    ),
+    "merge: larv on a method without it": (
+        lambda w: _merge(w, "--method", "ties", "--param", "larv=tiered", "--base", w.base),
+        "method ties has no parameter 'larv' (its parameters: none)",
+    ),
     "merge: calibration for a method that takes no activations": (
         lambda w: _merge(w, "--calibration", w.data, "--calibration", w.data),
         "--calibration: method iso_c does not use activations (regmean does)",

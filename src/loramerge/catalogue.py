@@ -255,6 +255,37 @@ _GAMMA = Parameter("gamma", 0.01, per_input=True, help="fraction of the largest 
 _EPSILON = Parameter("epsilon", 0.15, per_input=True, help="spread of DELLA's keep probabilities")
 _M = "loramerge.kernels.matrix:"
 _ALPHA = Parameter("alpha", 1.0, help="scale of the merged update")
+LARV_GATES = ("none", "tiered", "continuous")
+
+
+def larv_tiers(value: object) -> tuple[float, float, float]:
+    """``larv_tiers``: three positive scales, ``"low,middle,high"``."""
+    try:
+        tiers = tuple(float(part) for part in str(value).split(","))
+    except ValueError:
+        tiers = ()
+    if len(tiers) != 3 or min(tiers) <= 0:
+        raise ValueError("must be three positive numbers, low,middle,high (0.5,1,1.5)")
+    return tiers  # type: ignore[return-value]
+
+
+def _tiers(value: object) -> str | None:
+    try:
+        larv_tiers(value)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+# LARV (arXiv:2602.09413), an option of the whole-matrix mergers: one scale per module on every task vector,
+# applied by the plan before the kernel runs (the kernels never see these parameters)
+_LARV = (
+    Parameter("larv", "none", help="LARV's per-module scales of every task vector, from the base's weights "
+              "(needs the base): none | tiered | continuous",
+              check=lambda v: None if v in LARV_GATES else f"must be one of {', '.join(LARV_GATES)}"),
+    Parameter("larv_tiers", "0.5,1,1.5", help="tiered LARV: the scales of the lowest, middle and highest third of "
+              "the modules' scores", check=_tiers),
+)  # fmt: skip
 _S = "loramerge.kernels.spherical:"
 _SEL = "loramerge.kernels.selective:"
 _REQUIRED_WEIGHT = Parameter("weight", per_input=True, help="the input's weight", dense_only=True, required=True)
@@ -329,16 +360,16 @@ for _method in (
     Method("tsv_m", _M + "tsv_m", "TSV-Merge (Gargiulo et al., CVPR 2025, arXiv:2412.00081)",
            "each task's top singular vectors, stacked and orthogonalised", level="matrix",
            parameters=(_ALPHA, Parameter("keep", 0.0, help="fraction of each task's rank kept (0: 1/n)",
-           check=_fraction)),
+           check=_fraction), *_LARV),
            exact_rank=True, dense=False, any_basis=True),
     Method("iso_c", _M + "iso_c", "Iso-C (Marczak et al., ICML 2025, arXiv:2502.04959)",
-           "the task arithmetic sum with a flat spectrum", level="matrix", parameters=(_ALPHA,), exact_rank=True,
+           "the task arithmetic sum with a flat spectrum", level="matrix", parameters=(_ALPHA, *_LARV), exact_rank=True,
            dense=False, any_basis=True,
            lone="flattens its singular values"),
     Method("iso_cts", _M + "iso_cts", "Iso-CTS (Marczak et al., ICML 2025, arXiv:2502.04959)",
            "the sum's common subspace completed by task-specific directions, with a flat spectrum",
            level="matrix", parameters=(_ALPHA, Parameter("common", 0.8, help="fraction of the sum's rank kept as "
-           "the common subspace", check=_positive_fraction)), exact_rank=True, dense=False, any_basis=True,
+           "the common subspace", check=_positive_fraction), *_LARV), exact_rank=True, dense=False, any_basis=True,
            lone="flattens its singular values"),
     Method("dc_merge", _M + "dc_merge", "DC-Merge (Zhang et al., CVPR 2026, arXiv:2603.06242)",
            "smoothed task spectra in shared orthogonal bases, sparsified and sign-elected per task block",

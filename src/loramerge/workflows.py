@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from loramerge.adapters.dora import base_for_dora
+from loramerge.adapters.dora import base_to_read
 from loramerge.adapters.files import load_adapter, save_adapter
 from loramerge.adapters.merge import MergePlan, execute_plan, plan_merge, with_grams
 from loramerge.adapters.model import LoraAdapter
@@ -167,7 +167,7 @@ def adapter_recipe_plan(
     inputs = [a.path for a in adapters if a.path] + [Path(ref) for ref in {base, fold_into} if ref]
     check = check_single_file_target if single_file else check_output_target
     target = check(output, force, inputs)
-    plan = plan_merge(adapters, weights, options, base_for_dora(adapters, base))
+    plan = plan_merge(adapters, weights, options, base_to_read(adapters, base, options))
     _calibrate(plan, recipe, device, phase, calibrate)
     return plan, target, fold_into, single_file
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -25,6 +25,9 @@ from loramerge.errors import BadInput
 from loramerge.io import bnb4bit
 from loramerge.io.checkpoint import Checkpoint, open_checkpoint
 from loramerge.lowrank import LowRank
+
+if TYPE_CHECKING:
+    from loramerge.adapters.options import MergeOptions
 
 # |c| below this in some row: the merged row scalings cancel and the result is no DoRA module
 _VANISHING_SCALE = 1e-6
@@ -130,14 +133,17 @@ def dora_delta(module: LoraModule, weight: torch.Tensor) -> torch.Tensor:
     return g.unsqueeze(1) * folded - weight
 
 
-def base_for_dora(adapters: Sequence[LoraAdapter], base: str | BaseReader | None) -> str | BaseReader | None:
-    """The base a merge reads: only where an input is DoRA (its row norms); None otherwise, so a merge of plain
-    LoRA never opens a base it was given for folding or scoring. Single-file (diffusion) LoRAs read a diffusion
-    model's weights by their own module names (``DiffusionBaseWeights``)."""
+def base_to_read(
+    adapters: Sequence[LoraAdapter], base: str | BaseReader | None, options: MergeOptions
+) -> str | BaseReader | None:
+    """The base a merge reads: where an input is DoRA (its row norms) or LARV scales the merge (its diagnostics);
+    None otherwise, so a merge of plain LoRA never opens a base it was given for folding or scoring.
+    Single-file (diffusion) LoRAs read a diffusion model's weights by their own module names
+    (``DiffusionBaseWeights``)."""
     from loramerge.adapters.diffusion_base import DiffusionBaseWeights
     from loramerge.adapters.single_file import FORMAT_KEY
 
-    if not any(adapter.needs_base for adapter in adapters):
+    if not options.layer_scaled and not any(adapter.needs_base for adapter in adapters):
         return None
     if isinstance(base, str) and any(adapter.config.get(FORMAT_KEY) for adapter in adapters):
         return DiffusionBaseWeights(base)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from loramerge.adapters.dora import base_for_dora
+from loramerge.adapters.dora import base_to_read
 from loramerge.adapters.files import adapter_from_state
 from loramerge.adapters.merge import execute_plan, plan_merge
 from loramerge.adapters.model import LoraAdapter
@@ -132,12 +132,12 @@ def add_weighted_adapter(
         space = space or implied_space
     inputs = [adapter_from_model(model, name) for name in adapters]
     device = next(iter(inputs[0].modules.values())).A.device
-    base = base_for_dora(inputs, LiveBaseWeights(model, inputs[0].fan_in_fan_out))
     options = parse_options(
         method=method, space=space, density=density, rank=rank or svd_rank,
         majority_sign=majority_sign or majority_sign_method, seed=seed, full_svd=full_svd, device=str(device),
         params=params,
     )  # fmt: skip
+    base = base_to_read(inputs, LiveBaseWeights(model, inputs[0].fan_in_fan_out), options)
     merged = execute_plan(plan_merge(inputs, list(weights), options, base))
     keys = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "modules_to_save", "use_dora",
             "lora_bias", "target_parameters")  # fmt: skip

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -24,6 +24,7 @@ from loramerge.adapters.dora import (
     own_terms,
     with_row_scales,
 )
+from loramerge.adapters.layer_scales import larv_scales
 from loramerge.adapters.model import LoraAdapter, LoraModule
 from loramerge.adapters.options import MergeOptions, parse_options
 from loramerge.adapters.param_targets import config_ranks
@@ -75,6 +76,8 @@ class MergePlan:
     base: BaseReader | None = None  # the base's weights, read once per module where DoRA needs them
     # per adapter, its modules' input Gram matrices on its calibration prompts (RegMean), by module name
     grams: list[Mapping[str, torch.Tensor]] | None = None
+    # LARV's scale of every module's task vectors (``larv`` option), computed when the plan runs
+    layer_scales: dict[str, float] | None = None
 
     @property
     def dora(self) -> bool:
@@ -200,7 +203,8 @@ def plan_merge(
     grams: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> MergePlan:
     """Check the inputs and decide every module's output rank; no tensor math yet. ``base`` (a model loramerge
-    reads) is needed where an input is DoRA: its row norms come from the base's weights. ``grams`` (one mapping
+    reads) is needed where an input is DoRA (its row norms come from the base's weights) and by ``larv`` (its
+    diagnostics). ``grams`` (one mapping
     per adapter: module name -> the mean Gram matrix of its inputs, ``loramerge.evaluate.activations``) is
     needed by the methods that merge with activations (RegMean)."""
     if not adapters:
@@ -227,6 +231,8 @@ def plan_merge(
         )
     if plan.dora:
         plan.base = _dora_base(plan, base)
+    if options.layer_scaled:
+        plan.base = _larv_base(plan, base)
     if options.method_entry.calibrated:
         _check_calibrated(plan)
         if grams is not None:
@@ -279,10 +285,31 @@ def _dora_base(plan: MergePlan, base: str | BaseReader | None) -> BaseReader:
             f"adapters {first.name} (DoRA) and {other.name} (lora_bias) cannot merge into one adapter: PEFT "
             "refuses DoRA with lora_bias; merge them into separate adapters"
         )
-    reader = BaseWeights(base, first.fan_in_fan_out) if isinstance(base, str) else base
+    embedded = next((module.name for module in plan.modules if module.embedding), None)
+    if embedded:
+        raise BadInput(f"module {embedded}: an embedding LoRA cannot be part of a DoRA output")
+    return _checked_base(plan, base, first.fan_in_fan_out)
+
+
+def _larv_base(plan: MergePlan, base: str | BaseReader | None) -> BaseReader:
+    """The base LARV's diagnostics read, checked against every module before any work."""
+    gate = plan.options.params["larv"]
+    if base is None:
+        raise BadInput(f"larv={gate} compares each module's update with the base model's weight: give the base "
+                       "model (`base`)")  # fmt: skip
+    if plan.dora:
+        raise BadInput(f"larv={gate} scales LoRA updates, not DoRA's normalised directions; merge DoRA adapters "
+                       "without it")  # fmt: skip
+    embedded = next((module.name for module in plan.modules if module.embedding), None)
+    if embedded:
+        raise BadInput(f"module {embedded}: larv={gate} scales linear layers, not an embedding")
+    return _checked_base(plan, base, plan.adapters[0].fan_in_fan_out)
+
+
+def _checked_base(plan: MergePlan, base: str | BaseReader, fan_in_fan_out: bool) -> BaseReader:
+    """A reader of the base's weights whose every module has the adapters' shape."""
+    reader = BaseWeights(base, fan_in_fan_out) if isinstance(base, str) else base
     for module in plan.modules:
-        if module.embedding:
-            raise BadInput(f"module {module.name}: an embedding LoRA cannot be part of a DoRA output")
         shape = reader.shape(module.name)
         if shape != module.shape:
             raise BadInput(
@@ -385,7 +412,8 @@ def merge_module(plan: MergePlan, module: ModulePlan, pieces: Sequence[LoraModul
     inputs' modules (DoRA modules with their row scales set)."""
     options = plan.options
     pieces = list(pieces) if pieces is not None else [plan.adapters[i].modules[module.name] for i in module.inputs]
-    weights = [plan.weights[i] for i in module.inputs]
+    scale = plan.layer_scales.get(module.name, 1.0) if plan.layer_scales else 1.0  # LARV's, on every task vector
+    weights = [plan.weights[i] * scale for i in module.inputs]
     terms = [piece.factors(device=options.device) for piece in pieces]
     rank = module.output_rank
     strategy = options.strategy
@@ -474,8 +502,24 @@ def merge_dense(plan: MergePlan, name: str) -> torch.Tensor:
     )
 
 
+def _larv_scales(plan: MergePlan, progress: Progress | None) -> dict[str, float]:
+    """LARV's scale of each module, from its weighted sum of the adapters' updates and the base's weight."""
+    assert plan.base is not None
+    options = plan.options
+
+    def updates() -> Iterator[tuple[str, LowRank]]:
+        for module in plan.modules:
+            terms = [plan.adapters[i].modules[module.name].factors(device=options.device) for i in module.inputs]
+            yield module.name, concat(terms, [plan.weights[i] for i in module.inputs])
+
+    params = {**{p.name: p.default for p in options.method_entry.parameters}, **options.params}
+    return larv_scales(updates(), len(plan.modules), plan.base, params, progress)
+
+
 def execute_plan(plan: MergePlan, progress: Progress | None = None) -> LoraAdapter:
     """Run a plan: every module in low-rank space, every carried dense tensor, the config and card."""
+    if plan.options.layer_scaled and plan.layer_scales is None:
+        plan.layer_scales = _larv_scales(plan, progress)
     modules: dict[str, LoraModule] = {}
     for done, module in enumerate(plan.modules, start=1):
         try:
@@ -512,6 +556,7 @@ def merge_adapters(
 ) -> LoraAdapter:
     """Merge adapters of one base model; ``params`` are the ``MergeOptions`` fields (density, rank, space…).
     ``method`` defaults to ``loramerge.catalogue.DEFAULT_METHOD``; ``base`` (a model folder, Hub id, GGUF file or
-    4-bit checkpoint) is needed where an input is DoRA; ``grams`` (``loramerge.calibration_grams``) by RegMean."""
+    4-bit checkpoint) is needed where an input is DoRA and by ``params={"larv": ...}``; ``grams``
+    (``loramerge.calibration_grams``) by RegMean."""
     options = parse_options(method=method, **params)
     return execute_plan(plan_merge(adapters, weights, options, base, grams), progress)

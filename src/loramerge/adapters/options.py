@@ -94,6 +94,11 @@ class MergeOptions(BaseModel):
         return {**method.kernel_defaults, **{k: v for k, v in self.kernel_params.items() if k in method.params}}
 
     @property
+    def layer_scaled(self) -> bool:
+        """Whether LARV scales each module's task vectors before the merge (it reads the base's weights)."""
+        return self.params.get("larv", "none") != "none"
+
+    @property
     def uses_density(self) -> bool:
         return "density" in self.method_entry.params
 

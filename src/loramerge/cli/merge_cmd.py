@@ -127,7 +127,7 @@ def merge(
     private: bool = typer.Option(False, help="With --push-to-hub: create the repo private."),
 ) -> None:
     """Merge LoRA adapters in low-rank space and write a PEFT adapter folder (or a llama.cpp GGUF adapter)."""
-    from loramerge.adapters.dora import base_for_dora
+    from loramerge.adapters.dora import base_to_read
     from loramerge.adapters.files import load_adapter
     from loramerge.adapters.merge import plan_merge
     from loramerge.adapters.options import parse_options
@@ -169,7 +169,7 @@ def merge(
     with console.status("reading adapters"):
         loaded = [load_adapter(ref, allow_nonfinite=allow_nonfinite) for ref in adapters]
     loaded, gguf, single_file = _prepared_output(format, loaded, base=base, fold_into=fold_into, gguf_type=gguf_type)
-    plan = plan_merge(loaded, parse_weights(weights), options, base_for_dora(loaded, base))
+    plan = plan_merge(loaded, parse_weights(weights), options, base_to_read(loaded, base, options))
     _calibrate(plan, calibration, base, device, dry_run)
     run_adapter_plan(plan, target, dry_run=dry_run, force=force, fold_into=fold_into, shard_size=out_shard_size,
                      gguf=gguf, single_file=single_file)  # fmt: skip

@@ -39,6 +39,14 @@ def from_core(U: Basis, core: torch.Tensor, V: Basis, rank: int) -> LowRank:
     return LowRank(B=basis_times(U, left[:, :keep] * values[:keep]), A=basis_times(V, right_t[:keep].T).T)
 
 
+def factored_svd(term: LowRank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD ``B A = left · diag(values) · rightᵀ`` from the factors: QR of each, SVD of the R x R core."""
+    U, R_B = reproducible_qr(term.B)
+    V, R_A = reproducible_qr(term.A.T)
+    left, values, right_t = reproducible_svd(R_B @ R_A.T)
+    return U @ left, values, V @ right_t.T
+
+
 def truncate_rank(term: LowRank, rank: int) -> LowRank:
     """The best rank-``rank`` approximation of ``B A``, computed from the factors."""
     U, R_B = reproducible_qr(term.B)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from loramerge.adapters.dora import BaseReader, base_for_dora
+from loramerge.adapters.dora import BaseReader, base_to_read
 from loramerge.adapters.merge import MergePlan, execute_plan, plan_merge
 from loramerge.adapters.model import LoraAdapter
 from loramerge.adapters.recipe import adapter_merge_inputs
@@ -40,7 +40,7 @@ class SearchJob:
         """The merge at ``point``; DoRA inputs read their row norms from ``base`` (a worker's loaded model), else
         from the base checkpoint."""
         options = self.space.options(point, seed=self.merge_seed, device=self.device)
-        base = base or base_for_dora(self.adapters, self.base)
+        base = base or base_to_read(self.adapters, self.base, options)
         return plan_merge(self.adapters, self.space.weights(point), options, base)
 
 

@@ -1,0 +1,114 @@
+"""What LARV (``--param larv=tiered``) adds to a merge: its diagnostics read every module's base weight and need
+that weight's singular values (the base's effective rank), besides a small SVD of the summed update's core.
+
+    python benchmarks/larv_cost.py [--repeats 3] [--skip-8b]
+
+1. The demo: ``merge_adapters`` of the four shipped skill adapters (SmolLM2-135M, 210 modules) with Iso-C, with
+   and without ``larv=tiered``, interleaved, ``--repeats`` times (median): the base read from its cached
+   safetensors folder.
+2. Llama-3-8B shapes: one random float32 weight of each distinct projection shape and a rank-48 update (three
+   rank-16 adapters summed): the time of the base weight's singular values and of the update's diagnostics, times
+   the number of such modules in 32 layers (the merge itself: ``benchmarks/results/llama8b_shaped.md``).
+
+Writes ``benchmarks/results/larv_cost.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+from _common import timed, write_results
+from llama8b_shaped import HIDDEN, INTERMEDIATE, KV
+
+from loramerge import load_adapter, merge_adapters
+from loramerge.lowrank import LowRank
+from loramerge.lowrank.larv import commutator_conflict, effective_rank
+from loramerge.lowrank.svd import factored_svd
+
+ROOT = Path(__file__).resolve().parent.parent
+SKILLS = ("sentiment", "arithmetic", "dates", "orders")
+# distinct (out, in) shapes of Llama-3-8B's projections and how many of each one layer holds; down_proj's
+# 4096 x 14336 has the singular values of gate/up's transpose and costs the same
+SHAPES_8B = {(HIDDEN, HIDDEN): 2, (KV, HIDDEN): 2, (INTERMEDIATE, HIDDEN): 3}
+
+
+def demo_times(repeats: int) -> dict[str, list[float]]:
+    adapters = [load_adapter(str(ROOT / "adapters" / skill)) for skill in SKILLS]
+    base = adapters[0].base_ref
+    merge_adapters(adapters[:2], method="iso_c", base=base, params={"larv": "tiered"})  # the GGUF's cache, once
+    times: dict[str, list[float]] = {"iso_c": [], "iso_c larv=tiered": []}
+    for _ in range(repeats):
+        times["iso_c"].append(timed(lambda: merge_adapters(adapters, method="iso_c"))[0])
+        times["iso_c larv=tiered"].append(timed(
+            lambda: merge_adapters(adapters, method="iso_c", base=base, params={"larv": "tiered"}))[0])  # fmt: skip
+    return times
+
+
+def shape_times(shape: tuple[int, int], rank: int = 48) -> dict[str, float]:
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(*shape, generator=generator) / shape[1] ** 0.5
+    update = LowRank(
+        B=torch.randn(shape[0], rank, generator=generator), A=torch.randn(rank, shape[1], generator=generator)
+    )
+    base_seconds, _ = timed(lambda: effective_rank(torch.linalg.svdvals(weight)))
+
+    def diagnostics() -> None:
+        left, values, right = factored_svd(update)
+        effective_rank(values)
+        commutator_conflict(weight, left, values, right)
+
+    update_seconds, _ = timed(diagnostics)
+    return {"base_singular_values_s": base_seconds, "update_diagnostics_s": update_seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-8b", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    demo = demo_times(args.repeats)
+    medians = {label: statistics.median(values) for label, values in demo.items()}
+    lines = [
+        "LARV's cost. The demo (SmolLM2-135M, four skill adapters, 210 modules), `merge_adapters` with Iso-C, median "
+        f"of {args.repeats}, interleaved:",
+        "",
+        "| merge | seconds, median (min–max) |",
+        "|---|---|",
+        *(f"| {label} | {medians[label]:.2f} ({min(v):.2f}–{max(v):.2f}) |" for label, v in demo.items()),
+    ]
+    figures: dict[str, object] = {"demo_seconds": demo, "demo_medians": medians}
+    if not args.skip_8b:
+        rows, total = [], 0.0
+        for shape, per_layer in SHAPES_8B.items():
+            found = shape_times(shape)
+            count = 32 * per_layer
+            total += count * (found["base_singular_values_s"] + found["update_diagnostics_s"])
+            rows.append({"shape": list(shape), "modules": count, **found})
+        figures.update(llama8b_shapes=rows, llama8b_extrapolated_s=total)
+        lines += [
+            "",
+            "Llama-3-8B shapes (32 layers, 224 modules), one module of each shape timed once and multiplied by their "
+            "number:",
+            "",
+            "| shape | modules | base singular values | update diagnostics (rank 48) |",
+            "|---|---|---|---|",
+            *(
+                f"| {r['shape'][0]} x {r['shape'][1]} | {r['modules']} | {r['base_singular_values_s']:.2f} s | "
+                f"{r['update_diagnostics_s']:.3f} s |"
+                for r in rows
+            ),
+            "",
+            f"LARV's diagnostics at 8B: about {total / 60:.0f} min on this machine, nearly all of it the base weights' "
+            "singular values.",
+        ]
+    table = "\n".join(lines)
+    write_results("larv_cost", figures, table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
