@@ -132,6 +132,8 @@ def test_the_cli_merges_with_calibration_files_and_refuses_what_it_cannot_use(tm
     written = load_adapter(out)
     for name, module in expected.modules.items():
         assert rel_err(written.modules[name].factors().dense(), module.factors().dense()) < 1e-6
+    card = (out / "README.md").read_text()  # the model card names each adapter's prompts
+    assert f"calibration: {files[0]}" in card and f"calibration: {files[1]}" in card, card
     refusals = [
         ("method regmean merges with each adapter's activations", ("--method", "regmean", "--base", base)),
         ("--calibration: 1 files for 2 adapters", ("--method", "regmean", "--base", base, *given[:2])),
@@ -166,6 +168,7 @@ def test_a_recipe_names_each_adapters_calibration_file(tmp_path):
     written = load_adapter(tmp_path / "merged")
     assert all(rel_err(written.modules[n].factors().dense(), m.factors().dense()) < 1e-6
                for n, m in expected.modules.items())  # fmt: skip
+    assert f"calibration: {files[1]}" in (tmp_path / "merged" / "README.md").read_text()
     for method, entry, message in [
         ("regmean", {"adapter": str(CHARDEMO / "sort")}, "adapters[2].calibration: method regmean runs the base"),
         ("iso_c", {"adapter": str(CHARDEMO / "sort")}, "adapters[0].calibration: method iso_c does not use"),

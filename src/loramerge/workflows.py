@@ -192,7 +192,7 @@ def _calibrate(plan: MergePlan, recipe: Recipe, device: str, phase: Phase, take:
         return
     with phase(None, "calibration") as update:
         files = [entry.calibration or "" for entry in entries]
-        with_grams(plan, calibration_grams(base, files, plan.adapters, device=device, progress=update))
+        with_grams(plan, calibration_grams(base, files, plan.adapters, device=device, progress=update), files)
 
 
 def _recipe_single_file(

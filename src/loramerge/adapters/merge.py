@@ -76,6 +76,7 @@ class MergePlan:
     base: BaseReader | None = None  # the base's weights, read once per module where DoRA needs them
     # per adapter, its modules' input Gram matrices on its calibration prompts (RegMean), by module name
     grams: list[Mapping[str, torch.Tensor]] | None = None
+    calibration: list[str] | None = None  # the files of prompts ``grams`` were taken on, per adapter
     # LARV's scale of every module's task vectors (``larv`` option), computed when the plan runs
     layer_scales: dict[str, float] | None = None
 
@@ -129,8 +130,11 @@ class MergePlan:
         """What this merge does, for its model card: the inputs and parameters as a recipe would hold them."""
         inputs = [(adapter.name, weight) for adapter, weight in zip(self.adapters, self.weights, strict=True)]
         options = self.options.model_dump(exclude_defaults=False, exclude={"device", "strict"})
+        entries = [{"adapter": name, "weight": weight} for name, weight in inputs]
+        for entry, file in zip(entries, self.calibration or [], strict=False):
+            entry["calibration"] = file
         parameters = {
-            "adapters": [{"adapter": name, "weight": weight} for name, weight in inputs],
+            "adapters": entries,
             **{key: value for key, value in options.items() if value is not None and value != {}},
         }
         if self.options.method_entry.consensus and "majority_sign" in self.options.kernel_arguments:
@@ -253,9 +257,12 @@ def _check_calibrated(plan: MergePlan) -> None:
         raise BadInput(f"module {embedded}: method {method} merges linear layers, not an embedding")
 
 
-def with_grams(plan: MergePlan, grams: Sequence[Mapping[str, torch.Tensor]]) -> MergePlan:
+def with_grams(
+    plan: MergePlan, grams: Sequence[Mapping[str, torch.Tensor]], files: Sequence[str] | None = None
+) -> MergePlan:
     """Give a plan the adapters' input Gram matrices (``loramerge.calibration_grams``: every adapter's, for every
-    module any adapter adapts), checked against every module."""
+    module any adapter adapts), checked against every module; ``files``, the prompts they were taken on, are
+    recorded in the model card."""
     method = plan.options.method
     if len(grams) != len(plan.adapters):
         raise BadInput(f"method {method}: {len(grams)} calibration sets for {len(plan.adapters)} adapters; give one "
@@ -268,6 +275,7 @@ def with_grams(plan: MergePlan, grams: Sequence[Mapping[str, torch.Tensor]]) -> 
                 raise BadInput(f"module {module.name}: needs a {module.shape[1]} x {module.shape[1]} input Gram "
                                f"matrix for adapter {adapter.name}, got {found}")  # fmt: skip
     plan.grams = list(grams)
+    plan.calibration = [str(file) for file in files] if files is not None else None
     return plan
 
 

@@ -199,7 +199,9 @@ def _calibrate(plan, calibration: list[Path], base: str | None, device: str, dry
     from loramerge.evaluate.activations import calibration_grams
 
     with progress_bar(None, "calibration") as update:
-        with_grams(plan, calibration_grams(base, calibration, plan.adapters, device=device, progress=update))
+        with_grams(
+            plan, calibration_grams(base, calibration, plan.adapters, device=device, progress=update), calibration
+        )
 
 
 def _merge_via_dense(adapters, weights, options, base, target, rank, fold_into, force, dry_run, shard_size) -> None:
