@@ -98,8 +98,9 @@ def configs(densities: list[float], seeds: list[int], quick: bool, every_full: b
         # RegMean with each skill's 64 dev prompts as its calibration: the off-diagonal shrinkage its authors use
         # most (0.9), and the strong one of their other settings (0.1)
         runs += [Config("regmean", "exact", None, 0, (("off_diagonal", a),)) for a in (0.9, 0.1)]
-        # LARV's per-module scales (they read the base's weights) on the three mergers it is offered for: the
-        # tiered gate the paper recommends, and for the default merge the continuous one
+        # LARV's per-block scales (they read the base's weights) on the three mergers it is offered for: the tiered
+        # gate (which the paper's abstract finds the more robust; its tier values are loramerge's), and for the
+        # default merge the continuous one
         runs += [Config(m, "core", None, 0, (("larv", "tiered"),)) for m in ("iso_c", "iso_cts", "tsv_m")]
         runs.append(Config("iso_c", "core", None, 0, (("larv", "continuous"),)))
     runs.append(Config("ties", "peft", top))

@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from cli_helpers import run
 from conftest import build_adapter, rel_err, save_tiny_gpt2, weight_delta
 from loramerge import load_adapter, merge_adapters
 from loramerge.adapters.model import LoraAdapter
@@ -24,11 +29,22 @@ WEIGHTS = [1.0, 0.7]
 
 
 @pytest.fixture(scope="module")
-def larv_adapters(llama_base, tmp_path_factory) -> list[LoraAdapter]:
-    root = tmp_path_factory.mktemp("larv")
+def larv_base(tmp_path_factory) -> Path:
+    """A tiny Llama of four blocks: LARV scores blocks, and terciles of two would say little."""
+    torch.manual_seed(5)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)  # fmt: skip
+    path = tmp_path_factory.mktemp("larv") / "base"
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def larv_adapters(larv_base, tmp_path_factory) -> list[LoraAdapter]:
+    root = tmp_path_factory.mktemp("larv_adapters")
     return [
-        load_adapter(str(build_adapter(llama_base, root / "a", seed=31, r=4, lora_alpha=8))),
-        load_adapter(str(build_adapter(llama_base, root / "b", seed=32, r=6, lora_alpha=6,
+        load_adapter(str(build_adapter(larv_base, root / "a", seed=31, r=4, lora_alpha=8))),
+        load_adapter(str(build_adapter(larv_base, root / "b", seed=32, r=6, lora_alpha=6,
                                        target_modules=["q_proj", "v_proj", "down_proj", "up_proj"]))),
     ]  # fmt: skip
 
@@ -49,23 +65,30 @@ def dense_conflict(base: torch.Tensor, delta: torch.Tensor) -> float:
 
 
 def reference_scales(adapters, base_state, gate: str, tiers=(0.5, 1.0, 1.5)) -> dict[str, float]:
-    """The scales as the definitions read, from dense float64 matrices."""
+    """The scales as the definitions read, from dense float64 matrices: per block, the mean diagnostics of its
+    modules; the continuous gate on the scores over their median."""
     names = sorted({name for adapter in adapters for name in adapter.modules})
-    rows = []
+    per_block: dict[int, list[tuple[float, float]]] = {}
     for name in names:
         total = sum(w * weight_delta(a, name).double() for w, a in zip(WEIGHTS, adapters, strict=True)
                     if name in a.modules)  # fmt: skip
         W = base_state[f"{name}.weight"].double()
-        e = dense_effective_rank(W) / dense_effective_rank(total)
         block = int(re.search(r"layers\.(\d+)\.", name).group(1))
-        rows.append((name, e, dense_conflict(W, total), (block + 1) / 2))  # the tiny Llama has 2 blocks
-    conflicts = torch.tensor([row[2] for row in rows], dtype=torch.float64)
-    z = (conflicts - conflicts.mean()) / conflicts.std(unbiased=False)
-    scores = [e * d**0.5 / (1 + math.log1p(math.exp(zi))) for (_, e, _, d), zi in zip(rows, z.tolist(), strict=True)]
+        per_block.setdefault(block, []).append((dense_effective_rank(W) / dense_effective_rank(total),
+                                                dense_conflict(W, total)))  # fmt: skip
+    blocks = sorted(per_block)
+    e = [statistics.mean(x for x, _ in per_block[b]) for b in blocks]
+    c = torch.tensor([statistics.mean(y for _, y in per_block[b]) for b in blocks], dtype=torch.float64)
+    z = ((c - c.mean()) / c.std(unbiased=False)).tolist()
+    depth = [(b + 1) / len(blocks) for b in blocks]
+    scores = [e_b * d**0.5 / (1 + math.log1p(math.exp(z_b))) for e_b, d, z_b in zip(e, depth, z, strict=True)]
     if gate == "continuous":
-        return {row[0]: 1 + 0.5 * math.tanh(3 * (s - 1)) for row, s in zip(rows, scores, strict=True)}
-    order = sorted(range(len(rows)), key=lambda i: scores[i])
-    return {rows[i][0]: tiers[min(2, int(3 * (k + 0.5) / len(rows)))] for k, i in enumerate(order)}
+        middle = statistics.median(scores)
+        scale = {b: 1 + 0.5 * math.tanh(3 * (s / middle - 1)) for b, s in zip(blocks, scores, strict=True)}
+    else:
+        order = sorted(range(len(blocks)), key=lambda i: scores[i])
+        scale = {blocks[i]: tiers[min(2, int(3 * (k + 0.5) / len(blocks)))] for k, i in enumerate(order)}
+    return {name: scale[int(re.search(r"layers\.(\d+)\.", name).group(1))] for name in names}
 
 
 REFERENCES = {
@@ -99,11 +122,11 @@ def test_tiers_are_terciles_by_rank():
 
 @pytest.mark.parametrize(("method", "gate"), [("iso_c", "tiered"), ("iso_c", "continuous"), ("iso_cts", "tiered"),
                                               ("tsv_m", "continuous")])  # fmt: skip
-def test_larv_against_a_dense_implementation(method, gate, larv_adapters, llama_base):
-    base_state = load_file(llama_base / "model.safetensors")
+def test_larv_against_a_dense_implementation(method, gate, larv_adapters, larv_base):
+    base_state = load_file(larv_base / "model.safetensors")
     scales = reference_scales(larv_adapters, base_state, gate)
     assert len(set(scales.values())) > 1  # the modules differ, or the test could not tell a scale from none
-    merged = merge_adapters(larv_adapters, WEIGHTS, method, base=str(llama_base), params={"larv": gate})
+    merged = merge_adapters(larv_adapters, WEIGHTS, method, base=str(larv_base), params={"larv": gate})
     for name, scale in scales.items():
         holders = [(w, a) for w, a in zip(WEIGHTS, larv_adapters, strict=True) if name in a.modules]
         expected = REFERENCES[method]([weight_delta(a, name) for _, a in holders], [scale * w for w, _ in holders])
@@ -111,34 +134,65 @@ def test_larv_against_a_dense_implementation(method, gate, larv_adapters, llama_
 
 
 @pytest.mark.parametrize("gate", ["tiered", "continuous"])
-def test_core_space_equals_full_space(gate, larv_adapters, llama_base):
-    core, full = (merge_adapters(larv_adapters, WEIGHTS, "iso_c", base=str(llama_base), space=space,
+def test_core_space_equals_full_space(gate, larv_adapters, larv_base):
+    core, full = (merge_adapters(larv_adapters, WEIGHTS, "iso_c", base=str(larv_base), space=space,
                                  params={"larv": gate}) for space in ("core", "full"))  # fmt: skip
     for name in core.modules:
         assert rel_err(weight_delta(core, name), weight_delta(full, name)) < 1e-5, name
 
 
-def test_tiers_and_none(larv_adapters, llama_base):
+def test_tiers_and_none(larv_adapters, larv_base):
     plain = merge_adapters(larv_adapters, WEIGHTS, "iso_c")
-    same = merge_adapters(larv_adapters, WEIGHTS, "iso_c", base=str(llama_base), params={"larv": "tiered",
+    same = merge_adapters(larv_adapters, WEIGHTS, "iso_c", base=str(larv_base), params={"larv": "tiered",
                           "larv_tiers": "1,1,1"})  # fmt: skip
-    off = merge_adapters(larv_adapters, WEIGHTS, "iso_c", base=str(llama_base), params={"larv": "none"})
+    off = merge_adapters(larv_adapters, WEIGHTS, "iso_c", base=str(larv_base), params={"larv": "none"})
     for name in plain.modules:
         assert torch.equal(weight_delta(same, name), weight_delta(plain, name))
         assert torch.equal(weight_delta(off, name), weight_delta(plain, name))
     assert "larv: tiered" in same.card and "larv_tiers: 1,1,1" in same.card  # the model card records it
 
 
-def test_larv_refusals(larv_adapters, llama_base, tmp_path):
+def test_larv_refusals(larv_adapters, larv_base, tmp_path):
     with pytest.raises(BadInput, match=r"larv=tiered compares each module's update with the base model's weight: "
                                        r"give the base model \(`base`\)"):  # fmt: skip
         merge_adapters(larv_adapters, WEIGHTS, "iso_c", params={"larv": "tiered"})
     with pytest.raises(BadInput, match=r"larv='steep' must be one of none, tiered, continuous"):
-        merge_adapters(larv_adapters, WEIGHTS, "iso_c", base=str(llama_base), params={"larv": "steep"})
+        merge_adapters(larv_adapters, WEIGHTS, "iso_c", base=str(larv_base), params={"larv": "steep"})
     with pytest.raises(BadInput, match=r"larv_tiers='1,2' must be three positive numbers"):
-        merge_adapters(larv_adapters, WEIGHTS, "iso_c", base=str(llama_base), params={"larv_tiers": "1,2"})
+        merge_adapters(larv_adapters, WEIGHTS, "iso_c", base=str(larv_base), params={"larv_tiers": "1,2"})
     with pytest.raises(BadInput, match=r"method ties has no parameter 'larv'"):
-        merge_adapters(larv_adapters, WEIGHTS, "ties", base=str(llama_base), params={"larv": "tiered"})
+        merge_adapters(larv_adapters, WEIGHTS, "ties", base=str(larv_base), params={"larv": "tiered"})
+    with pytest.raises(BadInput, match=r"larv_tiers='nan,1,1' must be three positive numbers"):
+        merge_adapters(larv_adapters, WEIGHTS, "iso_c", params={"larv": "tiered", "larv_tiers": "nan,1,1"})
+    with pytest.raises(BadInput, match=r"parameter larv_tiers applies to larv=tiered only"):
+        merge_adapters(larv_adapters, WEIGHTS, "iso_c", params={"larv": "continuous", "larv_tiers": "1,1,2"})
+    one_block = [load_adapter(str(build_adapter(larv_base, tmp_path / "one", seed=3, layers_to_transform=[1])))]
+    with pytest.raises(BadInput, match=r"larv=tiered scales each block of a layer stack \(model\.layers\.N\) by its "
+                                       r"depth: the adapters' modules lie in 1 numbered block\(s\)"):  # fmt: skip
+        merge_adapters(one_block, [1.0], "iso_c", base=str(larv_base), params={"larv": "tiered"})
+    dora = [load_adapter(str(build_adapter(larv_base, tmp_path / "dora", seed=4, use_dora=True)))]
+    with pytest.raises(BadInput, match=r"larv=tiered scales LoRA updates, not DoRA's normalised directions"):
+        merge_adapters(dora, [1.0], "iso_c", base=str(larv_base), params={"larv": "tiered"})
+    embed = build_adapter(larv_base, tmp_path / "embed", seed=5, target_modules=["q_proj", "embed_tokens"])
+    with pytest.raises(BadInput, match=r"module model\.embed_tokens: larv=tiered scales linear layers"):
+        merge_adapters([load_adapter(str(embed))], [1.0], "iso_c", base=str(larv_base), params={"larv": "tiered"})
     other = save_tiny_gpt2(tmp_path / "gpt2")
     with pytest.raises(BadInput, match=r"the base .* has no tensor model\.layers\.0\.mlp\.down_proj\.weight"):
         merge_adapters(larv_adapters, WEIGHTS, "iso_c", base=str(other), params={"larv": "tiered"})
+
+
+def test_a_recipe_reads_the_base_its_adapters_record(larv_adapters, larv_base, tmp_path):
+    """``loramerge run`` with ``larv`` and no ``base_model``: the adapters' recorded base, as RegMean does."""
+    recipe = tmp_path / "recipe.yaml"
+    entries = [{"adapter": str(a.path), "weight": w} for a, w in zip(larv_adapters, WEIGHTS, strict=True)]
+    recipe.write_text(yaml.safe_dump({"merge_method": "iso_c", "adapters": entries,
+                                      "parameters": {"larv": "tiered"}}))  # fmt: skip
+    done = run("run", recipe, "-o", tmp_path / "merged")
+    assert done.exit_code == 0, done.output
+    expected = merge_adapters(larv_adapters, WEIGHTS, "iso_c", base=str(larv_base), params={"larv": "tiered"})
+    written = load_adapter(tmp_path / "merged")
+    for name in expected.modules:
+        assert rel_err(weight_delta(written, name), weight_delta(expected, name)) < 1e-6, name
+    refused = run("merge", *(str(a.path) for a in larv_adapters), "--param", "larv=tiered", "--base", larv_base,
+                  "--via-dense", "--rank", "4", "-o", tmp_path / "dense")  # fmt: skip
+    assert refused.exit_code == 2 and "merge without --via-dense" in refused.stderr, refused.output

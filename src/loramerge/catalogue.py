@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -256,6 +257,7 @@ _EPSILON = Parameter("epsilon", 0.15, per_input=True, help="spread of DELLA's ke
 _M = "loramerge.kernels.matrix:"
 _ALPHA = Parameter("alpha", 1.0, help="scale of the merged update")
 LARV_GATES = ("none", "tiered", "continuous")
+LARV_DEFAULT_TIERS = "0.5,1,1.5"  # loramerge's choice: the paper's values could not be read
 
 
 def larv_tiers(value: object) -> tuple[float, float, float]:
@@ -264,7 +266,7 @@ def larv_tiers(value: object) -> tuple[float, float, float]:
         tiers = tuple(float(part) for part in str(value).split(","))
     except ValueError:
         tiers = ()
-    if len(tiers) != 3 or min(tiers) <= 0:
+    if len(tiers) != 3 or not all(math.isfinite(tier) and tier > 0 for tier in tiers):
         raise ValueError("must be three positive numbers, low,middle,high (0.5,1,1.5)")
     return tiers  # type: ignore[return-value]
 
@@ -277,14 +279,14 @@ def _tiers(value: object) -> str | None:
     return None
 
 
-# LARV (arXiv:2602.09413), an option of the whole-matrix mergers: one scale per module on every task vector,
+# LARV (arXiv:2602.09413), an option of the whole-matrix mergers: one scale per block on every task vector,
 # applied by the plan before the kernel runs (the kernels never see these parameters)
 _LARV = (
-    Parameter("larv", "none", help="LARV's per-module scales of every task vector, from the base's weights "
+    Parameter("larv", "none", help="LARV's per-block scales of every task vector, from the base's weights "
               "(needs the base): none | tiered | continuous",
               check=lambda v: None if v in LARV_GATES else f"must be one of {', '.join(LARV_GATES)}"),
-    Parameter("larv_tiers", "0.5,1,1.5", help="tiered LARV: the scales of the lowest, middle and highest third of "
-              "the modules' scores", check=_tiers),
+    Parameter("larv_tiers", LARV_DEFAULT_TIERS, help="tiered LARV: the scales of the lowest, middle and highest "
+              "third of the blocks' scores", check=_tiers),
 )  # fmt: skip
 _S = "loramerge.kernels.spherical:"
 _SEL = "loramerge.kernels.selective:"

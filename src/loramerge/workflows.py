@@ -167,6 +167,11 @@ def adapter_recipe_plan(
     inputs = [a.path for a in adapters if a.path] + [Path(ref) for ref in {base, fold_into} if ref]
     check = check_single_file_target if single_file else check_output_target
     target = check(output, force, inputs)
+    if options.layer_scaled:  # LARV reads the base the adapters record where the recipe names none, as RegMean
+        base = base or next((a.base_ref for a in adapters if a.base_ref), None)
+        if not base:
+            raise BadInput(f"base_model: larv={options.larv[0]} compares each module's update with the base's weight; "
+                           "name the base (the adapters record none)")  # fmt: skip
     plan = plan_merge(adapters, weights, options, base_to_read(adapters, base, options))
     _calibrate(plan, recipe, device, phase, calibrate)
     return plan, target, fold_into, single_file

@@ -151,7 +151,8 @@ def base_to_read(
 
 
 class BaseReader(Protocol):
-    """Where DoRA's row norms read the base: a checkpoint (``BaseWeights``) or a live model's layers."""
+    """Where a merge reads the base (DoRA's row norms, LARV's diagnostics): a checkpoint (``BaseWeights``) or a live
+    model's layers."""
 
     ref: str  # how messages name the base
 
@@ -162,7 +163,8 @@ class BaseReader(Protocol):
 
 class BaseWeights:
     """The base model's weights by module name, read one at a time in float32 and ``out x in`` (4-bit
-    weights dequantized, Conv1D weights transposed): what DoRA's row norms are computed from."""
+    weights dequantized, Conv1D weights transposed): what DoRA's row norms and LARV's diagnostics are computed
+    from."""
 
     def __init__(self, ref: str, fan_in_fan_out: bool = False) -> None:
         self.ref = ref

@@ -1,21 +1,23 @@
-"""LARV's scales for an adapter merge (``--param larv=tiered``, ``loramerge.lowrank.larv``): one per module,
-from the module's update — the weighted sum of the adapters' ``s_i B_i A_i``, what every merger starts from —
-against the base's weight, read once per module. The plan multiplies the module's weights by its scale, so each
-task vector is scaled before the merger runs, as the paper applies it."""
+"""LARV's scales for an adapter merge (``--param larv=tiered``, ``loramerge.lowrank.larv``): one per block of the
+layer stack (``model.layers.N``, the paper's layer), from the diagnostics of its modules' updates — each the
+weighted sum of the adapters' ``s_i B_i A_i``, what every merger starts from — against the base's weights, each
+read once. The plan multiplies a module's weights by its block's scale, so each task vector is scaled before the
+merger runs, as the paper applies it."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from loramerge.adapters.dora import BaseReader
-from loramerge.catalogue import larv_tiers
 from loramerge.kernels.matrix import numerical_rank
 from loramerge.lowrank import LowRank
 from loramerge.lowrank.larv import commutator_conflict, continuous_scales, effective_rank, layer_scores, tiered_scales
 from loramerge.lowrank.svd import factored_svd
+from loramerge.seeding import thread_independent
 
 _BLOCK = re.compile(r"\.(\d+)\.")  # the decoder block of a module: model.layers.<n>.self_attn.q_proj
 
@@ -26,12 +28,9 @@ def block_index(module: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def depth_priors(modules: list[str]) -> list[float]:
-    """LARV's ``d = (ℓ + 1) / L`` of each module, ``L`` the number of blocks; a module outside the blocks
-    counts as the last."""
-    blocks = [block_index(name) for name in modules]
-    count = 1 + max((b for b in blocks if b is not None), default=0)
-    return [1.0 if block is None else (block + 1) / count for block in blocks]
+def numbered_blocks(modules: Iterable[str]) -> set[int]:
+    """The blocks of a layer stack the modules lie in."""
+    return {block for block in map(block_index, modules) if block is not None}
 
 
 def module_diagnostics(update: LowRank, weight: torch.Tensor) -> tuple[float, float] | None:
@@ -41,19 +40,44 @@ def module_diagnostics(update: LowRank, weight: torch.Tensor) -> tuple[float, fl
     rank = numerical_rank(values, tuple(weight.shape))
     if rank == 0:
         return None
-    contrast = effective_rank(torch.linalg.svdvals(weight)) / effective_rank(values[:rank])
+    with thread_independent(weight):  # LAPACK's blocking follows the thread count, and so would the bits
+        base_values = torch.linalg.svdvals(weight)
+    contrast = effective_rank(base_values) / effective_rank(values[:rank])
     return contrast, commutator_conflict(weight, left[:, :rank], values[:rank], right[:, :rank])
+
+
+def block_scales(diagnostics: Mapping[str, tuple[float, float]], gate: str, tiers: Sequence[float]) -> dict[str, float]:
+    """One scale per block: its modules' mean ``e`` and ``c``, its depth ``d = (ℓ + 1) / L`` (``L`` the deepest
+    adapted block plus one; modules outside the blocks count as the last), the score, the gate. The continuous
+    gate sees the scores over their median: a LoRA update's effective rank is far below a full fine-tune's, so
+    its raw scores sit far above the gate's midpoint of 1 and every scale would be 1.5."""
+    blocks: dict[int | None, list[tuple[float, float]]] = {}
+    for name, found in diagnostics.items():
+        blocks.setdefault(block_index(name), []).append(found)
+    count = 1 + max((block for block in blocks if block is not None), default=0)
+    keys = list(blocks)
+    contrasts = [statistics.fmean(e for e, _ in blocks[key]) for key in keys]
+    conflicts = [statistics.fmean(c for _, c in blocks[key]) for key in keys]
+    depths = [1.0 if key is None else (key + 1) / count for key in keys]
+    scores = layer_scores(contrasts, conflicts, depths)
+    if gate == "tiered":
+        scales = tiered_scales(scores, tiers)
+    else:
+        scales = continuous_scales(scores / torch.quantile(scores, 0.5))
+    by_block = dict(zip(keys, scales.tolist(), strict=True))
+    return {name: by_block[block_index(name)] for name in diagnostics}
 
 
 def larv_scales(
     updates: Iterable[tuple[str, LowRank]],
     count: int,
     base: BaseReader,
-    params: Mapping[str, object],
+    gate: str,
+    tiers: Sequence[float],
     progress: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, float]:
-    """Every module's scale (none where its update is zero: 1) from its update (``(name, B A)``, ``count`` of
-    them), by the gate ``params["larv"]``: ``tiered`` (at ``params["larv_tiers"]``) or ``continuous``."""
+    """Every module's scale from its update (``(name, B A)``, ``count`` of them) and its base weight, by
+    ``gate`` (``tiered`` at ``tiers``, or ``continuous``); a module whose update is zero is left out (scale 1)."""
     found: dict[str, tuple[float, float]] = {}
     for done, (name, update) in enumerate(updates, start=1):
         diagnostics = module_diagnostics(update, base.weight(name).to(update.A.device))
@@ -61,12 +85,4 @@ def larv_scales(
             found[name] = diagnostics
         if progress is not None:
             progress(done, count, f"{name} (LARV)")
-    if not found:
-        return {}
-    names = list(found)
-    scores = layer_scores([found[n][0] for n in names], [found[n][1] for n in names], depth_priors(names))
-    if params["larv"] == "tiered":
-        scales = tiered_scales(scores, larv_tiers(params["larv_tiers"]))
-    else:
-        scales = continuous_scales(scores)
-    return dict(zip(names, scales.tolist(), strict=True))
+    return block_scales(found, gate, tiers) if found else {}

@@ -62,8 +62,8 @@ def adapter_from_model(model, adapter_name: str) -> LoraAdapter:
 
 
 class LiveBaseWeights:
-    """The base weights of a live ``PeftModel``, by module name (dequantized where 4-/8-bit): DoRA's row norms
-    (a ``loramerge.adapters.dora.BaseReader``)."""
+    """The base weights of a live ``PeftModel``, by module name (dequantized where 4-/8-bit): DoRA's row norms and
+    LARV's diagnostics (a ``loramerge.adapters.dora.BaseReader``)."""
 
     def __init__(self, model, fan_in_fan_out: bool = False) -> None:
         self.ref = "of the live model"

@@ -24,7 +24,7 @@ from loramerge.adapters.dora import (
     own_terms,
     with_row_scales,
 )
-from loramerge.adapters.layer_scales import larv_scales
+from loramerge.adapters.layer_scales import larv_scales, numbered_blocks
 from loramerge.adapters.model import LoraAdapter, LoraModule
 from loramerge.adapters.options import MergeOptions, parse_options
 from loramerge.adapters.param_targets import config_ranks
@@ -131,8 +131,9 @@ class MergePlan:
         inputs = [(adapter.name, weight) for adapter, weight in zip(self.adapters, self.weights, strict=True)]
         options = self.options.model_dump(exclude_defaults=False, exclude={"device", "strict"})
         entries = [{"adapter": name, "weight": weight} for name, weight in inputs]
-        for entry, file in zip(entries, self.calibration or [], strict=False):
-            entry["calibration"] = file
+        for entry, file in zip(entries, self.calibration or [None] * len(entries), strict=True):
+            if file is not None:
+                entry["calibration"] = file
         parameters = {
             "adapters": entries,
             **{key: value for key, value in options.items() if value is not None and value != {}},
@@ -233,10 +234,10 @@ def plan_merge(
             f"module {embedding}: an embedding LoRA cannot be part of a lora_bias output (PEFT refuses lora_bias on "
             "embeddings); merge the lora_bias adapters and the embedding ones separately"
         )
-    if plan.dora:
-        plan.base = _dora_base(plan, base)
     if options.layer_scaled:
         plan.base = _larv_base(plan, base)
+    elif plan.dora:
+        plan.base = _dora_base(plan, base)
     if options.method_entry.calibrated:
         _check_calibrated(plan)
         if grams is not None:
@@ -274,8 +275,10 @@ def with_grams(
                 found = "none" if gram is None else f"a {tuple(gram.shape)} one"
                 raise BadInput(f"module {module.name}: needs a {module.shape[1]} x {module.shape[1]} input Gram "
                                f"matrix for adapter {adapter.name}, got {found}")  # fmt: skip
+    if files is not None and len(files) != len(grams):
+        raise BadInput(f"method {method}: {len(files)} calibration files for {len(grams)} calibration sets")
     plan.grams = list(grams)
-    plan.calibration = [str(file) for file in files] if files is not None else None
+    plan.calibration = [str(file) for file in files] if files is not None else None  # as the adapters are named
     return plan
 
 
@@ -293,25 +296,31 @@ def _dora_base(plan: MergePlan, base: str | BaseReader | None) -> BaseReader:
             f"adapters {first.name} (DoRA) and {other.name} (lora_bias) cannot merge into one adapter: PEFT "
             "refuses DoRA with lora_bias; merge them into separate adapters"
         )
-    embedded = next((module.name for module in plan.modules if module.embedding), None)
-    if embedded:
-        raise BadInput(f"module {embedded}: an embedding LoRA cannot be part of a DoRA output")
+    _refuse_embeddings(plan, "an embedding LoRA cannot be part of a DoRA output")
     return _checked_base(plan, base, first.fan_in_fan_out)
 
 
 def _larv_base(plan: MergePlan, base: str | BaseReader | None) -> BaseReader:
     """The base LARV's diagnostics read, checked against every module before any work."""
-    gate = plan.options.params["larv"]
-    if base is None:
-        raise BadInput(f"larv={gate} compares each module's update with the base model's weight: give the base "
-                       "model (`base`)")  # fmt: skip
+    gate, _ = plan.options.larv
     if plan.dora:
         raise BadInput(f"larv={gate} scales LoRA updates, not DoRA's normalised directions; merge DoRA adapters "
                        "without it")  # fmt: skip
+    _refuse_embeddings(plan, f"larv={gate} scales linear layers, not an embedding")
+    blocks = numbered_blocks(module.name for module in plan.modules)
+    if len(blocks) < 2:
+        raise BadInput(f"larv={gate} scales each block of a layer stack (model.layers.N) by its depth: the adapters' "
+                       f"modules lie in {len(blocks)} numbered block(s)")  # fmt: skip
+    if base is None:
+        raise BadInput(f"larv={gate} compares each module's update with the base model's weight: give the base "
+                       "model (`base`)")  # fmt: skip
+    return _checked_base(plan, base, plan.adapters[0].fan_in_fan_out)
+
+
+def _refuse_embeddings(plan: MergePlan, why: str) -> None:
     embedded = next((module.name for module in plan.modules if module.embedding), None)
     if embedded:
-        raise BadInput(f"module {embedded}: larv={gate} scales linear layers, not an embedding")
-    return _checked_base(plan, base, plan.adapters[0].fan_in_fan_out)
+        raise BadInput(f"module {embedded}: {why}")
 
 
 def _checked_base(plan: MergePlan, base: str | BaseReader, fan_in_fan_out: bool) -> BaseReader:
@@ -415,13 +424,18 @@ def _core_space(
     return U, torch.stack([project_to_core(term, U, V) for term in terms]), V
 
 
+def module_weights(plan: MergePlan, module: ModulePlan) -> list[float]:
+    """The weights of the module's inputs, times LARV's scale of its block where the plan has one."""
+    scale = plan.layer_scales.get(module.name, 1.0) if plan.layer_scales else 1.0
+    return [plan.weights[i] * scale for i in module.inputs]
+
+
 def merge_module(plan: MergePlan, module: ModulePlan, pieces: Sequence[LoraModule] | None = None) -> LowRank:
     """One module's merged ``B @ A`` (float32, scale folded in), as the options ask; ``pieces`` replace the
     inputs' modules (DoRA modules with their row scales set)."""
     options = plan.options
     pieces = list(pieces) if pieces is not None else [plan.adapters[i].modules[module.name] for i in module.inputs]
-    scale = plan.layer_scales.get(module.name, 1.0) if plan.layer_scales else 1.0  # LARV's, on every task vector
-    weights = [plan.weights[i] * scale for i in module.inputs]
+    weights = module_weights(plan, module)
     terms = [piece.factors(device=options.device) for piece in pieces]
     rank = module.output_rank
     strategy = options.strategy
@@ -467,7 +481,7 @@ def merged_module(plan: MergePlan, module: ModulePlan) -> LoraModule:
     """One module of the output: the merged factors, DoRA's magnitude (the base's row scalings combined with
     the merge's weights, ``loramerge.adapters.dora``) and ``lora_bias`` (summed with the same weights)."""
     pieces = [plan.adapters[i].modules[module.name] for i in module.inputs]
-    weights = [plan.weights[i] for i in module.inputs]
+    weights = module_weights(plan, module)  # lora_bias is part of the task vector LARV scales
     if not plan.dora:
         merged = merge_module(plan, module, pieces)
         result = LoraModule(A=merged.A, B=merged.B, scale=1.0, embedding=module.embedding)
@@ -520,8 +534,7 @@ def _larv_scales(plan: MergePlan, progress: Progress | None) -> dict[str, float]
             terms = [plan.adapters[i].modules[module.name].factors(device=options.device) for i in module.inputs]
             yield module.name, concat(terms, [plan.weights[i] for i in module.inputs])
 
-    params = {**{p.name: p.default for p in options.method_entry.parameters}, **options.params}
-    return larv_scales(updates(), len(plan.modules), plan.base, params, progress)
+    return larv_scales(updates(), len(plan.modules), plan.base, *options.larv, progress)
 
 
 def execute_plan(plan: MergePlan, progress: Progress | None = None) -> LoraAdapter:

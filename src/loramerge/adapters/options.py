@@ -58,6 +58,8 @@ class MergeOptions(BaseModel):
             problem = checks[name](value) if checks[name] else None
             if problem:
                 raise ValueError(f"method {self.method}: parameter {name}={value!r} {problem}")
+        if "larv_tiers" in self.params and self.params.get("larv") != "tiered":
+            raise ValueError(f"method {self.method}: parameter larv_tiers applies to larv=tiered only")
         if method.level == "matrix" and self.space == "factors":
             raise ValueError(f"method {self.method} needs whole matrices: use `space='core'` or `space='full'`")
         return self
@@ -95,8 +97,14 @@ class MergeOptions(BaseModel):
 
     @property
     def layer_scaled(self) -> bool:
-        """Whether LARV scales each module's task vectors before the merge (it reads the base's weights)."""
+        """Whether LARV scales each block's task vectors before the merge (it reads the base's weights)."""
         return self.params.get("larv", "none") != "none"
+
+    @property
+    def larv(self) -> tuple[str, tuple[float, float, float]]:
+        """LARV's gate and its tiers (the catalogue's default where not given)."""
+        tiers = self.params.get("larv_tiers", catalogue.LARV_DEFAULT_TIERS)
+        return str(self.params.get("larv", "none")), catalogue.larv_tiers(tiers)
 
     @property
     def uses_density(self) -> bool:

@@ -98,6 +98,9 @@ def check_dense_merge(count: int, weights: Sequence[float], options: MergeOption
         raise BadInput("the merge weights are all zero")
     if options.method == "robustmerge":
         raise BadInput("method robustmerge works on LoRA factors; adapters merged through PEFT's fold have none")
+    if options.layer_scaled:
+        raise BadInput(f"larv={options.larv[0]} scales each block's low-rank updates; adapters merged through PEFT's "
+                       "fold have none: merge without `via_dense`")  # fmt: skip
     return catalogue.method(_SUMS.get(options.method, options.method))
 
 

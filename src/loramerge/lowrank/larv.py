@@ -35,13 +35,16 @@ def commutator_conflict(base: torch.Tensor, left: torch.Tensor, values: torch.Te
     """LARV's ``c`` for ``Δ = left · diag(values) · rightᵀ`` (orthonormal columns), from R x R products: with
     ``M = leftᵀ W right`` and ``S = diag(values)``, ``‖X − Xᵀ‖² = 2 ‖X‖² − 2 tr(X²)`` for ``X = W Δᵀ`` gives
     ``2 ‖W right S‖² − 2 tr((M S)²)``, and for ``X = Wᵀ Δ``, ``2 ‖Wᵀ left S‖² − 2 tr((Mᵀ S)²)``."""
-    base, left, values, right = (t.double() for t in (base, left, values, right))
-    scale = torch.linalg.matrix_norm(base) * values.norm()
+    # the products with the base in its own dtype (a float64 copy of an embedding-sized weight is gigabytes)
+    base_right = (base @ right.to(base.dtype)).double()
+    base_t_left = (base.T @ left.to(base.dtype)).double()
+    left, values = left.double(), values.double()
+    scale = torch.linalg.matrix_norm(base).double() * values.norm()
     if scale == 0:
         return 0.0
-    core = left.T @ base @ right
-    outer = 2 * ((base @ right) * values).square().sum() - 2 * torch.trace((core * values) @ (core * values))
-    inner = 2 * ((base.T @ left) * values).square().sum() - 2 * torch.trace((core.T * values) @ (core.T * values))
+    core = left.T @ base_right
+    outer = 2 * (base_right * values).square().sum() - 2 * torch.trace((core * values) @ (core * values))
+    inner = 2 * (base_t_left * values).square().sum() - 2 * torch.trace((core.T * values) @ (core.T * values))
     return float((outer.clamp_min(0).sqrt() + inner.clamp_min(0).sqrt()) / (2 * scale))
 
 

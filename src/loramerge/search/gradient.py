@@ -14,13 +14,13 @@ completions. Coefficients are clipped into the weight range after every step (th
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 
+from loramerge.adapters.layer_scales import block_index
 from loramerge.adapters.merge import execute_plan
 from loramerge.adapters.model import LoraAdapter
 from loramerge.errors import BadInput
@@ -32,15 +32,14 @@ from loramerge.search.job import SearchJob
 Granularity = Literal["layer", "task"]
 GradientObjective = Literal["entropy", "loss"]
 Progress = Callable[[int, int, str], None]
-_LAYER = re.compile(r"\.(\d+)\.")
 DEFAULT_LEARNING_RATE = 0.01
 
 
 def layer_of(module: str) -> str:
     """The group of a module's coefficient in a layer-wise search: its block's number (the first ``.N.`` of its
     name), or ``other`` for modules outside the numbered blocks."""
-    found = _LAYER.search(module)
-    return found.group(1) if found else "other"
+    block = block_index(module)
+    return "other" if block is None else str(block)
 
 
 @dataclass(frozen=True)
