@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from cli_helpers import run
 from conftest import build_adapter, rel_err, save_tiny_gpt2, weight_delta
 from loramerge import load_adapter, merge_adapters
+from loramerge.adapters.layer_scales import module_diagnostics
 from loramerge.adapters.model import LoraAdapter
 from loramerge.errors import BadInput
 from loramerge.lowrank import LowRank
@@ -196,3 +197,29 @@ def test_a_recipe_reads_the_base_its_adapters_record(larv_adapters, larv_base, t
     refused = run("merge", *(str(a.path) for a in larv_adapters), "--param", "larv=tiered", "--base", larv_base,
                   "--via-dense", "--rank", "4", "-o", tmp_path / "dense")  # fmt: skip
     assert refused.exit_code == 2 and "merge without --via-dense" in refused.stderr, refused.output
+
+
+def test_lora_bias_is_scaled_with_its_module(larv_base, tmp_path):
+    """``lora_bias`` belongs to the task vector: the same block scale as the module's B A."""
+    adapters = [load_adapter(str(build_adapter(larv_base, tmp_path / n, seed=s, lora_bias=True)))
+                for n, s in (("a", 41), ("b", 42))]  # fmt: skip
+    scales = reference_scales(adapters, load_file(larv_base / "model.safetensors"), "tiered")
+    merged = merge_adapters(adapters, WEIGHTS, "iso_c", base=str(larv_base), params={"larv": "tiered"})
+    for name, scale in scales.items():
+        expected = sum(scale * w * a.modules[name].bias_delta() for w, a in zip(WEIGHTS, adapters, strict=True))
+        assert rel_err(merged.modules[name].bias_delta(), expected) < 1e-6, name
+
+
+def test_the_diagnostics_do_not_depend_on_the_thread_count():
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(160, 96, generator=generator)
+    update = LowRank(B=torch.randn(160, 6, generator=generator), A=torch.randn(6, 96, generator=generator))
+    previous = torch.get_num_threads()
+    try:
+        found = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            found.append(module_diagnostics(update, weight))
+    finally:
+        torch.set_num_threads(previous)
+    assert found[0] == found[1]
