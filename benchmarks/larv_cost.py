@@ -95,7 +95,7 @@ def main() -> None:
             "Llama-3-8B shapes (32 layers, 224 modules), one module of each shape timed once and multiplied by their "
             "number:",
             "",
-            "| shape | modules | the module's diagnostics (rank-48 update) | of which the base's singular values |",
+            "| shape | modules | the module's diagnostics (rank-48 update) | the base weight's singular values alone |",
             "|---|---|---|---|",
             *(
                 f"| {r['shape'][0]} x {r['shape'][1]} | {r['modules']} | {r['module_diagnostics_s']:.2f} s | "
