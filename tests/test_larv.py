@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import statistics
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cli_helpers import run
 from conftest import build_adapter, rel_err, save_tiny_gpt2, weight_delta
 from loramerge import load_adapter, merge_adapters
-from loramerge.adapters.layer_scales import module_diagnostics
+from loramerge.adapters.dora import BaseWeights
+from loramerge.adapters.layer_scales import base_effective_rank, module_diagnostics
 from loramerge.adapters.model import LoraAdapter
 from loramerge.errors import BadInput
 from loramerge.lowrank import LowRank
@@ -223,3 +225,20 @@ def test_the_diagnostics_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(previous)
     assert found[0] == found[1]
+
+
+def test_the_base_ranks_are_kept_per_weight_file(larv_base, tmp_path):
+    """A search or a benchmark merges one base again and again: its effective ranks are computed once, and again
+    where the file changed."""
+    copy = shutil.copytree(larv_base, tmp_path / "base")
+    name = "model.layers.0.self_attn.q_proj"
+    reader = BaseWeights(str(copy))
+    first = reader.identity(name)
+    kept = base_effective_rank(reader.weight(name), first)
+    assert kept == base_effective_rank(reader.weight(name))
+    assert base_effective_rank(torch.eye(64), first) == kept  # the identity decides, not the tensor given
+    state = load_file(copy / "model.safetensors")
+    state[f"{name}.weight"] = torch.eye(64)
+    save_file(state, copy / "model.safetensors", metadata={"format": "pt"})
+    changed = BaseWeights(str(copy)).identity(name)
+    assert changed != first and base_effective_rank(torch.eye(64), changed) == pytest.approx(64.0)

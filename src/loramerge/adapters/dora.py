@@ -182,6 +182,14 @@ class BaseWeights:
         tensor = bnb4bit.read_weight(self.checkpoint, self._key(module), self.quantized).to(torch.float32)
         return tensor.T if self.fan_in_fan_out else tensor
 
+    def identity(self, module: str) -> tuple[object, ...]:
+        """What one module's weight is read from (file, size, modification time, tensor, orientation): equal
+        identities, equal weights, so a quantity of the base alone can be kept across merges."""
+        key = self._key(module)
+        path = self.checkpoint.files[key]
+        stat = path.stat()
+        return str(path.resolve()), stat.st_size, stat.st_mtime_ns, key, self.fan_in_fan_out
+
     def _key(self, module: str) -> str:
         key = f"{module}.weight"
         if key not in self.checkpoint.files:

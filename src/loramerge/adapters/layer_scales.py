@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from loramerge.adapters.dora import BaseReader
+from loramerge.adapters.dora import BaseReader, BaseWeights
 from loramerge.kernels.matrix import numerical_rank
 from loramerge.lowrank import LowRank
 from loramerge.lowrank.larv import commutator_conflict, continuous_scales, effective_rank, layer_scores, tiered_scales
@@ -33,16 +33,34 @@ def numbered_blocks(modules: Iterable[str]) -> set[int]:
     return {block for block in map(block_index, modules) if block is not None}
 
 
-def module_diagnostics(update: LowRank, weight: torch.Tensor) -> tuple[float, float] | None:
+# The base weights' effective ranks, by what each weight is read from: a dense SVD per module, and a quantity of
+# the base alone, so a search or a benchmark merging the same base again computes each once per process.
+_BASE_RANKS: dict[tuple[object, ...], float] = {}
+
+
+def base_effective_rank(weight: torch.Tensor, identity: tuple[object, ...] | None = None) -> float:
+    """``r_eff`` of a base weight (its singular values on one thread: LAPACK's blocking follows the thread count,
+    and so would the bits), kept by ``identity`` where the reader gives one."""
+    if identity is not None and identity in _BASE_RANKS:
+        return _BASE_RANKS[identity]
+    with thread_independent(weight):
+        found = effective_rank(torch.linalg.svdvals(weight))
+    if identity is not None:
+        _BASE_RANKS[identity] = found
+    return found
+
+
+def module_diagnostics(
+    update: LowRank, weight: torch.Tensor, base_rank: float | None = None
+) -> tuple[float, float] | None:
     """``(e, c)`` of one module: the effective-rank contrast and the commutator conflict of its update against
-    the base's weight; None where the update is zero (its scale does not matter)."""
+    the base's weight (whose effective rank ``base_rank`` is, where known); None where the update is zero (its
+    scale does not matter)."""
     left, values, right = factored_svd(update)
     rank = numerical_rank(values, tuple(weight.shape))
     if rank == 0:
         return None
-    with thread_independent(weight):  # LAPACK's blocking follows the thread count, and so would the bits
-        base_values = torch.linalg.svdvals(weight)
-    contrast = effective_rank(base_values) / effective_rank(values[:rank])
+    contrast = (base_effective_rank(weight) if base_rank is None else base_rank) / effective_rank(values[:rank])
     return contrast, commutator_conflict(weight, left[:, :rank], values[:rank], right[:, :rank])
 
 
@@ -80,7 +98,9 @@ def larv_scales(
     ``gate`` (``tiered`` at ``tiers``, or ``continuous``); a module whose update is zero is left out (scale 1)."""
     found: dict[str, tuple[float, float]] = {}
     for done, (name, update) in enumerate(updates, start=1):
-        diagnostics = module_diagnostics(update, base.weight(name).to(update.A.device))
+        weight = base.weight(name).to(update.A.device)
+        identity = base.identity(name) if isinstance(base, BaseWeights) else None  # a live model's may change
+        diagnostics = module_diagnostics(update, weight, base_effective_rank(weight, identity))
         if diagnostics is not None:
             found[name] = diagnostics
         if progress is not None:
