@@ -73,7 +73,7 @@ class MergePlan:
     dense: dict[str, tuple[int, ...]]
     out_dtype: torch.dtype
     warnings: list[str] = field(default_factory=list)
-    base: BaseReader | None = None  # the base's weights, read once per module where DoRA needs them
+    base: BaseReader | None = None  # the base's weights, read once per module where DoRA or LARV needs them
     # per adapter, its modules' input Gram matrices on its calibration prompts (RegMean), by module name
     grams: list[Mapping[str, torch.Tensor]] | None = None
     calibration: list[str] | None = None  # the files of prompts ``grams`` were taken on, per adapter
@@ -209,9 +209,8 @@ def plan_merge(
 ) -> MergePlan:
     """Check the inputs and decide every module's output rank; no tensor math yet. ``base`` (a model loramerge
     reads) is needed where an input is DoRA (its row norms come from the base's weights) and by ``larv`` (its
-    diagnostics). ``grams`` (one mapping
-    per adapter: module name -> the mean Gram matrix of its inputs, ``loramerge.evaluate.activations``) is
-    needed by the methods that merge with activations (RegMean)."""
+    diagnostics). ``grams`` (one mapping per adapter: module name -> the mean Gram matrix of its inputs,
+    ``loramerge.evaluate.activations``) is needed by the methods that merge with activations (RegMean)."""
     if not adapters:
         raise BadInput("give at least one adapter to merge")
     options = options or MergeOptions()
