@@ -129,7 +129,10 @@ def main() -> None:
         cells = " | ".join(f"{row['held_out'][s]:.2f}" for s in SKILLS)
         searched = row["dev_rows_searched"] or "–"
         lines.append(f"| {row['merge']} | {searched} | {cells} | **{row['kept']:.3f}** | {row['seconds']:.0f} |")
-    table = (f"Exact match on the first {args.samples} held-out prompts per skill (the adapters in {args.adapters}, "
+    folder = (
+        args.adapters.resolve().relative_to(ROOT) if args.adapters.resolve().is_relative_to(ROOT) else args.adapters
+    )
+    table = (f"Exact match on the first {args.samples} held-out prompts per skill (the adapters in {folder}, "
              f"own adapters: " + ", ".join(f"{s} {own[s]:.2f}" for s in SKILLS) + "); kept = mean over skills of "
              "the merge's score over the skill's own adapter's.\n\n" + "\n".join(lines) + "\n")  # fmt: skip
     figures = {"rows": rows, "own": own, "budget": args.budget, "steps": steps, "batch": args.batch,
