@@ -18,6 +18,8 @@ from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from conftest import CHARDEMO
+
 
 def save_llama(path: Path, seed: int, *, layers: int = 2, hidden: int = 64, like: Path | None = None) -> Path:
     """A random tiny Llama; with ``like``, a fine-tune-like copy: that model plus small noise."""
@@ -54,6 +56,17 @@ def save_tokenizer(folder: Path, added: list[str] = (), special: list[str] = ())
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+# the search tests' dev sets and recipe: the character demo's add (weight 0.8) and reverse adapters
+SEARCH_DEV = [CHARDEMO / "data" / "add.eval.jsonl", CHARDEMO / "data" / "reverse.eval.jsonl"]
+
+
+def search_recipe(path: Path, method: str, parameters: dict | None = None) -> Path:
+    adapters = [{"adapter": str(CHARDEMO / "add"), "weight": 0.8}, {"adapter": str(CHARDEMO / "reverse")}]
+    return write_recipe(
+        path, {"merge_method": method, "adapters": adapters, **({"parameters": parameters} if parameters else {})}
+    )
 
 
 # One long-lived child per command runs mergekit-yaml or mergekit-moe (their own entry points, as the

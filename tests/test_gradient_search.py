@@ -12,7 +12,7 @@ import torch
 
 from cli_helpers import run
 from conftest import CHARDEMO, rel_err
-from dense_helpers import write_recipe
+from dense_helpers import SEARCH_DEV, search_recipe, write_recipe
 from loramerge.adapters.files import load_adapter, save_adapter
 from loramerge.evaluate.models import load_model
 from loramerge.recipe import load_recipe
@@ -21,15 +21,12 @@ from loramerge.search.gradient import CoefficientSlot, _encode, layer_of, object
 from loramerge.search.job import build_job
 
 BASE = CHARDEMO / "base"
-DEV = [CHARDEMO / "data" / "add.eval.jsonl", CHARDEMO / "data" / "reverse.eval.jsonl"]
+DEV = SEARCH_DEV
 
 
 @pytest.fixture
 def recipe(tmp_path) -> Path:
-    return write_recipe(tmp_path / "recipe.yml", {
-        "merge_method": "linear",
-        "adapters": [{"adapter": str(CHARDEMO / "add"), "weight": 0.8}, {"adapter": str(CHARDEMO / "reverse")}],
-    })  # fmt: skip
+    return search_recipe(tmp_path / "recipe.yml", "linear")
 
 
 def test_layers_group_by_block_number():

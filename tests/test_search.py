@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from cli_helpers import assert_clean_failure, run
 from conftest import CHARDEMO
-from dense_helpers import write_recipe
+from dense_helpers import SEARCH_DEV, search_recipe, write_recipe
 from loramerge.adapters.files import save_adapter
 from loramerge.adapters.merge import execute_plan
 from loramerge.errors import BadInput
@@ -30,16 +30,12 @@ from loramerge.search.report import history_rows, write_search
 from loramerge.search.space import search_space
 
 BASE = CHARDEMO / "base"
-DEV = [CHARDEMO / "data" / "add.eval.jsonl", CHARDEMO / "data" / "reverse.eval.jsonl"]
+DEV = SEARCH_DEV
 
 
 @pytest.fixture
 def recipe(tmp_path) -> Path:
-    return write_recipe(tmp_path / "recipe.yml", {
-        "merge_method": "ties",
-        "adapters": [{"adapter": str(CHARDEMO / "add"), "weight": 0.8}, {"adapter": str(CHARDEMO / "reverse")}],
-        "parameters": {"density": 0.7},
-    })  # fmt: skip
+    return search_recipe(tmp_path / "recipe.yml", "ties", {"density": 0.7})
 
 
 def test_the_slot_scores_what_peft_gives_for_the_saved_merge(recipe, tmp_path):

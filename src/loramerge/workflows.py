@@ -15,7 +15,7 @@ import torch
 from loramerge.adapters.dora import base_to_read
 from loramerge.adapters.files import load_adapter, save_adapter
 from loramerge.adapters.merge import MergePlan, execute_plan, plan_merge, with_grams
-from loramerge.adapters.model import LoraAdapter
+from loramerge.adapters.model import LoraAdapter, recorded_base
 from loramerge.adapters.options import MergeOptions
 from loramerge.adapters.recipe import adapter_merge_inputs
 from loramerge.adapters.single_file import (
@@ -160,7 +160,7 @@ def adapter_recipe_plan(
     adapters, single_file = _recipe_single_file(recipe, adapters)
     fold_into = None
     if recipe.folds_adapters:
-        fold_into = recipe.output.base or next((a.base_ref for a in adapters if a.base_ref), None)
+        fold_into = recipe.output.base or recorded_base(adapters)
         if not fold_into:
             raise BadInput("output.base: name the base to fold into (the adapters record none)")
     base = recipe.base_model or fold_into
@@ -168,7 +168,7 @@ def adapter_recipe_plan(
     check = check_single_file_target if single_file else check_output_target
     target = check(output, force, inputs)
     if options.layer_scaled:  # LARV reads the base the adapters record where the recipe names none, as RegMean
-        base = base or next((a.base_ref for a in adapters if a.base_ref), None)
+        base = base or recorded_base(adapters)
         if not base:
             raise BadInput(f"base_model: larv={options.larv[0]} compares each module's update with the base's weight; "
                            "name the base (the adapters record none)")  # fmt: skip
@@ -190,7 +190,7 @@ def _calibrate(plan: MergePlan, recipe: Recipe, device: str, phase: Phase, take:
     if missing is not None:
         raise BadInput(f"adapters[{missing}].calibration: method {method} runs the base on a file of prompts per "
                        "adapter; give each adapter one")  # fmt: skip
-    base = recipe.base_model or next((a.base_ref for a in plan.adapters if a.base_ref), None)
+    base = recipe.base_model or recorded_base(plan.adapters)
     if not base:
         raise BadInput(f"base_model: method {method} runs the base model on the calibration prompts")
     if not take:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,3 +129,9 @@ class LoraAdapter:
     @property
     def name(self) -> str:
         return self.source or "<in memory>"
+
+
+def recorded_base(adapters: Iterable[LoraAdapter]) -> str | None:
+    """The base the first adapter that records one names (``base_model_name_or_path``), the fallback wherever a
+    base is needed and none was given."""
+    return next((adapter.base_ref for adapter in adapters if adapter.base_ref), None)

@@ -288,6 +288,7 @@ def _check_gguf_type(gguf_type: str, folded: bool) -> None:
 def _prepared_output(format: str, loaded: list, *, base: str | None, fold_into: str | None, gguf_type: str | None):
     """The inputs as the format merges them, and what ``workflows.merge_and_write`` is told to write (a
     ``GgufOutput``, a ``SingleFileOutput``, or neither), after every check the written file would fail."""
+    from loramerge.adapters.model import recorded_base
     from loramerge.adapters.single_file import single_file_inputs
     from loramerge.folding.gguf_out import check_gguf_fold
     from loramerge.io.gguf_adapter import adapter_tensor_names, check_plain_lora, layout_of
@@ -298,7 +299,7 @@ def _prepared_output(format: str, loaded: list, *, base: str | None, fold_into: 
         return loaded, None, SingleFileOutput(format, kernels)
     if format != "gguf":
         return loaded, None, None
-    gguf_base = fold_into or base or next((adapter.base_ref for adapter in loaded if adapter.base_ref), None)
+    gguf_base = fold_into or base or recorded_base(loaded)
     if not gguf_base:
         raise BadInput("--format gguf names tensors by the base's architecture: give --base MODEL")
     layout = layout_of(gguf_base)

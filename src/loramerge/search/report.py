@@ -131,10 +131,14 @@ def _recipe_text(recipe, index: int, score: float) -> str:
     return head + yaml.safe_dump(recipe.model_dump(exclude_none=True), sort_keys=False)
 
 
+def _kept(result: GradientResult) -> float | None:
+    """The merge's dev exact match kept against the best input adapter's (the search's own measure)."""
+    return retention(result.scores.exact_match, best_exact_match(result.references, "loss"))
+
+
 def gradient_summary(job: SearchJob, result: GradientResult, settings: dict[str, object]) -> dict[str, object]:
     """The learned coefficients by adapter and group, the objective per step, and the merge's dev scores."""
     names = [d.name.removeprefix("weight:") for d in job.space.dimensions]
-    best = best_exact_match(result.references, "loss")
     return {
         "settings": settings,
         "groups": result.groups,
@@ -145,10 +149,10 @@ def gradient_summary(job: SearchJob, result: GradientResult, settings: dict[str,
         "merge": {
             "exact_match": result.scores.exact_match,
             "loss": result.scores.loss,
-            "kept": retention(result.scores.exact_match, best),
+            "kept": _kept(result),
         },
         "adapters_alone": {name: s.exact_match for name, s in zip(names, result.references, strict=True)},
-        "best_adapter_exact_match": best,
+        "best_adapter_exact_match": best_exact_match(result.references, "loss"),
     }
 
 
@@ -172,7 +176,7 @@ def write_gradient_search(
         written = ["search.json", "history.csv", "adapter/"]
         if len(result.groups) == 1:
             point = [row[0] for row in result.coefficients]
-            score = retention(result.scores.exact_match, best_exact_match(result.references, "loss")) or 0.0
+            score = _kept(result) or 0.0
             recipe = job.space.recipe_at(point, job.merge_seed)
             folder.text("best.yml", _recipe_text(recipe, 0, score).replace("candidate 0", "gradient search"))
             written.insert(0, "best.yml")
